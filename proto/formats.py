@@ -1,0 +1,110 @@
+"""On-disk formats both sides agree on: tensor dtypes, the safetensors header, state encoding, checksums."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+FORMAT_VERSION = 1
+
+# msgpack extension codes used in `.msgpack` state files (the skeleton of a state dict).
+EXT_TUPLE = 1
+EXT_TENSOR_REF = 2
+EXT_DTYPE = 3
+EXT_SIZE = 4
+EXT_ORDERED_DICT = 5
+EXT_BIGINT = 6
+EXT_DEVICE = 7
+
+# safetensors dtype name -> element size in bytes. Names are torch's dtype attribute names on the
+# client side; the mapping to torch dtypes lives in the client.
+SAFETENSORS_DTYPES: Dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+
+HEADER_ALIGNMENT = 8
+CHECKSUM_ALGORITHM = "crc32"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor inside a staged region / safetensors body."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def expected_nbytes(self) -> int:
+        """Bytes the dtype and shape imply."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * SAFETENSORS_DTYPES[self.dtype]
+
+
+def check_tensor_layout(entries: Sequence[TensorEntry], region_size: int) -> int:
+    """Validate that entries tile [0, total) in order without gaps, and fit the region; return total."""
+    position = 0
+    for entry in entries:
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype!r}")
+        if any(type(d) is not int or d < 0 for d in entry.shape):
+            raise ValueError(f"tensor {entry.name!r}: bad shape {entry.shape!r}")
+        if entry.offset != position:
+            raise ValueError(f"tensor {entry.name!r}: offset {entry.offset} should be {position} (tensors must be packed)")
+        if entry.nbytes != entry.expected_nbytes():
+            raise ValueError(f"tensor {entry.name!r}: {entry.nbytes} bytes do not match dtype and shape")
+        position += entry.nbytes
+    if position > region_size:
+        raise ValueError(f"tensors need {position} bytes but the region holds {region_size}")
+    return position
+
+
+def safetensors_header(entries: Iterable[TensorEntry], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The 8-byte length prefix plus JSON header for tensors laid out as `entries` describe."""
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [entry.offset, entry.offset + entry.nbytes],
+        }
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % HEADER_ALIGNMENT)
+    return len(body).to_bytes(8, "little") + body
+
+
+def layout_tensors(specs: Iterable[Tuple[str, str, Tuple[int, ...]]]) -> Tuple[List[TensorEntry], int]:
+    """Pack (name, dtype, shape) specs into a body: widest dtypes first so every tensor stays aligned."""
+    ordered = sorted(specs, key=lambda s: (-SAFETENSORS_DTYPES[s[1]], s[0]))
+    entries: List[TensorEntry] = []
+    offset = 0
+    for name, dtype, shape in ordered:
+        entry = TensorEntry(name, dtype, tuple(shape), offset, 0)
+        entry = TensorEntry(name, dtype, tuple(shape), offset, entry.expected_nbytes())
+        entries.append(entry)
+        offset += entry.nbytes
+    return entries, offset
+
+
+class Checksum:
+    """Running checksum of a file's bytes, recorded in the manifest as `<algorithm>:<hex>`."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Feed the next bytes."""
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        """The manifest form of the checksum."""
+        return f"{CHECKSUM_ALGORITHM}:{self._value:08x}"

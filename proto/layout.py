@@ -1,0 +1,82 @@
+"""Names on disk and on the node: safe names, checkpoint directories, files, endpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Optional
+
+MANIFEST_NAME = "checkpoint_manifest.json"
+LATEST_NAME = "latest"
+LOCK_NAME = ".ckptd.lock"
+TMP_PREFIX = ".tmp-"
+CHECKPOINT_PREFIX = "step_"
+TENSOR_SUFFIX = ".safetensors"
+STATE_SUFFIX = ".msgpack"
+REGION_PREFIX = "ckptd-"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_CHECKPOINT_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class UnsafeNameError(ValueError):
+    """A key or name that could escape its directory or is not portable."""
+
+
+def check_safe_name(name: object, what: str = "name") -> str:
+    """Return `name` if it is a safe file-name component, else raise UnsafeNameError.
+
+    Safe: 1-128 characters of letters, digits, `_`, `.`, `-`, not starting with `.` or `-`,
+    and never containing `..` (so no path separators, NUL, absolute paths or parent references).
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise UnsafeNameError(
+            f"{what} {name!r} is not a safe name: use 1-128 letters, digits, '_', '.', '-', "
+            "starting with a letter, digit or '_', without '..', path separators or NUL"
+        )
+    return name
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Final directory name of the checkpoint of `step`."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def parse_checkpoint_dir_name(name: str) -> Optional[int]:
+    """The step of a final checkpoint directory name, or None if `name` is not one."""
+    match = _CHECKPOINT_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def tmp_dir_name(step: int, token: str) -> str:
+    """Name of the directory a checkpoint is written into before it commits."""
+    return f"{TMP_PREFIX}{checkpoint_dir_name(step)}-{token}"
+
+
+def shard_paths(component: str, scope: str) -> tuple[str, str]:
+    """Relative paths of a component scope's tensor file and non-tensor state file."""
+    return (f"{component}/{scope}{TENSOR_SUFFIX}", f"{component}/{scope}{STATE_SUFFIX}")
+
+
+def runtime_dir() -> str:
+    """Per-user directory for sockets, locks and daemon logs (created 0700 by whoever needs it)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "ckptd")
+    return f"/tmp/ckptd-{os.getuid()}"
+
+
+def root_token(root: str) -> str:
+    """Short stable token of a checkpoint root, for per-root endpoints and locks."""
+    return hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
+
+
+def default_endpoint(root: str) -> str:
+    """The ipc:// endpoint a daemon serving `root` listens on unless told otherwise."""
+    return f"ipc://{runtime_dir()}/{root_token(root)}.sock"
+
+
+def daemon_lock_path(root: str) -> str:
+    """Node-local lock file that makes a daemon the only one serving `root` on this node."""
+    return os.path.join(runtime_dir(), f"{root_token(root)}.lock")

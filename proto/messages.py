@@ -1,0 +1,274 @@
+"""Wire messages between a rank's client and its node daemon (msgpack control frames).
+
+Every frame is a msgpack map `{"v": PROTOCOL_VERSION, "type": str, "id": int, "body": map}`.
+Requests carry a client-chosen `id`; the reply to a request carries the same `id`.
+Notifications (released, committed, aborted) carry id 0. Tensor bytes never travel here:
+they sit in the client's shared-memory regions, which a save request names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgpack
+
+from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
+from ckptd.proto.layout import REGION_PREFIX, check_safe_name
+from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.topology import Topology
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+# request types
+HELLO = "hello"
+SAVE = "save"
+STATUS = "status"
+# reply types
+OK = "ok"
+ACCEPTED = "accepted"
+ERROR = "error"
+# notification types
+RELEASED = "released"
+COMMITTED = "committed"
+ABORTED = "aborted"
+
+
+class ProtocolError(Exception):
+    """A frame the receiver cannot accept; `code` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded frame."""
+
+    type: str
+    id: int
+    body: Dict[str, Any]
+
+
+def encode(msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> bytes:
+    """Pack one frame."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg_type, "id": msg_id, "body": body}, use_bin_type=True)
+
+
+def decode(frame: bytes) -> Envelope:
+    """Unpack and check one frame's envelope; raises ProtocolError naming what is wrong."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("bad_message", f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        data = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_buffer_size=MAX_FRAME_BYTES)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError("bad_message", f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_message", "frame must be a msgpack map with keys v, type, id, body")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unsupported_version",
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
+            "run the same ckptd version in the trainer and the daemon",
+        )
+    msg_type, msg_id, body = data.get("type"), data.get("id", 0), data.get("body", {})
+    if not isinstance(msg_type, str) or type(msg_id) is not int or not isinstance(body, dict):
+        raise ProtocolError("bad_message", "frame needs a string 'type', an integer 'id' and a map 'body'")
+    return Envelope(msg_type, msg_id, body)
+
+
+def error_body(code: str, message: str) -> Dict[str, Any]:
+    """Body of an ERROR reply."""
+    return {"code": code, "message": message}
+
+
+def _field(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
+    value = body.get(name)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ProtocolError("invalid_request", f"{where}: field {name!r} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _optional(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
+    return None if body.get(name) is None else _field(body, name, kind, where)
+
+
+@dataclass(frozen=True)
+class ComponentPart:
+    """One rank's part of one component in a save: data (writer) or a presence note (non-writer)."""
+
+    key: str
+    pattern: SharingPattern
+    required: bool = True
+    writer: bool = False
+    group_name: Optional[str] = None
+    group_ranks: Tuple[int, ...] = ()
+    validate_replication: bool = False
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    region: Optional[str] = None
+    region_size: int = 0
+    tensors: Tuple[TensorEntry, ...] = ()
+    state: Optional[bytes] = None
+    digests: Optional[Dict[str, str]] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a frame."""
+        return {
+            "key": self.key, "pattern": self.pattern.value, "required": self.required, "writer": self.writer,
+            "group_name": self.group_name, "group_ranks": list(self.group_ranks),
+            "validate_replication": self.validate_replication, "metadata": self.metadata,
+            "region": self.region, "region_size": self.region_size,
+            "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes] for t in self.tensors],
+            "state": self.state, "digests": self.digests,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Any) -> "ComponentPart":
+        """Checked inverse of `to_wire`."""
+        if not isinstance(body, dict):
+            raise ProtocolError("invalid_request", "each component part must be a map")
+        try:
+            key = check_safe_name(body.get("key"), "component key")
+        except ValueError as exc:
+            raise ProtocolError("invalid_name", str(exc)) from None
+        where = f"component {key!r}"
+        try:
+            pattern = SharingPattern(body.get("pattern"))
+        except ValueError:
+            raise ProtocolError("invalid_request", f"{where}: unknown sharing pattern {body.get('pattern')!r}") from None
+        group_name = _optional(body, "group_name", str, where)
+        if group_name is not None:
+            try:
+                check_safe_name(group_name, "process group name")
+            except ValueError as exc:
+                raise ProtocolError("invalid_name", f"{where}: {exc}") from None
+        group_ranks = tuple(_field(body, "group_ranks", list, where))
+        if not all(type(r) is int and r >= 0 for r in group_ranks):
+            raise ProtocolError("invalid_request", f"{where}: group_ranks must be non-negative integers")
+        if pattern is SharingPattern.PER_GROUP and (group_name is None or not group_ranks):
+            raise ProtocolError("invalid_request", f"{where}: PER_GROUP needs group_name and group_ranks")
+        region = _optional(body, "region", str, where)
+        if region is not None and (not region.startswith(REGION_PREFIX) or "/" in region or "\0" in region):
+            raise ProtocolError("invalid_name", f"{where}: region name {region!r} is not a ckptd shared-memory region")
+        metadata = _field(body, "metadata", dict, where)
+        if not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in metadata.items()):
+            raise ProtocolError("invalid_request", f"{where}: metadata must map strings to str/int/float/bool/None")
+        return cls(
+            key=key, pattern=pattern,
+            required=bool(_field(body, "required", bool, where)),
+            writer=bool(_field(body, "writer", bool, where)),
+            group_name=group_name, group_ranks=group_ranks,
+            validate_replication=bool(_field(body, "validate_replication", bool, where)),
+            metadata=metadata, region=region,
+            region_size=_field(body, "region_size", int, where),
+            tensors=tuple(_tensor_entry(t, where) for t in _field(body, "tensors", list, where)),
+            state=_optional(body, "state", bytes, where),
+            digests=_digests(body.get("digests"), where),
+        )
+
+
+def _tensor_entry(raw: Any, where: str) -> TensorEntry:
+    try:
+        name, dtype, shape, offset, nbytes = raw
+        entry = TensorEntry(name, dtype, tuple(shape), offset, nbytes)
+        valid = (
+            isinstance(name, str) and 0 < len(name) <= 1024 and "\0" not in name
+            and dtype in SAFETENSORS_DTYPES
+            and all(type(d) is int and d >= 0 for d in entry.shape)
+            and type(offset) is int and type(nbytes) is int and offset >= 0 and nbytes >= 0
+        )
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ProtocolError("invalid_request", f"{where}: malformed tensor entry {raw!r:.200}")
+    return entry
+
+
+def _digests(raw: Any, where: str) -> Optional[Dict[str, str]]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise ProtocolError("invalid_request", f"{where}: digests must map tensor names to strings")
+    return raw
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """One rank's whole part of checkpoint `step`."""
+
+    root: str
+    step: int
+    rank: int
+    pid: int
+    topology: Topology
+    parts: Tuple[ComponentPart, ...]
+    versions: Dict[str, str] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a frame."""
+        return {
+            "root": self.root, "step": self.step, "rank": self.rank, "pid": self.pid,
+            "topology": self.topology.to_wire(), "parts": [p.to_wire() for p in self.parts],
+            "versions": self.versions, "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> "SaveRequest":
+        """Checked inverse of `to_wire`."""
+        where = "save request"
+        step = _field(body, "step", int, where)
+        rank = _field(body, "rank", int, where)
+        if step < 0 or rank < 0:
+            raise ProtocolError("invalid_request", f"{where}: step and rank must be non-negative")
+        try:
+            topology = Topology.from_wire(body.get("topology"))
+        except ValueError as exc:
+            raise ProtocolError("invalid_request", f"{where}: {exc}") from None
+        if rank >= topology.world_size:
+            raise ProtocolError("invalid_request", f"{where}: rank {rank} outside {topology.describe()}")
+        parts = tuple(ComponentPart.from_wire(p) for p in _field(body, "parts", list, where))
+        keys = [p.key for p in parts]
+        if len(set(keys)) != len(keys):
+            raise ProtocolError("invalid_request", f"{where}: duplicate component keys in {keys}")
+        versions = _field(body, "versions", dict, where)
+        metrics = _field(body, "metrics", dict, where)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):
+            raise ProtocolError("invalid_request", f"{where}: versions must map strings to strings")
+        if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
+            raise ProtocolError("invalid_request", f"{where}: metrics must map strings to numbers")
+        return cls(
+            root=_field(body, "root", str, where), step=step, rank=rank,
+            pid=_field(body, "pid", int, where), topology=topology, parts=parts,
+            versions=versions, metrics=metrics,
+        )
+
+
+@dataclass(frozen=True)
+class Released:
+    """Daemon -> client: these regions are written and durable; the client may reuse them."""
+
+    step: int
+    regions: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Daemon -> client: checkpoint `step` committed at `path`, or aborted with `reason`."""
+
+    step: int
+    committed: bool
+    path: Optional[str] = None
+    reason: Optional[str] = None
+
+    def to_wire(self) -> Tuple[str, Dict[str, Any]]:
+        """Message type and body."""
+        if self.committed:
+            return COMMITTED, {"step": self.step, "path": self.path}
+        return ABORTED, {"step": self.step, "reason": self.reason}
