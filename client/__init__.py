@@ -1,0 +1,21 @@
+"""The rank-side API of ckptd: declare state components, save asynchronously, load."""
+
+from ckptd.client.components import StateComponent, Stateful
+from ckptd.client.errors import (
+    CheckpointError,
+    DaemonUnavailableError,
+    UnsupportedStateError,
+    VerificationError,
+)
+from ckptd.client.manager import CheckpointManager
+from ckptd.client.rng import RNGState
+from ckptd.client.saving import CheckpointClient, CheckpointSkipped, PreparedComponent, SaveHandle
+from ckptd.client.topology import RankInfo
+from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.topology import Topology
+
+__all__ = [
+    "CheckpointClient", "CheckpointError", "CheckpointManager", "CheckpointSkipped", "DaemonUnavailableError",
+    "PreparedComponent", "RNGState", "RankInfo", "SaveHandle", "SharingPattern", "StateComponent", "Stateful",
+    "Topology", "UnsupportedStateError", "VerificationError",
+]

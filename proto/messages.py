@@ -63,7 +63,7 @@ def decode(frame: bytes) -> Envelope:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("bad_message", f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
-        data = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_buffer_size=MAX_FRAME_BYTES)
+        data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError("bad_message", f"frame is not valid msgpack: {exc}") from None
     if not isinstance(data, dict):

@@ -52,7 +52,8 @@ def place(
         raise ValueError("PER_GROUP placement needs a group name and its ranks")
     if rank not in group_ranks:
         raise ValueError(f"rank {rank} is not a member of process group {group_name!r} (ranks {list(group_ranks)})")
-    return Placement(f"group-{group_name}", min(group_ranks))
+    writer = min(group_ranks)
+    return Placement(f"group-{group_name}-{writer:05d}", writer)
 
 
 def is_writer(

@@ -1,0 +1,76 @@
+"""Finding the node daemon for a root, and starting one when nothing answers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+from ckptd.client.errors import DaemonUnavailableError
+from ckptd.client.transport import DaemonConnection, NotificationHandler
+from ckptd.proto import layout, messages
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "CKPTD_ENDPOINT"
+PROBE_TIMEOUT_S = 1.0
+IDLE_EXIT_S = 30.0
+
+
+def resolve_endpoint(root: str, endpoint: Optional[str] = None) -> str:
+    """The explicit endpoint, else $CKPTD_ENDPOINT, else the per-user default for `root`."""
+    return endpoint or os.environ.get(ENDPOINT_ENV) or layout.default_endpoint(root)
+
+
+def start_daemon(root: str, endpoint: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    """Start a detached daemon that exits on its own once its clients are gone and it is idle.
+
+    It runs in its own session so that killing the training job's process group does not kill
+    the writer that owns the checkpoint being committed.
+    """
+    runtime = layout.runtime_dir()
+    os.makedirs(runtime, mode=0o700, exist_ok=True)
+    log_path = os.path.join(runtime, f"{layout.root_token(root)}.log")
+    command = [
+        sys.executable, "-m", "ckptd.service", "serve", "--root", root, "--endpoint", endpoint,
+        "--exit-when-idle", str(IDLE_EXIT_S), *extra_args,
+    ]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True
+        )
+    log.info("started ckptd daemon pid %d for %s on %s (log %s)", process.pid, root, endpoint, log_path)
+    return process
+
+
+def connect(
+    root: str,
+    endpoint: str,
+    on_notification: NotificationHandler,
+    *,
+    may_start: bool,
+    wait_s: float = 60.0,
+    daemon_args: Sequence[str] = (),
+) -> DaemonConnection:
+    """Connect and say hello; if nothing answers and `may_start`, start a daemon; wait up to `wait_s`."""
+    connection = DaemonConnection(endpoint, on_notification)
+    hello = {"pid": os.getpid(), "root": os.path.realpath(root)}
+    started: Optional[subprocess.Popen] = None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            connection.request(messages.HELLO, hello, timeout=PROBE_TIMEOUT_S)
+            return connection
+        except DaemonUnavailableError:
+            pass
+        if may_start and started is None:
+            started = start_daemon(root, endpoint, daemon_args)
+        elif started is not None and started.poll() not in (None, 0):
+            log.warning("the daemon we started exited with %s; another one may own the root", started.returncode)
+        if time.monotonic() > deadline:
+            connection.close()
+            hint = "start one with `ckptd serve --root ...`" if not may_start else "see the daemon log in " + layout.runtime_dir()
+            raise DaemonUnavailableError(f"no ckptd daemon answered at {endpoint} within {wait_s:g} s; {hint}")

@@ -1,0 +1,156 @@
+"""`CheckpointManager`: the trainer-facing API over a state provider."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from ckptd.client.components import StateComponent
+from ckptd.client.errors import CheckpointError
+from ckptd.client.loading import latest_checkpoint, read_manifest, read_scope, select_scope
+from ckptd.client.saving import CheckpointClient, PreparedComponent, SaveHandle
+from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
+from ckptd.proto.patterns import SharingPattern
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """Saves and loads a trainer's state through the node's ckptd daemon.
+
+    `provider` has `get_state_components()` (called at every save and load, so patterns may be
+    decided at run time) and, when it uses PER_GROUP, `get_process_groups()`. A provider with only
+    the older `get_statefuls_for_save()` / `get_statefuls_for_load()` still works: each stateful
+    is treated as GLOBAL.
+
+    The connection to the node daemon (auto-started by local rank 0 when `auto_start` and nothing
+    answers) is made at construction unless `connect=False`, in which case the first save makes it;
+    loading never needs a daemon. `when_busy` ("wait" or "skip") is the policy when the previous
+    save still holds this rank's staging memory.
+    """
+
+    def __init__(
+        self,
+        provider: Any,
+        root: str,
+        *,
+        endpoint: Optional[str] = None,
+        auto_start: bool = True,
+        when_busy: str = "wait",
+        timeout: float = 600.0,
+        verify: bool = True,
+        rank_info: Optional[RankInfo] = None,
+        daemon_args: Sequence[str] = (),
+        connect: bool = True,
+    ) -> None:
+        self.provider = provider
+        self.root = os.path.realpath(root)
+        self.verify = verify
+        self.rank_info = rank_info or detect_rank_info()
+        self._client_options = dict(
+            endpoint=endpoint, auto_start=auto_start, when_busy=when_busy, timeout=timeout, daemon_args=daemon_args
+        )
+        self._client: Optional[CheckpointClient] = None
+        if connect:
+            self.client  # noqa: B018 - connect (and auto-start the daemon) before the first save
+        if not hasattr(provider, "get_state_components"):
+            if not hasattr(provider, "get_statefuls_for_save"):
+                raise TypeError("the provider needs get_state_components() (or the older get_statefuls_for_save())")
+            warnings.warn(
+                "get_statefuls_for_save()/get_statefuls_for_load() are deprecated; implement "
+                "get_state_components() to choose a sharing pattern per component",
+                DeprecationWarning, stacklevel=2,
+            )
+
+    @property
+    def client(self) -> CheckpointClient:
+        """The connection to the node daemon (made on first use)."""
+        if self._client is None:
+            self._client = CheckpointClient(self.root, self.rank_info, **self._client_options)  # type: ignore[arg-type]
+        return self._client
+
+    def save_checkpoint(self, step: int, metrics: Optional[Mapping[str, float]] = None) -> SaveHandle:
+        """Stage this rank's state for checkpoint `step`; returns once staged, with a handle.
+
+        The caller may change its tensors as soon as this returns. `handle.wait()` gives the
+        committed directory or raises CheckpointError with the reason.
+        """
+        return self.client.save(step, self._prepare(self._components(for_save=True)), metrics)
+
+    def load_checkpoint(self, path: Optional[str] = None) -> str:
+        """Restore every component on this rank from `path` (default: the newest committed checkpoint)
+        into the existing objects; returns the directory loaded."""
+        checkpoint_dir = path or latest_checkpoint(self.root)
+        if checkpoint_dir is None:
+            raise CheckpointError(f"no committed checkpoint under {self.root}")
+        manifest = read_manifest(checkpoint_dir)
+        for prepared in self._prepare(self._components(for_save=False)):
+            comp = prepared.component
+            record = manifest.components.get(comp.key)
+            if record is None:
+                if comp.required:
+                    raise CheckpointError(f"required component {comp.key!r} is not in {checkpoint_dir}")
+                log.warning("optional component %r is not in %s; leaving it as it is", comp.key, checkpoint_dir)
+                continue
+            if record.pattern is not comp.sharing_pattern:
+                log.warning("component %r was saved as %s and is declared %s now; loading the saved layout",
+                            comp.key, record.pattern.value, comp.sharing_pattern.value)
+            group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
+            scope = select_scope(manifest, comp.key, record, self.rank_info, group_ranks)
+            comp.stateful.load_state_dict(read_scope(checkpoint_dir, scope, verify=self.verify))
+        log.info("rank %d loaded %s", self.rank_info.rank, checkpoint_dir)
+        return checkpoint_dir
+
+    def latest_checkpoint(self) -> Optional[str]:
+        """The newest committed checkpoint directory under root, or None."""
+        return latest_checkpoint(self.root)
+
+    def close(self) -> None:
+        """Wait for saves in flight, then release the staging memory and the connection."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _components(self, for_save: bool) -> List[StateComponent]:
+        if hasattr(self.provider, "get_state_components"):
+            components = list(self.provider.get_state_components())
+        else:
+            getter = self.provider.get_statefuls_for_save if for_save else getattr(
+                self.provider, "get_statefuls_for_load", self.provider.get_statefuls_for_save
+            )
+            components = [StateComponent(k, s, SharingPattern.GLOBAL) for k, s in dict(getter()).items()]
+        keys = [c.key for c in components]
+        if len(set(keys)) != len(keys):
+            raise CheckpointError(f"duplicate component keys: {keys}")
+        return components
+
+    def _prepare(self, components: List[StateComponent]) -> List[PreparedComponent]:
+        groups: Optional[Dict[str, Any]] = None
+        prepared = []
+        for comp in components:
+            if comp.sharing_pattern is not SharingPattern.PER_GROUP:
+                prepared.append(PreparedComponent(comp))
+                continue
+            if groups is None:
+                getter = getattr(self.provider, "get_process_groups", None)
+                if getter is None:
+                    raise CheckpointError(
+                        f"component {comp.key!r} is PER_GROUP but the provider has no get_process_groups()"
+                    )
+                groups = dict(getter())
+            group = groups.get(comp.process_group_name)
+            if group is None:
+                raise CheckpointError(
+                    f"component {comp.key!r} names process group {comp.process_group_name!r}, which "
+                    f"get_process_groups() does not return (it has {sorted(groups)})"
+                )
+            prepared.append(PreparedComponent(comp, process_group_ranks(group)))
+        return prepared

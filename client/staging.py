@@ -1,0 +1,159 @@
+"""Reusable shared-memory staging regions, laid out as safetensors bodies, with back-pressure."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import time
+import uuid
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from ckptd.client.errors import CheckpointError
+from ckptd.proto.formats import TensorEntry
+from ckptd.proto.layout import REGION_PREFIX
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+PAGE = mmap.PAGESIZE
+
+
+class StagingRegion:
+    """One /dev/shm file mapped read-write, allocated and prefaulted once, reused across saves."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(PAGE, -(-size // PAGE) * PAGE)
+        self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.busy = False
+        path = os.path.join(SHM_DIR, self.name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.ftruncate(fd, self.size)
+            self._map: Optional[mmap.mmap] = mmap.mmap(fd, self.size)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._bytes.fill_(0)  # prefault every page now: first-touch faults cost 10x the copy itself
+        self._pinned = False
+
+    def tensor(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor view of the region where `entry` is staged."""
+        flat = self._bytes[entry.offset:entry.offset + entry.nbytes]
+        return flat.view(dtype).view(entry.shape)
+
+    def bytes_view(self, offset: int, nbytes: int) -> memoryview:
+        """Raw bytes of the region (for digests)."""
+        assert self._map is not None
+        return memoryview(self._map)[offset:offset + nbytes]
+
+    def pin_for_cuda(self) -> None:
+        """Page-lock the region once so device-to-host copies run asynchronously at full speed."""
+        if self._pinned or not torch.cuda.is_available():
+            return
+        result = torch.cuda.cudart().cudaHostRegister(self._bytes.data_ptr(), self.size, 0)
+        self._pinned = int(result) == 0 if not isinstance(result, tuple) else int(result[0]) == 0
+        if not self._pinned:
+            log.warning("cudaHostRegister failed for staging region %s; copies will be synchronous", self.name)
+
+    def close(self) -> None:
+        """Unmap and unlink; the daemon's own mapping (if any) keeps its bytes alive."""
+        if self._map is None:
+            return
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
+        del self._bytes
+        try:
+            self._map.close()
+        except BufferError:
+            log.debug("region %s still viewed; leaving the unmap to garbage collection", self.name)
+        self._map = None
+        try:
+            os.unlink(os.path.join(SHM_DIR, self.name))
+        except FileNotFoundError:
+            pass
+
+
+class PoolBusyError(CheckpointError):
+    """The staging pool still holds the previous save and the policy says skip."""
+
+
+class StagingPool:
+    """One region per component key, reused while large enough; a busy region blocks or skips a save.
+
+    Memory stays bounded: a key never holds more than one region, and a region is only replaced
+    (unlinked, then reallocated larger) while it is free.
+    """
+
+    def __init__(self) -> None:
+        self._regions: Dict[str, StagingRegion] = {}
+        self._by_name: Dict[str, StagingRegion] = {}
+        self._cond = threading.Condition()
+
+    def reserve(self, sizes: Dict[str, int], wait: bool, timeout: Optional[float]) -> Dict[str, StagingRegion]:
+        """Regions for every key in `sizes`, all marked busy; waits for busy ones or raises PoolBusyError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while any(self._regions.get(k) is not None and self._regions[k].busy for k in sizes):
+                if not wait:
+                    raise PoolBusyError("the previous save still holds this rank's staging regions")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise CheckpointError(
+                        f"staging regions still busy after {timeout:g} s: the daemon has not finished writing "
+                        "the previous save (is it alive? see `ckptd status`)"
+                    )
+                self._cond.wait(remaining)
+            reserved = {}
+            for key, size in sizes.items():
+                region = self._regions.get(key)
+                if region is None or region.size < size:
+                    if region is not None:
+                        self._drop(key)
+                    region = StagingRegion(size)
+                    self._regions[key] = region
+                    self._by_name[region.name] = region
+                region.busy = True
+                reserved[key] = region
+            return reserved
+
+    def release(self, names: Iterable[str]) -> None:
+        """Mark regions free again (the daemon wrote them, or the save was refused)."""
+        with self._cond:
+            for name in names:
+                region = self._by_name.get(name)
+                if region is not None:
+                    region.busy = False
+            self._cond.notify_all()
+
+    def busy(self) -> bool:
+        """True while the daemon still holds any region."""
+        with self._cond:
+            return any(r.busy for r in self._regions.values())
+
+    def staged_bytes(self) -> int:
+        """Total bytes of shared memory this pool holds."""
+        with self._cond:
+            return sum(r.size for r in self._regions.values())
+
+    def close(self) -> None:
+        """Unlink every region (waits for nothing: call after the saves in flight are done)."""
+        with self._cond:
+            for key in list(self._regions):
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        region = self._regions.pop(key)
+        self._by_name.pop(region.name, None)
+        region.close()
+
+    def names(self) -> List[str]:
+        """Names of the regions this pool owns."""
+        with self._cond:
+            return list(self._by_name)

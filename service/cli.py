@@ -1,0 +1,68 @@
+"""The `ckptd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import List, Optional
+
+from ckptd.service.server import DaemonConfig, DaemonError, DaemonServer
+
+log = logging.getLogger("ckptd")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_ALREADY_SERVED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser with one subcommand per action."""
+    parser = argparse.ArgumentParser(prog="ckptd", description="Asynchronous checkpoint service for PyTorch.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the node-local writer daemon for a checkpoint root")
+    serve.add_argument("--root", required=True, help="checkpoint root directory")
+    serve.add_argument("--endpoint", help="ZeroMQ endpoint to listen on (default: per-user ipc:// socket for the root)")
+    serve.add_argument("--node", type=int, default=0, help="this node's index in the job (default 0)")
+    serve.add_argument("--max-write-mbps", type=float, help="cap on write bandwidth in MB/s (default: no cap)")
+    serve.add_argument("--save-timeout", type=float, default=600.0,
+                       help="seconds a save may take from its first rank's hand-over to commit before it aborts")
+    serve.add_argument("--write-threads", type=int, default=4, help="shard writer threads (default 4)")
+    serve.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                       help="exit once no client process is alive and nothing happened for SECONDS")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`ckptd serve`: run the daemon in the foreground until SIGTERM/SIGINT (or idle exit)."""
+    config = DaemonConfig(
+        root=args.root, endpoint=args.endpoint, node=args.node, max_write_mbps=args.max_write_mbps,
+        save_timeout=args.save_timeout, write_threads=args.write_threads, exit_when_idle=args.exit_when_idle,
+    )
+    try:
+        asyncio.run(DaemonServer(config).serve())
+    except DaemonError as exc:
+        log.error("%s", exc)
+        return EXIT_ALREADY_SERVED
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the `ckptd` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        return serve(args)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The node side of a save: accept each local rank's part, write its shards, report to the leader."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Dict, List, Optional, Set
+
+from ckptd.proto import layout
+from ckptd.proto.formats import check_tensor_layout, safetensors_header
+from ckptd.proto.manifest import FileRecord
+from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequest
+from ckptd.proto.patterns import SharingPattern, place
+from ckptd.service.leader import LocalCommitLeader, NodeReport, ScopeFiles
+from ckptd.service.regions import MappedRegion, RegionError
+from ckptd.service.shard_writer import Throttle, write_file
+from ckptd.service.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[bytes, str, dict], Awaitable[None]]
+
+
+class SaveRejected(Exception):
+    """A rank's part cannot be accepted; `code` is the wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RankPart:
+    """What one local rank handed over for one step."""
+
+    request: SaveRequest
+    identity: bytes
+    regions: Dict[str, MappedRegion]
+    durable: bool = False
+
+
+@dataclass
+class SaveSession:
+    """Checkpoint `step` as seen by this node while its local ranks hand over and it writes."""
+
+    step: int
+    request: SaveRequest
+    tmp_dir: str
+    expected: Set[int]
+    started_at: float = field(default_factory=time.time)
+    ranks: Dict[int, RankPart] = field(default_factory=dict)
+    files: Dict[str, Dict[str, ScopeFiles]] = field(default_factory=dict)
+    writes_in_flight: int = 0
+    bytes_expected: int = 0
+    bytes_written: int = 0
+    outcome: Optional[Outcome] = None
+    timer: Optional[asyncio.TimerHandle] = None
+    write_seconds: float = 0.0
+    last_part_at: float = 0.0
+    reported: bool = False
+
+
+class NodeCoordinator:
+    """Accepts save parts from this node's ranks and drives them to durable shards (DESIGN.md steps 1-3)."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        node: int,
+        executor: concurrent.futures.Executor,
+        throttle: Throttle,
+        notify: Notify,
+        save_timeout: float,
+    ) -> None:
+        self._store = store
+        self._node = node
+        self._executor = executor
+        self._throttle = throttle
+        self._notify = notify
+        self._save_timeout = save_timeout
+        self._sessions: Dict[int, SaveSession] = {}
+        self._aborted: Dict[int, str] = {}
+        self.leader = LocalCommitLeader(store, executor, self._on_outcome)
+        self.last_committed: Optional[int] = store.latest_step()
+
+    @property
+    def busy(self) -> bool:
+        """True while any save is in flight on this node."""
+        return bool(self._sessions)
+
+    def sessions(self) -> List[SaveSession]:
+        """Saves in flight, oldest first."""
+        return [self._sessions[s] for s in sorted(self._sessions)]
+
+    async def accept(self, identity: bytes, request: SaveRequest) -> None:
+        """Validate and take over one rank's part; raises SaveRejected or ProtocolError."""
+        step = request.step
+        if step in self._aborted:
+            raise SaveRejected("aborted", f"checkpoint of step {step} was already aborted: {self._aborted[step]}")
+        if os.path.realpath(request.root) != self._store.root:
+            raise SaveRejected(
+                "wrong_root", f"this daemon serves {self._store.root!r}, not {request.root!r}; "
+                "point the client at the daemon for its root (CKPTD_ENDPOINT or the default endpoint)"
+            )
+        if request.topology.node_of(request.rank) != self._node:
+            raise SaveRejected("wrong_node", f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}")
+        session = self._sessions.get(step)
+        if session is None:
+            if self._store.is_committed(step):
+                raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
+            if request.topology.num_nodes > 1:
+                raise SaveRejected("unsupported", "this daemon commits single-node jobs only; the job spans "
+                                   f"{request.topology.num_nodes} nodes")
+            session = self._open_session(request)
+        elif request.topology != session.request.topology:
+            raise SaveRejected("invalid_request", f"rank {request.rank} reports {request.topology.describe()}, "
+                               f"earlier ranks reported {session.request.topology.describe()}")
+        if request.rank in session.ranks:
+            raise SaveRejected("duplicate", f"rank {request.rank} already handed over its part of step {step}")
+        regions = self._map_regions(request)
+        part = RankPart(request, identity, regions)
+        session.ranks[request.rank] = part
+        session.last_part_at = time.time()
+        session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
+        asyncio.get_running_loop().create_task(self._write_rank(session, part))
+
+    def _open_session(self, request: SaveRequest) -> SaveSession:
+        tmp_dir = self._store.create_tmp_dir(request.step)
+        expected = set(request.topology.node_ranks(self._node))
+        session = SaveSession(request.step, request, tmp_dir, expected)
+        session.timer = asyncio.get_running_loop().call_later(self._save_timeout, self._expire, request.step)
+        self._sessions[request.step] = session
+        log.info("step %d: save started, expecting ranks %s", request.step, sorted(expected))
+        return session
+
+    def _map_regions(self, request: SaveRequest) -> Dict[str, MappedRegion]:
+        regions: Dict[str, MappedRegion] = {}
+        try:
+            for part in request.parts:
+                self._check_part(request, part)
+                if part.writer and part.region is not None:
+                    if part.region in regions:
+                        raise SaveRejected("invalid_request", f"region {part.region!r} is named by two components")
+                    regions[part.region] = MappedRegion(part.region, part.region_size, owner_pid=request.pid)
+        except RegionError as exc:
+            _close_all(regions)
+            raise SaveRejected("bad_region", str(exc)) from None
+        except BaseException:
+            _close_all(regions)
+            raise
+        return regions
+
+    def _check_part(self, request: SaveRequest, part: ComponentPart) -> None:
+        where = f"rank {request.rank}, component {part.key!r}"
+        if part.validate_replication and part.pattern is not SharingPattern.REPLICATED:
+            raise SaveRejected("invalid_request", f"{where}: validate_replication applies only to REPLICATED")
+        try:
+            placement = place(part.pattern, request.rank, request.topology, part.group_name, part.group_ranks)
+        except ValueError as exc:
+            raise SaveRejected("invalid_request", f"{where}: {exc}") from None
+        if part.writer != (placement.writer_rank == request.rank):
+            raise SaveRejected("invalid_request", f"{where}: {part.pattern.value} is written by rank "
+                               f"{placement.writer_rank}, but the client claims writer={part.writer}")
+        if part.validate_replication and part.digests is None:
+            raise SaveRejected("invalid_request", f"{where}: validate_replication needs digests from every rank")
+        if not part.writer:
+            return
+        if part.state is None:
+            raise SaveRejected("invalid_request", f"{where}: the writer must send the component's non-tensor state")
+        if part.tensors and part.region is None:
+            raise SaveRejected("invalid_request", f"{where}: tensors listed without a staging region")
+        names = [t.name for t in part.tensors]
+        if len(set(names)) != len(names):
+            raise SaveRejected("invalid_request", f"{where}: duplicate tensor names")
+        try:
+            check_tensor_layout(part.tensors, part.region_size)
+        except ValueError as exc:
+            raise SaveRejected("invalid_request", f"{where}: {exc}") from None
+
+    async def _write_rank(self, session: SaveSession, part: RankPart) -> None:
+        request = part.request
+        loop = asyncio.get_running_loop()
+        session.writes_in_flight += 1
+        error: Optional[str] = None
+        started = time.monotonic()
+        try:
+            for comp in request.parts:
+                if comp.writer and session.outcome is None:
+                    scope = place(comp.pattern, request.rank, request.topology, comp.group_name, comp.group_ranks).scope
+                    files = await loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
+                    session.files.setdefault(comp.key, {})[scope] = files
+        except OSError as exc:
+            error = f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc} ({exc.filename or session.tmp_dir})"
+            log.error(error)
+        finally:
+            session.writes_in_flight -= 1
+            session.write_seconds = max(session.write_seconds, time.monotonic() - started)
+            _close_all(part.regions)
+            part.durable = error is None
+            await self._notify(part.identity, "released", {"step": session.step, "regions": list(part.regions)})
+        if error is not None:
+            await self.leader.abort(session.step, error)
+        elif self._ready_to_report(session):
+            session.reported = True
+            await self.leader.report(self._report(session))
+        if session.outcome is not None and session.writes_in_flight == 0:
+            self._close_session(session)
+
+    def _write_component(self, session: SaveSession, part: RankPart, comp: ComponentPart, scope: str) -> ScopeFiles:
+        """Runs in a worker thread: both files of one component scope, fsynced."""
+        tensor_rel, state_rel = layout.shard_paths(comp.key, scope)
+        os.makedirs(os.path.join(session.tmp_dir, comp.key), exist_ok=True)
+        body_bytes = sum(t.nbytes for t in comp.tensors)
+        header = safetensors_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
+        pieces: List[memoryview | bytes] = [header]
+        if body_bytes:
+            pieces.append(part.regions[comp.region].view(body_bytes))  # type: ignore[index]
+        written = write_file(os.path.join(session.tmp_dir, tensor_rel), pieces, self._throttle)
+        del pieces
+        session.bytes_written += body_bytes
+        state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
+        index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}
+        return ScopeFiles(
+            FileRecord(tensor_rel, written.size, written.checksum, index),
+            FileRecord(state_rel, state.size, state.checksum),
+        )
+
+    @staticmethod
+    def _ready_to_report(session: SaveSession) -> bool:
+        return (
+            session.outcome is None and not session.reported and set(session.ranks) == session.expected
+            and all(p.durable for p in session.ranks.values())
+        )
+
+    def _report(self, session: SaveSession) -> NodeReport:
+        request = session.request
+        return NodeReport(
+            step=session.step, node=self._node, topology=request.topology, tmp_dir=session.tmp_dir,
+            parts={rank: p.request.parts for rank, p in session.ranks.items()}, files=session.files,
+            versions=request.versions, metrics=request.metrics, started_at=session.started_at,
+            timings={
+                "handoff_s": round(session.last_part_at - session.started_at, 6),
+                "write_s": round(session.write_seconds, 6),
+            },
+        )
+
+    def _expire(self, step: int) -> None:
+        session = self._sessions.get(step)
+        if session is None or session.outcome is not None:
+            return
+        missing = sorted(session.expected - set(session.ranks))
+        if missing:
+            reason = f"rank(s) {missing} did not hand over their part of step {step} within {self._save_timeout:g} s"
+        else:
+            reason = f"step {step} did not finish writing and committing within {self._save_timeout:g} s"
+        asyncio.get_running_loop().create_task(self.leader.abort(step, reason))
+
+    async def abort(self, step: int, reason: str) -> None:
+        """Abort `step` (for example after a rank sent an invalid part)."""
+        await self.leader.abort(step, reason)
+
+    async def _on_outcome(self, outcome: Outcome) -> None:
+        """The leader decided `outcome.step`: tell every local rank, clean up."""
+        session = self._sessions.get(outcome.step)
+        if not outcome.committed:
+            self._aborted[outcome.step] = outcome.reason or "aborted"
+            if len(self._aborted) > 1024:
+                self._aborted.pop(min(self._aborted))
+            log.warning("step %d aborted: %s", outcome.step, outcome.reason)
+        else:
+            self.last_committed = max(self.last_committed or -1, outcome.step)
+        if session is None:
+            return
+        session.outcome = outcome
+        if session.timer is not None:
+            session.timer.cancel()
+        msg_type, body = outcome.to_wire()
+        for part in session.ranks.values():
+            await self._notify(part.identity, msg_type, body)
+        if session.writes_in_flight == 0:
+            self._close_session(session)
+
+    def _close_session(self, session: SaveSession) -> None:
+        if self._sessions.get(session.step) is not session:
+            return
+        del self._sessions[session.step]
+        if session.outcome is not None and not session.outcome.committed:
+            self._store.discard(session.tmp_dir)
+
+
+def _close_all(regions: Dict[str, MappedRegion]) -> None:
+    for region in regions.values():
+        try:
+            region.close()
+        except BufferError:
+            log.warning("region %s still has readers; it will be unmapped when they finish", region.name)

@@ -1,0 +1,219 @@
+"""The commit leader: once every node reports, validate, write the manifest, commit, announce.
+
+On one node the leader lives in the same daemon as the node coordinator (`LocalCommitLeader`);
+a multi-node leader receives the same `NodeReport`s over authenticated TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+
+from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRecord
+from ckptd.proto.messages import ComponentPart, Outcome
+from ckptd.proto.patterns import SharingPattern, place
+from ckptd.proto.topology import Topology
+from ckptd.service.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+STATE_DIGEST = "__state__"
+"""Digest key of a component's non-tensor state, beside its tensors' digests."""
+
+
+@dataclass(frozen=True)
+class ScopeFiles:
+    """The two files written for one component scope."""
+
+    tensor_file: FileRecord
+    state_file: FileRecord
+
+
+@dataclass
+class NodeReport:
+    """A node's statement that every local rank's part of `step` is durable in `tmp_dir`."""
+
+    step: int
+    node: int
+    topology: Topology
+    tmp_dir: str
+    parts: Dict[int, Tuple[ComponentPart, ...]]
+    """Each local rank's component parts (for the consistency and replication checks)."""
+    files: Dict[str, Dict[str, ScopeFiles]]
+    """Component key -> scope -> files written on this node."""
+    versions: Dict[str, str] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+class CommitRejected(Exception):
+    """The save cannot commit; the message names the reason for every rank."""
+
+
+Announce = Callable[[Outcome], Awaitable[None]]
+
+
+class LocalCommitLeader:
+    """Commit leader for a job whose nodes all report into this process."""
+
+    def __init__(self, store: CheckpointStore, executor: concurrent.futures.Executor, announce: Announce) -> None:
+        self._store = store
+        self._executor = executor
+        self._announce = announce
+        self._reports: Dict[int, Dict[int, NodeReport]] = {}
+        self._decided: Dict[int, bool] = {}
+
+    async def report(self, report: NodeReport) -> None:
+        """Record a node's report; commit when the last node has reported."""
+        if report.step in self._decided:
+            return
+        reports = self._reports.setdefault(report.step, {})
+        reports[report.node] = report
+        if len(reports) < report.topology.num_nodes:
+            return
+        del self._reports[report.step]
+        self._decided[report.step] = True
+        try:
+            manifest = build_manifest(list(reports.values()))
+            loop = asyncio.get_running_loop()
+            path = await loop.run_in_executor(
+                self._executor, self._store.commit, report.tmp_dir, report.step, manifest.to_json()
+            )
+        except CommitRejected as exc:
+            await self._finish(Outcome(report.step, committed=False, reason=str(exc)))
+            return
+        except OSError as exc:
+            reason = f"committing step {report.step} failed: {exc}"
+            log.error(reason)
+            await self._finish(Outcome(report.step, committed=False, reason=reason))
+            return
+        log.info("committed step %d at %s", report.step, path)
+        await self._finish(Outcome(report.step, committed=True, path=path))
+
+    async def abort(self, step: int, reason: str) -> None:
+        """Abort `step` on every node (a rank failed, timed out or sent an invalid part)."""
+        if step in self._decided:
+            return
+        self._decided[step] = False
+        self._reports.pop(step, None)
+        await self._finish(Outcome(step, committed=False, reason=reason))
+
+    async def _finish(self, outcome: Outcome) -> None:
+        if len(self._decided) > 4096:
+            for old in sorted(self._decided)[:2048]:
+                del self._decided[old]
+        await self._announce(outcome)
+
+
+def build_manifest(reports: List[NodeReport]) -> Manifest:
+    """Check every rank's parts against each other and describe the checkpoint; raises CommitRejected."""
+    first = reports[0]
+    parts_by_rank: Dict[int, Dict[str, ComponentPart]] = {}
+    for report in reports:
+        for rank, parts in report.parts.items():
+            parts_by_rank[rank] = {p.key: p for p in parts}
+    reference_rank = min(parts_by_rank)
+    reference = parts_by_rank[reference_rank]
+    _check_same_components(parts_by_rank, reference_rank)
+    groups = _check_groups(parts_by_rank)
+    _check_replication(parts_by_rank)
+    files: Dict[str, Dict[str, ScopeFiles]] = {}
+    for report in reports:
+        for key, scopes in report.files.items():
+            files.setdefault(key, {}).update(scopes)
+
+    components: Dict[str, ComponentRecord] = {}
+    for key, spec in reference.items():
+        scopes: Dict[str, ScopeRecord] = {}
+        for rank in sorted(parts_by_rank):
+            part = parts_by_rank[rank][key]
+            placement = place(part.pattern, rank, first.topology, part.group_name, part.group_ranks)
+            written = files.get(key, {}).get(placement.scope)
+            if written is None:
+                raise CommitRejected(f"component {key!r}: no file was written for scope {placement.scope}")
+            record = scopes.get(placement.scope)
+            readers = (record.readers if record else []) + [rank]
+            scopes[placement.scope] = ScopeRecord(
+                placement.scope, placement.writer_rank, readers, written.tensor_file, written.state_file
+            )
+        components[key] = ComponentRecord(
+            pattern=spec.pattern, required=spec.required, validate_replication=spec.validate_replication,
+            metadata=dict(spec.metadata), scopes=scopes, group_name=spec.group_name,
+        )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    started = min(r.started_at for r in reports)
+    timings: Dict[str, float] = {}
+    for report in reports:
+        for name, value in report.timings.items():
+            timings[name] = max(timings.get(name, 0.0), value)
+    timings["total_s"] = round(time.time() - started, 6)
+    return Manifest(
+        step=first.step, topology=first.topology, groups=groups, components=components,
+        versions=first.versions, metrics=first.metrics,
+        created_at=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
+        committed_at=now.isoformat(), timings=timings,
+    )
+
+
+def _check_same_components(parts_by_rank: Dict[int, Dict[str, ComponentPart]], reference_rank: int) -> None:
+    reference = parts_by_rank[reference_rank]
+    for rank, parts in parts_by_rank.items():
+        if set(parts) != set(reference):
+            raise CommitRejected(
+                f"ranks disagree on the components of this checkpoint: rank {reference_rank} has "
+                f"{sorted(reference)}, rank {rank} has {sorted(parts)}"
+            )
+        for key, part in parts.items():
+            ref = reference[key]
+            if (part.pattern, part.group_name, part.validate_replication) != (
+                ref.pattern, ref.group_name, ref.validate_replication
+            ):
+                raise CommitRejected(
+                    f"component {key!r}: rank {rank} declares {part.pattern.value} (group {part.group_name!r}, "
+                    f"validate_replication={part.validate_replication}) but rank {reference_rank} declares "
+                    f"{ref.pattern.value} (group {ref.group_name!r}, validate_replication={ref.validate_replication})"
+                )
+
+
+def _check_groups(parts_by_rank: Dict[int, Dict[str, ComponentPart]]) -> Dict[str, List[List[int]]]:
+    """Every member of a PER_GROUP group must report the same members; returns name -> groups."""
+    groups: Dict[str, Dict[Tuple[int, ...], None]] = {}
+    for rank, parts in parts_by_rank.items():
+        for part in parts.values():
+            if part.pattern is not SharingPattern.PER_GROUP:
+                continue
+            members = tuple(sorted(part.group_ranks))
+            for member in members:
+                other = parts_by_rank.get(member, {}).get(part.key)
+                if other is None or tuple(sorted(other.group_ranks)) != members:
+                    seen = None if other is None else sorted(other.group_ranks)
+                    raise CommitRejected(
+                        f"component {part.key!r}: rank {rank} says group {part.group_name!r} is {list(members)}, "
+                        f"but rank {member} reports {seen}"
+                    )
+            groups.setdefault(part.group_name or "", {})[members] = None
+    return {name: [list(m) for m in sorted(found)] for name, found in groups.items()}
+
+
+def _check_replication(parts_by_rank: Dict[int, Dict[str, ComponentPart]]) -> None:
+    """For validate_replication components: every rank's digests equal the writer's, name by name."""
+    ranks = sorted(parts_by_rank)
+    for key, ref_part in parts_by_rank[ranks[0]].items():
+        if not ref_part.validate_replication:
+            continue
+        reference = ref_part.digests or {}
+        problems: List[str] = []
+        for name in sorted(set().union(*((parts_by_rank[r][key].digests or {}).keys() for r in ranks))):
+            differing = [r for r in ranks[1:] if (parts_by_rank[r][key].digests or {}).get(name) != reference.get(name)]
+            if differing:
+                what = "non-tensor state" if name == STATE_DIGEST else f"tensor {name!r}"
+                problems.append(f"{what} differs on rank(s) {differing} from rank {ranks[0]}")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CommitRejected(f"replication check failed for component {key!r}: {shown}")

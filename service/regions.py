@@ -1,0 +1,72 @@
+"""Read-only mappings of the clients' shared-memory staging regions."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from typing import Optional
+
+from ckptd.proto.layout import REGION_PREFIX
+
+SHM_DIR = "/dev/shm"
+
+
+class RegionError(Exception):
+    """A region named in a save request cannot be mapped as asked."""
+
+
+class MappedRegion:
+    """A client's staging region mapped by name; the mapping keeps the bytes alive even if the
+    client dies and the name is unlinked, so the daemon owns the data once it has mapped it."""
+
+    def __init__(self, name: str, size: int, owner_pid: Optional[int] = None) -> None:
+        if not name.startswith(REGION_PREFIX) or "/" in name or "\0" in name:
+            raise RegionError(f"region name {name!r} is not a ckptd shared-memory region")
+        self.name = name
+        self.owner_pid = owner_pid
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise RegionError(f"cannot open shared-memory region {name!r}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                raise RegionError(f"region {name!r} is not a regular file owned by this user")
+            if info.st_size < size:
+                raise RegionError(f"region {name!r} holds {info.st_size} bytes, fewer than the {size} announced")
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+        finally:
+            os.close(fd)
+        self.size = size
+
+    def view(self, nbytes: int) -> memoryview:
+        """The first `nbytes` of the region."""
+        if nbytes > self.size:
+            raise RegionError(f"{nbytes} bytes requested from region {self.name!r} of {self.size}")
+        if self._map is None:
+            return memoryview(b"")
+        return memoryview(self._map)[:nbytes]
+
+    def close(self) -> None:
+        """Unmap; if the owning client is gone, also unlink the name it can no longer clean up."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.owner_pid is not None and not pid_alive(self.owner_pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            except FileNotFoundError:
+                pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with `pid` exists on this node."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,258 @@
+"""The per-node writer daemon: a ZeroMQ ROUTER control plane in asyncio, shard writes in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import zmq
+import zmq.asyncio
+
+from ckptd.proto import layout, messages
+from ckptd.proto.messages import ProtocolError, SaveRequest
+from ckptd.service.coordinator import NodeCoordinator, SaveRejected
+from ckptd.service.regions import pid_alive
+from ckptd.service.shard_writer import Throttle
+from ckptd.service.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class DaemonError(Exception):
+    """The daemon cannot start or keep serving (another daemon owns the root, bad endpoint, ...)."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """How a daemon serves one checkpoint root on one node."""
+
+    root: str
+    endpoint: Optional[str] = None
+    node: int = 0
+    max_write_mbps: Optional[float] = None
+    save_timeout: float = 600.0
+    write_threads: int = 4
+    exit_when_idle: Optional[float] = None
+    """Exit after this many idle seconds once no client process is alive (auto-started daemons)."""
+
+    def resolved_endpoint(self) -> str:
+        """The endpoint to bind: the configured one, or the per-user default for the root."""
+        return self.endpoint or layout.default_endpoint(self.root)
+
+
+class RootLock:
+    """Node-local exclusive lock: only one daemon serves a root on a node."""
+
+    def __init__(self, root: str) -> None:
+        self.path = layout.daemon_lock_path(root)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise DaemonError naming the daemon that holds it."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DaemonError(
+                f"another ckptd daemon (pid {holder}) already serves this root on this node (lock {self.path}); "
+                "use that daemon, or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class DaemonServer:
+    """Serves save requests for one root until stopped (or idle, for auto-started daemons)."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.store = CheckpointStore(config.root)
+        self.endpoint = config.resolved_endpoint()
+        self._lock = RootLock(self.store.root)
+        self._ctx = zmq.asyncio.Context()
+        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(config.write_threads, thread_name_prefix="ckptd-write")
+        throttle = Throttle(config.max_write_mbps * 1e6 if config.max_write_mbps else None)
+        self.coordinator = NodeCoordinator(
+            self.store, config.node, self._executor, throttle, self._send, config.save_timeout
+        )
+        self._clients: Dict[int, float] = {}
+        self._last_activity = time.monotonic()
+        self._stopping: Optional[asyncio.Event] = None
+
+    async def serve(self) -> None:
+        """Lock the root, clean leftovers, bind, and serve until `stop()` or idle exit."""
+        self._lock.acquire()
+        try:
+            for path in self.store.remove_leftovers():
+                log.warning("removed leftover of an interrupted save: %s", path)
+            self._socket = self._bind()
+            self._stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, self.stop)
+                except (NotImplementedError, RuntimeError):
+                    pass
+            log.info("ckptd %s serving root %s on %s (pid %d)", VERSION, self.store.root, self.endpoint, os.getpid())
+            receiver = loop.create_task(self._receive_loop())
+            watcher = loop.create_task(self._idle_watch())
+            await self._stopping.wait()
+            await self._drain()
+            receiver.cancel()
+            watcher.cancel()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the server to finish its saves in flight and exit."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    def _bind(self) -> zmq.asyncio.Socket:
+        if self.endpoint.startswith("ipc://"):
+            directory = os.path.dirname(self.endpoint[len("ipc://"):])
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        socket = self._ctx.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 1000)
+        socket.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME_BYTES)
+        try:
+            socket.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            socket.close(0)
+            raise DaemonError(f"cannot listen on {self.endpoint}: {exc}") from None
+        if self.endpoint.startswith("ipc://"):
+            os.chmod(self.endpoint[len("ipc://"):], 0o600)
+        return socket
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.save_timeout
+        while self.coordinator.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def _shutdown(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=1000)
+        self._ctx.term()
+        self._executor.shutdown(wait=True)
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        self._lock.release()
+        log.info("ckptd stopped")
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=True)
+            self._last_activity = time.monotonic()
+            if len(frames) != 2:
+                log.warning("dropped a message of %d frames (expected identity + payload)", len(frames))
+                continue
+            identity, payload = frames
+            try:
+                await self._handle(identity, payload)
+            except Exception:  # the daemon must keep serving whatever one request does
+                log.exception("internal error while handling a request")
+                await self._send(identity, messages.ERROR, messages.error_body("internal", "internal daemon error; see its log"))
+
+    async def _handle(self, identity: bytes, payload: bytes) -> None:
+        try:
+            envelope = messages.decode(payload)
+        except ProtocolError as exc:
+            log.warning("rejected a frame: %s", exc.message)
+            await self._send(identity, messages.ERROR, messages.error_body(exc.code, exc.message))
+            return
+        reply = await self._dispatch(identity, envelope)
+        await self._send(identity, reply[0], reply[1], envelope.id)
+
+    async def _dispatch(self, identity: bytes, envelope: messages.Envelope) -> tuple[str, Dict[str, Any]]:
+        if envelope.type == messages.HELLO:
+            pid = envelope.body.get("pid")
+            if type(pid) is int:
+                self._clients[pid] = time.monotonic()
+            return messages.OK, {"pid": os.getpid(), "root": self.store.root, "protocol": messages.PROTOCOL_VERSION, "version": VERSION}
+        if envelope.type == messages.SAVE:
+            return await self._save(identity, envelope.body)
+        if envelope.type == messages.STATUS:
+            return messages.OK, self.status()
+        message = f"unknown message type {envelope.type!r}; expected one of hello, save, status"
+        log.warning("rejected a frame: %s", message)
+        return messages.ERROR, messages.error_body("unknown_type", message)
+
+    async def _save(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
+        try:
+            request = SaveRequest.from_wire(body)
+            self._clients[request.pid] = time.monotonic()
+            if body.get("skipped"):
+                reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"
+                await self.coordinator.abort(request.step, f"rank {request.rank} skipped step {request.step}: {reason}")
+                return messages.ACCEPTED, {"step": request.step}
+            await self.coordinator.accept(identity, request)
+        except (ProtocolError, SaveRejected) as exc:
+            code = exc.code
+            log.warning("rejected a save: %s", exc)
+            step, rank = body.get("step"), body.get("rank")
+            if type(step) is int and type(rank) is int and code not in ("aborted", "conflict", "duplicate", "wrong_root"):
+                await self.coordinator.abort(step, f"rank {rank} sent an invalid part: {exc}")
+            return messages.ERROR, messages.error_body(code, str(exc))
+        return messages.ACCEPTED, {"step": request.step}
+
+    async def _send(self, identity: bytes, msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> None:
+        if self._socket is None:
+            return
+        try:
+            await self._socket.send_multipart([identity, messages.encode(msg_type, body, msg_id)])
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to a client: %s", msg_type, exc)
+
+    def status(self) -> Dict[str, Any]:
+        """Saves in flight and the last commit, for `ckptd status`."""
+        return {
+            "pid": os.getpid(), "root": self.store.root, "endpoint": self.endpoint, "version": VERSION,
+            "last_committed": self.coordinator.last_committed,
+            "saves": [
+                {
+                    "step": s.step, "ranks_received": sorted(s.ranks), "ranks_expected": sorted(s.expected),
+                    "ranks_durable": sorted(r for r, p in s.ranks.items() if p.durable),
+                    "bytes_written": s.bytes_written, "bytes_expected": s.bytes_expected,
+                    "seconds": round(time.time() - s.started_at, 3),
+                }
+                for s in self.coordinator.sessions()
+            ],
+        }
+
+    async def _idle_watch(self) -> None:
+        limit = self.config.exit_when_idle
+        if limit is None:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            for pid in [p for p in self._clients if not pid_alive(p)]:
+                del self._clients[pid]
+            idle = time.monotonic() - self._last_activity
+            if not self.coordinator.busy and not self._clients and idle >= limit:
+                log.info("no saves in flight and no live clients for %.0f s: exiting", idle)
+                self.stop()
+                return

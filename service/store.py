@@ -1,0 +1,85 @@
+"""The checkpoint root on disk: tmp directories, the atomic commit, the `latest` pointer, leftovers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from typing import List, Optional
+
+from ckptd.proto import layout
+from ckptd.service.shard_writer import fsync_dir, write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointStore:
+    """Owns every directory operation under one checkpoint root (DESIGN.md commit step 4)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def final_path(self, step: int) -> str:
+        """Where the committed checkpoint of `step` lives."""
+        return os.path.join(self.root, layout.checkpoint_dir_name(step))
+
+    def is_committed(self, step: int) -> bool:
+        """True if `step` already has a final directory."""
+        return os.path.lexists(self.final_path(step))
+
+    def create_tmp_dir(self, step: int) -> str:
+        """A fresh directory to write checkpoint `step` into."""
+        path = os.path.join(self.root, layout.tmp_dir_name(step, uuid.uuid4().hex[:8]))
+        os.mkdir(path, 0o755)
+        return path
+
+    def commit(self, tmp_dir: str, step: int, manifest_json: str) -> str:
+        """Manifest last (tmp, fsync, rename), then rename the directory into place and move `latest`.
+
+        Every shard is already fsynced; this makes their directory entries durable first, so the
+        final name never points at a directory whose files could vanish in a crash.
+        """
+        for entry in os.scandir(tmp_dir):
+            if entry.is_dir(follow_symlinks=False):
+                fsync_dir(entry.path)
+        write_atomic(os.path.join(tmp_dir, layout.MANIFEST_NAME), manifest_json.encode())
+        final = self.final_path(step)
+        os.rename(tmp_dir, final)
+        fsync_dir(self.root)
+        latest = self.latest_step()
+        if latest is None or step > latest:
+            write_atomic(os.path.join(self.root, layout.LATEST_NAME), (layout.checkpoint_dir_name(step) + "\n").encode())
+        return final
+
+    def latest_step(self) -> Optional[int]:
+        """The step `latest` points at, or None."""
+        try:
+            with open(os.path.join(self.root, layout.LATEST_NAME)) as f:
+                return layout.parse_checkpoint_dir_name(f.read().strip())
+        except FileNotFoundError:
+            return None
+
+    def discard(self, tmp_dir: str) -> None:
+        """Remove a tmp directory of an aborted save."""
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def leftovers(self) -> List[str]:
+        """Tmp directories and files left by interrupted saves."""
+        found = []
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(layout.TMP_PREFIX) or entry.name.endswith(".tmp"):
+                found.append(entry.path)
+        return sorted(found)
+
+    def remove_leftovers(self) -> List[str]:
+        """Delete what interrupted saves left behind; returns what was removed."""
+        removed = self.leftovers()
+        for path in removed:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            log.info("removed leftover of an interrupted save: %s", path)
+        return removed
