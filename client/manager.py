@@ -53,8 +53,6 @@ class CheckpointManager:
             endpoint=endpoint, auto_start=auto_start, when_busy=when_busy, timeout=timeout, daemon_args=daemon_args
         )
         self._client: Optional[CheckpointClient] = None
-        if connect:
-            self.client  # noqa: B018 - connect (and auto-start the daemon) before the first save
         if not hasattr(provider, "get_state_components"):
             if not hasattr(provider, "get_statefuls_for_save"):
                 raise TypeError("the provider needs get_state_components() (or the older get_statefuls_for_save())")
@@ -63,6 +61,8 @@ class CheckpointManager:
                 "get_state_components() to choose a sharing pattern per component",
                 DeprecationWarning, stacklevel=2,
             )
+        if connect:
+            self.client  # noqa: B018 - connect (and auto-start the daemon) before the first save
 
     @property
     def client(self) -> CheckpointClient:

@@ -1,0 +1,59 @@
+"""Shared fixtures: real daemon processes, in-process clients posing as ranks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # helpers, fidelity_cases and workers import as plain modules
+
+from helpers import Daemon, start_daemon  # noqa: E402
+
+from ckptd.client import CheckpointClient, RankInfo, Topology  # noqa: E402
+
+
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run the long stress variants")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons for a test; every one is stopped (and must not have crashed) at teardown."""
+    started: List[Daemon] = []
+
+    def factory(*extra: str, root: Optional[Path] = None, wait: bool = True) -> Daemon:
+        daemon = start_daemon(root or tmp_path / "ckpt", tmp_path / f"daemon{len(started)}.log", *extra, wait=wait)
+        started.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in started:
+        daemon.stop()
+        assert "Traceback" not in daemon.log(), daemon.log()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """One daemon serving tmp_path/ckpt."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def client_factory(daemon: Daemon) -> Iterator[Callable[..., CheckpointClient]]:
+    """In-process clients posing as ranks of a single-node job (real sockets, real shared memory)."""
+    clients: List[CheckpointClient] = []
+
+    def factory(rank: int = 0, world_size: int = 1, **options: Any) -> CheckpointClient:
+        options.setdefault("auto_start", False)
+        options.setdefault("timeout", 60.0)
+        client = CheckpointClient(str(daemon.root), RankInfo(rank, Topology.single_node(world_size)),
+                                  endpoint=daemon.endpoint, **options)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        client.close(timeout=10)

@@ -1,0 +1,103 @@
+"""Test helpers: real daemon processes on private endpoints, torchrun launches, small statefuls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ckptd.client.daemon import connect
+from ckptd.client.errors import DaemonUnavailableError
+
+
+@dataclass
+class Daemon:
+    """A `ckptd serve` process started by a test."""
+
+    root: Path
+    endpoint: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def short_endpoint() -> str:
+    """A private ipc:// endpoint with a path short enough for the 107-byte socket limit."""
+    return f"ipc:///tmp/ckptd-test-{uuid.uuid4().hex[:10]}.sock"
+
+
+def start_daemon(root: Path, log_path: Path, *extra: str, endpoint: Optional[str] = None, wait: bool = True) -> Daemon:
+    """Start `ckptd serve` for `root` and wait until it answers."""
+    endpoint = endpoint or short_endpoint()
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ckptd.service", "serve", "--root", str(root), "--endpoint", endpoint, *extra],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    daemon = Daemon(root, endpoint, process, log_path)
+    if wait:
+        wait_until_serving(daemon)
+    return daemon
+
+
+def wait_until_serving(daemon: Daemon, timeout: float = 30.0) -> None:
+    """Block until the daemon answers a hello, or fail with its log."""
+    try:
+        connection = connect(str(daemon.root), daemon.endpoint, lambda _: None, may_start=False, wait_s=timeout)
+    except DaemonUnavailableError:
+        raise AssertionError(f"daemon did not come up; log:\n{daemon.log()}") from None
+    connection.close()
+
+
+class Holder:
+    """A minimal stateful around one state value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        self.value = state_dict
+
+
+def torchrun(script: Path, nproc: int, *args: str, timeout: float = 240, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun (standalone rendezvous, gloo) and fail with its output if it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {script.name} {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll until `predicate()` is true or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
