@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -39,6 +40,7 @@ class StagingRegion:
             raise
         finally:
             os.close(fd)
+        self._unlink_at_exit = weakref.finalize(self, _unlink, path)
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._bytes.fill_(0)  # prefault every page now: first-touch faults cost 10x the copy itself
         self._pinned = False
@@ -74,10 +76,14 @@ class StagingRegion:
         except BufferError:
             log.debug("region %s still viewed; leaving the unmap to garbage collection", self.name)
         self._map = None
-        try:
-            os.unlink(os.path.join(SHM_DIR, self.name))
-        except FileNotFoundError:
-            pass
+        self._unlink_at_exit()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class PoolBusyError(CheckpointError):

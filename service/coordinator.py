@@ -171,7 +171,7 @@ class NodeCoordinator:
             return
         if part.state is None:
             raise SaveRejected("invalid_request", f"{where}: the writer must send the component's non-tensor state")
-        if part.tensors and part.region is None:
+        if part.region is None and any(t.nbytes for t in part.tensors):
             raise SaveRejected("invalid_request", f"{where}: tensors listed without a staging region")
         names = [t.name for t in part.tensors]
         if len(set(names)) != len(names):

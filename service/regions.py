@@ -70,3 +70,27 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def sweep_orphaned_regions() -> list[str]:
+    """Unlink this user's staging regions whose owning process is gone (killed trainers).
+
+    Region names are `ckptd-<uid>-<pid>-<token>`, so the owner is known without any state.
+    """
+    prefix = f"{REGION_PREFIX}{os.getuid()}-"
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed

@@ -18,7 +18,7 @@ import zmq.asyncio
 from ckptd.proto import layout, messages
 from ckptd.proto.messages import ProtocolError, SaveRequest
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
-from ckptd.service.regions import pid_alive
+from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
 
@@ -103,8 +103,8 @@ class DaemonServer:
         """Lock the root, clean leftovers, bind, and serve until `stop()` or idle exit."""
         self._lock.acquire()
         try:
-            for path in self.store.remove_leftovers():
-                log.warning("removed leftover of an interrupted save: %s", path)
+            self.store.remove_leftovers()
+            self._sweep_regions()
             self._socket = self._bind()
             self._stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -243,12 +243,21 @@ class DaemonServer:
             ],
         }
 
+    def _sweep_regions(self) -> None:
+        for name in sweep_orphaned_regions():
+            log.info("unlinked staging region %s of a client that is gone", name)
+
     async def _idle_watch(self) -> None:
         limit = self.config.exit_when_idle
-        if limit is None:
-            return
+        interval = 1.0 if limit is None else min(1.0, limit / 4)
+        last_sweep = time.monotonic()
         while True:
-            await asyncio.sleep(min(1.0, limit / 4))
+            await asyncio.sleep(interval)
+            if time.monotonic() - last_sweep > 60 and not self.coordinator.busy:
+                self._sweep_regions()
+                last_sweep = time.monotonic()
+            if limit is None:
+                continue
             for pid in [p for p in self._clients if not pid_alive(p)]:
                 del self._clients[pid]
             idle = time.monotonic() - self._last_activity

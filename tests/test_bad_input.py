@@ -1,0 +1,97 @@
+"""Malformed and hostile frames sent to a live daemon get specific error replies; it keeps serving."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+import msgpack
+import pytest
+import pytest_asyncio
+import torch
+import zmq
+import zmq.asyncio
+from helpers import Daemon, Holder
+
+from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
+from ckptd.client.topology import RankInfo
+from ckptd.proto import messages
+from ckptd.proto.topology import Topology
+
+
+def save_body(daemon: Daemon, key: str = "model", **overrides: Any) -> Dict[str, Any]:
+    part = {
+        "key": key, "pattern": "GLOBAL", "required": True, "writer": True, "group_name": None, "group_ranks": [],
+        "validate_replication": False, "metadata": {}, "region": None, "region_size": 0, "tensors": [],
+        "state": msgpack.packb({"a": 1}), "digests": None,
+    }
+    body = {"root": str(daemon.root), "step": 1, "rank": 0, "pid": os.getpid(), "topology": {"nodes": [[0]]},
+            "parts": [part], "versions": {}, "metrics": {}}
+    body.update(overrides)
+    return body
+
+
+async def exchange(socket: zmq.asyncio.Socket, frame: bytes) -> messages.Envelope:
+    await socket.send(frame)
+    assert await socket.poll(10_000), "the daemon did not answer"
+    return messages.decode(await socket.recv())
+
+
+@pytest_asyncio.fixture
+async def raw_socket(daemon: Daemon) -> Any:
+    context = zmq.asyncio.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(daemon.endpoint)
+    yield socket
+    socket.close()
+    context.term()
+
+
+CASES: List[Any] = [
+    ("not msgpack", lambda d: b"\xc1\xff garbage", "bad_message", "not valid msgpack"),
+    ("not a map", lambda d: msgpack.packb([1, 2, 3]), "bad_message", "must be a msgpack map"),
+    ("unknown version", lambda d: msgpack.packb({"v": 99, "type": "save", "id": 1, "body": {}}),
+     "unsupported_version", "protocol version 99"),
+    ("unknown type", lambda d: messages.encode("explode", {}, 1), "unknown_type", "unknown message type 'explode'"),
+    ("hostile key", lambda d: messages.encode("save", save_body(d, key="../../x"), 1), "invalid_name", "'../../x'"),
+    ("absolute key", lambda d: messages.encode("save", save_body(d, key="/etc/passwd"), 1), "invalid_name", "/etc/passwd"),
+    ("wrong field type", lambda d: messages.encode("save", save_body(d, step="one"), 1), "invalid_request", "'step'"),
+    ("foreign root", lambda d: messages.encode("save", save_body(d, root="/tmp"), 1), "wrong_root", "not '/tmp'"),
+    ("region outside shm", lambda d: messages.encode("save", save_body(d, parts=[{
+        **save_body(d)["parts"][0], "region": "../../etc/shadow", "region_size": 8,
+        "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "invalid_name", "not a ckptd shared-memory region"),
+    ("missing region", lambda d: messages.encode("save", save_body(d, parts=[{
+        **save_body(d)["parts"][0], "region": "ckptd-does-not-exist", "region_size": 8,
+        "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "bad_region", "cannot open"),
+    ("rank outside world", lambda d: messages.encode("save", save_body(d, rank=5), 1), "invalid_request", "rank 5"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name,frame,code,fragment", CASES, ids=[c[0] for c in CASES])
+async def test_bad_frame_gets_a_specific_error(daemon: Daemon, raw_socket: zmq.asyncio.Socket,
+                                               name: str, frame: Any, code: str, fragment: str) -> None:
+    reply = await exchange(raw_socket, frame(daemon))
+    assert reply.type == messages.ERROR, reply
+    assert reply.body["code"] == code, reply.body
+    assert fragment in reply.body["message"], reply.body
+    status = await exchange(raw_socket, messages.encode("status", {}, 2))
+    assert status.type == messages.OK and status.body["pid"] == daemon.process.pid
+
+
+@pytest.mark.asyncio
+async def test_daemon_keeps_serving_good_saves_after_bad_input(daemon: Daemon, raw_socket: zmq.asyncio.Socket) -> None:
+    for _, frame, _, _ in CASES:
+        assert (await exchange(raw_socket, frame(daemon))).type == messages.ERROR
+    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint,
+                              auto_start=False, timeout=30)
+    try:
+        state = {"w": torch.randn(16)}
+        component = PreparedComponent(StateComponent("model", Holder(state), SharingPattern.GLOBAL))
+        path = client.save(2, [component]).wait(30)
+    finally:
+        client.close()
+    assert path.endswith("step_00000002")
+    assert daemon.process.poll() is None
+    assert sorted(p.name for p in daemon.root.iterdir()) == ["latest", "step_00000002"]

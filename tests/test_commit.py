@@ -1,0 +1,123 @@
+"""Commit protocol on one node with a real daemon: gating, snapshot consistency, back-pressure."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from helpers import Daemon, Holder, wait_for
+
+from ckptd.client import CheckpointClient, CheckpointError, CheckpointSkipped, PreparedComponent, SharingPattern, StateComponent
+from ckptd.client.loading import latest_checkpoint, read_manifest, read_scope, select_scope
+from ckptd.client.topology import RankInfo
+from ckptd.proto.topology import Topology
+
+
+def components(**values: object) -> list[PreparedComponent]:
+    return [PreparedComponent(StateComponent(k, Holder(v), SharingPattern.PER_RANK)) for k, v in values.items()]
+
+
+def replicated(value: object) -> list[PreparedComponent]:
+    return [PreparedComponent(StateComponent("weights", Holder(value), SharingPattern.REPLICATED))]
+
+
+def final_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) if root.exists() else []
+
+
+def test_commit_waits_for_every_rank(daemon: Daemon, client_factory: Callable[..., CheckpointClient]) -> None:
+    rank0, rank1 = client_factory(0, 2), client_factory(1, 2)
+    handle0 = rank0.save(5, components(state={"x": torch.ones(4)}))
+    time.sleep(0.5)
+    assert not handle0.done()
+    assert final_dirs(daemon.root) == []
+    assert not list(daemon.root.rglob("checkpoint_manifest.json"))
+    assert not (daemon.root / "latest").exists()
+
+    handle1 = rank1.save(5, components(state={"x": torch.zeros(4)}))
+    path = handle0.wait(30)
+    assert handle1.wait(30) == path
+    assert final_dirs(daemon.root) == ["step_00000005"]
+    assert (daemon.root / "latest").read_text().strip() == "step_00000005"
+    manifest = read_manifest(path)
+    assert set(manifest.components["state"].scopes) == {"rank-00000", "rank-00001"}
+    assert not [p for p in daemon.root.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_snapshot_is_taken_at_save_time(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon = daemon_factory("--max-write-mbps", "2")  # 4 MB takes ~2 s to write
+    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint,
+                              auto_start=False, timeout=60)
+    try:
+        weights = torch.arange(1_000_000, dtype=torch.float32)
+        nested = {"w": weights, "meta": {"epoch": 1}}
+        handle = client.save(1, [PreparedComponent(StateComponent("model", Holder(nested), SharingPattern.GLOBAL))])
+        weights.mul_(-1)  # training keeps going right after the save returns
+        nested["meta"]["epoch"] = 2
+        assert not handle.done()
+        assert wait_for(lambda: any(daemon.root.glob(".tmp-*/model/global.safetensors")), timeout=10)
+        assert not handle.done()  # the throttled write is still running
+        path = handle.wait(60)
+    finally:
+        client.close()
+    manifest = read_manifest(path)
+    scope = select_scope(manifest, "model", manifest.components["model"], RankInfo(0, Topology.single_node(1)))
+    restored = read_scope(path, scope)
+    assert torch.equal(restored["w"], torch.arange(1_000_000, dtype=torch.float32))
+    assert restored["meta"] == {"epoch": 1}
+
+
+def test_busy_pool_waits_or_skips(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("--max-write-mbps", "4")
+    info = RankInfo(0, Topology.single_node(1))
+    waiter = CheckpointClient(str(daemon.root), info, endpoint=daemon.endpoint, auto_start=False, timeout=60)
+    try:
+        big = {"w": torch.ones(1_000_000)}
+        first = waiter.save(1, replicated(big))
+        started = time.monotonic()
+        second = waiter.save(2, replicated(big))  # waits until step 1's region is released
+        assert first.done() or time.monotonic() - started > 0.5
+        assert os.path.basename(first.wait(60)) == "step_00000001"
+        assert os.path.basename(second.wait(60)) == "step_00000002"
+    finally:
+        waiter.close()
+
+    skipper = CheckpointClient(str(daemon.root), info, endpoint=daemon.endpoint, auto_start=False, timeout=60,
+                               when_busy="skip")
+    try:
+        in_flight = skipper.save(3, replicated(big))
+        skipped = skipper.save(4, replicated(big))
+        assert skipped.done()
+        with pytest.raises(CheckpointSkipped, match="step 4 skipped"):
+            skipped.wait(1)
+        assert os.path.basename(in_flight.wait(60)) == "step_00000003"
+    finally:
+        skipper.close()
+    assert final_dirs(daemon.root) == ["step_00000001", "step_00000002", "step_00000003"]
+    assert latest_checkpoint(str(daemon.root)).endswith("step_00000003")
+
+
+def test_duplicate_and_committed_steps_are_refused(daemon: Daemon, client_factory: Callable[..., CheckpointClient]) -> None:
+    client = client_factory()
+    client.save(1, components(a={"v": 1})).wait(30)
+    with pytest.raises(CheckpointError, match="already committed"):
+        client.save(1, components(a={"v": 2}))
+    assert read_manifest(str(daemon.root / "step_00000001")).step == 1
+
+
+def test_missing_rank_aborts_after_timeout(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("--save-timeout", "1")
+    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(2)), endpoint=daemon.endpoint,
+                              auto_start=False, timeout=30)
+    try:
+        handle = client.save(7, components(a={"t": torch.ones(3)}))
+        with pytest.raises(CheckpointError, match=r"rank\(s\) \[1\] did not hand over"):
+            handle.wait(30)
+    finally:
+        client.close()
+    assert wait_for(lambda: not any(daemon.root.glob(".tmp-*")), timeout=10)
+    assert final_dirs(daemon.root) == []
