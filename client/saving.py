@@ -21,14 +21,11 @@ from ckptd.client.staging import PoolBusyError, StagingPool, StagingRegion
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
 from ckptd.proto import messages
-from ckptd.proto.formats import TensorEntry, layout_tensors
+from ckptd.proto.formats import CKPTD_VERSION, STATE_DIGEST_KEY, TensorEntry, layout_tensors
 from ckptd.proto.messages import ComponentPart, SaveRequest
 from ckptd.proto.patterns import place
 
 log = logging.getLogger(__name__)
-
-STATE_DIGEST = "__state__"
-CKPTD_VERSION = "0.1.0"
 
 
 class CheckpointSkipped(CheckpointError):
@@ -181,7 +178,7 @@ class CheckpointClient:
                 digests = {e.name: _digest(region.bytes_view(e.offset, e.nbytes)) for e in entries}
             else:
                 digests = {name: _tensor_digest(t) for name, t in flat.tensors.items()}
-            digests[STATE_DIGEST] = _digest(flat.skeleton)
+            digests[STATE_DIGEST_KEY] = _digest(flat.skeleton)
         return ComponentPart(
             key=comp.key, pattern=comp.sharing_pattern, required=comp.required, writer=writer,
             group_name=comp.process_group_name, group_ranks=prepared.group_ranks,

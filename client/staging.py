@@ -59,8 +59,7 @@ class StagingRegion:
         """Page-lock the region once so device-to-host copies run asynchronously at full speed."""
         if self._pinned or not torch.cuda.is_available():
             return
-        result = torch.cuda.cudart().cudaHostRegister(self._bytes.data_ptr(), self.size, 0)
-        self._pinned = int(result) == 0 if not isinstance(result, tuple) else int(result[0]) == 0
+        self._pinned = int(torch.cuda.cudart().cudaHostRegister(self._bytes.data_ptr(), self.size, 0)) == 0
         if not self._pinned:
             log.warning("cudaHostRegister failed for staging region %s; copies will be synchronous", self.name)
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 FORMAT_VERSION = 1
+CKPTD_VERSION = "0.1.0"
+
+STATE_DIGEST_KEY = "__state__"
+"""Key of a component's non-tensor state in replication digests, beside its tensors' names."""
 
 # msgpack extension codes used in `.msgpack` state files (the skeleton of a state dict).
 EXT_TUPLE = 1

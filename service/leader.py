@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Tuple
 
+from ckptd.proto.formats import STATE_DIGEST_KEY
 from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
@@ -21,9 +22,6 @@ from ckptd.proto.topology import Topology
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-STATE_DIGEST = "__state__"
-"""Digest key of a component's non-tensor state, beside its tensors' digests."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +210,7 @@ def _check_replication(parts_by_rank: Dict[int, Dict[str, ComponentPart]]) -> No
         for name in sorted(set().union(*((parts_by_rank[r][key].digests or {}).keys() for r in ranks))):
             differing = [r for r in ranks[1:] if (parts_by_rank[r][key].digests or {}).get(name) != reference.get(name)]
             if differing:
-                what = "non-tensor state" if name == STATE_DIGEST else f"tensor {name!r}"
+                what = "non-tensor state" if name == STATE_DIGEST_KEY else f"tensor {name!r}"
                 problems.append(f"{what} differs on rank(s) {differing} from rank {ranks[0]}")
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from ckptd.proto import layout, messages
+from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import ProtocolError, SaveRequest
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
@@ -23,8 +24,6 @@ from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-VERSION = "0.1.0"
 
 
 class DaemonError(Exception):
@@ -113,7 +112,7 @@ class DaemonServer:
                     loop.add_signal_handler(sig, self.stop)
                 except (NotImplementedError, RuntimeError):
                     pass
-            log.info("ckptd %s serving root %s on %s (pid %d)", VERSION, self.store.root, self.endpoint, os.getpid())
+            log.info("ckptd %s serving root %s on %s (pid %d)", CKPTD_VERSION, self.store.root, self.endpoint, os.getpid())
             receiver = loop.create_task(self._receive_loop())
             watcher = loop.create_task(self._idle_watch())
             await self._stopping.wait()
@@ -192,7 +191,7 @@ class DaemonServer:
             pid = envelope.body.get("pid")
             if type(pid) is int:
                 self._clients[pid] = time.monotonic()
-            return messages.OK, {"pid": os.getpid(), "root": self.store.root, "protocol": messages.PROTOCOL_VERSION, "version": VERSION}
+            return messages.OK, {"pid": os.getpid(), "root": self.store.root, "protocol": messages.PROTOCOL_VERSION, "version": CKPTD_VERSION}
         if envelope.type == messages.SAVE:
             return await self._save(identity, envelope.body)
         if envelope.type == messages.STATUS:
@@ -230,7 +229,7 @@ class DaemonServer:
     def status(self) -> Dict[str, Any]:
         """Saves in flight and the last commit, for `ckptd status`."""
         return {
-            "pid": os.getpid(), "root": self.store.root, "endpoint": self.endpoint, "version": VERSION,
+            "pid": os.getpid(), "root": self.store.root, "endpoint": self.endpoint, "version": CKPTD_VERSION,
             "last_committed": self.coordinator.last_committed,
             "saves": [
                 {

@@ -81,3 +81,15 @@ def test_unsupported_value_fails_in_the_save_call_naming_the_path(daemon: Daemon
         with pytest.raises(UnsupportedStateError, match=r"'weird'.*a/b/1/c"):
             saver.save_checkpoint(1)
     assert not any(p.name.startswith("step_") for p in daemon.root.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging, device-to-host copies)")
+def test_cuda_tensors_stage_through_pinned_regions(daemon: Daemon) -> None:
+    state = {"w": torch.randn(256, 256, device="cuda"), "half": torch.randn(64, device="cuda").half(),
+             "cpu": torch.arange(5)}
+    with manager(daemon, Provider({"model": Holder(state)})) as saver:
+        saver.save_checkpoint(1).wait(60)
+    fresh = Holder(None)
+    CheckpointManager(Provider({"model": fresh}), str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint()
+    assert torch.equal(fresh.value["w"], state["w"].cpu()) and torch.equal(fresh.value["half"], state["half"].cpu())
+    assert torch.equal(fresh.value["cpu"], state["cpu"])
