@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import threading
@@ -21,7 +20,7 @@ from ckptd.client.staging import PoolBusyError, StagingPool, StagingRegion
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
 from ckptd.proto import messages
-from ckptd.proto.formats import CKPTD_VERSION, STATE_DIGEST_KEY, TensorEntry, layout_tensors
+from ckptd.proto.formats import CKPTD_VERSION, STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
 from ckptd.proto.messages import ComponentPart, SaveRequest
 from ckptd.proto.patterns import place
 
@@ -175,10 +174,10 @@ class CheckpointClient:
             _copy_into(region, entries, flat)
         if comp.validate_replication:
             if writer and region is not None:
-                digests = {e.name: _digest(region.bytes_view(e.offset, e.nbytes)) for e in entries}
+                digests = {e.name: content_digest(region.bytes_view(e.offset, e.nbytes)) for e in entries}
             else:
                 digests = {name: _tensor_digest(t) for name, t in flat.tensors.items()}
-            digests[STATE_DIGEST_KEY] = _digest(flat.skeleton)
+            digests[STATE_DIGEST_KEY] = content_digest(flat.skeleton)
         return ComponentPart(
             key=comp.key, pattern=comp.sharing_pattern, required=comp.required, writer=writer,
             group_name=comp.process_group_name, group_ranks=prepared.group_ranks,
@@ -252,17 +251,13 @@ def _copy_into(region: StagingRegion, entries: List[TensorEntry], flat: FlatStat
         region.tensor(entry, tensor.dtype).copy_(tensor.detach())
 
 
-def _digest(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def _tensor_digest(tensor: torch.Tensor) -> str:
     """Digest of a tensor's bytes in row-major order, equal to the digest of its staged copy."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
-        return _digest(b"")
+        return content_digest(b"")
     as_bytes = flat.view(torch.uint8)
-    return _digest(_tensor_memory(as_bytes))
+    return content_digest(_tensor_memory(as_bytes))
 
 
 def _tensor_memory(tensor: torch.Tensor) -> memoryview:

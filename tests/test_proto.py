@@ -95,8 +95,8 @@ def test_manifest_refuses_paths_outside_the_checkpoint() -> None:
     text = """{"format_version": 1, "step": 1, "topology": {"nodes": [[0]]}, "groups": {}, "versions": {},
       "created_at": "", "committed_at": "", "timings": {}, "components": {"m": {"pattern": "GLOBAL",
       "required": true, "validate_replication": false, "scopes": {"global": {"writer_rank": 0, "readers": [0],
-      "tensor_file": {"path": "../../etc/passwd", "size": 1, "checksum": "crc32:0"},
-      "state_file": {"path": "m/global.msgpack", "size": 1, "checksum": "crc32:0"}}}}}}"""
+      "tensor_file": {"path": "../../etc/passwd", "size": 1, "checksum": "xxh3_64:0"},
+      "state_file": {"path": "m/global.msgpack", "size": 1, "checksum": "xxh3_64:0"}}}}}}"""
     with pytest.raises((ManifestError, ValueError), match="etc/passwd|not a safe name|must be"):
         Manifest.from_json(text)
     with pytest.raises(ManifestError, match="format version"):
