@@ -33,7 +33,7 @@ class RNGState:
     Streams the state does not mention are left untouched; parts that cannot be restored here
     (no NumPy, no CUDA, fewer devices) are skipped with a logged warning.
 
-    Use it as a component: ``ckptd.save({"model": model, "rng": RNGState()})``.
+    Use it as a component, usually PER_RANK: ``StateComponent("rng", RNGState(), SharingPattern.PER_RANK)``.
     """
 
     def state_dict(self) -> Dict[str, Any]:

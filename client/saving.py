@@ -125,7 +125,7 @@ class CheckpointClient:
             raise
         request = SaveRequest(
             root=self.root, step=step, rank=self.rank_info.rank, pid=os.getpid(), topology=self.rank_info.topology,
-            parts=tuple(parts), versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
+            parts=tuple(parts), job=self.rank_info.job_id, versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
             metrics={k: float(v) for k, v in (metrics or {}).items()},
         )
         try:
@@ -188,7 +188,8 @@ class CheckpointClient:
 
     def _send_skip(self, step: int, reason: str) -> None:
         body = SaveRequest(
-            root=self.root, step=step, rank=self.rank_info.rank, pid=os.getpid(), topology=self.rank_info.topology, parts=(),
+            root=self.root, step=step, rank=self.rank_info.rank, pid=os.getpid(), topology=self.rank_info.topology,
+            parts=(), job=self.rank_info.job_id,
         ).to_wire()
         body.update(skipped=True, reason=reason)
         try:

@@ -112,7 +112,7 @@ class StagingPool:
                 if remaining is not None and remaining <= 0:
                     raise CheckpointError(
                         f"staging regions still busy after {timeout:g} s: the daemon has not finished writing "
-                        "the previous save (is it alive? see `ckptd status`)"
+                        "the previous save (is it alive? see its log next to its socket)"
                     )
                 self._cond.wait(remaining)
             reserved = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -15,10 +16,12 @@ from ckptd.proto.topology import Topology
 
 @dataclass(frozen=True)
 class RankInfo:
-    """This process's rank and the job's topology."""
+    """This process's rank, the job's topology, and the id of this run of the job (equal on every rank;
+    a restarted job gets a new one, so its saves supersede the dead run's unfinished ones)."""
 
     rank: int
     topology: Topology
+    job_id: str = "default"
 
     @property
     def local_rank(self) -> int:
@@ -36,15 +39,20 @@ def detect_rank_info() -> RankInfo:
     from the torchrun environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), else a single process."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        mine = (_node_key(), int(os.environ.get("LOCAL_RANK", "0")))
+        mine = (_node_key(), int(os.environ.get("LOCAL_RANK", "0")), uuid.uuid4().hex)
         gathered: List[Any] = [None] * world
         dist.all_gather_object(gathered, mine)
-        return RankInfo(rank, _topology_from_node_keys([tuple(g) for g in gathered]))
+        topology = _topology_from_node_keys([(key, local) for key, local, _ in gathered])
+        return RankInfo(rank, topology, job_id=gathered[0][2])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    job_id = f"{run_id}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}" if run_id else uuid.uuid4().hex
+    if world > 1 and not run_id:
+        job_id = "default"  # ranks cannot agree on a fresh id without communication
     try:
-        return RankInfo(rank, Topology.uniform(world, local_world))
+        return RankInfo(rank, Topology.uniform(world, local_world), job_id=job_id)
     except ValueError as exc:
         raise CheckpointError(f"cannot derive the job topology from the environment: {exc}") from None
 

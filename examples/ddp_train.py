@@ -122,7 +122,7 @@ def report(handles: List[SaveHandle]) -> List[str]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="DDP training with asynchronous ckptd checkpoints.")
     parser.add_argument("--root", default="./demo_checkpoints", help="checkpoint root (default ./demo_checkpoints)")
     parser.add_argument("--steps", type=int, default=40, help="train until this step (default 40)")
     parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (default 5)")

@@ -208,13 +208,15 @@ class SaveRequest:
     pid: int
     topology: Topology
     parts: Tuple[ComponentPart, ...]
+    job: str = "default"
+    """Identifies one run of a job: a restarted job re-saving a step supersedes the old run's save."""
     versions: Dict[str, str] = field(default_factory=dict)
     metrics: Dict[str, float] = field(default_factory=dict)
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
         return {
-            "root": self.root, "step": self.step, "rank": self.rank, "pid": self.pid,
+            "root": self.root, "step": self.step, "rank": self.rank, "pid": self.pid, "job": self.job,
             "topology": self.topology.to_wire(), "parts": [p.to_wire() for p in self.parts],
             "versions": self.versions, "metrics": self.metrics,
         }
@@ -243,8 +245,11 @@ class SaveRequest:
             raise ProtocolError("invalid_request", f"{where}: versions must map strings to strings")
         if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
             raise ProtocolError("invalid_request", f"{where}: metrics must map strings to numbers")
+        job = _field(body, "job", str, where)
+        if not 0 < len(job) <= 128 or "\0" in job:
+            raise ProtocolError("invalid_request", f"{where}: job id must be 1-128 characters without NUL")
         return cls(
-            root=_field(body, "root", str, where), step=step, rank=rank,
+            root=_field(body, "root", str, where), step=step, rank=rank, job=job,
             pid=_field(body, "pid", int, where), topology=topology, parts=parts,
             versions=versions, metrics=metrics,
         )
@@ -260,8 +265,9 @@ class Released:
 
 @dataclass(frozen=True)
 class Outcome:
-    """Daemon -> client: checkpoint `step` committed at `path`, or aborted with `reason`."""
+    """Daemon -> client: checkpoint `step` of run `job` committed at `path`, or aborted with `reason`."""
 
+    job: str
     step: int
     committed: bool
     path: Optional[str] = None
@@ -270,5 +276,5 @@ class Outcome:
     def to_wire(self) -> Tuple[str, Dict[str, Any]]:
         """Message type and body."""
         if self.committed:
-            return COMMITTED, {"step": self.step, "path": self.path}
-        return ABORTED, {"step": self.step, "reason": self.reason}
+            return COMMITTED, {"job": self.job, "step": self.step, "path": self.path}
+        return ABORTED, {"job": self.job, "step": self.step, "reason": self.reason}

@@ -15,7 +15,7 @@ from ckptd.proto.formats import check_tensor_layout, safetensors_header
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
-from ckptd.service.leader import LocalCommitLeader, NodeReport, ScopeFiles
+from ckptd.service.leader import LocalCommitLeader, NodeReport, SaveKey, ScopeFiles
 from ckptd.service.regions import MappedRegion, RegionError
 from ckptd.service.shard_writer import Throttle, write_file
 from ckptd.service.store import CheckpointStore
@@ -83,7 +83,7 @@ class NodeCoordinator:
         self._notify = notify
         self._save_timeout = save_timeout
         self._sessions: Dict[int, SaveSession] = {}
-        self._aborted: Dict[int, str] = {}
+        self._aborted: Dict[SaveKey, str] = {}
         self.leader = LocalCommitLeader(store, executor, self._on_outcome)
         self.last_committed: Optional[int] = store.latest_step()
 
@@ -99,8 +99,9 @@ class NodeCoordinator:
     async def accept(self, identity: bytes, request: SaveRequest) -> None:
         """Validate and take over one rank's part; raises SaveRejected or ProtocolError."""
         step = request.step
-        if step in self._aborted:
-            raise SaveRejected("aborted", f"checkpoint of step {step} was already aborted: {self._aborted[step]}")
+        reason = self._aborted.get((request.job, step))
+        if reason is not None:
+            raise SaveRejected("aborted", f"checkpoint of step {step} was already aborted: {reason}")
         if os.path.realpath(request.root) != self._store.root:
             raise SaveRejected(
                 "wrong_root", f"this daemon serves {self._store.root!r}, not {request.root!r}; "
@@ -109,13 +110,21 @@ class NodeCoordinator:
         if request.topology.node_of(request.rank) != self._node:
             raise SaveRejected("wrong_node", f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}")
         session = self._sessions.get(step)
+        if session is not None and session.request.job != request.job:
+            await self.leader.abort(session.request.job, step, f"superseded: a new run of the job (id {request.job}) "
+                                    f"saves step {step}; the run that started this save is gone")
+            session = self._sessions.get(step)
         if session is None:
             if self._store.is_committed(step):
                 raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
             if request.topology.num_nodes > 1:
                 raise SaveRejected("unsupported", "this daemon commits single-node jobs only; the job spans "
                                    f"{request.topology.num_nodes} nodes")
-            session = self._open_session(request)
+            try:
+                session = self._open_session(request)
+            except OSError as exc:
+                raise SaveRejected("io_error", f"cannot create the directory for step {step} under "
+                                   f"{self._store.root}: {exc.strerror or exc}") from None
         elif request.topology != session.request.topology:
             raise SaveRejected("invalid_request", f"rank {request.rank} reports {request.topology.describe()}, "
                                f"earlier ranks reported {session.request.topology.describe()}")
@@ -203,7 +212,7 @@ class NodeCoordinator:
             part.durable = error is None
             await self._notify(part.identity, "released", {"step": session.step, "regions": list(part.regions)})
         if error is not None:
-            await self.leader.abort(session.step, error)
+            await self.leader.abort(request.job, session.step, error)
         elif self._ready_to_report(session):
             session.reported = True
             await self.leader.report(self._report(session))
@@ -246,6 +255,7 @@ class NodeCoordinator:
                 "handoff_s": round(session.last_part_at - session.started_at, 6),
                 "write_s": round(session.write_seconds, 6),
             },
+            job=request.job,
         )
 
     def _expire(self, step: int) -> None:
@@ -257,19 +267,21 @@ class NodeCoordinator:
             reason = f"rank(s) {missing} did not hand over their part of step {step} within {self._save_timeout:g} s"
         else:
             reason = f"step {step} did not finish writing and committing within {self._save_timeout:g} s"
-        asyncio.get_running_loop().create_task(self.leader.abort(step, reason))
+        asyncio.get_running_loop().create_task(self.leader.abort(session.request.job, step, reason))
 
-    async def abort(self, step: int, reason: str) -> None:
-        """Abort `step` (for example after a rank sent an invalid part)."""
-        await self.leader.abort(step, reason)
+    async def abort(self, job: str, step: int, reason: str) -> None:
+        """Abort `step` of run `job` (for example after a rank sent an invalid part)."""
+        await self.leader.abort(job, step, reason)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
         """The leader decided `outcome.step`: tell every local rank, clean up."""
         session = self._sessions.get(outcome.step)
+        if session is not None and (session.request.job != outcome.job or session.outcome is not None):
+            session = None
         if not outcome.committed:
-            self._aborted[outcome.step] = outcome.reason or "aborted"
+            self._aborted[(outcome.job, outcome.step)] = outcome.reason or "aborted"
             if len(self._aborted) > 1024:
-                self._aborted.pop(min(self._aborted))
+                self._aborted.pop(next(iter(self._aborted)))
             log.warning("step %d aborted: %s", outcome.step, outcome.reason)
         else:
             self.last_committed = max(self.last_committed or -1, outcome.step)
@@ -285,9 +297,8 @@ class NodeCoordinator:
             self._close_session(session)
 
     def _close_session(self, session: SaveSession) -> None:
-        if self._sessions.get(session.step) is not session:
-            return
-        del self._sessions[session.step]
+        if self._sessions.get(session.step) is session:
+            del self._sessions[session.step]
         if session.outcome is not None and not session.outcome.committed:
             self._store.discard(session.tmp_dir)
 

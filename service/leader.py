@@ -12,7 +12,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Awaitable, Callable, Dict, List, Set, Tuple
 
 from ckptd.proto.formats import STATE_DIGEST_KEY
 from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRecord
@@ -36,6 +36,7 @@ class ScopeFiles:
 class NodeReport:
     """A node's statement that every local rank's part of `step` is durable in `tmp_dir`."""
 
+    job: str
     step: int
     node: int
     topology: Topology
@@ -55,6 +56,8 @@ class CommitRejected(Exception):
 
 
 Announce = Callable[[Outcome], Awaitable[None]]
+SaveKey = Tuple[str, int]
+"""(job run, step): one save."""
 
 
 class LocalCommitLeader:
@@ -64,49 +67,51 @@ class LocalCommitLeader:
         self._store = store
         self._executor = executor
         self._announce = announce
-        self._reports: Dict[int, Dict[int, NodeReport]] = {}
-        self._decided: Dict[int, bool] = {}
+        self._reports: Dict[SaveKey, Dict[int, NodeReport]] = {}
+        self._committing: Set[SaveKey] = set()
 
     async def report(self, report: NodeReport) -> None:
         """Record a node's report; commit when the last node has reported."""
-        if report.step in self._decided:
+        key = (report.job, report.step)
+        if key in self._committing:
             return
-        reports = self._reports.setdefault(report.step, {})
+        reports = self._reports.setdefault(key, {})
         reports[report.node] = report
         if len(reports) < report.topology.num_nodes:
             return
-        del self._reports[report.step]
-        self._decided[report.step] = True
+        del self._reports[key]
+        self._committing.add(key)
         try:
-            manifest = build_manifest(list(reports.values()))
+            outcome = await self._commit(list(reports.values()))
+        finally:
+            self._committing.discard(key)
+        await self._announce(outcome)
+
+    async def _commit(self, reports: List[NodeReport]) -> Outcome:
+        first = reports[0]
+        try:
+            manifest = build_manifest(reports)
             loop = asyncio.get_running_loop()
             path = await loop.run_in_executor(
-                self._executor, self._store.commit, report.tmp_dir, report.step, manifest.to_json()
+                self._executor, self._store.commit, first.tmp_dir, first.step, manifest.to_json()
             )
         except CommitRejected as exc:
-            await self._finish(Outcome(report.step, committed=False, reason=str(exc)))
-            return
+            return Outcome(first.job, first.step, committed=False, reason=str(exc))
         except OSError as exc:
-            reason = f"committing step {report.step} failed: {exc}"
+            reason = f"committing step {first.step} failed: {exc}"
             log.error(reason)
-            await self._finish(Outcome(report.step, committed=False, reason=reason))
-            return
-        log.info("committed step %d at %s", report.step, path)
-        await self._finish(Outcome(report.step, committed=True, path=path))
+            return Outcome(first.job, first.step, committed=False, reason=reason)
+        log.info("committed step %d at %s", first.step, path)
+        return Outcome(first.job, first.step, committed=True, path=path)
 
-    async def abort(self, step: int, reason: str) -> None:
-        """Abort `step` on every node (a rank failed, timed out or sent an invalid part)."""
-        if step in self._decided:
+    async def abort(self, job: str, step: int, reason: str) -> None:
+        """Abort `step` of run `job` on every node (a rank failed, timed out or sent an invalid part).
+        Ignored while that save is already committing: its outcome is announced by the commit."""
+        key = (job, step)
+        if key in self._committing:
             return
-        self._decided[step] = False
-        self._reports.pop(step, None)
-        await self._finish(Outcome(step, committed=False, reason=reason))
-
-    async def _finish(self, outcome: Outcome) -> None:
-        if len(self._decided) > 4096:
-            for old in sorted(self._decided)[:2048]:
-                del self._decided[old]
-        await self._announce(outcome)
+        self._reports.pop(key, None)
+        await self._announce(Outcome(job, step, committed=False, reason=reason))
 
 
 def build_manifest(reports: List[NodeReport]) -> Manifest:

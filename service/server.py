@@ -170,11 +170,7 @@ class DaemonServer:
                 log.warning("dropped a message of %d frames (expected identity + payload)", len(frames))
                 continue
             identity, payload = frames
-            try:
-                await self._handle(identity, payload)
-            except Exception:  # the daemon must keep serving whatever one request does
-                log.exception("internal error while handling a request")
-                await self._send(identity, messages.ERROR, messages.error_body("internal", "internal daemon error; see its log"))
+            await self._handle(identity, payload)
 
     async def _handle(self, identity: bytes, payload: bytes) -> None:
         try:
@@ -183,7 +179,11 @@ class DaemonServer:
             log.warning("rejected a frame: %s", exc.message)
             await self._send(identity, messages.ERROR, messages.error_body(exc.code, exc.message))
             return
-        reply = await self._dispatch(identity, envelope)
+        try:
+            reply = await self._dispatch(identity, envelope)
+        except Exception:  # the daemon must keep serving whatever one request does
+            log.exception("internal error while handling a %s request", envelope.type)
+            reply = messages.ERROR, messages.error_body("internal", "internal daemon error; see the daemon log")
         await self._send(identity, reply[0], reply[1], envelope.id)
 
     async def _dispatch(self, identity: bytes, envelope: messages.Envelope) -> tuple[str, Dict[str, Any]]:
@@ -206,15 +206,16 @@ class DaemonServer:
             self._clients[request.pid] = time.monotonic()
             if body.get("skipped"):
                 reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"
-                await self.coordinator.abort(request.step, f"rank {request.rank} skipped step {request.step}: {reason}")
+                await self.coordinator.abort(request.job, request.step, f"rank {request.rank} skipped step {request.step}: {reason}")
                 return messages.ACCEPTED, {"step": request.step}
             await self.coordinator.accept(identity, request)
         except (ProtocolError, SaveRejected) as exc:
             code = exc.code
             log.warning("rejected a save: %s", exc)
-            step, rank = body.get("step"), body.get("rank")
-            if type(step) is int and type(rank) is int and code not in ("aborted", "conflict", "duplicate", "wrong_root"):
-                await self.coordinator.abort(step, f"rank {rank} sent an invalid part: {exc}")
+            step, rank, job = body.get("step"), body.get("rank"), body.get("job")
+            if (type(step) is int and type(rank) is int and isinstance(job, str)
+                    and code not in ("aborted", "conflict", "duplicate", "wrong_root")):
+                await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
             return messages.ERROR, messages.error_body(code, str(exc))
         return messages.ACCEPTED, {"step": request.step}
 
@@ -262,5 +263,6 @@ class DaemonServer:
             idle = time.monotonic() - self._last_activity
             if not self.coordinator.busy and not self._clients and idle >= limit:
                 log.info("no saves in flight and no live clients for %.0f s: exiting", idle)
+                self._sweep_regions()
                 self.stop()
                 return

@@ -32,6 +32,7 @@ class CheckpointStore:
     def create_tmp_dir(self, step: int) -> str:
         """A fresh directory to write checkpoint `step` into."""
         path = os.path.join(self.root, layout.tmp_dir_name(step, uuid.uuid4().hex[:8]))
+        os.makedirs(self.root, exist_ok=True)  # the root may have been removed while we serve it
         os.mkdir(path, 0o755)
         return path
 

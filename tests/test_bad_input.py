@@ -25,7 +25,7 @@ def save_body(daemon: Daemon, key: str = "model", **overrides: Any) -> Dict[str,
         "validate_replication": False, "metadata": {}, "region": None, "region_size": 0, "tensors": [],
         "state": msgpack.packb({"a": 1}), "digests": None,
     }
-    body = {"root": str(daemon.root), "step": 1, "rank": 0, "pid": os.getpid(), "topology": {"nodes": [[0]]},
+    body = {"root": str(daemon.root), "step": 1, "rank": 0, "pid": os.getpid(), "job": "raw", "topology": {"nodes": [[0]]},
             "parts": [part], "versions": {}, "metrics": {}}
     body.update(overrides)
     return body

@@ -121,3 +121,43 @@ def test_missing_rank_aborts_after_timeout(daemon_factory: Callable[..., Daemon]
         client.close()
     assert wait_for(lambda: not any(daemon.root.glob(".tmp-*")), timeout=10)
     assert final_dirs(daemon.root) == []
+
+
+def test_unusable_root_is_refused_quickly_and_the_daemon_recovers(daemon: Daemon,
+                                                                  client_factory: Callable[..., CheckpointClient]) -> None:
+    client = client_factory()
+    os.rmdir(daemon.root)
+    daemon.root.write_text("a file where the checkpoint root should be")
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="cannot create the directory for step 1"):
+        client.save(1, components(a={"t": torch.ones(2)}))
+    assert time.monotonic() - started < 10
+    daemon.root.unlink()  # the root was removed while the daemon serves it: it is created again
+    assert client.save(2, components(a={"t": torch.ones(2)})).wait(30).endswith("step_00000002")
+
+
+def test_a_restarted_job_supersedes_the_dead_runs_unfinished_save(daemon: Daemon) -> None:
+    def client(rank: int, job: str) -> CheckpointClient:
+        return CheckpointClient(str(daemon.root), RankInfo(rank, Topology.single_node(2), job_id=job),
+                                endpoint=daemon.endpoint, auto_start=False, timeout=30)
+
+    dead_run = client(0, "run-1")
+    orphan = dead_run.save(5, components(a={"t": torch.ones(2)}))  # rank 1 of run-1 crashed before saving
+    new_rank0, new_rank1 = client(0, "run-2"), client(1, "run-2")
+    try:
+        first = new_rank0.save(5, components(a={"t": torch.zeros(2)}))
+        with pytest.raises(CheckpointError, match="superseded: a new run of the job"):
+            orphan.wait(10)
+        second = new_rank1.save(5, components(a={"t": torch.zeros(2)}))
+        assert first.wait(30) == second.wait(30)
+        # a step aborted in one run (here: rank 0's pool was busy) may be saved again by the next run
+        new_rank0._send_skip(6, "staging pool busy")
+        with pytest.raises(CheckpointError, match="already aborted: rank 0 skipped step 6"):
+            new_rank1.save(6, components(a={"t": torch.zeros(2)}))
+        next_run = [client(0, "run-3"), client(1, "run-3")]
+        handles = [c.save(6, components(a={"t": torch.ones(2)})) for c in next_run]
+        assert handles[0].wait(30).endswith("step_00000006") and handles[1].wait(30) == handles[0].wait(30)
+    finally:
+        for c in (dead_run, new_rank0, new_rank1, *locals().get("next_run", [])):
+            c.close(timeout=5)
+    assert final_dirs(daemon.root) == ["step_00000005", "step_00000006"]
