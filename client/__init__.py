@@ -9,7 +9,8 @@ from ckptd.client.errors import (
 )
 from ckptd.client.manager import CheckpointManager
 from ckptd.client.rng import RNGState
-from ckptd.client.saving import CheckpointClient, CheckpointSkipped, PreparedComponent, SaveHandle
+from ckptd.client.saving import CheckpointClient, CheckpointSkipped, SaveHandle
+from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.topology import Topology

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError
 from ckptd.client.loading import latest_checkpoint, read_manifest, read_scope, select_scope
-from ckptd.client.saving import CheckpointClient, PreparedComponent, SaveHandle
+from ckptd.client.saving import CheckpointClient, SaveHandle
+from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
 from ckptd.proto.patterns import SharingPattern
 
@@ -71,13 +72,21 @@ class CheckpointManager:
             self._client = CheckpointClient(self.root, self.rank_info, **self._client_options)  # type: ignore[arg-type]
         return self._client
 
-    def save_checkpoint(self, step: int, metrics: Optional[Mapping[str, float]] = None) -> SaveHandle:
+    def save_checkpoint(
+        self, step: int, metrics: Optional[Mapping[str, float]] = None, *, overlap: bool = False
+    ) -> SaveHandle:
         """Stage this rank's state for checkpoint `step`; returns once staged, with a handle.
 
         The caller may change its tensors as soon as this returns. `handle.wait()` gives the
         committed directory or raises CheckpointError with the reason.
+
+        `overlap=True` returns sooner: only the tensors that forward and backward may change
+        (buffers, non-module state) are copied before returning; parameters and optimizer state are
+        copied while the next forward and backward run, and the next `optimizer.step()` (of any
+        optimizer) waits until that copy is done, so the checkpoint never mixes two steps. Change
+        parameters outside `optimizer.step()` only after `handle.wait_staged()`.
         """
-        return self.client.save(step, self._prepare(self._components(for_save=True)), metrics)
+        return self.client.save(step, self._prepare(self._components(for_save=True)), metrics, overlap=overlap)
 
     def load_checkpoint(self, path: Optional[str] = None) -> str:
         """Restore every component on this rank from `path` (default: the newest committed checkpoint)

@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-import ctypes
+import concurrent.futures
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ckptd.client.codec import FlatState, flatten_state, safetensors_dtype
-from ckptd.client.components import StateComponent
 from ckptd.client.daemon import connect, resolve_endpoint
 from ckptd.client.errors import CheckpointError
-from ckptd.client.staging import PoolBusyError, StagingPool, StagingRegion
+from ckptd.client.snapshot import (
+    PreparedComponent,
+    StagedComponent,
+    copy_entries,
+    snapshot,
+    step_only_tensor_addresses,
+)
+from ckptd.client.staging import PoolBusyError, StagingPool
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
 from ckptd.proto import messages
-from ckptd.proto.formats import CKPTD_VERSION, STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
-from ckptd.proto.messages import ComponentPart, SaveRequest
-from ckptd.proto.patterns import place
+from ckptd.proto.formats import CKPTD_VERSION
+from ckptd.proto.messages import SaveRequest
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,26 @@ class SaveHandle:
     def __init__(self, step: int) -> None:
         self.step = step
         self.blocked_s = 0.0
-        """Seconds `save_checkpoint` blocked the caller (staging plus hand-over)."""
+        """Seconds `save_checkpoint` blocked the caller."""
         self._event = threading.Event()
+        self._staged = threading.Event()
         self._path: Optional[str] = None
         self._error: Optional[CheckpointError] = None
 
     def done(self) -> bool:
         """True once the checkpoint committed or failed; never blocks."""
         return self._event.is_set()
+
+    def staged(self) -> bool:
+        """True once this rank's state is copied out and handed to the daemon (or staging failed)."""
+        return self._staged.is_set()
+
+    def wait_staged(self, timeout: Optional[float] = None) -> None:
+        """Block until this rank's state is copied out (overlap mode); raises if staging failed."""
+        if not self._staged.wait(timeout):
+            raise CheckpointError(f"staging of step {self.step} not finished within {timeout:g} s")
+        if self._error is not None and self._event.is_set():
+            raise self._error
 
     def wait(self, timeout: Optional[float] = None) -> str:
         """Block until the checkpoint commits; return its directory or raise CheckpointError."""
@@ -59,14 +75,8 @@ class SaveHandle:
         if not self._event.is_set():
             self._path, self._error = path, error
             self._event.set()
-
-
-@dataclass(frozen=True)
-class PreparedComponent:
-    """A component with its process group resolved to global ranks (PER_GROUP only)."""
-
-    component: StateComponent
-    group_ranks: Tuple[int, ...] = ()
+        if error is not None:
+            self._staged.set()
 
 
 class CheckpointClient:
@@ -99,23 +109,36 @@ class CheckpointClient:
         self._pool = StagingPool()
         self._handles: Dict[int, SaveHandle] = {}
         self._lock = threading.Lock()
+        self._stager: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._staging: Set[SaveHandle] = set()
+        self._step_hook: Optional[Any] = None
         self._connection = connect(
             self.root, self.endpoint, self._on_notification,
             may_start=auto_start and rank_info.local_rank == 0, wait_s=connect_timeout, daemon_args=daemon_args,
         )
 
-    def save(self, step: int, components: Sequence[PreparedComponent], metrics: Optional[Mapping[str, float]] = None) -> SaveHandle:
-        """Stage this rank's part of checkpoint `step` and hand it to the daemon; returns at once after."""
+    def save(
+        self,
+        step: int,
+        components: Sequence[PreparedComponent],
+        metrics: Optional[Mapping[str, float]] = None,
+        overlap: bool = False,
+    ) -> SaveHandle:
+        """Stage this rank's part of checkpoint `step` and hand it to the daemon.
+
+        Returns once the state is copied out. With `overlap`, returns once the tensors that forward
+        and backward may change are copied; parameters and optimizer state are copied in the
+        background, and every `optimizer.step()` waits until that copy is done, so a checkpoint
+        never mixes two steps. This assumes parameters and optimizer state change only inside
+        `optimizer.step()`; call `handle.wait_staged()` before changing them any other way.
+        """
         started = time.perf_counter()
-        handle = SaveHandle(step)
-        with self._lock:
-            if step in self._handles and not self._handles[step].done():
-                raise CheckpointError(f"a save of step {step} is already in flight on this rank")
-            self._handles[step] = handle
-        regions: Dict[str, StagingRegion] = {}
+        handle = self._register(step)
         try:
-            parts, regions = self._stage(step, components)
+            staged = snapshot(components, self.rank_info)
+            self._reserve(staged)
         except PoolBusyError as exc:
+            self._forget(step)
             self._send_skip(step, str(exc))
             handle._resolve(error=CheckpointSkipped(f"save of step {step} skipped: {exc}"))
             log.warning("save of step %d skipped: %s", step, exc)
@@ -123,68 +146,108 @@ class CheckpointClient:
         except BaseException:
             self._forget(step)
             raise
-        request = SaveRequest(
-            root=self.root, step=step, rank=self.rank_info.rank, pid=os.getpid(), topology=self.rank_info.topology,
-            parts=tuple(parts), job=self.rank_info.job_id, versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
-        )
         try:
-            self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)
-        except CheckpointError as exc:
-            self._pool.release(r.name for r in regions.values())
+            self._copy_now(staged, step_only_tensor_addresses(components) if overlap else set())
+        except BaseException:
+            self._release(staged)
             self._forget(step)
-            if isinstance(exc, DaemonRequestError):
-                raise CheckpointError(f"the daemon refused rank {self.rank_info.rank}'s part of step {step}: {exc}") from None
             raise
+        if overlap:
+            self._hand_over_in_background(handle, staged, metrics)
+        else:
+            self._hand_over(handle, staged, metrics)
         handle.blocked_s = time.perf_counter() - started
         return handle
 
-    def _stage(self, step: int, components: Sequence[PreparedComponent]) -> Tuple[List[ComponentPart], Dict[str, StagingRegion]]:
-        rank, topology = self.rank_info.rank, self.rank_info.topology
-        flats: List[Tuple[PreparedComponent, FlatState, bool, List[TensorEntry], int]] = []
-        for prepared in components:
-            comp = prepared.component
-            placement = place(comp.sharing_pattern, rank, topology, comp.process_group_name, prepared.group_ranks or None)
-            writer = placement.writer_rank == rank
-            flat = flatten_state(comp.stateful.state_dict(), comp.key)
-            entries: List[TensorEntry] = []
-            total = 0
-            if writer:
-                entries, total = layout_tensors(
-                    (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in flat.tensors.items()
-                )
-            flats.append((prepared, flat, writer, entries, total))
-        sizes = {p.component.key: total for p, _, writer, _, total in flats if writer and total}
-        regions = self._pool.reserve(sizes, wait=self.when_busy == "wait", timeout=self.timeout) if sizes else {}
-        try:
-            parts = [self._stage_one(p, flat, writer, entries, total, regions.get(p.component.key))
-                     for p, flat, writer, entries, total in flats]
-        except BaseException:
-            self._pool.release(r.name for r in regions.values())
-            raise
-        return parts, regions
+    def _register(self, step: int) -> SaveHandle:
+        handle = SaveHandle(step)
+        with self._lock:
+            if step in self._handles and not self._handles[step].done():
+                raise CheckpointError(f"a save of step {step} is already in flight on this rank")
+            self._handles[step] = handle
+        return handle
 
-    def _stage_one(
-        self, prepared: PreparedComponent, flat: FlatState, writer: bool, entries: List[TensorEntry],
-        total: int, region: Optional[StagingRegion],
-    ) -> ComponentPart:
-        comp = prepared.component
-        digests: Optional[Dict[str, str]] = None
-        if writer and region is not None:
-            _copy_into(region, entries, flat)
-        if comp.validate_replication:
-            if writer and region is not None:
-                digests = {e.name: content_digest(region.bytes_view(e.offset, e.nbytes)) for e in entries}
-            else:
-                digests = {name: _tensor_digest(t) for name, t in flat.tensors.items()}
-            digests[STATE_DIGEST_KEY] = content_digest(flat.skeleton)
-        return ComponentPart(
-            key=comp.key, pattern=comp.sharing_pattern, required=comp.required, writer=writer,
-            group_name=comp.process_group_name, group_ranks=prepared.group_ranks,
-            validate_replication=comp.validate_replication, metadata=dict(comp.metadata or {}),
-            region=region.name if region is not None else None, region_size=total,
-            tensors=tuple(entries), state=flat.skeleton if writer else None, digests=digests,
-        )
+    def _reserve(self, staged: List[StagedComponent]) -> None:
+        sizes = {s.key: s.total for s in staged if s.writer and s.total}
+        if not sizes:
+            return
+        regions = self._pool.reserve(sizes, wait=self.when_busy == "wait", timeout=self.timeout)
+        for component in staged:
+            component.region = regions.get(component.key)
+
+    def _release(self, staged: List[StagedComponent]) -> None:
+        self._pool.release(s.region.name for s in staged if s.region is not None)
+
+    @staticmethod
+    def _copy_now(staged: List[StagedComponent], deferrable: Set[int]) -> None:
+        """Copy what must be copied before returning; leave tensors at `deferrable` addresses for later."""
+        for component in staged:
+            if component.region is None:
+                continue
+            now = [e for e in component.entries if component.flat.tensors[e.name].data_ptr() not in deferrable]
+            component.deferred = [e for e in component.entries if component.flat.tensors[e.name].data_ptr() in deferrable]
+            event = copy_entries(component, now)
+            if event is not None:
+                if deferrable:
+                    torch.cuda.current_stream().wait_event(event)  # forward must not overwrite them first
+                else:
+                    event.synchronize()
+
+    def _hand_over(self, handle: SaveHandle, staged: List[StagedComponent], metrics: Optional[Mapping[str, float]]) -> None:
+        """Finish the copies, then send the save request; raises CheckpointError if the daemon refuses."""
+        try:
+            for component in staged:
+                if component.deferred:
+                    event = copy_entries(component, component.deferred)
+                    if event is not None:
+                        event.synchronize()
+            request = SaveRequest(
+                root=self.root, step=handle.step, rank=self.rank_info.rank, pid=os.getpid(),
+                topology=self.rank_info.topology, parts=tuple(s.to_part() for s in staged), job=self.rank_info.job_id,
+                versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
+                metrics={k: float(v) for k, v in (metrics or {}).items()},
+            )
+            self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)
+        except BaseException as exc:
+            self._release(staged)
+            self._forget(handle.step)
+            if isinstance(exc, DaemonRequestError):
+                raise CheckpointError(
+                    f"the daemon refused rank {self.rank_info.rank}'s part of step {handle.step}: {exc}"
+                ) from None
+            raise
+        finally:
+            handle._staged.set()
+
+    def _hand_over_in_background(
+        self, handle: SaveHandle, staged: List[StagedComponent], metrics: Optional[Mapping[str, float]]
+    ) -> None:
+        if self._stager is None:
+            self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptd-stage")
+        if self._step_hook is None:
+            self._step_hook = register_optimizer_step_pre_hook(self._wait_for_staging)
+        with self._lock:
+            self._staging.add(handle)
+
+        def run() -> None:
+            try:
+                self._hand_over(handle, staged, metrics)
+            except Exception as exc:
+                error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging step {handle.step} failed: {exc!r}")
+                handle._resolve(error=error)
+                log.error("%s", error)
+            finally:
+                with self._lock:
+                    self._staging.discard(handle)
+
+        self._stager.submit(run)
+
+    def _wait_for_staging(self, *_: Any) -> None:
+        """Optimizer step pre-hook: parameters may not change while a background copy reads them."""
+        with self._lock:
+            pending = list(self._staging)
+        for handle in pending:
+            handle._staged.wait()
 
     def _send_skip(self, step: int, reason: str) -> None:
         body = SaveRequest(
@@ -229,39 +292,13 @@ class CheckpointClient:
                 handle.wait(timeout if timeout is not None else self.timeout)
             except CheckpointError as exc:
                 log.warning("save of step %d did not commit before close: %s", handle.step, exc)
+        if self._stager is not None:
+            self._stager.shutdown(wait=True)
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
         deadline = time.monotonic() + 5.0
         while self._pool.busy() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._connection.close()
         self._pool.close()
-
-
-def _copy_into(region: StagingRegion, entries: List[TensorEntry], flat: FlatState) -> None:
-    """Copy every tensor into its slot of the region (device-to-host on a side stream for CUDA)."""
-    tensors = [flat.tensors[e.name] for e in entries]
-    if any(t.is_cuda for t in tensors):
-        region.pin_for_cuda()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for entry, tensor in zip(entries, tensors):
-                region.tensor(entry, tensor.dtype).copy_(tensor.detach(), non_blocking=True)
-        stream.synchronize()
-        return
-    for entry, tensor in zip(entries, tensors):
-        region.tensor(entry, tensor.dtype).copy_(tensor.detach())
-
-
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    """Digest of a tensor's bytes in row-major order, equal to the digest of its staged copy."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return content_digest(b"")
-    as_bytes = flat.view(torch.uint8)
-    return content_digest(_tensor_memory(as_bytes))
-
-
-def _tensor_memory(tensor: torch.Tensor) -> memoryview:
-    """Zero-copy memoryview of a contiguous CPU uint8 tensor."""
-    buffer = (ctypes.c_char * tensor.numel()).from_address(tensor.data_ptr())
-    return memoryview(buffer).cast("B")

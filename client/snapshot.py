@@ -1,0 +1,133 @@
+"""Taking a rank's snapshot: state dicts flattened, laid out as safetensors bodies, copied into regions."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from ckptd.client.codec import FlatState, flatten_state, safetensors_dtype
+from ckptd.client.components import StateComponent
+from ckptd.client.staging import StagingRegion
+from ckptd.client.topology import RankInfo
+from ckptd.proto.formats import STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
+from ckptd.proto.messages import ComponentPart
+from ckptd.proto.patterns import place
+
+
+@dataclass(frozen=True)
+class PreparedComponent:
+    """A component with its process group resolved to global ranks (PER_GROUP only)."""
+
+    component: StateComponent
+    group_ranks: Tuple[int, ...] = ()
+
+
+@dataclass
+class StagedComponent:
+    """One component of one save: its flattened state, where its tensors go, and what is copied."""
+
+    prepared: PreparedComponent
+    flat: FlatState
+    writer: bool
+    entries: List[TensorEntry]
+    total: int
+    region: Optional[StagingRegion] = None
+    deferred: List[TensorEntry] = field(default_factory=list)
+    """Entries whose copy runs after save_checkpoint returns (overlap mode)."""
+
+    @property
+    def key(self) -> str:
+        """The component key."""
+        return self.prepared.component.key
+
+    def to_part(self) -> ComponentPart:
+        """The wire description of this component (call once every tensor is copied)."""
+        comp = self.prepared.component
+        return ComponentPart(
+            key=comp.key, pattern=comp.sharing_pattern, required=comp.required, writer=self.writer,
+            group_name=comp.process_group_name, group_ranks=tuple(self.prepared.group_ranks),
+            validate_replication=comp.validate_replication, metadata=dict(comp.metadata or {}),
+            region=self.region.name if self.region is not None else None, region_size=self.total,
+            tensors=tuple(self.entries), state=self.flat.skeleton if self.writer else None,
+            digests=self._digests() if comp.validate_replication else None,
+        )
+
+    def _digests(self) -> Dict[str, str]:
+        if self.region is not None:
+            digests = {e.name: content_digest(self.region.bytes_view(e.offset, e.nbytes)) for e in self.entries}
+        else:
+            digests = {name: _tensor_digest(t) for name, t in self.flat.tensors.items()}
+        digests[STATE_DIGEST_KEY] = content_digest(self.flat.skeleton)
+        return digests
+
+
+def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> List[StagedComponent]:
+    """Flatten every component's state dict and lay out the tensors this rank writes.
+
+    state_dict() is called on every rank, writer or not: some state dicts are collective.
+    """
+    staged = []
+    for prepared in components:
+        comp = prepared.component
+        placement = place(comp.sharing_pattern, rank_info.rank, rank_info.topology, comp.process_group_name,
+                          prepared.group_ranks or None)
+        writer = placement.writer_rank == rank_info.rank
+        flat = flatten_state(comp.stateful.state_dict(), comp.key)
+        entries: List[TensorEntry] = []
+        total = 0
+        if writer:
+            entries, total = layout_tensors(
+                (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in flat.tensors.items()
+            )
+        staged.append(StagedComponent(prepared, flat, writer, entries, total))
+    return staged
+
+
+def step_only_tensor_addresses(components: Iterable[PreparedComponent]) -> Set[int]:
+    """Addresses of tensors that change only inside optimizer.step(): module parameters and optimizer
+    state. In overlap mode these are copied after save_checkpoint returns; everything else (buffers
+    such as BatchNorm statistics, which forward updates) is copied before it returns."""
+    addresses: Set[int] = set()
+    for prepared in components:
+        stateful = prepared.component.stateful
+        if isinstance(stateful, torch.nn.Module):
+            addresses.update(p.data_ptr() for p in stateful.parameters())
+        elif isinstance(stateful, torch.optim.Optimizer):
+            for state in stateful.state.values():
+                addresses.update(v.data_ptr() for v in state.values() if isinstance(v, torch.Tensor))
+            addresses.update(p.data_ptr() for group in stateful.param_groups for p in group["params"])
+    addresses.discard(0)
+    return addresses
+
+
+def copy_entries(staged: StagedComponent, entries: Sequence[TensorEntry]) -> Optional["torch.cuda.Event"]:
+    """Copy `entries` of a component into its region. Device tensors are copied on a side stream and
+    an event is returned to wait on; host tensors are copied before this returns."""
+    assert staged.region is not None
+    tensors = [staged.flat.tensors[e.name] for e in entries]
+    if any(t.is_cuda for t in tensors):
+        staged.region.pin_for_cuda()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for entry, tensor in zip(entries, tensors):
+                staged.region.tensor(entry, tensor.dtype).copy_(tensor.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+    for entry, tensor in zip(entries, tensors):
+        staged.region.tensor(entry, tensor.dtype).copy_(tensor.detach())
+    return None
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """Digest of a tensor's bytes in row-major order, equal to the digest of its staged copy."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return content_digest(b"")
+    as_bytes = flat.view(torch.uint8)
+    buffer = (ctypes.c_char * as_bytes.numel()).from_address(as_bytes.data_ptr())  # zero-copy view
+    return content_digest(memoryview(buffer).cast("B"))
