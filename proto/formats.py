@@ -31,7 +31,9 @@ SAFETENSORS_DTYPES: Dict[str, int] = {
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
 
-HEADER_ALIGNMENT = 8
+HEADER_ALIGNMENT = 4096
+"""The header is padded with spaces so tensor data starts on a page boundary: the daemon can then
+write the body with O_DIRECT straight from the page-aligned staging region."""
 # xxh3 runs at ~10 GB/s here against 2.5 GB/s for zlib.crc32 and 0.7 GB/s for blake2b
 # (256 MiB buffer, best of 3): a checksum must not add to the time until a checkpoint is durable.
 CHECKSUM_ALGORITHM = "xxh3_64"

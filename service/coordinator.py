@@ -17,7 +17,7 @@ from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequ
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.service.leader import LocalCommitLeader, NodeReport, SaveKey, ScopeFiles
 from ckptd.service.regions import MappedRegion, RegionError
-from ckptd.service.shard_writer import Throttle, write_file
+from ckptd.service.shard_writer import Throttle, write_file, write_shard
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,9 @@ class NodeCoordinator:
         if session is not None and session.request.job != request.job:
             await self.leader.abort(session.request.job, step, f"superseded: a new run of the job (id {request.job}) "
                                     f"saves step {step}; the run that started this save is gone")
-            session = self._sessions.get(step)
+            if self._sessions.get(step) is session:  # its writes are still finishing; it cleans up after them
+                del self._sessions[step]
+            session = None
         if session is None:
             if self._store.is_committed(step):
                 raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
@@ -191,20 +193,32 @@ class NodeCoordinator:
             raise SaveRejected("invalid_request", f"{where}: {exc}") from None
 
     async def _write_rank(self, session: SaveSession, part: RankPart) -> None:
+        """Write every component this rank hands over, in parallel threads; then release its regions."""
         request = part.request
         loop = asyncio.get_running_loop()
         session.writes_in_flight += 1
         error: Optional[str] = None
         started = time.monotonic()
         try:
-            for comp in request.parts:
-                if comp.writer and session.outcome is None:
-                    scope = place(comp.pattern, request.rank, request.topology, comp.group_name, comp.group_ranks).scope
-                    files = await loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
-                    session.files.setdefault(comp.key, {})[scope] = files
+            writers = [comp for comp in request.parts if comp.writer]
+            scopes = [place(c.pattern, request.rank, request.topology, c.group_name, c.group_ranks).scope for c in writers]
+            results = await asyncio.gather(
+                *(loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
+                  for comp, scope in zip(writers, scopes)),
+                return_exceptions=True,
+            )
+            for comp, scope, result in zip(writers, scopes, results):
+                if isinstance(result, BaseException):
+                    raise result
+                if result is not None:
+                    session.files.setdefault(comp.key, {})[scope] = result
         except OSError as exc:
-            error = f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc} ({exc.filename or session.tmp_dir})"
+            error = (f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc} "
+                     f"({exc.filename or session.tmp_dir})")
             log.error(error)
+        except Exception as exc:
+            error = f"writing step {session.step} for rank {request.rank} failed: {exc!r}"
+            log.exception(error)
         finally:
             session.writes_in_flight -= 1
             session.write_seconds = max(session.write_seconds, time.monotonic() - started)
@@ -219,17 +233,21 @@ class NodeCoordinator:
         if session.outcome is not None and session.writes_in_flight == 0:
             self._close_session(session)
 
-    def _write_component(self, session: SaveSession, part: RankPart, comp: ComponentPart, scope: str) -> ScopeFiles:
-        """Runs in a worker thread: both files of one component scope, fsynced."""
+    def _write_component(
+        self, session: SaveSession, part: RankPart, comp: ComponentPart, scope: str
+    ) -> Optional[ScopeFiles]:
+        """Runs in a worker thread: both files of one component scope, fsynced (None once aborted)."""
+        if session.outcome is not None:
+            return None
         tensor_rel, state_rel = layout.shard_paths(comp.key, scope)
         os.makedirs(os.path.join(session.tmp_dir, comp.key), exist_ok=True)
         body_bytes = sum(t.nbytes for t in comp.tensors)
         header = safetensors_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
-        pieces: List[memoryview | bytes] = [header]
-        if body_bytes:
-            pieces.append(part.regions[comp.region].view(body_bytes))  # type: ignore[index]
-        written = write_file(os.path.join(session.tmp_dir, tensor_rel), pieces, self._throttle)
-        del pieces
+        body = part.regions[comp.region].view(body_bytes) if body_bytes else memoryview(b"")  # type: ignore[index]
+        try:
+            written = write_shard(os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle)
+        finally:
+            body.release()
         session.bytes_written += body_bytes
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
         index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}

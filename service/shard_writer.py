@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import mmap
 import os
 import threading
 import time
@@ -10,7 +13,11 @@ from typing import Iterable, Optional
 
 from ckptd.proto.formats import Checksum
 
+log = logging.getLogger(__name__)
+
 CHUNK_BYTES = 8 * 1024 * 1024
+DIRECT_CHUNK_BYTES = 64 * 1024 * 1024
+DIRECT_ALIGNMENT = 4096
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,64 @@ def write_file(path: str, pieces: Iterable[memoryview | bytes], throttle: Thrott
     finally:
         os.close(fd)
     return WrittenFile(size, checksum.hexdigest())
+
+
+def write_shard(path: str, header: bytes, body: memoryview, throttle: Throttle, direct: bool = True) -> WrittenFile:
+    """Write a safetensors shard: `header` (padded to a page) then `body`, a page-aligned view of a
+    staging region, with O_DIRECT where the filesystem allows it, else buffered; fsync either way.
+
+    O_DIRECT measured here on 1.2 GB: the same wall time as buffered writes (the disk is the limit)
+    for 0.06-0.11 s of CPU instead of 0.54 s, CPU the training process shares.
+    """
+    if not direct or len(header) % DIRECT_ALIGNMENT or not hasattr(os, "O_DIRECT"):
+        return write_file(path, [header, body], throttle)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        log.info("O_DIRECT is not supported for %s; writing buffered", path)
+        return write_file(path, [header, body], throttle)
+    checksum = Checksum()
+    try:
+        _write_direct(fd, header, body, checksum, throttle)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return WrittenFile(len(header) + len(body), checksum.hexdigest())
+
+
+def _write_direct(fd: int, header: bytes, body: memoryview, checksum: Checksum, throttle: Throttle) -> None:
+    """O_DIRECT needs aligned memory, lengths and offsets: the header and the sub-page tail go through
+    an aligned bounce buffer; the page-aligned bulk of the body is written straight from the region."""
+    checksum.update(header)
+    with mmap.mmap(-1, max(len(header), DIRECT_ALIGNMENT)) as bounce:
+        bounce[:len(header)] = header
+        _pwrite_all(fd, memoryview(bounce)[:len(header)], 0)
+        offset = len(header)
+        bulk = len(body) - len(body) % DIRECT_ALIGNMENT
+        step = min(DIRECT_CHUNK_BYTES, max(DIRECT_ALIGNMENT, throttle.chunk_bytes // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT))
+        for start in range(0, bulk, step):
+            chunk = body[start:min(start + step, bulk)]
+            throttle.consume(len(chunk))
+            checksum.update(chunk)
+            _pwrite_all(fd, chunk, offset + start)
+        tail = body[bulk:]
+        if len(tail):
+            checksum.update(tail)
+            bounce[:len(tail)] = tail
+            bounce[len(tail):DIRECT_ALIGNMENT] = bytes(DIRECT_ALIGNMENT - len(tail))
+            _pwrite_all(fd, memoryview(bounce)[:DIRECT_ALIGNMENT], offset + bulk)
+            os.ftruncate(fd, offset + len(body))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _write_all(fd: int, data: memoryview) -> None:
