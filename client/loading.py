@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import mmap
 import os
 import stat
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from safetensors import safe_open
+import torch
 
-from ckptd.client.codec import unflatten_state
+from ckptd.client.codec import torch_dtype, unflatten_state
 from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.topology import RankInfo
 from ckptd.proto import layout
@@ -66,21 +68,45 @@ def verify_file(checkpoint_dir: str, record: FileRecord) -> str:
     """Check that a listed file is a regular file inside the checkpoint with the recorded size and
     checksum; return its path or raise VerificationError naming it."""
     path = os.path.join(checkpoint_dir, record.path)
+    _map_checked(path, record, verify=True).close()
+    return path
+
+
+def _map_checked(path: str, record: FileRecord, verify: bool) -> mmap.mmap:
+    """Map a listed file privately (copy-on-write, so tensors over it are writable without copying),
+    after checking it is a regular file of the recorded size and, if `verify`, checksum."""
     try:
-        info = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise VerificationError(f"{path} is listed in the manifest but missing") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise VerificationError(f"{path} is not a regular file (symlinks are refused)")
-    if info.st_size != record.size:
-        raise VerificationError(f"{path} holds {info.st_size} bytes, the manifest says {record.size} (truncated or altered)")
-    checksum = Checksum()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(READ_CHUNK):
-            checksum.update(chunk)
-    if checksum.hexdigest() != record.checksum:
-        raise VerificationError(f"{path} checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}")
-    return path
+    except OSError as exc:
+        raise VerificationError(f"{path} cannot be opened ({exc.strerror}); symlinks are refused") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise VerificationError(f"{path} is not a regular file")
+        if info.st_size != record.size:
+            raise VerificationError(
+                f"{path} holds {info.st_size} bytes, the manifest says {record.size} (truncated or altered)"
+            )
+        if info.st_size == 0:
+            raise VerificationError(f"{path} is empty")
+        mapped = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    if verify:
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        checksum = Checksum()
+        view = memoryview(mapped)
+        for start in range(0, len(view), READ_CHUNK):
+            checksum.update(view[start:start + READ_CHUNK])
+        view.release()
+        if checksum.hexdigest() != record.checksum:
+            mapped.close()
+            raise VerificationError(
+                f"{path} checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}"
+            )
+    return mapped
 
 
 def select_scope(
@@ -107,24 +133,38 @@ def select_scope(
 
 
 def read_scope(checkpoint_dir: str, scope: ScopeRecord, verify: bool = True) -> Any:
-    """Verify (optionally) and read one copy of a component back into its state-dict form."""
-    if verify:
-        tensor_path = verify_file(checkpoint_dir, scope.tensor_file)
-        state_path = verify_file(checkpoint_dir, scope.state_file)
-    else:
-        tensor_path = os.path.join(checkpoint_dir, scope.tensor_file.path)
-        state_path = os.path.join(checkpoint_dir, scope.state_file.path)
-    tensors = {}
-    if scope.tensor_file.tensors:
-        try:
-            with safe_open(tensor_path, framework="pt") as shard:
-                for name in scope.tensor_file.tensors:
-                    tensors[name] = shard.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise VerificationError(f"{tensor_path} cannot be read as safetensors: {exc}") from None
-    with open(state_path, "rb") as f:
-        skeleton = f.read()
+    """Verify (optionally) and read one copy of a component back into its state-dict form.
+
+    Tensors are views of a private mapping of the shard: loading costs no second copy of the
+    state in memory (the pages are the page cache's until something writes to them).
+    """
+    tensor_path = os.path.join(checkpoint_dir, scope.tensor_file.path)
+    state_path = os.path.join(checkpoint_dir, scope.state_file.path)
+    tensors = _shard_tensors(tensor_path, scope.tensor_file, _map_checked(tensor_path, scope.tensor_file, verify))
+    state_map = _map_checked(state_path, scope.state_file, verify)
     try:
-        return unflatten_state(skeleton, tensors)
+        return unflatten_state(state_map[:], tensors)
     except (ValueError, KeyError) as exc:
         raise VerificationError(f"{state_path} cannot be decoded: {exc}") from None
+    finally:
+        state_map.close()
+
+
+def _shard_tensors(path: str, record: FileRecord, mapped: mmap.mmap) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors shard as views of its mapping, checked against the manifest index."""
+    try:
+        header_len = int.from_bytes(mapped[:8], "little")
+        header = json.loads(mapped[8:8 + header_len])
+        data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + header_len:]
+        tensors = {}
+        for name, expected in record.tensors.items():
+            info = header[name]
+            begin, end = info["data_offsets"]
+            if info["dtype"] != expected["dtype"] or list(info["shape"]) != list(expected["shape"]) or not (
+                0 <= begin <= end <= len(data)
+            ):
+                raise ValueError(f"tensor {name!r} does not match the manifest's index")
+            tensors[name] = data[begin:end].view(torch_dtype(info["dtype"])).view(info["shape"])
+        return tensors
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise VerificationError(f"{path} cannot be read as a safetensors shard: {exc}") from None

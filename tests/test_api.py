@@ -143,3 +143,18 @@ def test_no_checkpoint_yet_is_a_clear_error(tmp_path: Path) -> None:
     assert manager.latest_checkpoint() is None
     with pytest.raises(CheckpointError, match="no committed checkpoint under"):
         manager.load_checkpoint()
+
+
+def test_load_restores_into_the_existing_tensors(daemon: Daemon) -> None:
+    model = torch.nn.Linear(64, 32)
+    provider = Provider([StateComponent("model", model, SharingPattern.GLOBAL)])
+    with CheckpointManager(provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE) as m:
+        m.save_checkpoint(1).wait(30)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    addresses = {name: p.data_ptr() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    CheckpointManager(provider, str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint()
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == addresses
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
