@@ -243,9 +243,11 @@ class NodeCoordinator:
         os.makedirs(os.path.join(session.tmp_dir, comp.key), exist_ok=True)
         body_bytes = sum(t.nbytes for t in comp.tensors)
         header = safetensors_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
-        body = part.regions[comp.region].view(body_bytes) if body_bytes else memoryview(b"")  # type: ignore[index]
+        region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]
+        body = region.view(body_bytes) if region is not None else memoryview(b"")
         try:
-            written = write_shard(os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle)
+            written = write_shard(os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle,
+                                  region.drop_pages if region is not None else None)
         finally:
             body.release()
         session.bytes_written += body_bytes

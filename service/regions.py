@@ -49,6 +49,13 @@ class MappedRegion:
             return memoryview(b"")
         return memoryview(self._map)[:nbytes]
 
+    def drop_pages(self, offset: int, length: int) -> None:
+        """Unmap pages that are written (the bytes stay in the client's region): the daemon's resident
+        memory then stays at one write chunk, whatever the checkpoint size."""
+        start = offset - offset % mmap.PAGESIZE
+        if self._map is not None and length > 0:
+            self._map.madvise(mmap.MADV_DONTNEED, start, min(self.size, offset + length) - start)
+
     def close(self) -> None:
         """Unmap; if the owning client is gone, also unlink the name it can no longer clean up."""
         if self._map is not None:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from ckptd.proto.formats import Checksum
 
@@ -77,25 +77,35 @@ def write_file(path: str, pieces: Iterable[memoryview | bytes], throttle: Thrott
     return WrittenFile(size, checksum.hexdigest())
 
 
-def write_shard(path: str, header: bytes, body: memoryview, throttle: Throttle, direct: bool = True) -> WrittenFile:
+PageRelease = Callable[[int, int], None]
+"""Called with (offset, length) of body bytes that are written, so the caller can drop those pages."""
+
+
+def write_shard(
+    path: str, header: bytes, body: memoryview, throttle: Throttle, done_with: Optional[PageRelease] = None
+) -> WrittenFile:
     """Write a safetensors shard: `header` (padded to a page) then `body`, a page-aligned view of a
     staging region, with O_DIRECT where the filesystem allows it, else buffered; fsync either way.
 
     O_DIRECT measured here on 1.2 GB: the same wall time as buffered writes (the disk is the limit)
     for 0.06-0.11 s of CPU instead of 0.54 s, CPU the training process shares.
     """
-    if not direct or len(header) % DIRECT_ALIGNMENT or not hasattr(os, "O_DIRECT"):
-        return write_file(path, [header, body], throttle)
+    direct = hasattr(os, "O_DIRECT") and len(header) % DIRECT_ALIGNMENT == 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:
+        if not direct or exc.errno != errno.EINVAL:
             raise
-        log.info("O_DIRECT is not supported for %s; writing buffered", path)
-        return write_file(path, [header, body], throttle)
+        log.debug("O_DIRECT is not supported for %s; writing buffered", path)
+        direct = False
+        fd = os.open(path, flags, 0o644)
     checksum = Checksum()
     try:
-        _write_direct(fd, header, body, checksum, throttle)
+        if direct:
+            _write_direct(fd, header, body, checksum, throttle, done_with or _ignore)
+        else:
+            _write_buffered(fd, header, body, checksum, throttle, done_with or _ignore)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -105,7 +115,27 @@ def write_shard(path: str, header: bytes, body: memoryview, throttle: Throttle, 
     return WrittenFile(len(header) + len(body), checksum.hexdigest())
 
 
-def _write_direct(fd: int, header: bytes, body: memoryview, checksum: Checksum, throttle: Throttle) -> None:
+def _ignore(offset: int, length: int) -> None:
+    pass
+
+
+def _write_buffered(
+    fd: int, header: bytes, body: memoryview, checksum: Checksum, throttle: Throttle, done_with: PageRelease
+) -> None:
+    checksum.update(header)
+    _write_all(fd, memoryview(header))
+    step = throttle.chunk_bytes
+    for start in range(0, len(body), step):
+        chunk = body[start:start + step]
+        throttle.consume(len(chunk))
+        checksum.update(chunk)
+        _write_all(fd, chunk)
+        done_with(start, len(chunk))
+
+
+def _write_direct(
+    fd: int, header: bytes, body: memoryview, checksum: Checksum, throttle: Throttle, done_with: PageRelease
+) -> None:
     """O_DIRECT needs aligned memory, lengths and offsets: the header and the sub-page tail go through
     an aligned bounce buffer; the page-aligned bulk of the body is written straight from the region."""
     checksum.update(header)
@@ -120,6 +150,7 @@ def _write_direct(fd: int, header: bytes, body: memoryview, checksum: Checksum, 
             throttle.consume(len(chunk))
             checksum.update(chunk)
             _pwrite_all(fd, chunk, offset + start)
+            done_with(start, len(chunk))
         tail = body[bulk:]
         if len(tail):
             checksum.update(tail)
@@ -127,6 +158,7 @@ def _write_direct(fd: int, header: bytes, body: memoryview, checksum: Checksum, 
             bounce[len(tail):DIRECT_ALIGNMENT] = bytes(DIRECT_ALIGNMENT - len(tail))
             _pwrite_all(fd, memoryview(bounce)[:DIRECT_ALIGNMENT], offset + bulk)
             os.ftruncate(fd, offset + len(body))
+            done_with(bulk, len(tail))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
