@@ -118,9 +118,29 @@ def copy_entries(staged: StagedComponent, entries: Sequence[TensorEntry]) -> Opt
             event = torch.cuda.Event()
             event.record(stream)
         return event
-    for entry, tensor in zip(entries, tensors):
-        staged.region.tensor(entry, tensor.dtype).copy_(tensor.detach())
+    for start, stop in _contiguous_runs(entries):
+        run = tensors[start:stop]
+        first, last = entries[start], entries[stop - 1]
+        block = staged.region.block(first.offset, last.offset + last.nbytes - first.offset, run[0].dtype)
+        try:  # one copy per run of same-dtype tensors: per-tensor overhead dominates small states
+            torch.cat([t.detach().reshape(-1) for t in run], out=block)
+        except (RuntimeError, NotImplementedError):  # dtypes without a cat kernel (float8 on CPU)
+            for entry, tensor in zip(entries[start:stop], run):
+                staged.region.tensor(entry, tensor.dtype).copy_(tensor.detach())
     return None
+
+
+def _contiguous_runs(entries: Sequence[TensorEntry]) -> List[Tuple[int, int]]:
+    """[start, stop) index ranges of entries that sit back to back in the region with one dtype."""
+    runs: List[Tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(entries) + 1):
+        if i == len(entries) or entries[i].dtype != entries[i - 1].dtype or (
+            entries[i].offset != entries[i - 1].offset + entries[i - 1].nbytes
+        ):
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

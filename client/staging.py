@@ -50,6 +50,10 @@ class StagingRegion:
         flat = self._bytes[entry.offset:entry.offset + entry.nbytes]
         return flat.view(dtype).view(entry.shape)
 
+    def block(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor view of `nbytes` of the region starting at `offset`."""
+        return self._bytes[offset:offset + nbytes].view(dtype)
+
     def bytes_view(self, offset: int, nbytes: int) -> memoryview:
         """Raw bytes of the region (for digests)."""
         assert self._map is not None

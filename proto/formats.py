@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import math
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import xxhash
 
@@ -39,9 +39,8 @@ write the body with O_DIRECT straight from the page-aligned staging region."""
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor inside a staged region / safetensors body."""
+class TensorEntry(NamedTuple):
+    """One tensor inside a staged region / safetensors body (a tuple: tens of thousands per save)."""
 
     name: str
     dtype: str
@@ -49,27 +48,24 @@ class TensorEntry:
     offset: int
     nbytes: int
 
-    def expected_nbytes(self) -> int:
-        """Bytes the dtype and shape imply."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * SAFETENSORS_DTYPES[self.dtype]
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes a tensor of `dtype` and `shape` occupies."""
+    return math.prod(shape) * SAFETENSORS_DTYPES[dtype]
 
 
 def check_tensor_layout(entries: Sequence[TensorEntry], region_size: int) -> int:
     """Validate that entries tile [0, total) in order without gaps, and fit the region; return total."""
     position = 0
-    for entry in entries:
-        if entry.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype!r}")
-        if any(type(d) is not int or d < 0 for d in entry.shape):
-            raise ValueError(f"tensor {entry.name!r}: bad shape {entry.shape!r}")
-        if entry.offset != position:
-            raise ValueError(f"tensor {entry.name!r}: offset {entry.offset} should be {position} (tensors must be packed)")
-        if entry.nbytes != entry.expected_nbytes():
-            raise ValueError(f"tensor {entry.name!r}: {entry.nbytes} bytes do not match dtype and shape")
-        position += entry.nbytes
+    sizes = SAFETENSORS_DTYPES
+    for name, dtype, shape, offset, nbytes in entries:
+        if offset != position:
+            raise ValueError(f"tensor {name!r}: offset {offset} should be {position} (tensors must be packed)")
+        if dtype not in sizes or any(type(d) is not int or d < 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dtype!r} or bad shape {shape!r}")
+        if nbytes != math.prod(shape) * sizes[dtype]:
+            raise ValueError(f"tensor {name!r}: {nbytes} bytes do not match dtype and shape")
+        position += nbytes
     if position > region_size:
         raise ValueError(f"tensors need {position} bytes but the region holds {region_size}")
     return position
@@ -92,15 +88,15 @@ def safetensors_header(entries: Iterable[TensorEntry], metadata: Optional[Dict[s
 
 
 def layout_tensors(specs: Iterable[Tuple[str, str, Tuple[int, ...]]]) -> Tuple[List[TensorEntry], int]:
-    """Pack (name, dtype, shape) specs into a body: widest dtypes first so every tensor stays aligned."""
-    ordered = sorted(specs, key=lambda s: (-SAFETENSORS_DTYPES[s[1]], s[0]))
+    """Pack (name, dtype, shape) specs into a body: widest dtypes first so every tensor stays aligned,
+    each dtype's tensors together in their given order (so a dtype's block can be filled in one copy)."""
+    ordered = sorted(specs, key=lambda s: (-SAFETENSORS_DTYPES[s[1]], s[1]))
     entries: List[TensorEntry] = []
     offset = 0
     for name, dtype, shape in ordered:
-        entry = TensorEntry(name, dtype, tuple(shape), offset, 0)
-        entry = TensorEntry(name, dtype, tuple(shape), offset, entry.expected_nbytes())
-        entries.append(entry)
-        offset += entry.nbytes
+        nbytes = tensor_nbytes(dtype, shape)
+        entries.append(TensorEntry(name, dtype, shape, offset, nbytes))
+        offset += nbytes
     return entries, offset
 
 

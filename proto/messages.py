@@ -124,7 +124,7 @@ class ComponentPart:
             "group_name": self.group_name, "group_ranks": list(self.group_ranks),
             "validate_replication": self.validate_replication, "metadata": self.metadata,
             "region": self.region, "region_size": self.region_size,
-            "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes] for t in self.tensors],
+            "tensors": self.tensors,
             "state": self.state, "digests": self.digests,
         }
 
@@ -167,27 +167,27 @@ class ComponentPart:
             validate_replication=bool(_field(body, "validate_replication", bool, where)),
             metadata=metadata, region=region,
             region_size=_field(body, "region_size", int, where),
-            tensors=tuple(_tensor_entry(t, where) for t in _field(body, "tensors", list, where)),
+            tensors=_tensor_entries(_field(body, "tensors", (list, tuple), where), where),
             state=_optional(body, "state", bytes, where),
             digests=_digests(body.get("digests"), where),
         )
 
 
-def _tensor_entry(raw: Any, where: str) -> TensorEntry:
+def _tensor_entries(raw: Any, where: str) -> Tuple[TensorEntry, ...]:
+    """Entries as sent: [name, dtype, shape, offset, nbytes] each; types checked here, layout by the daemon."""
     try:
-        name, dtype, shape, offset, nbytes = raw
-        entry = TensorEntry(name, dtype, tuple(shape), offset, nbytes)
-        valid = (
-            isinstance(name, str) and 0 < len(name) <= 1024 and "\0" not in name
-            and dtype in SAFETENSORS_DTYPES
-            and all(type(d) is int and d >= 0 for d in entry.shape)
-            and type(offset) is int and type(nbytes) is int and offset >= 0 and nbytes >= 0
-        )
+        entries = tuple(TensorEntry(name, dtype, tuple(shape), offset, nbytes) for name, dtype, shape, offset, nbytes in raw)
     except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ProtocolError("invalid_request", f"{where}: malformed tensor entry {raw!r:.200}")
-    return entry
+        raise ProtocolError("invalid_request", f"{where}: tensor entries must be [name, dtype, shape, offset, nbytes]") from None
+    for entry in entries:
+        name, dtype, shape, offset, nbytes = entry
+        if not (
+            type(name) is str and 0 < len(name) <= 1024 and "\0" not in name and dtype in SAFETENSORS_DTYPES
+            and type(offset) is int and type(nbytes) is int and offset >= 0 and nbytes >= 0
+            and all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise ProtocolError("invalid_request", f"{where}: malformed tensor entry {list(entry)!r:.200}")
+    return entries
 
 
 def _digests(raw: Any, where: str) -> Optional[Dict[str, str]]:
