@@ -161,3 +161,21 @@ def test_a_restarted_job_supersedes_the_dead_runs_unfinished_save(daemon: Daemon
         for c in (dead_run, new_rank0, new_rank1, *locals().get("next_run", [])):
             c.close(timeout=5)
     assert final_dirs(daemon.root) == ["step_00000005", "step_00000006"]
+
+
+def test_staging_regions_are_reused_and_grow_without_leaking(daemon: Daemon,
+                                                              client_factory: Callable[..., CheckpointClient]) -> None:
+    client = client_factory()
+    state = {"w": torch.ones(1000)}
+    client.save(1, components(model=state)).wait(30)
+    (first,) = client._pool.names()
+    client.save(2, components(model=state)).wait(30)
+    assert client._pool.names() == [first]  # same region, reused
+    state["w"] = torch.ones(5_000_000)  # the state grew: a larger region replaces the old one
+    client.save(3, components(model=state)).wait(30)
+    (second,) = client._pool.names()
+    assert second != first
+    assert not os.path.exists(f"/dev/shm/{first}") and os.path.exists(f"/dev/shm/{second}")
+    assert client._pool.staged_bytes() >= 20_000_000
+    client.close()
+    assert not os.path.exists(f"/dev/shm/{second}")
