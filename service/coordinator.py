@@ -109,27 +109,7 @@ class NodeCoordinator:
             )
         if request.topology.node_of(request.rank) != self._node:
             raise SaveRejected("wrong_node", f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}")
-        session = self._sessions.get(step)
-        if session is not None and session.request.job != request.job:
-            await self.leader.abort(session.request.job, step, f"superseded: a new run of the job (id {request.job}) "
-                                    f"saves step {step}; the run that started this save is gone")
-            if self._sessions.get(step) is session:  # its writes are still finishing; it cleans up after them
-                del self._sessions[step]
-            session = None
-        if session is None:
-            if self._store.is_committed(step):
-                raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
-            if request.topology.num_nodes > 1:
-                raise SaveRejected("unsupported", "this daemon commits single-node jobs only; the job spans "
-                                   f"{request.topology.num_nodes} nodes")
-            try:
-                session = self._open_session(request)
-            except OSError as exc:
-                raise SaveRejected("io_error", f"cannot create the directory for step {step} under "
-                                   f"{self._store.root}: {exc.strerror or exc}") from None
-        elif request.topology != session.request.topology:
-            raise SaveRejected("invalid_request", f"rank {request.rank} reports {request.topology.describe()}, "
-                               f"earlier ranks reported {session.request.topology.describe()}")
+        session = await self._session_for(request)
         if request.rank in session.ranks:
             raise SaveRejected("duplicate", f"rank {request.rank} already handed over its part of step {step}")
         regions = self._map_regions(request)
@@ -138,6 +118,32 @@ class NodeCoordinator:
         session.last_part_at = time.time()
         session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
         asyncio.get_running_loop().create_task(self._write_rank(session, part))
+
+    async def _session_for(self, request: SaveRequest) -> SaveSession:
+        """The session this rank's part joins: the running one, or a new one (superseding a dead run's)."""
+        step = request.step
+        session = self._sessions.get(step)
+        if session is not None and session.request.job != request.job:
+            await self.leader.abort(session.request.job, step, f"superseded: a new run of the job (id {request.job}) "
+                                    f"saves step {step}; the run that started this save is gone")
+            if self._sessions.get(step) is session:  # its writes are still finishing; it cleans up after them
+                del self._sessions[step]
+            session = None
+        if session is not None:
+            if request.topology != session.request.topology:
+                raise SaveRejected("invalid_request", f"rank {request.rank} reports {request.topology.describe()}, "
+                                   f"earlier ranks reported {session.request.topology.describe()}")
+            return session
+        if self._store.is_committed(step):
+            raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
+        if request.topology.num_nodes > 1:
+            raise SaveRejected("unsupported", "this daemon commits single-node jobs only; the job spans "
+                               f"{request.topology.num_nodes} nodes")
+        try:
+            return self._open_session(request)
+        except OSError as exc:
+            raise SaveRejected("io_error", f"cannot create the directory for step {step} under "
+                               f"{self._store.root}: {exc.strerror or exc}") from None
 
     def _open_session(self, request: SaveRequest) -> SaveSession:
         tmp_dir = self._store.create_tmp_dir(request.step)
