@@ -64,6 +64,7 @@ class CheckpointManager:
             )
         if connect:
             self.client  # noqa: B018 - connect (and auto-start the daemon) before the first save
+            self.allocate_staging()
 
     @property
     def client(self) -> CheckpointClient:
@@ -71,6 +72,18 @@ class CheckpointManager:
         if self._client is None:
             self._client = CheckpointClient(self.root, self.rank_info, **self._client_options)  # type: ignore[arg-type]
         return self._client
+
+    def allocate_staging(self) -> None:
+        """Allocate this rank's staging memory in the background, sized from the state as it is now.
+
+        Called at construction; call it again once the state has its full size (for example after
+        the first optimizer step, when AdamW creates its state) so that the first save does not
+        pay for allocating and faulting in the memory.
+        """
+        try:
+            self.client.allocate_ahead(self._prepare(self._components(for_save=True)))
+        except Exception as exc:  # the state may not be ready this early; the first save reports real errors
+            log.info("staging memory will be allocated at the first save (%s)", exc)
 
     def save_checkpoint(
         self, step: int, metrics: Optional[Mapping[str, float]] = None, *, overlap: bool = False

@@ -159,6 +159,13 @@ class CheckpointClient:
         handle.blocked_s = time.perf_counter() - started
         return handle
 
+    def allocate_ahead(self, components: Sequence[PreparedComponent]) -> None:
+        """Size the staging regions from the components' current state and allocate and prefault
+        them in the background, so that the first save costs a warm copy."""
+        sizes = {s.key: s.total for s in snapshot(components, self.rank_info) if s.writer and s.total}
+        if sizes:
+            self._pool.allocate_ahead(sizes)
+
     def _register(self, step: int) -> SaveHandle:
         handle = SaveHandle(step)
         with self._lock:

@@ -24,9 +24,14 @@ PAGE = mmap.PAGESIZE
 
 
 class StagingRegion:
-    """One /dev/shm file mapped read-write, allocated and prefaulted once, reused across saves."""
+    """One /dev/shm file mapped read-write, allocated once and reused across saves.
 
-    def __init__(self, size: int) -> None:
+    The space is reserved with posix_fallocate, so a full /dev/shm is a clear error now rather than
+    a SIGBUS in the middle of a copy. With `prefault` the pages are also mapped in now (a region
+    made ahead of a save); otherwise the first copy into it maps them.
+    """
+
+    def __init__(self, size: int, prefault: bool = False) -> None:
         self.size = max(PAGE, -(-size // PAGE) * PAGE)
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.busy = False
@@ -34,7 +39,15 @@ class StagingRegion:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
-            self._map: Optional[mmap.mmap] = mmap.mmap(fd, self.size)
+            os.posix_fallocate(fd, 0, self.size)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
+            self._map: Optional[mmap.mmap] = mmap.mmap(fd, self.size, flags=flags)
+        except OSError as exc:
+            os.unlink(path)
+            raise CheckpointError(
+                f"cannot allocate a {self.size / 2**20:.0f} MiB staging region in {SHM_DIR}: {exc.strerror}; "
+                f"{SHM_DIR} needs room for this rank's state (containers: raise --shm-size)"
+            ) from None
         except BaseException:
             os.unlink(path)
             raise
@@ -42,7 +55,6 @@ class StagingRegion:
             os.close(fd)
         self._unlink_at_exit = weakref.finalize(self, _unlink, path)
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self._bytes.fill_(0)  # prefault every page now: first-touch faults cost 10x the copy itself
         self._pinned = False
 
     def tensor(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
@@ -105,7 +117,9 @@ class StagingPool:
         self._by_name: Dict[str, StagingRegion] = {}
         self._cond = threading.Condition()
 
-    def reserve(self, sizes: Dict[str, int], wait: bool, timeout: Optional[float]) -> Dict[str, StagingRegion]:
+    def reserve(
+        self, sizes: Dict[str, int], wait: bool, timeout: Optional[float], prefault: bool = False
+    ) -> Dict[str, StagingRegion]:
         """Regions for every key in `sizes`, all marked busy; waits for busy ones or raises PoolBusyError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -125,12 +139,28 @@ class StagingPool:
                 if region is None or region.size < size:
                     if region is not None:
                         self._drop(key)
-                    region = StagingRegion(size)
+                    region = StagingRegion(size, prefault)
                     self._regions[key] = region
                     self._by_name[region.name] = region
                 region.busy = True
                 reserved[key] = region
             return reserved
+
+    def allocate_ahead(self, sizes: Dict[str, int]) -> threading.Thread:
+        """Allocate and prefault regions for `sizes` in a background thread (a save that comes first
+        waits for them), so the first save costs a warm copy; returns the thread."""
+
+        def allocate() -> None:
+            try:
+                reserved = self.reserve(sizes, wait=True, timeout=None, prefault=True)
+            except CheckpointError as exc:
+                log.warning("could not allocate staging memory ahead of the first save: %s", exc)
+                return
+            self.release(r.name for r in reserved.values())
+
+        thread = threading.Thread(target=allocate, name="ckptd-allocate", daemon=True)
+        thread.start()
+        return thread
 
     def release(self, names: Iterable[str]) -> None:
         """Mark regions free again (the daemon wrote them, or the save was refused)."""

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--save-timeout", type=float, default=600.0,
                        help="seconds a save may take from its first rank's hand-over to commit before it aborts")
     serve.add_argument("--write-threads", type=int, default=4, help="shard writer threads (default 4)")
+    serve.add_argument("--nice", type=int, default=10,
+                       help="CPU niceness to add, so training processes get the CPU first (default 10; 0 keeps it)")
     serve.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                        help="exit once no client process is alive and nothing happened for SECONDS")
     return parser
@@ -42,6 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     config = DaemonConfig(
         root=args.root, endpoint=args.endpoint, node=args.node, max_write_mbps=args.max_write_mbps,
         save_timeout=args.save_timeout, write_threads=args.write_threads, exit_when_idle=args.exit_when_idle,
+        nice=args.nice,
     )
     try:
         asyncio.run(DaemonServer(config).serve())

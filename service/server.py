@@ -42,6 +42,9 @@ class DaemonConfig:
     write_threads: int = 4
     exit_when_idle: Optional[float] = None
     """Exit after this many idle seconds once no client process is alive (auto-started daemons)."""
+    nice: int = 10
+    """CPU niceness added at start: the writer mostly waits on the disk, and the CPU it does use
+    (checksums, syscalls) should go to the training processes first."""
 
     def resolved_endpoint(self) -> str:
         """The endpoint to bind: the configured one, or the per-user default for the root."""
@@ -101,6 +104,8 @@ class DaemonServer:
     async def serve(self) -> None:
         """Lock the root, clean leftovers, bind, and serve until `stop()` or idle exit."""
         self._lock.acquire()
+        if self.config.nice:
+            os.nice(self.config.nice)
         try:
             self.store.remove_leftovers()
             self._sweep_regions()
