@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from ckptd.client.errors import DaemonUnavailableError
 from ckptd.client.transport import DaemonConnection, NotificationHandler
@@ -54,23 +54,38 @@ def connect(
     may_start: bool,
     wait_s: float = 60.0,
     daemon_args: Sequence[str] = (),
-) -> DaemonConnection:
-    """Connect and say hello; if nothing answers and `may_start`, start a daemon; wait up to `wait_s`."""
+) -> Tuple[DaemonConnection, str]:
+    """Connect and say hello; if nothing answers and `may_start`, start a daemon; wait up to `wait_s`.
+    Returns the connection and the answering daemon's instance id."""
     connection = DaemonConnection(endpoint, on_notification)
-    hello = {"pid": os.getpid(), "root": os.path.realpath(root)}
+    try:
+        return connection, ensure_serving(connection, root, may_start=may_start, wait_s=wait_s, daemon_args=daemon_args)
+    except DaemonUnavailableError:
+        connection.close()
+        raise
+
+
+def ensure_serving(
+    connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: Sequence[str] = ()
+) -> str:
+    """Say hello until a daemon answers (starting one if `may_start`); returns its instance id."""
     started: Optional[subprocess.Popen] = None
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            connection.request(messages.HELLO, hello, timeout=PROBE_TIMEOUT_S)
-            return connection
+            return hello(connection, root, PROBE_TIMEOUT_S)
         except DaemonUnavailableError:
             pass
         if may_start and started is None:
-            started = start_daemon(root, endpoint, daemon_args)
+            started = start_daemon(root, connection.endpoint, daemon_args)
         elif started is not None and started.poll() not in (None, 0):
             log.warning("the daemon we started exited with %s; another one may own the root", started.returncode)
         if time.monotonic() > deadline:
-            connection.close()
             hint = "start one with `ckptd serve --root ...`" if not may_start else "see the daemon log in " + layout.runtime_dir()
-            raise DaemonUnavailableError(f"no ckptd daemon answered at {endpoint} within {wait_s:g} s; {hint}")
+            raise DaemonUnavailableError(f"no ckptd daemon answered at {connection.endpoint} within {wait_s:g} s; {hint}")
+
+
+def hello(connection: DaemonConnection, root: str, timeout: float) -> str:
+    """Register this process with the daemon; returns the daemon's instance id (new at every start)."""
+    reply = connection.request(messages.HELLO, {"pid": os.getpid(), "root": os.path.realpath(root)}, timeout=timeout)
+    return str(reply.body.get("instance", ""))

@@ -155,16 +155,21 @@ def _shard_tensors(path: str, record: FileRecord, mapped: mmap.mmap) -> Dict[str
     try:
         header_len = int.from_bytes(mapped[:8], "little")
         header = json.loads(mapped[8:8 + header_len])
-        data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + header_len:]
+        start = 8 + header_len
         tensors = {}
         for name, expected in record.tensors.items():
             info = header[name]
             begin, end = info["data_offsets"]
-            if info["dtype"] != expected["dtype"] or list(info["shape"]) != list(expected["shape"]) or not (
-                0 <= begin <= end <= len(data)
+            dtype, shape = torch_dtype(info["dtype"]), info["shape"]
+            if info["dtype"] != expected["dtype"] or list(shape) != list(expected["shape"]) or not (
+                0 <= begin <= end <= len(mapped) - start
             ):
                 raise ValueError(f"tensor {name!r} does not match the manifest's index")
-            tensors[name] = data[begin:end].view(torch_dtype(info["dtype"])).view(info["shape"])
+            if begin == end:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:  # its own storage over the mapping: some torch calls (set_rng_state) ignore storage offsets
+                count = (end - begin) // dtype.itemsize
+                tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).view(shape)
         return tensors
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise VerificationError(f"{path} cannot be read as a safetensors shard: {exc}") from None

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ckptd.client.daemon import connect, resolve_endpoint
+from ckptd.client.daemon import connect, ensure_serving, hello, resolve_endpoint
 from ckptd.client.errors import CheckpointError
 from ckptd.client.snapshot import (
     PreparedComponent,
@@ -24,11 +24,14 @@ from ckptd.client.snapshot import (
 from ckptd.client.staging import PoolBusyError, StagingPool
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
-from ckptd.proto import messages
+from ckptd.proto import layout, messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import SaveRequest
 
 log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 1.0
+WATCH_MISSES = 3
 
 
 class CheckpointSkipped(CheckpointError):
@@ -112,10 +115,17 @@ class CheckpointClient:
         self._stager: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._staging: Set[SaveHandle] = set()
         self._step_hook: Optional[Any] = None
-        self._connection = connect(
+        self._may_start = auto_start and rank_info.local_rank == 0
+        self._connect_timeout = connect_timeout
+        self._daemon_args = daemon_args
+        self._connection, self._daemon_instance = connect(
             self.root, self.endpoint, self._on_notification,
-            may_start=auto_start and rank_info.local_rank == 0, wait_s=connect_timeout, daemon_args=daemon_args,
+            may_start=self._may_start, wait_s=connect_timeout, daemon_args=daemon_args,
         )
+        self._daemon_lost = False
+        self._closing = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_daemon, name="ckptd-watchdog", daemon=True)
+        self._watchdog.start()
 
     def save(
         self,
@@ -133,6 +143,8 @@ class CheckpointClient:
         `optimizer.step()`; call `handle.wait_staged()` before changing them any other way.
         """
         started = time.perf_counter()
+        if self._daemon_lost:
+            self._reconnect()
         handle = self._register(step)
         try:
             staged = snapshot(components, self.rank_info)
@@ -283,6 +295,50 @@ class CheckpointClient:
         elif envelope.type == messages.ABORTED:
             handle._resolve(error=CheckpointError(f"checkpoint of step {step} aborted: {body.get('reason')}"))
 
+    def _watch_daemon(self) -> None:
+        """While saves are in flight, check every second that the daemon that took them still runs:
+        a daemon that stops answering or restarts took those saves with it, so fail their handles
+        (or resolve them, if the commit reached the disk) and free the staging memory it held."""
+        misses = 0
+        while not self._closing.wait(WATCH_INTERVAL_S):
+            if not self.in_flight() and not self._pool.busy():
+                misses = 0
+                continue
+            try:
+                instance = hello(self._connection, self.root, timeout=WATCH_INTERVAL_S * 2)
+            except CheckpointError:
+                misses += 1
+                if misses >= WATCH_MISSES:
+                    self._lose_daemon(f"stopped answering for {misses * WATCH_INTERVAL_S * 3:.0f} s")
+                    misses = 0
+                continue
+            misses = 0
+            if instance != self._daemon_instance:
+                self._daemon_instance = instance
+                self._lose_daemon("was restarted")
+
+    def _lose_daemon(self, what: str) -> None:
+        log.error("the ckptd daemon at %s %s; failing the saves it held", self.endpoint, what)
+        self._daemon_lost = True
+        for handle in self.in_flight():
+            final = os.path.join(self.root, layout.checkpoint_dir_name(handle.step))
+            if os.path.isfile(os.path.join(final, layout.MANIFEST_NAME)):
+                handle._resolve(path=final)  # it committed before the daemon went away
+            else:
+                handle._resolve(error=CheckpointError(
+                    f"checkpoint of step {handle.step} was not committed: the ckptd daemon at {self.endpoint} {what} "
+                    "while writing it (see its log); the previous checkpoint is intact"
+                ))
+        self._pool.release_all()
+
+    def _reconnect(self) -> None:
+        """After losing the daemon: wait for one to answer again (local rank 0 restarts it if allowed)."""
+        self._daemon_instance = ensure_serving(
+            self._connection, self.root, may_start=self._may_start, wait_s=self._connect_timeout,
+            daemon_args=self._daemon_args,
+        )
+        self._daemon_lost = False
+
     def _forget(self, step: int) -> None:
         with self._lock:
             self._handles.pop(step, None)
@@ -299,6 +355,8 @@ class CheckpointClient:
                 handle.wait(timeout if timeout is not None else self.timeout)
             except CheckpointError as exc:
                 log.warning("save of step %d did not commit before close: %s", handle.step, exc)
+        self._closing.set()
+        self._watchdog.join(timeout=10)
         if self._stager is not None:
             self._stager.shutdown(wait=True)
         if self._step_hook is not None:

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -97,6 +98,8 @@ class DaemonServer:
         self.coordinator = NodeCoordinator(
             self.store, config.node, self._executor, throttle, self._send, config.save_timeout
         )
+        self.instance = uuid.uuid4().hex
+        """Changes at every start: clients notice a restarted daemon by it."""
         self._clients: Dict[int, float] = {}
         self._last_activity = time.monotonic()
         self._stopping: Optional[asyncio.Event] = None
@@ -196,7 +199,8 @@ class DaemonServer:
             pid = envelope.body.get("pid")
             if type(pid) is int:
                 self._clients[pid] = time.monotonic()
-            return messages.OK, {"pid": os.getpid(), "root": self.store.root, "protocol": messages.PROTOCOL_VERSION, "version": CKPTD_VERSION}
+            return messages.OK, {"pid": os.getpid(), "instance": self.instance, "root": self.store.root,
+                                 "protocol": messages.PROTOCOL_VERSION, "version": CKPTD_VERSION}
         if envelope.type == messages.SAVE:
             return await self._save(identity, envelope.body)
         if envelope.type == messages.STATUS:

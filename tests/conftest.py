@@ -24,8 +24,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start daemons for a test; every one is stopped (and must not have crashed) at teardown."""
     started: List[Daemon] = []
 
-    def factory(*extra: str, root: Optional[Path] = None, wait: bool = True) -> Daemon:
-        daemon = start_daemon(root or tmp_path / "ckpt", tmp_path / f"daemon{len(started)}.log", *extra, wait=wait)
+    def factory(*extra: str, root: Optional[Path] = None, wait: bool = True, endpoint: Optional[str] = None) -> Daemon:
+        daemon = start_daemon(root or tmp_path / "ckpt", tmp_path / f"daemon{len(started)}.log", *extra, wait=wait,
+                              endpoint=endpoint)
         started.append(daemon)
         return daemon
 

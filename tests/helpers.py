@@ -62,7 +62,7 @@ def start_daemon(root: Path, log_path: Path, *extra: str, endpoint: Optional[str
 def wait_until_serving(daemon: Daemon, timeout: float = 30.0) -> None:
     """Block until the daemon answers a hello, or fail with its log."""
     try:
-        connection = connect(str(daemon.root), daemon.endpoint, lambda _: None, may_start=False, wait_s=timeout)
+        connection, _ = connect(str(daemon.root), daemon.endpoint, lambda _: None, may_start=False, wait_s=timeout)
     except DaemonUnavailableError:
         raise AssertionError(f"daemon did not come up; log:\n{daemon.log()}") from None
     connection.close()

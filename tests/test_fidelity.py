@@ -93,3 +93,24 @@ def test_cuda_tensors_stage_through_pinned_regions(daemon: Daemon) -> None:
     CheckpointManager(Provider({"model": fresh}), str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint()
     assert torch.equal(fresh.value["w"], state["w"].cpu()) and torch.equal(fresh.value["half"], state["half"].cpu())
     assert torch.equal(fresh.value["cpu"], state["cpu"])
+
+
+def test_rng_streams_continue_exactly_after_save_and_load(daemon: Daemon) -> None:
+    import random
+
+    import numpy as np
+
+    from ckptd.client import RNGState
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    with manager(daemon, Provider({"rng": RNGState()}, SharingPattern.PER_RANK)) as saver:
+        saver.save_checkpoint(1).wait(60)
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    CheckpointManager(Provider({"rng": RNGState()}, SharingPattern.PER_RANK), str(daemon.root), rank_info=SINGLE,
+                      connect=False).load_checkpoint()
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
