@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import concurrent.futures
 import logging
 import os
@@ -219,8 +220,9 @@ class NodeCoordinator:
                 if result is not None:
                     session.files.setdefault(comp.key, {})[scope] = result
         except OSError as exc:
-            error = (f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc} "
-                     f"({exc.filename or session.tmp_dir})")
+            code = errno.errorcode.get(exc.errno or 0, "")
+            error = (f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc}"
+                     f"{f' [{code}]' if code else ''} ({exc.filename or session.tmp_dir})")
             log.error(error)
         except Exception as exc:
             error = f"writing step {session.step} for rank {request.rank} failed: {exc!r}"
