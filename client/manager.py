@@ -7,9 +7,11 @@ import os
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import torch.distributed as dist
+
 from ckptd.client.components import StateComponent
-from ckptd.client.errors import CheckpointError
-from ckptd.client.loading import latest_checkpoint, read_manifest, read_scope, select_scope
+from ckptd.client.errors import CheckpointError, VerificationError
+from ckptd.client.loading import committed_checkpoints, latest_checkpoint, read_manifest, read_scope, select_scope
 from ckptd.client.saving import CheckpointClient, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
@@ -102,13 +104,33 @@ class CheckpointManager:
         return self.client.save(step, self._prepare(self._components(for_save=True)), metrics, overlap=overlap)
 
     def load_checkpoint(self, path: Optional[str] = None) -> str:
-        """Restore every component on this rank from `path` (default: the newest committed checkpoint)
-        into the existing objects; returns the directory loaded."""
-        checkpoint_dir = path or latest_checkpoint(self.root)
-        if checkpoint_dir is None:
-            raise CheckpointError(f"no committed checkpoint under {self.root}")
+        """Restore every component on this rank from `path` into the existing objects; returns the
+        directory loaded.
+
+        Every file this rank needs is verified before anything is restored. With `path=None` the
+        newest committed checkpoint is used; if it does not verify (on any rank), the next older one
+        is tried, with a warning naming the one skipped, so all ranks load the same checkpoint.
+        """
+        components = self._prepare(self._components(for_save=False))
+        if path is not None:
+            self._restore(self._read(path, components))
+            return path
+        for candidate in committed_checkpoints(self.root):  # newest step first
+            try:
+                states, problem = self._read(candidate, components), None
+            except VerificationError as exc:
+                states, problem = [], str(exc)
+            if self._all_ranks_agree(problem is None):
+                self._restore(states)
+                return candidate
+            log.warning("skipping checkpoint %s: %s", candidate, problem or "another rank could not verify it")
+        raise CheckpointError(f"no committed checkpoint under {self.root} verifies")
+
+    def _read(self, checkpoint_dir: str, components: List[PreparedComponent]) -> List[tuple]:
+        """Each component's verified state from `checkpoint_dir` (nothing is restored yet)."""
         manifest = read_manifest(checkpoint_dir)
-        for prepared in self._prepare(self._components(for_save=False)):
+        states = []
+        for prepared in components:
             comp = prepared.component
             record = manifest.components.get(comp.key)
             if record is None:
@@ -121,9 +143,21 @@ class CheckpointManager:
                             comp.key, record.pattern.value, comp.sharing_pattern.value)
             group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
             scope = select_scope(manifest, comp.key, record, self.rank_info, group_ranks)
-            comp.stateful.load_state_dict(read_scope(checkpoint_dir, scope, verify=self.verify))
-        log.info("rank %d loaded %s", self.rank_info.rank, checkpoint_dir)
-        return checkpoint_dir
+            states.append((comp, read_scope(checkpoint_dir, scope, verify=self.verify)))
+        return states
+
+    def _restore(self, states: List[tuple]) -> None:
+        for comp, state in states:
+            comp.stateful.load_state_dict(state)
+        log.info("rank %d restored %d components", self.rank_info.rank, len(states))
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """True when this rank and (in a distributed job) every other rank could read the candidate."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return ok
+        votes: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(votes, ok)
+        return all(votes)
 
     def latest_checkpoint(self) -> Optional[str]:
         """The newest committed checkpoint directory under root, or None."""
