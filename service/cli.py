@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from ckptd.service.server import DaemonConfig, DaemonError, DaemonServer
+from ckptd.service.verify import checkpoint_dirs, verify_checkpoint
 
 log = logging.getLogger("ckptd")
 
@@ -36,7 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU niceness to add, so training processes get the CPU first (default 10; 0 keeps it)")
     serve.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                        help="exit once no client process is alive and nothing happened for SECONDS")
+    verify = commands.add_parser("verify", help="check every file of a checkpoint (or of every checkpoint under a root)")
+    verify.add_argument("path", help="a checkpoint directory, or a checkpoint root")
     return parser
+
+
+def verify(args: argparse.Namespace) -> int:
+    """`ckptd verify PATH|ROOT`: exit 0 only when every listed file matches its size and checksum."""
+    directories = checkpoint_dirs(args.path)
+    if not directories:
+        sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
+        return EXIT_ERROR
+    bad = 0
+    for directory in directories:
+        problems = verify_checkpoint(directory)
+        bad += bool(problems)
+        sys.stdout.write(f"{'BAD' if problems else 'OK '} {directory}\n")
+        for problem in problems:
+            sys.stdout.write(f"    {problem.path}: {problem.reason}\n")
+    return EXIT_ERROR if bad else EXIT_OK
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -64,6 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     if args.command == "serve":
         return serve(args)
+    if args.command == "verify":
+        return verify(args)
     return EXIT_USAGE
 
 

@@ -108,3 +108,30 @@ def test_damaged_checkpoint_is_refused_and_load_falls_back(daemon: Daemon, damag
     assert f"skipping checkpoint {bad}" in caplog.text and named in caplog.text
     assert torch.equal(fresh.model.value["w"], torch.full((1000,), 1.0))
     assert fresh.extra.value == {"note": "saved with 1.0"}
+
+
+def test_ckptd_verify_names_each_bad_file_and_sets_the_exit_code(daemon: Daemon) -> None:
+    import subprocess
+    import sys
+
+    with CheckpointManager(Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
+                           rank_info=SINGLE) as manager:
+        manager.save_checkpoint(1).wait(30)
+        second = Path(manager.save_checkpoint(2).wait(30))
+
+    def verify(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ckptd.service", "verify", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    result = verify(daemon.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("OK ") == 2
+    flip_byte(second)
+    delete_listed_file_state = second / "extra" / "rank-00000.msgpack"
+    delete_listed_file_state.unlink()
+    result = verify(daemon.root)
+    assert result.returncode == 1
+    assert f"BAD {second}" in result.stdout and "OK " in result.stdout
+    assert "model/global.safetensors: checksum" in result.stdout
+    assert "extra/rank-00000.msgpack: listed in the manifest but missing" in result.stdout
+    assert verify(second).returncode == 1 and verify(daemon.root / "step_00000001").returncode == 0
