@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Set
 
 from ckptd.proto import layout
+from ckptd.proto.layout import REGION_PREFIX
 from ckptd.proto.formats import check_tensor_layout, safetensors_header
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequest
@@ -161,6 +162,10 @@ class NodeCoordinator:
             for part in request.parts:
                 self._check_part(request, part)
                 if part.writer and part.region is not None:
+                    own = f"{REGION_PREFIX}{os.getuid()}-{request.pid}-"
+                    if not part.region.startswith(own):
+                        raise SaveRejected("bad_region", f"region {part.region!r} is not one of the sending client's "
+                                           f"own regions ({own}*)")
                     if part.region in regions:
                         raise SaveRejected("invalid_request", f"region {part.region!r} is named by two components")
                     regions[part.region] = MappedRegion(part.region, part.region_size, owner_pid=request.pid)

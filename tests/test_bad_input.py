@@ -62,8 +62,14 @@ CASES: List[Any] = [
         **save_body(d)["parts"][0], "region": "../../etc/shadow", "region_size": 8,
         "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "invalid_name", "not a ckptd shared-memory region"),
     ("missing region", lambda d: messages.encode("save", save_body(d, parts=[{
-        **save_body(d)["parts"][0], "region": "ckptd-does-not-exist", "region_size": 8,
+        **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-{os.getpid()}-gone", "region_size": 8,
         "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "bad_region", "cannot open"),
+    ("another client's region", lambda d: messages.encode("save", save_body(d, parts=[{
+        **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-1-abc", "region_size": 8,
+        "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "bad_region", "not one of the sending client's own regions"),
+    ("tensor outside its region", lambda d: messages.encode("save", save_body(d, parts=[{
+        **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-{os.getpid()}-x", "region_size": 8,
+        "tensors": [["t", "F32", [4], 0, 16]]}]), 1), "invalid_request", "region holds 8"),
     ("rank outside world", lambda d: messages.encode("save", save_body(d, rank=5), 1), "invalid_request", "rank 5"),
 ]
 

@@ -135,3 +135,31 @@ def test_ckptd_verify_names_each_bad_file_and_sets_the_exit_code(daemon: Daemon)
     assert "model/global.safetensors: checksum" in result.stdout
     assert "extra/rank-00000.msgpack: listed in the manifest but missing" in result.stdout
     assert verify(second).returncode == 1 and verify(daemon.root / "step_00000001").returncode == 0
+
+
+def test_a_planted_pickle_is_never_executed(daemon: Daemon, tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    import xxhash
+
+    sentinel = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # what unpickling would run
+            return (os.system, (f"touch {sentinel}",))
+
+    with CheckpointManager(Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
+                           rank_info=SINGLE) as manager:
+        directory = Path(manager.save_checkpoint(1).wait(30))
+    payload = pickle.dumps({"w": Exploit()})
+    manifest = json.loads((directory / "checkpoint_manifest.json").read_text())
+    for rel, scope in (("model/global.msgpack", manifest["components"]["model"]["scopes"]["global"]["state_file"]),
+                       ("model/global.safetensors", manifest["components"]["model"]["scopes"]["global"]["tensor_file"])):
+        (directory / rel).write_bytes(payload if rel.endswith("msgpack") else len(payload).to_bytes(8, "little") + payload)
+        data = (directory / rel).read_bytes()
+        scope.update(size=len(data), checksum=f"xxh3_64:{xxhash.xxh3_64(data).hexdigest()}")  # checksums match
+    (directory / "checkpoint_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VerificationError):
+        CheckpointManager(Provider(0.0), str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint(str(directory))
+    assert not sentinel.exists()

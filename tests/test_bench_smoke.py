@@ -1,0 +1,105 @@
+"""Smoke test of bench/bench_save.py: every row runs on a tiny state; the table and the JSON come out.
+
+The numbers of such a run mean nothing (tiny state, rows run two at a time); this only checks that
+the bench works end to end: the driver, one subprocess per row, ckptd's daemon, DCP's checkpoint process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "bench_save.py"
+
+
+def _bench_module() -> Any:
+    spec = importlib.util.spec_from_file_location("ckptd_bench_save", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(stdout: str) -> List[List[str]]:
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith("|") and not line.startswith("|-"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
+    bench = _bench_module()
+    json_path = tmp_path / "results.json"
+    command = [
+        sys.executable, str(BENCH), "--scale", "0.001", "--repeats", "1", "--jobs", "2",
+        "--dir", str(tmp_path), "--json", str(json_path),
+        "--drop-caches", "never",  # fadvise only: a test must not drop the whole machine's page cache
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+
+    # The header lines and one table with every row of both states.
+    assert "machine:" in out and "command:" in out and "torch" in out
+    table = _table_rows(out)
+    assert table and table[0][:2] == ["state", "row"], out
+    # " !" marks a row disturbed by other load (rows run two at a time here, so expect it)
+    printed = {(cells[0], cells[1].removesuffix(" !")): cells for cells in table[1:]}
+    expected_rows: Dict[str, List[str]] = {"A": list(bench.ROW_IDS), "B": list(bench.DEFAULT_ROWS_B)}
+    for state, rows in expected_rows.items():
+        for row in rows:
+            cells = printed.get((state, bench.LABELS[row]))
+            assert cells is not None, f"state {state} row {bench.LABELS[row]!r} missing from the table:\n{out}"
+            assert not cells[2].startswith("error"), cells
+    assert len(printed) == sum(len(rows) for rows in expected_rows.values())
+
+    # The JSON: numeric values wherever a row applies, "n/a" only where this torch/ckptd lacks the API.
+    data = json.loads(json_path.read_text())
+    assert data["config"]["scale"] == 0.001 and data["machine"]["cores"]
+    for state, rows in expected_rows.items():
+        for row in rows:
+            result = data["results"][state][row]
+            missing_api = bench.row_unavailable(row)
+            if row == "write_direct" and result["status"] == "n/a":
+                assert "O_DIRECT" in result["reason"], result  # a filesystem without O_DIRECT (tmpfs)
+                continue
+            if missing_api is not None:
+                assert result["status"] == "n/a", result
+                assert printed[(state, bench.LABELS[row])][2] == "n/a"
+                continue
+            assert result["status"] == "ok", result
+            where = f"{state}/{row}"
+            for key in ("blocked_first_s", "blocked_warm_s", "trainer_peak_rss_mb", "trainer_base_rss_mb", "state_bytes"):
+                assert _is_number(result.get(key)), (where, key, result.get(key))
+            assert result["state_bytes"] > 0
+            if row != "memcpy":
+                assert _is_number(result.get("durable_warm_s")), (where, result.get("durable_warm_s"))
+                assert result["durable_warm_s"] >= result["blocked_warm_s"] * 0.999
+            if row not in bench.BLOCKING_ROWS:
+                for key in ("throughput_kept", "staged_warm_s", "baseline_steps_per_s"):
+                    assert _is_number(result.get(key)), (where, key, result.get(key))
+            if row in ("write", "write_direct"):  # the I/O-alone reference for throughput
+                assert _is_number(result.get("throughput_kept")), where
+            if row in ("ckptd", "ckptd_overlap", "dcp_async_best"):
+                assert result.get("writer_process"), where
+                assert _is_number(result.get("writer_hwm_mb")) and _is_number(result.get("writer_peak_anon_mb")), where
+            if row in bench.LOAD_ROWS:
+                assert _is_number(result.get("load_cold_s")) and _is_number(result.get("load_warm_s")), where
+                assert result.get("load_ok") is True, (where, "the load did not restore the saved values")
+            if row != "memcpy":
+                assert _is_number(result.get("blocked_warm_x_memcpy")), where
+    # Ratios against the limits of the same state.
+    ckptd = data["results"]["A"]["ckptd"]
+    assert _is_number(ckptd.get("durable_warm_x_limit"))
+    assert data["targets"], "the issue's targets were not evaluated"
