@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 Notify = Callable[[bytes, str, dict], Awaitable[None]]
 
+MAX_SAVES_IN_FLIGHT = 16
+"""Bound on concurrent saves per node: each holds a tmp directory and mapped regions."""
+
 
 class SaveRejected(Exception):
     """A rank's part cannot be accepted; `code` is the wire error code."""
@@ -141,6 +144,9 @@ class NodeCoordinator:
         if request.topology.num_nodes > 1:
             raise SaveRejected("unsupported", "this daemon commits single-node jobs only; the job spans "
                                f"{request.topology.num_nodes} nodes")
+        if len(self._sessions) >= MAX_SAVES_IN_FLIGHT:
+            raise SaveRejected("busy", f"{len(self._sessions)} saves are already in flight on this node "
+                               f"(steps {sorted(self._sessions)}); wait for them to commit or time out")
         try:
             return self._open_session(request)
         except OSError as exc:

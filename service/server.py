@@ -223,7 +223,7 @@ class DaemonServer:
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")
             if (type(step) is int and type(rank) is int and isinstance(job, str)
-                    and code not in ("aborted", "conflict", "duplicate", "wrong_root")):
+                    and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy")):
                 await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
             return messages.ERROR, messages.error_body(code, str(exc))
         return messages.ACCEPTED, {"step": request.step}

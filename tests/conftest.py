@@ -19,6 +19,16 @@ def pytest_addoption(parser: Any) -> None:
     parser.addoption("--run-slow", action="store_true", help="run the long stress variants")
 
 
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    """Long stress variants (marked slow) run only with --run-slow; CI runs their bounded versions."""
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start daemons for a test; every one is stopped (and must not have crashed) at teardown."""
