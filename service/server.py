@@ -141,6 +141,11 @@ class DaemonServer:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         socket = self._ctx.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 1000)
+        if self.endpoint.startswith("ipc://"):
+            try:  # beside the 0700 directory: drop connections from processes of other users
+                socket.setsockopt(zmq.IPC_FILTER_UID, os.getuid())
+            except (AttributeError, zmq.ZMQError):
+                log.warning("this platform cannot attribute ipc connections to users; relying on socket permissions")
         socket.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME_BYTES)
         try:
             socket.bind(self.endpoint)
