@@ -90,7 +90,7 @@ class NodeCoordinator:
         self._sessions: Dict[int, SaveSession] = {}
         self._aborted: Dict[SaveKey, str] = {}
         self.leader = LocalCommitLeader(store, executor, self._on_outcome)
-        self.last_committed: Optional[int] = store.latest_step()
+        self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
 
     @property
     def busy(self) -> bool:

@@ -111,6 +111,7 @@ class DaemonServer:
             os.nice(self.config.nice)
         try:
             self.store.remove_leftovers()
+            self.store.repair_latest()
             self._sweep_regions()
             self._socket = self._bind()
             self._stopping = asyncio.Event()

@@ -54,6 +54,20 @@ class CheckpointStore:
             write_atomic(os.path.join(self.root, layout.LATEST_NAME), (layout.checkpoint_dir_name(step) + "\n").encode())
         return final
 
+    def repair_latest(self) -> Optional[int]:
+        """Point `latest` at the newest directory with a final name and a manifest (a crash between the
+        rename and the pointer update leaves it one behind); returns that step."""
+        steps = sorted(
+            (step for name in os.listdir(self.root) if (step := layout.parse_checkpoint_dir_name(name)) is not None
+             and os.path.isfile(os.path.join(self.root, name, layout.MANIFEST_NAME))),
+            reverse=True,
+        )
+        if steps and self.latest_step() != steps[0]:
+            log.warning("latest pointed at %s; the newest committed checkpoint is step %d: repairing",
+                        self.latest_step(), steps[0])
+            write_atomic(os.path.join(self.root, layout.LATEST_NAME), (layout.checkpoint_dir_name(steps[0]) + "\n").encode())
+        return steps[0] if steps else None
+
     def latest_step(self) -> Optional[int]:
         """The step `latest` points at, or None."""
         try:

@@ -37,14 +37,18 @@ def components(step: int) -> list[PreparedComponent]:
     ]
 
 
-def check_invariants(root: Path) -> None:
+def check_invariants(root: Path, recovered: bool = True) -> None:
+    """Every final directory verifies; `latest` names one of them, and after recovery the newest."""
     final = committed_checkpoints(str(root))
     for directory in final:
         assert verify_checkpoint(directory) == [], f"{directory} does not verify"
-    if final:
-        assert (root / "latest").read_text().strip() == os.path.basename(final[0])
-    else:
+    if not final:
         assert not (root / "latest").exists()
+        return
+    latest = (root / "latest").read_text().strip()
+    assert latest in {os.path.basename(d) for d in final}
+    if recovered:
+        assert latest == os.path.basename(final[0])
 
 
 @pytest.mark.parametrize("trials", [pytest.param(8, id="bounded"), pytest.param(200, id="long", marks=pytest.mark.slow)])
@@ -65,7 +69,7 @@ def test_daemon_killed_at_random_moments_never_breaks_a_committed_checkpoint(
             time.sleep(rng.uniform(0.0, 0.15))
             os.kill(daemon.process.pid, signal.SIGKILL)
             daemon.process.wait()
-            check_invariants(root)
+            check_invariants(root, recovered=False)  # killed between rename and pointer update: one behind
             daemon = daemon_factory("--max-write-mbps", "40", root=root, endpoint=endpoint)
             try:
                 handle.wait(30)

@@ -21,19 +21,25 @@ def _results(out: Path, mode: str, world: int) -> Dict[int, Any]:
     return {r: json.loads((out / f"{mode}_rank{r}.json").read_text()) for r in range(world)}
 
 
-@pytest.fixture(scope="module")
-def four_rank_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
-    """A 4-rank job that trained under AdamW + StepLR and saved steps 3 and 4 without waiting."""
-    base = tmp_path_factory.mktemp("four_rank")
+def _run_with_daemon(base: Path, mode: str, world: int) -> Dict[int, Any]:
+    """Start a daemon for base/ckpt, run the worker in `mode` on `world` ranks, return each rank's result."""
     root, out = base / "ckpt", base / "out"
     out.mkdir()
     daemon = start_daemon(root, base / "daemon.log")
     try:
-        torchrun(WORKER, 4, "save", "--root", str(root), "--endpoint", daemon.endpoint, "--out", str(out))
+        torchrun(WORKER, world, mode, "--root", str(root), "--endpoint", daemon.endpoint, "--out", str(out))
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.log(), daemon.log()
-    return {"root": root, "out": out, "saved": _results(out, "save", 4)}
+    return _results(out, mode, world)
+
+
+@pytest.fixture(scope="module")
+def four_rank_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    """A 4-rank job that trained under AdamW + StepLR and saved steps 3 and 4 without waiting."""
+    base = tmp_path_factory.mktemp("four_rank")
+    saved = _run_with_daemon(base, "save", 4)
+    return {"root": base / "ckpt", "out": base / "out", "saved": saved}
 
 
 def test_fresh_processes_load_every_component_bitwise(four_rank_checkpoints: Dict[str, Any]) -> None:
@@ -79,18 +85,11 @@ def test_files_on_disk_follow_the_dedup_table(four_rank_checkpoints: Dict[str, A
 
 
 def test_replication_mismatch_fails_every_rank_and_keeps_latest(tmp_path: Path) -> None:
-    root, out = tmp_path / "ckpt", tmp_path / "out"
-    out.mkdir()
-    daemon = start_daemon(root, tmp_path / "daemon.log")
-    try:
-        torchrun(WORKER, 2, "diverge", "--root", str(root), "--endpoint", daemon.endpoint, "--out", str(out))
-    finally:
-        daemon.stop()
-    for rank, result in _results(out, "diverge", 2).items():
+    root = tmp_path / "ckpt"
+    for rank, result in _run_with_daemon(tmp_path, "diverge", 2).items():
         tensor_error, state_error = result["errors"].get("tensor"), result["errors"].get("state")
         assert tensor_error and state_error, (rank, result)
         assert "'optimizer'" in tensor_error and "'state/2/exp_avg'" in tensor_error and "[1]" in tensor_error
         assert "'optimizer'" in state_error and "non-tensor state" in state_error and "[1]" in state_error
         assert result["latest"].endswith("step_00000001")
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
-    assert "Traceback" not in daemon.log()
