@@ -49,6 +49,8 @@ class SaveHandle:
         self._staged = threading.Event()
         self._path: Optional[str] = None
         self._error: Optional[CheckpointError] = None
+        self._daemon_instance: Optional[str] = None  # the daemon that accepted it
+        self._regions: List[str] = []
 
     def done(self) -> bool:
         """True once the checkpoint committed or failed; never blocks."""
@@ -226,7 +228,9 @@ class CheckpointClient:
                 versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
                 metrics={k: float(v) for k, v in (metrics or {}).items()},
             )
-            self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)
+            handle._regions = [c.region.name for c in staged if c.region is not None]
+            reply = self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)
+            handle._daemon_instance = str(reply.body.get("instance", ""))
         except BaseException as exc:
             self._release(staged)
             self._forget(handle.step)
@@ -309,18 +313,23 @@ class CheckpointClient:
             except CheckpointError:
                 misses += 1
                 if misses >= WATCH_MISSES:
-                    self._lose_daemon(f"stopped answering for {misses * WATCH_INTERVAL_S * 3:.0f} s")
+                    self._lose_daemon(None, f"stopped answering for {misses * WATCH_INTERVAL_S * 3:.0f} s")
                     misses = 0
                 continue
             misses = 0
-            if instance != self._daemon_instance:
-                self._daemon_instance = instance
-                self._lose_daemon("was restarted")
+            self._lose_daemon(instance, "was restarted")
 
-    def _lose_daemon(self, what: str) -> None:
+    def _lose_daemon(self, answering: Optional[str], what: str) -> None:
+        """Fail (or resolve) every handed-over save held by a daemon other than `answering` (None: no
+        daemon answers), and free exactly those saves' staging regions."""
+        lost = [h for h in self.in_flight() if h._daemon_instance is not None and h._daemon_instance != answering]
+        if answering is not None:
+            self._daemon_instance = answering
+        if not lost:
+            return
         log.error("the ckptd daemon at %s %s; failing the saves it held", self.endpoint, what)
-        self._daemon_lost = True
-        for handle in self.in_flight():
+        self._daemon_lost = answering is None
+        for handle in lost:
             final = os.path.join(self.root, layout.checkpoint_dir_name(handle.step))
             if os.path.isfile(os.path.join(final, layout.MANIFEST_NAME)):
                 handle._resolve(path=final)  # it committed before the daemon went away
@@ -329,7 +338,7 @@ class CheckpointClient:
                     f"checkpoint of step {handle.step} was not committed: the ckptd daemon at {self.endpoint} {what} "
                     "while writing it (see its log); the previous checkpoint is intact"
                 ))
-        self._pool.release_all()
+            self._pool.release(handle._regions)
 
     def _reconnect(self) -> None:
         """After losing the daemon: wait for one to answer again (local rank 0 restarts it if allowed)."""

@@ -182,10 +182,6 @@ class StagingPool:
                     region.busy = False
             self._cond.notify_all()
 
-    def release_all(self) -> None:
-        """Mark every region free (the daemon that held them is gone)."""
-        self.release(self.names())
-
     def busy(self) -> bool:
         """True while the daemon still holds any region."""
         with self._cond:

@@ -222,7 +222,7 @@ class DaemonServer:
             if body.get("skipped"):
                 reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"
                 await self.coordinator.abort(request.job, request.step, f"rank {request.rank} skipped step {request.step}: {reason}")
-                return messages.ACCEPTED, {"step": request.step}
+                return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
             await self.coordinator.accept(identity, request)
         except (ProtocolError, SaveRejected) as exc:
             code = exc.code
@@ -232,7 +232,7 @@ class DaemonServer:
                     and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy")):
                 await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
             return messages.ERROR, messages.error_body(code, str(exc))
-        return messages.ACCEPTED, {"step": request.step}
+        return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
 
     async def _send(self, identity: bytes, msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> None:
         if self._socket is None:
