@@ -205,8 +205,10 @@ class CheckpointClient:
         for component in staged:
             if component.region is None:
                 continue
-            now = [e for e in component.entries if component.flat.tensors[e.name].data_ptr() not in deferrable]
-            component.deferred = [e for e in component.entries if component.flat.tensors[e.name].data_ptr() in deferrable]
+            now, component.deferred = [], []
+            for entry in component.entries:
+                later = component.flat.tensors[entry.name].data_ptr() in deferrable
+                (component.deferred if later else now).append(entry)
             event = copy_entries(component, now)
             if event is not None:
                 if deferrable:

@@ -256,14 +256,6 @@ class SaveRequest:
 
 
 @dataclass(frozen=True)
-class Released:
-    """Daemon -> client: these regions are written and durable; the client may reuse them."""
-
-    step: int
-    regions: Tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Outcome:
     """Daemon -> client: checkpoint `step` of run `job` committed at `path`, or aborted with `reason`."""
 

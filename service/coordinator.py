@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Set
 
-from ckptd.proto import layout
-from ckptd.proto.layout import REGION_PREFIX
+from ckptd.proto import layout, messages
 from ckptd.proto.formats import check_tensor_layout, safetensors_header
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequest
@@ -168,7 +167,7 @@ class NodeCoordinator:
             for part in request.parts:
                 self._check_part(request, part)
                 if part.writer and part.region is not None:
-                    own = f"{REGION_PREFIX}{os.getuid()}-{request.pid}-"
+                    own = f"{layout.REGION_PREFIX}{os.getuid()}-{request.pid}-"
                     if not part.region.startswith(own):
                         raise SaveRejected("bad_region", f"region {part.region!r} is not one of the sending client's "
                                            f"own regions ({own}*)")
@@ -243,7 +242,7 @@ class NodeCoordinator:
             session.write_seconds = max(session.write_seconds, time.monotonic() - started)
             _close_all(part.regions)
             part.durable = error is None
-            await self._notify(part.identity, "released", {"step": session.step, "regions": list(part.regions)})
+            await self._notify(part.identity, messages.RELEASED, {"step": session.step, "regions": list(part.regions)})
         if error is not None:
             await self.leader.abort(request.job, session.step, error)
         elif self._ready_to_report(session):
