@@ -87,6 +87,13 @@ class CheckpointManager:
         except Exception as exc:  # the state may not be ready this early; the first save reports real errors
             log.info("staging memory will be allocated at the first save (%s)", exc)
 
+    def wait_staging_allocated(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the staging memory allocate_staging() started is ready; False on timeout.
+
+        Never needed for correctness (a save waits for it); useful to keep the allocation out of a
+        timed region, or to know when the first save will cost no more than a warm one."""
+        return self.client.wait_staging_allocated(timeout)
+
     def save_checkpoint(
         self, step: int, metrics: Optional[Mapping[str, float]] = None, *, overlap: bool = False
     ) -> SaveHandle:

@@ -180,6 +180,15 @@ class CheckpointClient:
         if sizes:
             self._pool.allocate_ahead(sizes)
 
+    def wait_staging_allocated(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the memory allocate_ahead() started is allocated and prefaulted; False on timeout."""
+        return self._pool.wait_allocated(timeout)
+
+    @property
+    def staging_allocated_at(self) -> Optional[float]:
+        """time.perf_counter() when the memory allocate_ahead() started was ready (None before)."""
+        return self._pool.allocated_at
+
     def _register(self, step: int) -> SaveHandle:
         handle = SaveHandle(step)
         with self._lock:

@@ -127,6 +127,9 @@ class StagingPool:
         self._regions: Dict[str, StagingRegion] = {}
         self._by_name: Dict[str, StagingRegion] = {}
         self._cond = threading.Condition()
+        self._allocating: Optional[threading.Thread] = None
+        self.allocated_at: Optional[float] = None
+        """time.perf_counter() when the last allocate_ahead() finished."""
 
     def reserve(
         self, sizes: Dict[str, int], wait: bool, timeout: Optional[float], prefault: bool = False
@@ -168,10 +171,21 @@ class StagingPool:
                 log.warning("could not allocate staging memory ahead of the first save: %s", exc)
                 return
             self.release(r.name for r in reserved.values())
+            self.allocated_at = time.perf_counter()
+            log.info("staging memory ready: %.0f MiB", sum(sizes.values()) / 2**20)
 
         thread = threading.Thread(target=allocate, name="ckptd-allocate", daemon=True)
         thread.start()
+        self._allocating = thread
         return thread
+
+    def wait_allocated(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the last allocate_ahead() to finish; True once it has (or none was started)."""
+        thread = self._allocating
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def release(self, names: Iterable[str]) -> None:
         """Mark regions free again (the daemon wrote them, or the save was refused)."""

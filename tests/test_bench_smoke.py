@@ -42,7 +42,7 @@ def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
     bench = _bench_module()
     json_path = tmp_path / "results.json"
     command = [
-        sys.executable, str(BENCH), "--scale", "0.001", "--repeats", "1", "--jobs", "2",
+        sys.executable, str(BENCH), "--scale", "0.001", "--repeats", "1", "--jobs", "2", "--settle", "0.2",
         "--dir", str(tmp_path), "--json", str(json_path), "--no-disk-probe", "--retries", "0",
         "--drop-caches", "never",  # fadvise only: a test must not drop the whole machine's page cache
     ]
