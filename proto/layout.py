@@ -54,6 +54,11 @@ def tmp_dir_name(step: int, token: str) -> str:
     return f"{TMP_PREFIX}{checkpoint_dir_name(step)}-{token}"
 
 
+def job_token(job: str) -> str:
+    """Short stable token of a job run id, for the tmp directory every node of the run shares."""
+    return hashlib.sha256(job.encode()).hexdigest()[:12]
+
+
 def shard_paths(component: str, scope: str) -> tuple[str, str]:
     """Relative paths of a component scope's tensor file and non-tensor state file."""
     return (f"{component}/{scope}{TENSOR_SUFFIX}", f"{component}/{scope}{STATE_SUFFIX}")

@@ -270,3 +270,15 @@ class Outcome:
         if self.committed:
             return COMMITTED, {"job": self.job, "step": self.step, "path": self.path}
         return ABORTED, {"job": self.job, "step": self.step, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, msg_type: str, body: Dict[str, Any]) -> Optional["Outcome"]:
+        """Inverse of `to_wire`; None when the body is malformed."""
+        job, step = body.get("job"), body.get("step")
+        if not isinstance(job, str) or type(step) is not int or msg_type not in (COMMITTED, ABORTED):
+            return None
+        if msg_type == COMMITTED:
+            path = body.get("path")
+            return cls(job, step, committed=True, path=path if isinstance(path, str) else None)
+        reason = body.get("reason")
+        return cls(job, step, committed=False, reason=reason if isinstance(reason, str) else "aborted")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import List, Optional
 
-from ckptd.service.server import DaemonConfig, DaemonError, DaemonServer
+from ckptd.service.curve import write_secret
+from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
 from ckptd.service.verify import checkpoint_dirs, verify_checkpoint
 
 log = logging.getLogger("ckptd")
@@ -17,6 +19,11 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_ALREADY_SERVED = 3
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() else default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the node-local writer daemon for a checkpoint root")
     serve.add_argument("--root", required=True, help="checkpoint root directory")
     serve.add_argument("--endpoint", help="ZeroMQ endpoint to listen on (default: per-user ipc:// socket for the root)")
-    serve.add_argument("--node", type=int, default=0, help="this node's index in the job (default 0)")
+    serve.add_argument("--node", type=int, default=_env_int("CKPTD_NODE_RANK", 0),
+                       help="this node's index in the job (default $CKPTD_NODE_RANK or 0); node 0's daemon commits")
+    serve.add_argument("--num-nodes", type=int, default=_env_int("CKPTD_NUM_NODES", 1),
+                       help="nodes in the job, one daemon each (default $CKPTD_NUM_NODES or 1)")
+    serve.add_argument("--leader", default=os.environ.get("CKPTD_LEADER"), metavar="HOST:PORT",
+                       help="node 0's commit leader: node 0 listens on PORT, the others connect to HOST:PORT "
+                            "(default $CKPTD_LEADER; needed when --num-nodes > 1)")
+    serve.add_argument("--cluster-secret", default=os.environ.get("CKPTD_CLUSTER_SECRET"), metavar="FILE",
+                       help="secret shared by the job's daemons, from `ckptd keygen` (default $CKPTD_CLUSTER_SECRET; "
+                            "needed when --num-nodes > 1)")
+    serve.add_argument("--peer-timeout", type=float, default=10.0,
+                       help="seconds without a heartbeat before another node's daemon counts as gone (default 10)")
     serve.add_argument("--max-write-mbps", type=float, help="cap on write bandwidth in MB/s (default: no cap)")
     serve.add_argument("--save-timeout", type=float, default=600.0,
                        help="seconds a save may take from its first rank's hand-over to commit before it aborts")
@@ -37,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU niceness to add, so training processes get the CPU first (default 10; 0 keeps it)")
     serve.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                        help="exit once no client process is alive and nothing happened for SECONDS")
+    keygen = commands.add_parser("keygen", help="create the secret file that authenticates a job's daemons")
+    keygen.add_argument("path", help="file to create (mode 0600; refuses to overwrite)")
     verify = commands.add_parser("verify", help="check every file of a checkpoint (or of every checkpoint under a root)")
     verify.add_argument("path", help="a checkpoint directory, or a checkpoint root")
     return parser
@@ -58,15 +78,33 @@ def verify(args: argparse.Namespace) -> int:
     return EXIT_ERROR if bad else EXIT_OK
 
 
+def keygen(args: argparse.Namespace) -> int:
+    """`ckptd keygen PATH`: write a new cluster secret."""
+    try:
+        write_secret(args.path)
+    except FileExistsError:
+        sys.stderr.write(f"ckptd keygen: {args.path} exists; remove it first to make a new secret\n")
+        return EXIT_ERROR
+    except OSError as exc:
+        sys.stderr.write(f"ckptd keygen: cannot create {args.path}: {exc.strerror}\n")
+        return EXIT_ERROR
+    sys.stdout.write(f"wrote {args.path}; give every daemon of the job --cluster-secret {args.path}\n")
+    return EXIT_OK
+
+
 def serve(args: argparse.Namespace) -> int:
     """`ckptd serve`: run the daemon in the foreground until SIGTERM/SIGINT (or idle exit)."""
     config = DaemonConfig(
         root=args.root, endpoint=args.endpoint, node=args.node, max_write_mbps=args.max_write_mbps,
         save_timeout=args.save_timeout, write_threads=args.write_threads, exit_when_idle=args.exit_when_idle,
-        nice=args.nice,
+        nice=args.nice, num_nodes=args.num_nodes, leader=args.leader, cluster_secret=args.cluster_secret,
+        peer_timeout=args.peer_timeout,
     )
     try:
         asyncio.run(DaemonServer(config).serve())
+    except DaemonConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except DaemonError as exc:
         log.error("%s", exc)
         return EXIT_ALREADY_SERVED
@@ -85,6 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return serve(args)
     if args.command == "verify":
         return verify(args)
+    if args.command == "keygen":
+        return keygen(args)
     return EXIT_USAGE
 
 

@@ -16,7 +16,8 @@ from ckptd.proto.formats import check_tensor_layout, safetensors_header
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
-from ckptd.service.leader import LocalCommitLeader, NodeReport, SaveKey, ScopeFiles
+from ckptd.proto.cluster import NodeReport, ScopeFiles
+from ckptd.service.leader import Announce, CommitChannel, LocalCommitLeader, SaveKey
 from ckptd.service.regions import MappedRegion, RegionError
 from ckptd.service.shard_writer import Throttle, write_file, write_shard
 from ckptd.service.store import CheckpointStore
@@ -79,6 +80,8 @@ class NodeCoordinator:
         throttle: Throttle,
         notify: Notify,
         save_timeout: float,
+        num_nodes: int = 1,
+        make_channel: Optional[Callable[[Announce], CommitChannel]] = None,
     ) -> None:
         self._store = store
         self._node = node
@@ -88,7 +91,10 @@ class NodeCoordinator:
         self._save_timeout = save_timeout
         self._sessions: Dict[int, SaveSession] = {}
         self._aborted: Dict[SaveKey, str] = {}
-        self.leader = LocalCommitLeader(store, executor, self._on_outcome)
+        self._num_nodes = num_nodes
+        self.leader: CommitChannel = (
+            make_channel(self._on_outcome) if make_channel else LocalCommitLeader(store, executor, self._on_outcome)
+        )
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
 
     @property
@@ -140,9 +146,10 @@ class NodeCoordinator:
             return session
         if self._store.is_committed(step):
             raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
-        if request.topology.num_nodes > 1:
-            raise SaveRejected("unsupported", "this daemon commits single-node jobs only; the job spans "
-                               f"{request.topology.num_nodes} nodes")
+        if request.topology.num_nodes != self._num_nodes:
+            raise SaveRejected("unsupported", f"this daemon was started for a job of {self._num_nodes} node(s) "
+                               f"(ckptd serve --num-nodes), but the job spans {request.topology.num_nodes}; start "
+                               "one daemon per node with the job's node count")
         if len(self._sessions) >= MAX_SAVES_IN_FLIGHT:
             raise SaveRejected("busy", f"{len(self._sessions)} saves are already in flight on this node "
                                f"(steps {sorted(self._sessions)}); wait for them to commit or time out")
@@ -153,7 +160,7 @@ class NodeCoordinator:
                                f"{self._store.root}: {exc.strerror or exc}") from None
 
     def _open_session(self, request: SaveRequest) -> SaveSession:
-        tmp_dir = self._store.create_tmp_dir(request.step)
+        tmp_dir = self._store.create_tmp_dir(request.step, request.job)
         expected = set(request.topology.node_ranks(self._node))
         session = SaveSession(request.step, request, tmp_dir, expected)
         session.timer = asyncio.get_running_loop().call_later(self._save_timeout, self._expire, request.step)
@@ -286,7 +293,7 @@ class NodeCoordinator:
     def _report(self, session: SaveSession) -> NodeReport:
         request = session.request
         return NodeReport(
-            step=session.step, node=self._node, topology=request.topology, tmp_dir=session.tmp_dir,
+            step=session.step, node=self._node, topology=request.topology,
             parts={rank: p.request.parts for rank, p in session.ranks.items()}, files=session.files,
             versions=request.versions, metrics=request.metrics, started_at=session.started_at,
             timings={

@@ -11,44 +11,16 @@ import concurrent.futures
 import datetime
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Set, Tuple
+from typing import Awaitable, Callable, Dict, List, Protocol, Set, Tuple
 
+from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.formats import STATE_DIGEST_KEY
 from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
-from ckptd.proto.topology import Topology
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScopeFiles:
-    """The two files written for one component scope."""
-
-    tensor_file: FileRecord
-    state_file: FileRecord
-
-
-@dataclass
-class NodeReport:
-    """A node's statement that every local rank's part of `step` is durable in `tmp_dir`."""
-
-    job: str
-    step: int
-    node: int
-    topology: Topology
-    tmp_dir: str
-    parts: Dict[int, Tuple[ComponentPart, ...]]
-    """Each local rank's component parts (for the consistency and replication checks)."""
-    files: Dict[str, Dict[str, ScopeFiles]]
-    """Component key -> scope -> files written on this node."""
-    versions: Dict[str, str] = field(default_factory=dict)
-    metrics: Dict[str, float] = field(default_factory=dict)
-    started_at: float = 0.0
-    timings: Dict[str, float] = field(default_factory=dict)
 
 
 class CommitRejected(Exception):
@@ -60,8 +32,25 @@ SaveKey = Tuple[str, int]
 """(job run, step): one save."""
 
 
+class CommitChannel(Protocol):
+    """Where a node coordinator sends its reports and aborts: the leader itself, or a link to it."""
+
+    async def start(self) -> None:
+        """Begin serving (bind or connect)."""
+
+    async def close(self) -> None:
+        """Stop serving."""
+
+    async def report(self, report: NodeReport) -> None:
+        """Every local rank's part of a save is durable."""
+
+    async def abort(self, job: str, step: int, reason: str) -> None:
+        """Abort a save on every node."""
+
+
 class LocalCommitLeader:
-    """Commit leader for a job whose nodes all report into this process."""
+    """Commits a save once every node of the job has reported into this process (on one node, the
+    node's own coordinator; on several, through `ClusterLeader`)."""
 
     def __init__(self, store: CheckpointStore, executor: concurrent.futures.Executor, announce: Announce) -> None:
         self._store = store
@@ -69,6 +58,16 @@ class LocalCommitLeader:
         self._announce = announce
         self._reports: Dict[SaveKey, Dict[int, NodeReport]] = {}
         self._committing: Set[SaveKey] = set()
+
+    async def start(self) -> None:
+        """Nothing to set up on one node."""
+
+    async def close(self) -> None:
+        """Nothing to tear down on one node."""
+
+    def reported_nodes(self) -> Dict[SaveKey, Set[int]]:
+        """Saves waiting for reports, with the nodes that have reported so far."""
+        return {key: set(reports) for key, reports in self._reports.items()}
 
     async def report(self, report: NodeReport) -> None:
         """Record a node's report; commit when the last node has reported."""
@@ -93,7 +92,8 @@ class LocalCommitLeader:
             manifest = build_manifest(reports)
             loop = asyncio.get_running_loop()
             path = await loop.run_in_executor(
-                self._executor, self._store.commit, first.tmp_dir, first.step, manifest.to_json()
+                self._executor, self._store.commit, self._store.tmp_path(first.step, first.job), first.step,
+                manifest.to_json()
             )
         except CommitRejected as exc:
             return Outcome(first.job, first.step, committed=False, reason=str(exc))

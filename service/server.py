@@ -19,7 +19,11 @@ import zmq.asyncio
 from ckptd.proto import layout, messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import ProtocolError, SaveRequest
+from ckptd.proto.cluster import parse_address
+from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
+from ckptd.service.curve import ClusterSecretError, load_secret
+from ckptd.service.leader import Announce, CommitChannel
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
@@ -29,6 +33,10 @@ log = logging.getLogger(__name__)
 
 class DaemonError(Exception):
     """The daemon cannot start or keep serving (another daemon owns the root, bad endpoint, ...)."""
+
+
+class DaemonConfigError(DaemonError):
+    """The daemon's settings are inconsistent or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,31 @@ class DaemonConfig:
     nice: int = 10
     """CPU niceness added at start: the writer mostly waits on the disk, and the CPU it does use
     (checksums, syscalls) should go to the training processes first."""
+    num_nodes: int = 1
+    leader: Optional[str] = None
+    """HOST:PORT of node 0's commit leader (multi-node jobs)."""
+    cluster_secret: Optional[str] = None
+    """Path of the secret file every daemon of a multi-node job shares (`ckptd keygen`)."""
+    peer_timeout: float = 10.0
+
+    def cluster(self) -> Optional[ClusterConfig]:
+        """The multi-node settings, checked; None for a one-node job. Raises DaemonConfigError."""
+        if self.num_nodes < 1 or not 0 <= self.node < self.num_nodes:
+            raise DaemonConfigError(f"node {self.node} is not in a job of {self.num_nodes} node(s)")
+        if self.num_nodes == 1:
+            return None
+        if not self.leader or not self.cluster_secret:
+            raise DaemonConfigError(
+                f"a job of {self.num_nodes} nodes needs --leader HOST:PORT (node 0's address) and --cluster-secret "
+                "FILE (made once with `ckptd keygen FILE`), or CKPTD_LEADER and CKPTD_CLUSTER_SECRET"
+            )
+        try:
+            host, port = parse_address(self.leader)
+            secret = load_secret(self.cluster_secret)
+        except (ValueError, ClusterSecretError) as exc:
+            raise DaemonConfigError(str(exc)) from None
+        return ClusterConfig(self.node, self.num_nodes, host, port, secret, peer_timeout=self.peer_timeout,
+                             heartbeat_s=min(1.0, self.peer_timeout / 4))
 
     def resolved_endpoint(self) -> str:
         """The endpoint to bind: the configured one, or the per-user default for the root."""
@@ -95,8 +128,10 @@ class DaemonServer:
         self._socket: Optional[zmq.asyncio.Socket] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(config.write_threads, thread_name_prefix="ckptd-write")
         throttle = Throttle(config.max_write_mbps * 1e6 if config.max_write_mbps else None)
+        self.cluster = config.cluster()
         self.coordinator = NodeCoordinator(
-            self.store, config.node, self._executor, throttle, self._send, config.save_timeout
+            self.store, config.node, self._executor, throttle, self._send, config.save_timeout,
+            num_nodes=config.num_nodes, make_channel=self._commit_channel if self.cluster else None,
         )
         self.instance = uuid.uuid4().hex
         """Changes at every start: clients notice a restarted daemon by it."""
@@ -104,16 +139,27 @@ class DaemonServer:
         self._last_activity = time.monotonic()
         self._stopping: Optional[asyncio.Event] = None
 
+    def _commit_channel(self, announce: Announce) -> CommitChannel:
+        assert self.cluster is not None
+        if self.cluster.is_leader:
+            return ClusterLeader(self.cluster, self.store, self._executor, announce, self._ctx)
+        return ClusterFollower(self.cluster, announce, self._ctx)
+
     async def serve(self) -> None:
         """Lock the root, clean leftovers, bind, and serve until `stop()` or idle exit."""
         self._lock.acquire()
         if self.config.nice:
             os.nice(self.config.nice)
         try:
-            self.store.remove_leftovers()
-            self.store.repair_latest()
+            if self.config.node == 0:  # on a shared root, other nodes' leftovers may be saves in flight
+                self.store.remove_leftovers()
+                self.store.repair_latest()
             self._sweep_regions()
             self._socket = self._bind()
+            try:
+                await self.coordinator.leader.start()
+            except zmq.ZMQError as exc:
+                raise DaemonError(f"cannot start the commit channel between nodes: {exc}") from None
             self._stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -129,6 +175,7 @@ class DaemonServer:
             receiver.cancel()
             watcher.cancel()
         finally:
+            await self.coordinator.leader.close()
             self._shutdown()
 
     def stop(self) -> None:

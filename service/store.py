@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from typing import List, Optional
 
 from ckptd.proto import layout
@@ -29,11 +28,16 @@ class CheckpointStore:
         """True if `step` already has a final directory."""
         return os.path.lexists(self.final_path(step))
 
-    def create_tmp_dir(self, step: int) -> str:
-        """A fresh directory to write checkpoint `step` into."""
-        path = os.path.join(self.root, layout.tmp_dir_name(step, uuid.uuid4().hex[:8]))
+    def tmp_path(self, step: int, job: str) -> str:
+        """Where run `job` writes checkpoint `step` before it commits: the same path on every node
+        of a job (the root is on a shared filesystem), so the leader renames one directory."""
+        return os.path.join(self.root, layout.tmp_dir_name(step, layout.job_token(job)))
+
+    def create_tmp_dir(self, step: int, job: str) -> str:
+        """The directory to write checkpoint `step` of run `job` into (other nodes may create it too)."""
+        path = self.tmp_path(step, job)
         os.makedirs(self.root, exist_ok=True)  # the root may have been removed while we serve it
-        os.mkdir(path, 0o755)
+        os.makedirs(path, 0o755, exist_ok=True)
         return path
 
     def commit(self, tmp_dir: str, step: int, manifest_json: str) -> str:

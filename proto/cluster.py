@@ -1,0 +1,138 @@
+"""What node daemons tell the commit leader (DESIGN.md commit steps 3 and 5), and how it travels.
+
+Between daemons the frames use the same envelope as client <-> daemon (`messages.encode`), over
+an authenticated TCP connection. A follower sends `NODE_HELLO` when it connects and a `HEARTBEAT`
+every second (the leader answers each with `OK`, so both sides notice a dead peer), `NODE_REPORT`
+once every local rank's shards are durable, and `NODE_ABORT` when a local rank fails. The leader
+announces each decision with the client-facing `COMMITTED` / `ABORTED` bodies (`Outcome`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+from ckptd.proto import layout
+from ckptd.proto.manifest import FileRecord
+from ckptd.proto.messages import ComponentPart, ProtocolError, _field
+from ckptd.proto.topology import Topology
+
+NODE_HELLO = "node_hello"
+HEARTBEAT = "heartbeat"
+NODE_REPORT = "node_report"
+NODE_ABORT = "node_abort"
+
+DEFAULT_LEADER_PORT = 29600
+
+
+@dataclass(frozen=True)
+class ScopeFiles:
+    """The two files written for one component scope."""
+
+    tensor_file: FileRecord
+    state_file: FileRecord
+
+
+@dataclass
+class NodeReport:
+    """A node's statement that every local rank's part of `step` is durable in the save's tmp directory."""
+
+    job: str
+    step: int
+    node: int
+    topology: Topology
+    parts: Dict[int, Tuple[ComponentPart, ...]]
+    """Each local rank's component parts (for the consistency and replication checks)."""
+    files: Dict[str, Dict[str, ScopeFiles]]
+    """Component key -> scope -> files written on this node."""
+    versions: Dict[str, str] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a NODE_REPORT frame."""
+        return {
+            "job": self.job, "step": self.step, "node": self.node, "topology": self.topology.to_wire(),
+            "parts": [[rank, [p.to_wire() for p in parts]] for rank, parts in self.parts.items()],
+            "files": [
+                [key, scope, _file_to_wire(f.tensor_file), _file_to_wire(f.state_file)]
+                for key, scopes in self.files.items() for scope, f in scopes.items()
+            ],
+            "versions": self.versions, "metrics": self.metrics, "started_at": self.started_at, "timings": self.timings,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> "NodeReport":
+        """Checked inverse of `to_wire`. File paths are rebuilt from the component key and scope, so a
+        report cannot point the manifest outside the checkpoint directory."""
+        where = "node report"
+        try:
+            topology = Topology.from_wire(body.get("topology"))
+        except ValueError as exc:
+            raise ProtocolError("invalid_request", f"{where}: {exc}") from None
+        node = _field(body, "node", int, where)
+        step = _field(body, "step", int, where)
+        if not 0 <= node < topology.num_nodes or step < 0:
+            raise ProtocolError("invalid_request", f"{where}: node {node} or step {step} out of range")
+        parts: Dict[int, Tuple[ComponentPart, ...]] = {}
+        for item in _field(body, "parts", list, where):
+            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], list)):
+                raise ProtocolError("invalid_request", f"{where}: parts must be [rank, [part, ...]] pairs")
+            if _node_of(topology, item[0]) != node:
+                raise ProtocolError("invalid_request", f"{where}: rank {item[0]} is not on node {node}")
+            parts[item[0]] = tuple(ComponentPart.from_wire(p) for p in item[1])
+        files: Dict[str, Dict[str, ScopeFiles]] = {}
+        for item in _field(body, "files", list, where):
+            if not (isinstance(item, list) and len(item) == 4):
+                raise ProtocolError("invalid_request", f"{where}: files must be [key, scope, tensor file, state file]")
+            key, scope, tensor_file, state_file = item
+            try:
+                tensor_path, state_path = layout.shard_paths(layout.check_safe_name(key, "component key"),
+                                                             layout.check_safe_name(scope, "scope"))
+            except ValueError as exc:
+                raise ProtocolError("invalid_name", f"{where}: {exc}") from None
+            files.setdefault(key, {})[scope] = ScopeFiles(
+                _file_from_wire(tensor_file, tensor_path, where), _file_from_wire(state_file, state_path, where)
+            )
+        versions = _field(body, "versions", dict, where)
+        metrics = _field(body, "metrics", dict, where)
+        timings = _field(body, "timings", dict, where)
+        started_at = _field(body, "started_at", (int, float), where)
+        job = _field(body, "job", str, where)
+        return cls(job=job, step=step, node=node, topology=topology, parts=parts, files=files,
+                   versions={str(k): str(v) for k, v in versions.items()},
+                   metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                   started_at=float(started_at),
+                   timings={str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))})
+
+
+def _node_of(topology: Topology, rank: int) -> int:
+    try:
+        return topology.node_of(rank)
+    except ValueError:
+        return -1
+
+
+def _file_to_wire(record: FileRecord) -> Dict[str, Any]:
+    return {"size": record.size, "checksum": record.checksum, "tensors": record.tensors}
+
+
+def _file_from_wire(raw: Any, path: str, where: str) -> FileRecord:
+    if not isinstance(raw, dict):
+        raise ProtocolError("invalid_request", f"{where}: a file record must be a map")
+    size = _field(raw, "size", int, where)
+    checksum = _field(raw, "checksum", str, where)
+    tensors = _field(raw, "tensors", dict, where)
+    if size < 0 or len(checksum) > 128:
+        raise ProtocolError("invalid_request", f"{where}: file {path}: bad size or checksum")
+    return FileRecord(path, size, checksum, tensors)
+
+
+def parse_address(text: str) -> Tuple[str, int]:
+    """`HOST:PORT` (an IPv6 host in brackets) -> (host, port); raises ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"leader address {text!r} must be HOST:PORT with a port in 1-65535")
+    return host, int(port)

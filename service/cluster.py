@@ -1,0 +1,380 @@
+"""The commit channel between the node daemons of a multi-node job (DESIGN.md commit steps 3-5).
+
+The node-0 daemon runs `ClusterLeader`: it binds an authenticated TCP socket (CURVE, see
+service/curve.py), collects every node's `NodeReport`, commits through `LocalCommitLeader`, and
+announces COMMITTED or ABORTED to every node. Every other daemon runs `ClusterFollower`, which
+forwards its node's report or abort and resolves its ranks when the leader decides.
+
+Both sides exchange heartbeats. A follower that goes silent aborts every save still waiting for it;
+a follower that loses the leader (or sees it restart) aborts the saves it reported, because their
+outcome can no longer reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Set, Tuple
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from ckptd.proto import cluster, messages
+from ckptd.proto.cluster import NodeReport
+from ckptd.proto.messages import Outcome, ProtocolError
+from ckptd.service.curve import CurveKeys
+from ckptd.service.leader import Announce, LocalCommitLeader, SaveKey
+from ckptd.service.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where this daemon sits in a multi-node job and how it reaches the others."""
+
+    node: int
+    num_nodes: int
+    leader_host: str
+    leader_port: int
+    secret: bytes
+    peer_timeout: float = 10.0
+    """Seconds without a heartbeat after which a peer daemon counts as gone."""
+    heartbeat_s: float = 1.0
+
+    @property
+    def is_leader(self) -> bool:
+        """True on node 0, whose daemon commits."""
+        return self.node == 0
+
+
+class _AllowFollowers:
+    """ZAP credentials check: admit only the followers' public key."""
+
+    def __init__(self, allowed: bytes) -> None:
+        self._allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key != self._allowed:
+            log.warning("refused a daemon connection with an unknown CURVE key (not derived from this job's secret)")
+            return False
+        return True
+
+
+@dataclass
+class _Peer:
+    identity: bytes
+    instance: str
+    last_seen: float
+    alive: bool = True
+
+
+class ClusterLeader:
+    """The node-0 side: receives reports over TCP and commits for the whole job."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        store: CheckpointStore,
+        executor: concurrent.futures.Executor,
+        announce: Announce,
+        ctx: zmq.asyncio.Context,
+    ) -> None:
+        self._config = config
+        self._announce_local = announce
+        self._commit = LocalCommitLeader(store, executor, self._announce_everywhere)
+        self._ctx = ctx
+        self._keys = CurveKeys.derive(config.secret)
+        self._peers: Dict[int, _Peer] = {}
+        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._auth: Optional[AsyncioAuthenticator] = None
+        self._tasks: Set[asyncio.Task] = set()
+        self.instance = uuid.uuid4().hex
+
+    @property
+    def endpoint(self) -> str:
+        """The TCP endpoint followers connect to."""
+        return f"tcp://*:{self._config.leader_port}"
+
+    async def start(self) -> None:
+        """Bind the authenticated socket and start serving followers."""
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowFollowers(self._keys.client_public))
+        socket = self._ctx.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.CURVE_SERVER, 1)
+        socket.setsockopt(zmq.CURVE_SECRETKEY, self._keys.server_secret)
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, self._keys.server_public)
+        socket.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME_BYTES)
+        socket.setsockopt(zmq.LINGER, 1000)
+        try:
+            socket.bind(self.endpoint)
+        except zmq.ZMQError:
+            socket.close(0)
+            raise
+        self._socket = socket
+        log.info("commit leader for %d nodes listening on %s (CURVE)", self._config.num_nodes, self.endpoint)
+        self._spawn(self._receive_loop())
+        self._spawn(self._watch_peers())
+
+    async def close(self) -> None:
+        """Stop serving followers."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._socket is not None:
+            self._socket.close(linger=1000)
+            self._socket = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    async def report(self, report: NodeReport) -> None:
+        """A node (this one, or a follower over TCP) has every local rank's shards durable."""
+        key = (report.job, report.step)
+        gone = sorted(n for n, p in self._peers.items() if not p.alive and n != report.node
+                      and n not in self._commit.reported_nodes().get(key, set()))
+        if gone:
+            await self._commit.abort(report.job, report.step, self._gone_reason(report.step, gone))
+            return
+        await self._commit.report(report)
+
+    async def abort(self, job: str, step: int, reason: str) -> None:
+        """Abort a save on every node."""
+        await self._commit.abort(job, step, reason)
+
+    async def _announce_everywhere(self, outcome: Outcome) -> None:
+        await self._announce_local(outcome)
+        msg_type, body = outcome.to_wire()
+        for peer in self._peers.values():
+            await self._send(peer.identity, msg_type, body)
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            if len(frames) != 2:
+                log.warning("dropped a daemon frame of %d parts", len(frames))
+                continue
+            identity, payload = frames
+            try:
+                envelope = messages.decode(payload)
+                reply = await self._dispatch(identity, envelope)
+            except ProtocolError as exc:
+                log.warning("rejected a frame from a follower: %s", exc.message)
+                reply = messages.ERROR, messages.error_body(exc.code, exc.message)
+                envelope = None
+            except Exception:  # the leader must keep serving whatever one frame does
+                log.exception("internal error while handling a follower's frame")
+                reply = messages.ERROR, messages.error_body("internal", "internal error in the commit leader")
+                envelope = None
+            if reply is not None:
+                await self._send(identity, reply[0], reply[1], envelope.id if envelope else 0)
+
+    async def _dispatch(self, identity: bytes, envelope: messages.Envelope) -> Optional[Tuple[str, Dict[str, Any]]]:
+        body = envelope.body
+        if envelope.type in (cluster.NODE_HELLO, cluster.HEARTBEAT):
+            node, instance = body.get("node"), body.get("instance")
+            if type(node) is not int or not 0 < node < self._config.num_nodes or not isinstance(instance, str):
+                raise ProtocolError("invalid_request", f"node must be 1..{self._config.num_nodes - 1} and instance a string")
+            await self._seen(node, identity, instance)
+            return messages.OK, {"instance": self.instance}
+        if envelope.type == cluster.NODE_REPORT:
+            report = NodeReport.from_wire(body)
+            self._check_sender(identity, report.node)
+            await self.report(report)
+            return None
+        if envelope.type == cluster.NODE_ABORT:
+            job, step, reason = body.get("job"), body.get("step"), body.get("reason")
+            if not (isinstance(job, str) and type(step) is int and isinstance(reason, str)):
+                raise ProtocolError("invalid_request", "node_abort needs job, step and reason")
+            await self.abort(job, step, reason)
+            return None
+        raise ProtocolError("unknown_type", f"unknown daemon message type {envelope.type!r}")
+
+    def _check_sender(self, identity: bytes, node: int) -> None:
+        peer = self._peers.get(node)
+        if peer is None or peer.identity != identity:
+            raise ProtocolError("invalid_request", f"a report for node {node} came from a connection that did not "
+                                "say hello as that node")
+
+    async def _seen(self, node: int, identity: bytes, instance: str) -> None:
+        peer = self._peers.get(node)
+        now = time.monotonic()
+        if peer is None or peer.instance != instance:
+            if peer is not None:
+                log.warning("node %d's daemon restarted: aborting the saves still waiting for it", node)
+                await self._abort_waiting_for(node, f"node {node}'s daemon restarted while the save was in flight")
+            log.info("node %d's daemon joined (instance %s)", node, instance[:8])
+            self._peers[node] = _Peer(identity, instance, now)
+            return
+        if not peer.alive:
+            log.info("node %d's daemon answers again", node)
+        peer.identity, peer.last_seen, peer.alive = identity, now, True
+
+    async def _watch_peers(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_s)
+            now = time.monotonic()
+            for node, peer in self._peers.items():
+                if peer.alive and now - peer.last_seen > self._config.peer_timeout:
+                    peer.alive = False
+                    log.error("node %d's daemon sent no heartbeat for %.0f s", node, now - peer.last_seen)
+                    await self._abort_waiting_for(node, None)
+
+    async def _abort_waiting_for(self, node: int, reason: Optional[str]) -> None:
+        for (job, step), reported in self._commit.reported_nodes().items():
+            if node not in reported:
+                await self._commit.abort(job, step, reason or self._gone_reason(step, [node]))
+
+    def _gone_reason(self, step: int, nodes: list) -> str:
+        return (f"step {step} aborted: the ckptd daemon of node(s) {nodes} stopped answering the commit leader "
+                f"(no heartbeat for {self._config.peer_timeout:g} s)")
+
+    async def _send(self, identity: bytes, msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> None:
+        if self._socket is None:
+            return
+        try:
+            await self._socket.send_multipart([identity, messages.encode(msg_type, body, msg_id)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to a follower: %s", msg_type, exc)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class ClusterFollower:
+    """A node-N daemon's side (N > 0): reports to the leader, resolves its ranks with its decisions."""
+
+    def __init__(self, config: ClusterConfig, announce: Announce, ctx: zmq.asyncio.Context) -> None:
+        self._config = config
+        self._announce = announce
+        self._ctx = ctx
+        self._keys = CurveKeys.derive(config.secret)
+        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._tasks: Set[asyncio.Task] = set()
+        self._awaiting: Set[SaveKey] = set()
+        self._leader_instance: Optional[str] = None
+        self._last_seen = time.monotonic()
+        self._leader_alive = True
+        self.instance = uuid.uuid4().hex
+
+    @property
+    def leader_endpoint(self) -> str:
+        """The leader's TCP endpoint."""
+        host = self._config.leader_host
+        return f"tcp://[{host}]:{self._config.leader_port}" if ":" in host else f"tcp://{host}:{self._config.leader_port}"
+
+    async def start(self) -> None:
+        """Connect to the leader (ZeroMQ retries until it is up) and start the heartbeats."""
+        socket = self._ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.CURVE_SERVERKEY, self._keys.server_public)
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, self._keys.client_public)
+        socket.setsockopt(zmq.CURVE_SECRETKEY, self._keys.client_secret)
+        socket.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME_BYTES)
+        socket.setsockopt(zmq.LINGER, 1000)
+        socket.setsockopt(zmq.SNDHWM, 1000)
+        socket.connect(self.leader_endpoint)
+        self._socket = socket
+        self._last_seen = time.monotonic()
+        log.info("node %d reports to the commit leader at %s (CURVE)", self._config.node, self.leader_endpoint)
+        await self._send(cluster.NODE_HELLO, self._hello())
+        self._spawn(self._receive_loop())
+        self._spawn(self._heartbeat_loop())
+
+    async def close(self) -> None:
+        """Stop talking to the leader."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._socket is not None:
+            self._socket.close(linger=1000)
+            self._socket = None
+
+    async def report(self, report: NodeReport) -> None:
+        """Forward this node's report; abort at once if the leader is known to be gone."""
+        key = (report.job, report.step)
+        if not self._leader_alive:
+            await self._resolve_locally(key, self._leader_gone_reason(report.step))
+            return
+        self._awaiting.add(key)
+        await self._send(cluster.NODE_REPORT, report.to_wire())
+
+    async def abort(self, job: str, step: int, reason: str) -> None:
+        """Abort here at once, and ask the leader to abort the save on every node."""
+        await self._resolve_locally((job, step), reason)
+        await self._send(cluster.NODE_ABORT, {"job": job, "step": step, "reason": reason})
+
+    def _hello(self) -> Dict[str, Any]:
+        return {"node": self._config.node, "instance": self.instance}
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            payload = await self._socket.recv()
+            try:
+                envelope = messages.decode(payload)
+            except ProtocolError as exc:
+                log.warning("dropped a frame from the leader: %s", exc.message)
+                continue
+            self._last_seen = time.monotonic()
+            if not self._leader_alive:
+                log.info("the commit leader answers again")
+            self._leader_alive = True
+            if envelope.type == messages.OK:
+                await self._on_leader_instance(str(envelope.body.get("instance", "")))
+            elif envelope.type in (messages.COMMITTED, messages.ABORTED):
+                outcome = Outcome.from_wire(envelope.type, envelope.body)
+                if outcome is not None:
+                    self._awaiting.discard((outcome.job, outcome.step))
+                    await self._announce(outcome)
+            elif envelope.type == messages.ERROR:
+                log.error("the commit leader refused a message: %s", envelope.body.get("message"))
+
+    async def _on_leader_instance(self, instance: str) -> None:
+        if self._leader_instance is not None and instance != self._leader_instance:
+            log.warning("the commit leader restarted: aborting the saves it had not decided")
+            for job, step in list(self._awaiting):
+                await self._resolve_locally((job, step), f"step {step} aborted: node 0's daemon (the commit leader) "
+                                            "restarted before it decided this save")
+        self._leader_instance = instance
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._send(cluster.HEARTBEAT, self._hello())
+            await asyncio.sleep(self._config.heartbeat_s)
+            silent = time.monotonic() - self._last_seen
+            if self._leader_alive and silent > self._config.peer_timeout:
+                self._leader_alive = False
+                log.error("the commit leader sent nothing for %.0f s", silent)
+                for job, step in list(self._awaiting):
+                    await self._resolve_locally((job, step), self._leader_gone_reason(step))
+
+    def _leader_gone_reason(self, step: int) -> str:
+        return (f"step {step} aborted: node 0's daemon (the commit leader) at {self.leader_endpoint} stopped "
+                f"answering (nothing for {self._config.peer_timeout:g} s); if it committed the save before it "
+                "stopped, the checkpoint is in the root")
+
+    async def _resolve_locally(self, key: SaveKey, reason: str) -> None:
+        self._awaiting.discard(key)
+        await self._announce(Outcome(key[0], key[1], committed=False, reason=reason))
+
+    async def _send(self, msg_type: str, body: Dict[str, Any]) -> None:
+        if self._socket is None:
+            return
+        try:
+            await self._socket.send(messages.encode(msg_type, body), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("the connection to the commit leader is backed up; dropped a %s", msg_type)
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to the commit leader: %s", msg_type, exc)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
