@@ -5,6 +5,7 @@ One command, one table:
 
     .venv/bin/python bench/bench_save.py                      # full size: ~1.27 GB state, 3 repeats
     .venv/bin/python bench/bench_save.py --scale 0.05 --repeats 2   # a quick run
+    .venv/bin/python bench/bench_save.py --device cuda              # the state on the GPU (bench/run_cuda.sh)
 
 The driver (this script without --row) runs every row in a fresh subprocess
 (`bench_save.py --row NAME --state A|B ...`), so each row's trainer peak RSS is its own, then
@@ -299,18 +300,42 @@ def lm_dims(scale: float) -> Dict[str, int]:
 
 
 class RowContext:
-    """One state (A or B) live in this process, with what the savers need from it."""
+    """One state (A or B) live in this process, with what the savers need from it.
 
-    def __init__(self, torch: Any, state: str, scale: float) -> None:
+    `device` is where the state lives ("cpu" or "cuda"): the model and the optimizer step that
+    creates AdamW's state run there, and state B's tensors are made there."""
+
+    def __init__(self, torch: Any, state: str, scale: float, device: str = "cpu") -> None:
         self.torch = torch
         self.state = state
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         torch.manual_seed(0)
         if state == "A":
             self._build_lm(scale)
         else:
             self._build_small(scale)
+        self.sync()
         self.tensors = self._all_tensors()
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def sync(self) -> None:
+        """Wait for all work queued on the device (every stream): call before a timer stops. No-op on CPU."""
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def sync_stream(self) -> None:
+        """Wait for the current stream only, as a training step that reads its loss (loss.item()) would;
+        copies a background saver runs on its own stream are not waited for. No-op on CPU."""
+        if self.cuda:
+            self.torch.cuda.current_stream(self.device).synchronize()
+
+    def host_empty(self, like: Any) -> Any:
+        """An uninitialized host tensor shaped like `like`; page-locked (pinned) when the state is on
+        the GPU, so device-to-host copies into it run at full speed and may be asynchronous."""
+        if self.cuda:
+            return self.torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=True)
+        return self.torch.empty_like(like)
 
     def _build_lm(self, scale: float) -> None:
         torch = self.torch
@@ -335,10 +360,10 @@ class RowContext:
                     x = block(x)
                 return self.head(self.norm(x))
 
-        model = LM()
+        model = LM().to(self.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=1000)
-        tokens = torch.randint(dims["vocab"], (2, 16))
+        tokens = torch.randint(dims["vocab"], (2, 16), device=self.device)
         logits = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, dims["vocab"]), tokens[:, 1:].reshape(-1))
         loss.backward()
@@ -370,7 +395,7 @@ class RowContext:
                         tensor.copy_(state[name])
 
         count = max(10, round(SMALL_COUNT * min(1.0, scale * 10)))  # --scale 0.1 and up: all 10,000
-        bag = TensorBag({f"t{i:05d}": torch.randn(SMALL_ELEMS) for i in range(count)})
+        bag = TensorBag({f"t{i:05d}": torch.randn(SMALL_ELEMS, device=self.device) for i in range(count)})
         self.statefuls = {"tensors": bag}
         self.params = count * SMALL_ELEMS
         self.dims = {"tensors": count, "elements_each": SMALL_ELEMS}
@@ -459,24 +484,27 @@ class Saver:
 
 
 class MemcpySaver(Saver):
-    """Copy every tensor into preallocated, prefaulted buffers of the same shape."""
+    """Copy every tensor into preallocated, prefaulted buffers of the same shape. On CPU: host
+    buffers like the tensors. On CUDA: the device-to-host limit, pinned host buffers filled with
+    non-blocking copies, then a synchronize."""
 
     def __init__(self, ctx: RowContext, workdir: str) -> None:
         super().__init__(ctx, workdir)
-        self.buffers = [self.torch.empty_like(t) for t in ctx.tensors]
-        for buffer, tensor in zip(self.buffers, ctx.tensors):
-            buffer.copy_(tensor)  # prefault
+        self.buffers = [ctx.host_empty(t) for t in ctx.tensors]
+        self.save(-1)  # prefault
 
     def save(self, i: int) -> Pending:
         with self.torch.no_grad():
             for buffer, tensor in zip(self.buffers, self.ctx.tensors):
-                buffer.copy_(tensor)
+                buffer.copy_(tensor, non_blocking=self.ctx.cuda)
+        self.ctx.sync()
         return finished()
 
 
 def fill_with_state(torch: Any, target: Any, tensors: Sequence[Any]) -> None:
-    """Copy the state's bytes, tensor after tensor, into the uint8 tensor `target` (which also
-    prefaults it): the write limits write the same bytes as the savers, zero pages included."""
+    """Copy the state's bytes, tensor after tensor, into the uint8 host tensor `target` (which also
+    prefaults it): the write limits write the same bytes as the savers, zero pages included. Device
+    tensors are copied to the host here, once, at setup: the write limits measure the disk alone."""
     offset = 0
     with torch.no_grad():
         for tensor in tensors:
@@ -563,6 +591,8 @@ class TorchSaveSaver(Saver):
         return finished()
 
     def load(self) -> None:
+        # Read into host memory; load_state_dict copies into the live (possibly GPU) model and moves
+        # the optimizer state to its parameters' device, as ckptd's load does.
         assert self.last_output is not None
         self.ctx.load_state_dict(self.torch.load(self.last_output, map_location="cpu"))
 
@@ -610,7 +640,7 @@ def _dcp_pending(result: Any) -> Pending:
 
 class DcpAsyncBestSaver(DcpSaver):
     """A kept DefaultStager (shared memory, async staging; pinned memory and non-blocking copies
-    only with an accelerator), reused across saves, writing in DCP's background process."""
+    only when the state is on the GPU), reused across saves, writing in DCP's background process."""
 
     blocking = False
     has_load = False
@@ -621,7 +651,7 @@ class DcpAsyncBestSaver(DcpSaver):
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-        accel = _accelerator_available(self.torch)
+        accel = ctx.cuda  # pinned staging and non-blocking copies pay off only for device tensors
         try:
             self.options = StagingOptions(
                 use_pinned_memory=accel, use_shared_memory=True, use_async_staging=True, use_non_blocking_copy=accel
@@ -684,13 +714,6 @@ class DcpAsyncBestSaver(DcpSaver):
                 pass
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
-
-
-def _accelerator_available(torch: Any) -> bool:
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and hasattr(accel, "is_available"):
-        return bool(accel.is_available())
-    return bool(torch.cuda.is_available())
 
 
 class CkptdSaver(Saver):
@@ -819,18 +842,23 @@ def row_unavailable(row: str) -> Optional[str]:
 
 def disk_probe(torch: Any, ctx: RowContext, path: str) -> float:
     """Seconds to write the state's bytes straight from the live tensors into a new file (buffered,
-    like the write+fsync limit) and fsync it: the disk's speed at this moment, for this row."""
+    like the write+fsync limit) and fsync it: the disk's speed at this moment, for this row. Device
+    tensors are copied to the host one at a time first; those copies are not counted."""
     started = time.perf_counter()
+    copying = 0.0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for tensor in ctx.tensors:
-            view = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+            t = time.perf_counter()
+            host = tensor.detach().cpu()  # the tensor itself when it is on the host already
+            copying += time.perf_counter() - t
+            view = memoryview(host.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
             while view:
                 view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    return time.perf_counter() - started
+    return time.perf_counter() - started - copying
 
 
 def run_row(args: argparse.Namespace) -> Dict[str, Any]:
@@ -849,18 +877,21 @@ def run_row(args: argparse.Namespace) -> Dict[str, Any]:
     workdir = args.dir
     os.makedirs(workdir, exist_ok=True)
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(cuda_unavailable_reason(torch))
     built = time.perf_counter()
-    ctx = RowContext(torch, state, args.scale)
+    ctx = RowContext(torch, state, args.scale, args.device)
     result.update(
         torch_version=torch.__version__, threads=torch.get_num_threads(), state_bytes=ctx.nbytes,
         state_tensors=len(ctx.tensors), params=ctx.params, dims=ctx.dims, build_s=round(time.perf_counter() - built, 3),
+        device=ctx.device.type, device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
     )
 
-    # The throughput probe, built and warmed before the baseline RSS is taken.
+    # The throughput probe, built and warmed before the baseline RSS is taken; on the state's device.
     mlp = torch.nn.Sequential(torch.nn.Linear(MLP_IN, MLP_HIDDEN), torch.nn.ReLU(), torch.nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
-                              torch.nn.ReLU(), torch.nn.Linear(MLP_HIDDEN, MLP_IN))
+                              torch.nn.ReLU(), torch.nn.Linear(MLP_HIDDEN, MLP_IN)).to(ctx.device)
     mlp_params = list(mlp.parameters())
-    x, y = torch.randn(MLP_BATCH, MLP_IN), torch.randn(MLP_BATCH, MLP_IN)
+    x, y = torch.randn(MLP_BATCH, MLP_IN, device=ctx.device), torch.randn(MLP_BATCH, MLP_IN, device=ctx.device)
 
     def train_step() -> None:
         # Plain SGD by hand: a torch.optim optimizer would import torch._dynamo (seconds) in rows
@@ -870,6 +901,7 @@ def run_row(args: argparse.Namespace) -> Dict[str, Any]:
         torch.nn.functional.mse_loss(mlp(x), y).backward()
         with torch.no_grad():
             torch._foreach_add_(mlp_params, [p.grad for p in mlp_params], alpha=-1e-4)
+        ctx.sync_stream()  # a GPU step counts once it has run, not when it is queued
 
     def train_for(seconds: float) -> float:
         start = time.perf_counter()
@@ -933,6 +965,7 @@ def run_row(args: argparse.Namespace) -> Dict[str, Any]:
             cpu_writer0: Optional[float] = None
             for i in range(saves):
                 gc.collect()
+                ctx.sync()  # nothing queued before the save is timed with it
                 t0 = time.perf_counter()
                 pending = saver.save(i)
                 t1 = time.perf_counter()
@@ -1013,8 +1046,10 @@ def run_row(args: argparse.Namespace) -> Dict[str, Any]:
                 if mode == "cold":
                     method, resident = evict(saver.load_files(), args.drop_caches)
                     result["cold_method"], result["cold_resident_fraction"] = method, resident
+                ctx.sync()
                 t0 = time.perf_counter()
                 saver.load()
+                ctx.sync()  # copies into the GPU model may still be queued
                 loads[mode] = time.perf_counter() - t0
                 ok = ok and bool(torch.equal(ctx.probe, expected))
             result.update(load_cold_s=loads["cold"], load_warm_s=loads["warm"], load_ok=ok,
@@ -1112,7 +1147,7 @@ def run_subprocess_row(args: argparse.Namespace, state: str, row: str, workdir: 
     command = [
         sys.executable, os.path.abspath(__file__), "--row", row, "--state", state, "--scale", repr(args.scale),
         "--repeats", str(args.repeats), "--settle", str(args.settle), "--threads", str(args.threads), "--dir", workdir,
-        "--drop-caches", args.drop_caches,
+        "--drop-caches", args.drop_caches, "--device", args.device,
     ]
     if args.no_throughput:
         command.append("--no-throughput")
@@ -1312,6 +1347,7 @@ def _disturbed(r: Optional[Dict[str, Any]]) -> bool:
 
 
 def driver_main(args: argparse.Namespace) -> int:
+    device = device_info(args.device)  # first: --device cuda without CUDA exits here, before any row runs
     rows_a = _parse_rows(args.rows)
     rows_b = _parse_rows(args.rows_b)
     states = [s.strip().upper() for s in args.states.split(",") if s.strip()]
@@ -1320,8 +1356,9 @@ def driver_main(args: argparse.Namespace) -> int:
     work = tempfile.mkdtemp(prefix="ckptd-bench-", dir=base_dir)
     command = shlex.join([sys.executable, *sys.argv])
     machine = machine_info(work)
-    print(f"ckptd bench: {machine.get('cores')} cores, torch {machine.get('torch')}, target {machine['target_fs']} ({work})",
-          file=sys.stderr, flush=True)
+    machine.update(device)
+    print(f"ckptd bench: {machine.get('cores')} cores, torch {machine.get('torch')}, device {device_label(machine)}, "
+          f"target {machine['target_fs']} ({work})", file=sys.stderr, flush=True)
     all_results: Dict[str, Dict[str, Dict[str, Any]]] = {s: {} for s in states}
     jobs = [(state, row) for state in states for row in (rows_a if state == "A" else rows_b)]
     started = time.perf_counter()
@@ -1378,6 +1415,8 @@ def driver_main(args: argparse.Namespace) -> int:
     print(f"machine: {machine.get('cores')} cores ({machine.get('cpu', 'unknown CPU')}), {machine.get('mem_total_gb')} GB RAM, "
           f"torch {machine.get('torch')}, Python {machine.get('python')}, target {machine['target_fs']}, "
           f"ckptd at {machine.get('ckptd_commit') or 'unknown commit'}")
+    print(f"device: {device_label(machine)}" + (": the state and the throughput MLP live on the GPU"
+                                                 if machine["device"] == "cuda" else ""))
     print(f"command: {command}")
     for state in states:
         print(state_line(state, all_results[state]))
@@ -1399,7 +1438,7 @@ def driver_main(args: argparse.Namespace) -> int:
     payload = {
         "command": command, "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "config": {"scale": args.scale, "repeats": args.repeats, "threads": args.threads, "states": states,
+        "config": {"device": args.device, "scale": args.scale, "repeats": args.repeats, "threads": args.threads, "states": states,
                    "rows_a": rows_a, "rows_b": rows_b, "drop_caches": args.drop_caches,
                    "throughput": not args.no_throughput, "disk_probe": not args.no_disk_probe, "jobs": args.jobs, "retries": args.retries},
         "results": all_results, "targets": targets, "notes": notes, "table": render_table(table),
@@ -1411,6 +1450,12 @@ def driver_main(args: argparse.Namespace) -> int:
         json.dump(payload, f, indent=1, default=str)
     print(f"JSON: {json_path}")
     return 0
+
+
+def device_label(machine: Dict[str, Any]) -> str:
+    if machine.get("device") != "cuda":
+        return "cpu"
+    return f"cuda ({machine.get('gpu')}, CUDA {machine.get('cuda')})"
 
 
 def state_line(state: str, results: Dict[str, Dict[str, Any]]) -> str:
@@ -1431,6 +1476,17 @@ def footnotes(args: argparse.Namespace, all_results: Dict[str, Dict[str, Dict[st
     if args.jobs > 1:
         notes.append(f"WARNING: --jobs {args.jobs}: rows ran concurrently, so these timings, memory and throughput "
                      "figures disturb each other; use them to check the bench runs, not to compare.")
+    if args.device == "cuda":
+        notes.append(
+            f"Device cuda ({machine.get('gpu')}): the state (model and AdamW state; state B's tensors) and the "
+            "throughput MLP live on the GPU. memcpy limit: device-to-host copy into preallocated pinned host buffers "
+            "(non_blocking, then torch.cuda.synchronize()), so x memcpy reads against the D2H limit. write limits: "
+            "the same bytes from a host buffer filled once at setup (the disk alone). torch.save, DCP and ckptd save "
+            "the GPU tensors as they are (their own device-to-host copies) and load back into the GPU model; the "
+            "device is synchronized before every timed save and load and at the end of every timed load. "
+            "throughput: GPU training steps, each waiting for its own stream (as loss.item() would), not for the "
+            "copies a saver runs on a side stream."
+        )
     notes += [
         f"Each row runs in a fresh process: 1 first save + {args.repeats} warm saves (medians of the warm ones), then, "
         f"for rows that write in the background, {args.repeats} more saves with the MLP training loop running.",
@@ -1510,6 +1566,10 @@ def _parse_rows(text: str) -> List[str]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the state (model, optimizer state, state B's tensors) and the throughput MLP live "
+                             "(default cpu). cuda: memcpy limit = device-to-host copy into pinned buffers; the other "
+                             "rows save the GPU state as they are")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the state's size (1: ~1.27 GB LM + AdamW; 0.05 for a quick run)")
     parser.add_argument("--repeats", type=int, default=3, help="warm saves per row (medians reported; default 3)")
@@ -1548,6 +1608,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     return args
+
+
+def cuda_unavailable_reason(torch: Any) -> str:
+    """One line: why --device cuda cannot run here."""
+    if not torch.version.cuda:
+        why = f"this torch ({torch.__version__}) is built without CUDA"
+    else:
+        why = f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no usable GPU"
+    return f"--device cuda: CUDA is not available: {why}; run on a CUDA machine, or use --device cpu"
+
+
+def device_info(device: str) -> Dict[str, Any]:
+    """The device the rows will put the state on, for the header and the JSON; exits at once with
+    a one-line message when --device cuda cannot run here."""
+    if device == "cpu":
+        return {"device": "cpu"}
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{os.path.basename(__file__)}: error: {cuda_unavailable_reason(torch)}")
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,6 +33,9 @@ class StateComponent:
     validate_replication: bool = False
     process_group_name: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = field(default=None)
+    spread: bool = False
+    """REPLICATED only: split the tensors by bytes across the job's nodes, so that every node's
+    daemon writes a share in parallel instead of node 0 writing them all. Loads at any topology."""
 
     def __post_init__(self) -> None:
         check_safe_name(self.key, "component key")
@@ -45,6 +48,8 @@ class StateComponent:
             check_safe_name(self.process_group_name, "process group name")
         elif self.process_group_name is not None:
             raise ValueError(f"component {self.key!r}: process_group_name applies only to PER_GROUP")
+        if self.spread and self.sharing_pattern is not SharingPattern.REPLICATED:
+            raise ValueError(f"component {self.key!r}: spread applies only to REPLICATED, not {self.sharing_pattern.value}")
         if self.validate_replication and self.sharing_pattern is not SharingPattern.REPLICATED:
             raise ValueError(
                 f"component {self.key!r}: validate_replication applies only to REPLICATED, not {self.sharing_pattern.value}"

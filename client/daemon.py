@@ -18,11 +18,27 @@ log = logging.getLogger(__name__)
 ENDPOINT_ENV = "CKPTD_ENDPOINT"
 PROBE_TIMEOUT_S = 1.0
 IDLE_EXIT_S = 30.0
+DAEMON_EXIT_USAGE = 2
+"""`ckptd serve` exit status for settings it refuses (service/cli.py EXIT_USAGE)."""
 
 
 def resolve_endpoint(root: str, endpoint: Optional[str] = None) -> str:
     """The explicit endpoint, else $CKPTD_ENDPOINT, else the per-user default for `root`."""
     return endpoint or os.environ.get(ENDPOINT_ENV) or layout.default_endpoint(root)
+
+
+def daemon_log_path(root: str) -> str:
+    """Where an auto-started daemon for `root` logs."""
+    return os.path.join(layout.runtime_dir(), f"{layout.root_token(root)}.log")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return f"(no log at {path})"
+    return lines[-1] if lines else f"(empty log {path})"
 
 
 def start_daemon(root: str, endpoint: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
@@ -31,9 +47,8 @@ def start_daemon(root: str, endpoint: str, extra_args: Sequence[str] = ()) -> su
     It runs in its own session so that killing the training job's process group does not kill
     the writer that owns the checkpoint being committed.
     """
-    runtime = layout.runtime_dir()
-    os.makedirs(runtime, mode=0o700, exist_ok=True)
-    log_path = os.path.join(runtime, f"{layout.root_token(root)}.log")
+    os.makedirs(layout.runtime_dir(), mode=0o700, exist_ok=True)
+    log_path = daemon_log_path(root)
     command = [
         sys.executable, "-m", "ckptd.service", "serve", "--root", root, "--endpoint", endpoint,
         "--exit-when-idle", str(IDLE_EXIT_S), *extra_args,
@@ -78,6 +93,10 @@ def ensure_serving(
             pass
         if may_start and started is None:
             started = start_daemon(root, connection.endpoint, daemon_args)
+        elif started is not None and started.poll() == DAEMON_EXIT_USAGE:
+            raise DaemonUnavailableError(
+                f"the ckptd daemon started for {root} refused its settings: {_last_line(daemon_log_path(root))}"
+            )
         elif started is not None and started.poll() not in (None, 0):
             log.warning("the daemon we started exited with %s; another one may own the root", started.returncode)
         if time.monotonic() > deadline:

@@ -7,7 +7,7 @@ import logging
 import mmap
 import os
 import stat
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -109,6 +109,16 @@ def _map_checked(path: str, record: FileRecord, verify: bool) -> mmap.mmap:
     return mapped
 
 
+def select_scopes(
+    manifest: Manifest, key: str, record: ComponentRecord, rank_info: RankInfo, group_ranks: Sequence[int] = ()
+) -> List[ScopeRecord]:
+    """The files this rank loads component `key` from: every share of a spread component (at any
+    topology), else the one copy `select_scope` picks."""
+    if record.spread:
+        return [record.scopes[name] for name in sorted(record.scopes)]
+    return [select_scope(manifest, key, record, rank_info, group_ranks)]
+
+
 def select_scope(
     manifest: Manifest, key: str, record: ComponentRecord, rank_info: RankInfo, group_ranks: Sequence[int] = ()
 ) -> ScopeRecord:
@@ -138,10 +148,20 @@ def read_scope(checkpoint_dir: str, scope: ScopeRecord, verify: bool = True) -> 
     Tensors are views of a private mapping of the shard: loading costs no second copy of the
     state in memory (the pages are the page cache's until something writes to them).
     """
-    tensor_path = os.path.join(checkpoint_dir, scope.tensor_file.path)
-    state_path = os.path.join(checkpoint_dir, scope.state_file.path)
-    tensors = _shard_tensors(tensor_path, scope.tensor_file, _map_checked(tensor_path, scope.tensor_file, verify))
-    state_map = _map_checked(state_path, scope.state_file, verify)
+    return read_scopes(checkpoint_dir, [scope], verify)
+
+
+def read_scopes(checkpoint_dir: str, scopes: Sequence[ScopeRecord], verify: bool = True) -> Any:
+    """`read_scope` over the shares of a component: the tensors of every share, the non-tensor state
+    of the first (every share holds the same)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for scope in scopes:
+        tensor_path = os.path.join(checkpoint_dir, scope.tensor_file.path)
+        tensors.update(_shard_tensors(tensor_path, scope.tensor_file, _map_checked(tensor_path, scope.tensor_file, verify)))
+    for scope in scopes[1:]:  # verified like every listed file, though only the first is decoded
+        _map_checked(os.path.join(checkpoint_dir, scope.state_file.path), scope.state_file, verify).close()
+    state_path = os.path.join(checkpoint_dir, scopes[0].state_file.path)
+    state_map = _map_checked(state_path, scopes[0].state_file, verify)
     try:
         return unflatten_state(state_map[:], tensors)
     except (ValueError, KeyError) as exc:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError, VerificationError
-from ckptd.client.loading import committed_checkpoints, latest_checkpoint, read_manifest, read_scope, select_scope
+from ckptd.client.loading import committed_checkpoints, latest_checkpoint, read_manifest, read_scopes, select_scopes
 from ckptd.client.saving import CheckpointClient, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
@@ -149,8 +149,8 @@ class CheckpointManager:
                 log.warning("component %r was saved as %s and is declared %s now; loading the saved layout",
                             comp.key, record.pattern.value, comp.sharing_pattern.value)
             group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
-            scope = select_scope(manifest, comp.key, record, self.rank_info, group_ranks)
-            states.append((comp, read_scope(checkpoint_dir, scope, verify=self.verify)))
+            scopes = select_scopes(manifest, comp.key, record, self.rank_info, group_ranks)
+            states.append((comp, read_scopes(checkpoint_dir, scopes, verify=self.verify)))
         return states
 
     def _restore(self, states: List[tuple]) -> None:

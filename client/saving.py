@@ -119,10 +119,12 @@ class CheckpointClient:
         self._step_hook: Optional[Any] = None
         self._may_start = auto_start and rank_info.local_rank == 0
         self._connect_timeout = connect_timeout
+        if rank_info.topology.num_nodes > 1:  # an auto-started daemon must know its place in the job
+            daemon_args = ("--node", str(rank_info.node), "--num-nodes", str(rank_info.topology.num_nodes), *daemon_args)
         self._daemon_args = daemon_args
         self._connection, self._daemon_instance = connect(
             self.root, self.endpoint, self._on_notification,
-            may_start=self._may_start, wait_s=connect_timeout, daemon_args=daemon_args,
+            may_start=self._may_start, wait_s=connect_timeout, daemon_args=self._daemon_args,
         )
         self._daemon_lost = False
         self._closing = threading.Event()

@@ -14,7 +14,7 @@ from ckptd.client.staging import StagingRegion
 from ckptd.client.topology import RankInfo
 from ckptd.proto.formats import STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
 from ckptd.proto.messages import ComponentPart
-from ckptd.proto.patterns import place
+from ckptd.proto.patterns import place, share_of_tensors
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,20 @@ class StagedComponent:
         return ComponentPart(
             key=comp.key, pattern=comp.sharing_pattern, required=comp.required, writer=self.writer,
             group_name=comp.process_group_name, group_ranks=tuple(self.prepared.group_ranks),
-            validate_replication=comp.validate_replication, metadata=dict(comp.metadata or {}),
+            validate_replication=comp.validate_replication, spread=comp.spread, metadata=dict(comp.metadata or {}),
             region=self.region.name if self.region is not None else None, region_size=self.total,
             tensors=tuple(self.entries), state=self.flat.skeleton if self.writer else None,
             digests=self._digests() if comp.validate_replication else None,
         )
 
     def _digests(self) -> Dict[str, str]:
-        if self.region is not None:
-            digests = {e.name: content_digest(self.region.bytes_view(e.offset, e.nbytes)) for e in self.entries}
-        else:
-            digests = {name: _tensor_digest(t) for name, t in self.flat.tensors.items()}
+        """A digest of every tensor (from its staged copy where this rank staged it) and of the rest."""
+        staged = {e.name: e for e in self.entries} if self.region is not None else {}
+        digests = {
+            name: content_digest(self.region.bytes_view(staged[name].offset, staged[name].nbytes))  # type: ignore[union-attr]
+            if name in staged else _tensor_digest(tensor)
+            for name, tensor in self.flat.tensors.items()
+        }
         digests[STATE_DIGEST_KEY] = content_digest(self.flat.skeleton)
         return digests
 
@@ -73,14 +76,19 @@ def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> Li
     for prepared in components:
         comp = prepared.component
         placement = place(comp.sharing_pattern, rank_info.rank, rank_info.topology, comp.process_group_name,
-                          prepared.group_ranks or None)
+                          prepared.group_ranks or None, spread=comp.spread)
         writer = placement.writer_rank == rank_info.rank
         flat = flatten_state(comp.stateful.state_dict(), comp.key)
         entries: List[TensorEntry] = []
         total = 0
         if writer:
+            mine = flat.tensors
+            if comp.spread:
+                share = share_of_tensors(((n, t.numel() * t.element_size()) for n, t in flat.tensors.items()),
+                                         rank_info.topology.num_nodes)
+                mine = {n: t for n, t in flat.tensors.items() if share[n] == rank_info.node}
             entries, total = layout_tensors(
-                (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in flat.tensors.items()
+                (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in mine.items()
             )
         staged.append(StagedComponent(prepared, flat, writer, entries, total))
     return staged

@@ -82,6 +82,8 @@ def default_endpoint(root: str) -> str:
     return f"ipc://{runtime_dir()}/{root_token(root)}.sock"
 
 
-def daemon_lock_path(root: str) -> str:
-    """Node-local lock file that makes a daemon the only one serving `root` on this node."""
-    return os.path.join(runtime_dir(), f"{root_token(root)}.lock")
+def daemon_lock_path(root: str, node: int = 0) -> str:
+    """Node-local lock file that makes a daemon the only one serving `root` as node `node` of a job on
+    this machine (one machine may play several nodes in a test or a single-host multi-node job)."""
+    suffix = f"-node{node}" if node else ""
+    return os.path.join(runtime_dir(), f"{root_token(root)}{suffix}.lock")

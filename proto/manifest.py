@@ -48,6 +48,8 @@ class ComponentRecord:
     metadata: Dict[str, Any]
     scopes: Dict[str, ScopeRecord]
     group_name: Optional[str] = None
+    spread: bool = False
+    """REPLICATED split across nodes: every scope holds a share of the tensors; each rank loads all."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def _component_to_dict(record: ComponentRecord) -> Dict[str, Any]:
     return {
         "pattern": record.pattern.value, "required": record.required,
         "validate_replication": record.validate_replication, "metadata": record.metadata,
-        "group_name": record.group_name,
+        "group_name": record.group_name, "spread": record.spread,
         "scopes": {
             name: {"scope": s.scope, "writer_rank": s.writer_rank, "readers": s.readers,
                    "tensor_file": _file_to_dict(s.tensor_file), "state_file": _file_to_dict(s.state_file)}
@@ -142,5 +144,5 @@ def _component_from_dict(raw: Dict[str, Any]) -> ComponentRecord:
     return ComponentRecord(
         pattern=SharingPattern(raw["pattern"]), required=bool(raw["required"]),
         validate_replication=bool(raw["validate_replication"]), metadata=dict(raw.get("metadata", {})),
-        scopes=scopes, group_name=raw.get("group_name"),
+        scopes=scopes, group_name=raw.get("group_name"), spread=raw.get("spread") is True,
     )

@@ -110,6 +110,7 @@ class ComponentPart:
     group_name: Optional[str] = None
     group_ranks: Tuple[int, ...] = ()
     validate_replication: bool = False
+    spread: bool = False
     metadata: Dict[str, Any] = field(default_factory=dict)
     region: Optional[str] = None
     region_size: int = 0
@@ -122,7 +123,7 @@ class ComponentPart:
         return {
             "key": self.key, "pattern": self.pattern.value, "required": self.required, "writer": self.writer,
             "group_name": self.group_name, "group_ranks": list(self.group_ranks),
-            "validate_replication": self.validate_replication, "metadata": self.metadata,
+            "validate_replication": self.validate_replication, "spread": self.spread, "metadata": self.metadata,
             "region": self.region, "region_size": self.region_size,
             "tensors": self.tensors,
             "state": self.state, "digests": self.digests,
@@ -156,6 +157,9 @@ class ComponentPart:
         region = _optional(body, "region", str, where)
         if region is not None and (not region.startswith(REGION_PREFIX) or "/" in region or "\0" in region):
             raise ProtocolError("invalid_name", f"{where}: region name {region!r} is not a ckptd shared-memory region")
+        spread = body.get("spread", False)
+        if type(spread) is not bool or (spread and pattern is not SharingPattern.REPLICATED):
+            raise ProtocolError("invalid_request", f"{where}: spread must be a bool, and applies only to REPLICATED")
         metadata = _field(body, "metadata", dict, where)
         if not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in metadata.items()):
             raise ProtocolError("invalid_request", f"{where}: metadata must map strings to str/int/float/bool/None")
@@ -165,7 +169,7 @@ class ComponentPart:
             writer=bool(_field(body, "writer", bool, where)),
             group_name=group_name, group_ranks=group_ranks,
             validate_replication=bool(_field(body, "validate_replication", bool, where)),
-            metadata=metadata, region=region,
+            spread=spread, metadata=metadata, region=region,
             region_size=_field(body, "region_size", int, where),
             tensors=_tensor_entries(_field(body, "tensors", (list, tuple), where), where),
             state=_optional(body, "state", bytes, where),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from ckptd.proto.topology import Topology
 
@@ -38,9 +38,19 @@ def place(
     topology: Topology,
     group_name: Optional[str] = None,
     group_ranks: Optional[Sequence[int]] = None,
+    spread: bool = False,
 ) -> Placement:
-    """Apply the dedup table of DESIGN.md: which file holds `rank`'s copy, and which rank writes it."""
+    """Apply the dedup table of DESIGN.md: which file holds `rank`'s copy, and which rank writes it.
+
+    A REPLICATED component with `spread` is split across the nodes: local rank 0 of each node
+    writes that node's share (`share_of_tensors`); this returns the share `rank`'s node writes
+    (every rank loads every share)."""
     pattern = SharingPattern(pattern)
+    if spread and pattern is not SharingPattern.REPLICATED:
+        raise ValueError(f"spread applies only to REPLICATED, not {pattern.value}")
+    if spread:
+        node = topology.node_of(rank)
+        return Placement(share_scope(node), topology.node_ranks(node)[0])
     if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
         return Placement("global", 0)
     if pattern is SharingPattern.PER_RANK:
@@ -54,6 +64,24 @@ def place(
         raise ValueError(f"rank {rank} is not a member of process group {group_name!r} (ranks {list(group_ranks)})")
     writer = min(group_ranks)
     return Placement(f"group-{group_name}-{writer:05d}", writer)
+
+
+def share_scope(node: int) -> str:
+    """Scope of the share of a spread REPLICATED component that `node` writes."""
+    return f"share-{node:05d}"
+
+
+def share_of_tensors(tensors: Iterable[Tuple[str, int]], num_nodes: int) -> Dict[str, int]:
+    """Split a spread REPLICATED component's tensors (name, bytes) across `num_nodes` by bytes: largest
+    first, each to the node with the fewest bytes so far (ties: the lowest node). Every rank holds the
+    same tensors, so every rank computes the same split without talking to the others."""
+    load = [0] * num_nodes
+    share: Dict[str, int] = {}
+    for name, nbytes in sorted(tensors, key=lambda item: (-item[1], item[0])):
+        node = min(range(num_nodes), key=lambda n: (load[n], n))
+        share[name] = node
+        load[node] += nbytes
+    return share
 
 
 def is_writer(

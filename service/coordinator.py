@@ -194,7 +194,8 @@ class NodeCoordinator:
         if part.validate_replication and part.pattern is not SharingPattern.REPLICATED:
             raise SaveRejected("invalid_request", f"{where}: validate_replication applies only to REPLICATED")
         try:
-            placement = place(part.pattern, request.rank, request.topology, part.group_name, part.group_ranks)
+            placement = place(part.pattern, request.rank, request.topology, part.group_name, part.group_ranks,
+                              spread=part.spread)
         except ValueError as exc:
             raise SaveRejected("invalid_request", f"{where}: {exc}") from None
         if part.writer != (placement.writer_rank == request.rank):
@@ -225,7 +226,8 @@ class NodeCoordinator:
         started = time.monotonic()
         try:
             writers = [comp for comp in request.parts if comp.writer]
-            scopes = [place(c.pattern, request.rank, request.topology, c.group_name, c.group_ranks).scope for c in writers]
+            scopes = [place(c.pattern, request.rank, request.topology, c.group_name, c.group_ranks, spread=c.spread).scope
+                      for c in writers]
             results = await asyncio.gather(
                 *(loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
                   for comp, scope in zip(writers, scopes)),

@@ -136,16 +136,19 @@ def build_manifest(reports: List[NodeReport]) -> Manifest:
         scopes: Dict[str, ScopeRecord] = {}
         for rank in sorted(parts_by_rank):
             part = parts_by_rank[rank][key]
-            placement = place(part.pattern, rank, first.topology, part.group_name, part.group_ranks)
+            placement = place(part.pattern, rank, first.topology, part.group_name, part.group_ranks, spread=part.spread)
             written = files.get(key, {}).get(placement.scope)
             if written is None:
                 raise CommitRejected(f"component {key!r}: no file was written for scope {placement.scope}")
             record = scopes.get(placement.scope)
-            readers = (record.readers if record else []) + [rank]
+            readers = sorted(parts_by_rank) if spec.spread else (record.readers if record else []) + [rank]
             scopes[placement.scope] = ScopeRecord(
                 placement.scope, placement.writer_rank, readers, written.tensor_file, written.state_file
             )
+        if spec.spread:
+            _check_shares(key, scopes, parts_by_rank[reference_rank][key])
         components[key] = ComponentRecord(
+            spread=spec.spread,
             pattern=spec.pattern, required=spec.required, validate_replication=spec.validate_replication,
             metadata=dict(spec.metadata), scopes=scopes, group_name=spec.group_name,
         )
@@ -174,8 +177,8 @@ def _check_same_components(parts_by_rank: Dict[int, Dict[str, ComponentPart]], r
             )
         for key, part in parts.items():
             ref = reference[key]
-            if (part.pattern, part.group_name, part.validate_replication) != (
-                ref.pattern, ref.group_name, ref.validate_replication
+            if (part.pattern, part.group_name, part.validate_replication, part.spread) != (
+                ref.pattern, ref.group_name, ref.validate_replication, ref.spread
             ):
                 raise CommitRejected(
                     f"component {key!r}: rank {rank} declares {part.pattern.value} (group {part.group_name!r}, "
@@ -202,6 +205,21 @@ def _check_groups(parts_by_rank: Dict[int, Dict[str, ComponentPart]]) -> Dict[st
                     )
             groups.setdefault(part.group_name or "", {})[members] = None
     return {name: [list(m) for m in sorted(found)] for name, found in groups.items()}
+
+
+def _check_shares(key: str, scopes: Dict[str, ScopeRecord], reference: ComponentPart) -> None:
+    """A spread component's shares must not overlap; with digests (validate_replication) they must
+    also cover every tensor the ranks hold."""
+    seen: Dict[str, str] = {}
+    for scope in scopes.values():
+        for name in scope.tensor_file.tensors:
+            if name in seen:
+                raise CommitRejected(f"component {key!r}: tensor {name!r} is in both {seen[name]} and {scope.scope}")
+            seen[name] = scope.scope
+    if reference.digests is not None:
+        missing = sorted(set(reference.digests) - {STATE_DIGEST_KEY} - set(seen))
+        if missing:
+            raise CommitRejected(f"component {key!r}: no share holds tensor(s) {missing[:5]}")
 
 
 def _check_replication(parts_by_rank: Dict[int, Dict[str, ComponentPart]]) -> None:

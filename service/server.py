@@ -88,8 +88,8 @@ class DaemonConfig:
 class RootLock:
     """Node-local exclusive lock: only one daemon serves a root on a node."""
 
-    def __init__(self, root: str) -> None:
-        self.path = layout.daemon_lock_path(root)
+    def __init__(self, root: str, node: int = 0) -> None:
+        self.path = layout.daemon_lock_path(root, node)
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
@@ -123,7 +123,7 @@ class DaemonServer:
         self.config = config
         self.store = CheckpointStore(config.root)
         self.endpoint = config.resolved_endpoint()
-        self._lock = RootLock(self.store.root)
+        self._lock = RootLock(self.store.root, config.node)
         self._ctx = zmq.asyncio.Context()
         self._socket: Optional[zmq.asyncio.Socket] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(config.write_threads, thread_name_prefix="ckptd-write")

@@ -2,6 +2,7 @@
 
 The numbers of such a run mean nothing (tiny state, rows run two at a time); this only checks that
 the bench works end to end: the driver, one subprocess per row, ckptd's daemon, DCP's checkpoint process.
+`run_smoke` is reused by test_bench_cuda.py for the same run with --device cuda.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench" / "bench_save.py"
@@ -38,15 +39,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
+def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, str, Dict[str, Any]]:
+    """Run the whole bench tiny (with `extra` arguments), check its table and JSON; return
+    (the bench module, its stdout, the JSON)."""
     bench = _bench_module()
     json_path = tmp_path / "results.json"
     command = [
         sys.executable, str(BENCH), "--scale", "0.001", "--repeats", "1", "--jobs", "2", "--settle", "0.2",
         "--dir", str(tmp_path), "--json", str(json_path), "--no-disk-probe", "--retries", "0",
         "--drop-caches", "never",  # fadvise only: a test must not drop the whole machine's page cache
+        *extra,
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=REPO)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
 
@@ -103,3 +107,15 @@ def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
     ckptd = data["results"]["A"]["ckptd"]
     assert _is_number(ckptd.get("durable_warm_x_limit"))
     assert data["targets"], "the issue's targets were not evaluated"
+    return bench, out, data
+
+
+def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
+    _, out, data = run_smoke(tmp_path)
+    # The default device is the CPU, recorded in the header, the config and every row.
+    assert "\ndevice: cpu\n" in out, out
+    assert data["config"]["device"] == "cpu" and data["machine"]["device"] == "cpu"
+    for rows in data["results"].values():
+        for result in rows.values():
+            if result["status"] == "ok":
+                assert result["device"] == "cpu" and result["device_name"] is None, result

@@ -7,6 +7,12 @@ Modes:
             bitwise with the reference, check every RNG stream continues identically.
   diverge   save once cleanly, then let rank 1's REPLICATED copy differ in one element (and,
             next, in one non-tensor value): every rank's save must fail; `latest` stays.
+  lose-node save step 1, then hand over step 2 (with a large PER_RANK extra, so that writing takes
+            a while) and mark it in --out; the test kills a node's daemon meanwhile: every rank's
+            handle must raise CheckpointError, and step 1 must still load.
+
+--pair-stride S: the PER_GROUP "pair" groups are {r, r+S}: 1 keeps pairs on one node of two ranks,
+2 makes them span two nodes. --spread: the model (REPLICATED) is split across the nodes' daemons.
 """
 
 from __future__ import annotations
@@ -67,8 +73,9 @@ class Holder:
 class Trainer:
     """Declares its state the way users do: `get_state_components()` and `get_process_groups()`."""
 
-    def __init__(self, rank: int, world: int, init_seed: int) -> None:
+    def __init__(self, rank: int, world: int, init_seed: int, pair_stride: int = 1, spread: bool = False) -> None:
         self.rank = rank
+        self.spread = spread
         torch.manual_seed(init_seed)
         self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         self.ddp = nn.parallel.DistributedDataParallel(self.model)
@@ -76,16 +83,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=2, gamma=0.5)
         self.loader = CountingLoader(rank, seed=init_seed)
         self.rng = RNGState()
-        pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
-        self.pair_group = pairs[rank // 2]
-        first = rank // 2 * 2
-        self.pair_state = Holder({"members": (first, first + 1), "table": torch.full((3, 2), float(first) + init_seed)})
+        members = [(r, r + pair_stride) for r in range(world) if (r // pair_stride) % 2 == 0]
+        groups = [dist.new_group(list(pair)) for pair in members]
+        mine = next(i for i, pair in enumerate(members) if rank in pair)
+        self.pair_group = groups[mine]
+        first = members[mine][0]
+        self.pair_state = Holder({"members": members[mine], "table": torch.full((3, 2), float(first) + init_seed)})
+        self.extra: Dict[str, Any] = {}
         self.node_state = Holder({"hostname_hash": 12345 + init_seed, "cache": torch.arange(5, dtype=torch.int64) * init_seed})
         self.trainer_state = Holder({"step": 0, "lr_history": [], "best_loss": float("inf")})
 
     def get_state_components(self) -> List[StateComponent]:
         return [
-            StateComponent("model", self.model, SharingPattern.REPLICATED, validate_replication=True),
+            StateComponent("model", self.model, SharingPattern.REPLICATED, validate_replication=True, spread=self.spread),
             StateComponent("optimizer", self.optimizer, SharingPattern.REPLICATED, validate_replication=True),
             StateComponent("scheduler", self.scheduler, SharingPattern.GLOBAL),
             StateComponent("dataloader", self.loader, SharingPattern.PER_RANK),
@@ -93,7 +103,7 @@ class Trainer:
             StateComponent("pair_state", self.pair_state, SharingPattern.PER_GROUP, process_group_name="pair"),
             StateComponent("node_cache", self.node_state, SharingPattern.PER_NODE),
             StateComponent("trainer", self.trainer_state, SharingPattern.GLOBAL),
-        ]
+        ] + [StateComponent("extra", Holder(self.extra), SharingPattern.PER_RANK)] * bool(self.extra)
 
     def get_process_groups(self) -> Dict[str, Any]:
         return {"pair": self.pair_group}
@@ -123,7 +133,7 @@ def rng_draws() -> Dict[str, Any]:
 
 
 def run_save(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
-    trainer = Trainer(rank, world, init_seed=0)
+    trainer = Trainer(rank, world, init_seed=0, pair_stride=args.pair_stride, spread=args.spread)
     random.seed(rank)
     np.random.seed(rank)
     torch.manual_seed(100 + rank)
@@ -144,7 +154,7 @@ def run_save(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
 
 
 def run_load(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
-    trainer = Trainer(rank, world, init_seed=7)
+    trainer = Trainer(rank, world, init_seed=7, pair_stride=args.pair_stride, spread=args.spread)
     references = torch.load(Path(args.out) / f"reference_rank{rank}.pt", weights_only=False)
     manager = CheckpointManager(trainer, args.root, connect=False)
     checked = []
@@ -162,7 +172,7 @@ def run_load(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
 
 
 def run_diverge(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
-    trainer = Trainer(rank, world, init_seed=0)
+    trainer = Trainer(rank, world, init_seed=0, pair_stride=args.pair_stride, spread=args.spread)
     errors: Dict[str, str] = {}
     with CheckpointManager(trainer, args.root, endpoint=args.endpoint, auto_start=False) as manager:
         trainer.train_step()
@@ -186,16 +196,38 @@ def run_diverge(args: argparse.Namespace, rank: int, world: int) -> Dict[str, An
     return {"first": first, "errors": errors, "latest": manager.latest_checkpoint()}
 
 
+def run_lose_node(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
+    trainer = Trainer(rank, world, init_seed=0, pair_stride=args.pair_stride, spread=args.spread)
+    result: Dict[str, Any] = {}
+    with CheckpointManager(trainer, args.root, endpoint=args.endpoint, auto_start=False) as manager:
+        trainer.train_step()
+        result["first"] = manager.save_checkpoint(1).wait(120)
+        trainer.train_step()
+        trainer.extra["blob"] = torch.randn(4 * 2**20 // 4)  # 4 MiB per rank: slow behind a throttled daemon
+        handle = manager.save_checkpoint(2)
+        (Path(args.out) / f"handed_over_rank{rank}").touch()
+        try:
+            result["second"] = handle.wait(120)
+        except CheckpointError as exc:
+            result["error"] = str(exc)
+        trainer.extra.clear()
+        result["latest"] = manager.latest_checkpoint()
+    result["loaded"] = CheckpointManager(trainer, args.root, connect=False).load_checkpoint()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["save", "load", "diverge"])
+    parser.add_argument("mode", choices=["save", "load", "diverge", "lose-node"])
+    parser.add_argument("--pair-stride", type=int, default=1)
+    parser.add_argument("--spread", action="store_true", help="the model's REPLICATED copy is spread across nodes")
     parser.add_argument("--root", required=True)
     parser.add_argument("--endpoint")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"save": run_save, "load": run_load, "diverge": run_diverge}[args.mode](args, rank, world)
+    result = {"save": run_save, "load": run_load, "diverge": run_diverge, "lose-node": run_lose_node}[args.mode](args, rank, world)
     dist.barrier()
     dist.destroy_process_group()
     (Path(args.out) / f"{args.mode}_rank{rank}.json").write_text(json.dumps(result))
