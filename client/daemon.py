@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -27,9 +28,11 @@ def resolve_endpoint(root: str, endpoint: Optional[str] = None) -> str:
     return endpoint or os.environ.get(ENDPOINT_ENV) or layout.default_endpoint(root)
 
 
-def daemon_log_path(root: str) -> str:
-    """Where an auto-started daemon for `root` logs."""
-    return os.path.join(layout.runtime_dir(), f"{layout.root_token(root)}.log")
+def daemon_log_path(endpoint: str) -> str:
+    """Where a daemon auto-started on `endpoint` logs (one file per endpoint: a machine playing
+    several nodes of a job runs several daemons for one root)."""
+    token = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
+    return os.path.join(layout.runtime_dir(), f"daemon-{token}.log")
 
 
 def _last_line(path: str) -> str:
@@ -48,7 +51,7 @@ def start_daemon(root: str, endpoint: str, extra_args: Sequence[str] = ()) -> su
     the writer that owns the checkpoint being committed.
     """
     os.makedirs(layout.runtime_dir(), mode=0o700, exist_ok=True)
-    log_path = daemon_log_path(root)
+    log_path = daemon_log_path(endpoint)
     command = [
         sys.executable, "-m", "ckptd.service", "serve", "--root", root, "--endpoint", endpoint,
         "--exit-when-idle", str(IDLE_EXIT_S), *extra_args,
@@ -95,7 +98,7 @@ def ensure_serving(
             started = start_daemon(root, connection.endpoint, daemon_args)
         elif started is not None and started.poll() == DAEMON_EXIT_USAGE:
             raise DaemonUnavailableError(
-                f"the ckptd daemon started for {root} refused its settings: {_last_line(daemon_log_path(root))}"
+                f"the ckptd daemon started for {root} refused its settings: {_last_line(daemon_log_path(connection.endpoint))}"
             )
         elif started is not None and started.poll() not in (None, 0):
             log.warning("the daemon we started exited with %s; another one may own the root", started.returncode)

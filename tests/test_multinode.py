@@ -17,11 +17,14 @@ from typing import Any, Dict, List, Sequence
 import pytest
 import torch
 import zmq
-from helpers import Daemon, start_daemon, wait_for
+from helpers import Daemon, short_endpoint, start_daemon, wait_for
 
 from ckptd.client import CheckpointError
+from ckptd.client.errors import DaemonUnavailableError
+from ckptd.client.saving import CheckpointClient
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes, verify_file
 from ckptd.client.topology import RankInfo
+from ckptd.proto.layout import daemon_lock_path
 from ckptd.proto.topology import Topology
 from ckptd.proto import cluster, messages
 from ckptd.service.curve import CurveKeys, load_secret
@@ -66,8 +69,9 @@ def start_cluster(base: Path, per_node_args: Sequence[Sequence[str]] = ((), ()))
 
 
 def torchrun_nodes(mode: str, root: Path, out: Path, endpoints: Sequence[str], *extra: str,
-                   timeout: float = 240) -> List[subprocess.Popen]:
-    """Launch the worker on every simulated node (as a cluster job script would), without waiting."""
+                   env: Sequence[Dict[str, str]] = ({}, {})) -> List[subprocess.Popen]:
+    """Launch the worker on every simulated node (as a cluster job script would), without waiting.
+    `endpoints`: each node's daemon (none: the worker auto-starts one); `env`: extra env per node."""
     master_port = free_port()
     processes = []
     for node in range(NODES):
@@ -80,7 +84,7 @@ def torchrun_nodes(mode: str, root: Path, out: Path, endpoints: Sequence[str], *
             command += ["--endpoint", endpoints[node]]
         log = open(out / f"torchrun-{mode}-node{node}.log", "wb")
         processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                                          env={**os.environ, "OMP_NUM_THREADS": "1", **env[node]}))
     return processes
 
 
@@ -183,28 +187,59 @@ def test_a_spread_model_loads_on_any_topology(two_node_checkpoints: Dict[str, An
         select_scopes(manifest, "node_cache", manifest.components["node_cache"], alone)
 
 
-def test_losing_a_node_daemon_mid_save_fails_every_rank_and_keeps_the_previous(tmp_path: Path) -> None:
+def test_daemons_auto_started_on_each_node_commit_together(tmp_path: Path) -> None:
+    out, root, secret = tmp_path / "out", tmp_path / "ckpt", tmp_path / "cluster.secret"
+    out.mkdir()
+    subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
+    endpoints = [short_endpoint() for _ in range(NODES)]
+    cluster_env = {"CKPTD_LEADER": f"127.0.0.1:{free_port()}", "CKPTD_CLUSTER_SECRET": str(secret)}
+    env = [{"CKPTD_ENDPOINT": endpoint, **cluster_env} for endpoint in endpoints]
+    try:
+        wait_all(torchrun_nodes("save", root, out, [], env=env), out, "save")
+    finally:
+        pids = [int(Path(daemon_lock_path(str(root), node)).read_text()) for node in range(NODES)]
+        for pid in pids:  # the daemons local rank 0 of each node started (they would exit after 30 s idle)
+            os.kill(pid, signal.SIGTERM)
+    for rank, result in results(out, "save").items():
+        assert [os.path.basename(p) for p in result["paths"]] == ["step_00000003", "step_00000004"], rank
+    assert read_manifest(str(root / "step_00000004")).topology.nodes == ((0, 1), (2, 3))
+    assert wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in pids), timeout=30)
+
+
+def test_auto_start_without_cluster_settings_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CKPTD_LEADER", "CKPTD_CLUSTER_SECRET", "CKPTD_NUM_NODES", "CKPTD_NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    two_nodes = RankInfo(0, Topology(((0,), (1,))), job_id="job")
+    with pytest.raises(DaemonUnavailableError, match="needs --leader HOST:PORT .* and --cluster-secret FILE"):
+        CheckpointClient(str(tmp_path / "ckpt"), two_nodes, endpoint=short_endpoint(), connect_timeout=30)
+
+
+@pytest.mark.parametrize("lost", [1, 0], ids=["follower", "leader"])
+def test_losing_a_node_daemon_mid_save_fails_every_rank_and_keeps_the_previous(tmp_path: Path, lost: int) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    # node 1 writes at 1 MB/s, so its 2 x 4 MiB of step 2 is still being written when it is killed
-    nodes = start_cluster(tmp_path, per_node_args=((), ("--max-write-mbps", "1")))
+    # the lost node writes at 1 MB/s, so its 2 x 4 MiB of step 2 is still being written when it is killed
+    throttled = [("--max-write-mbps", "1") if node == lost else () for node in range(NODES)]
+    nodes = start_cluster(tmp_path, per_node_args=throttled)
     try:
         processes = torchrun_nodes("lose-node", nodes.root, out, [d.endpoint for d in nodes.daemons])
         assert wait_for(lambda: len(list(out.glob("handed_over_rank*"))) == WORLD, timeout=180), \
             _log(out, "lose-node", 0) + _log(out, "lose-node", 1)
-        nodes.daemons[1].process.send_signal(signal.SIGKILL)
+        nodes.daemons[lost].process.send_signal(signal.SIGKILL)
         wait_all(processes, out, "lose-node")
     finally:
         nodes.stop()
-    for rank, result in results(out, "lose-node").items():
+    outcome = results(out, "lose-node")
+    for rank, result in outcome.items():
         assert result["first"].endswith("step_00000001"), rank
         assert "second" not in result, (rank, result)
         assert "step 2" in result["error"], (rank, result["error"])
         assert result["latest"].endswith("step_00000001") and result["loaded"].endswith("step_00000001"), rank
-    node0_errors = [results(out, "lose-node")[r]["error"] for r in (0, 1)]
-    assert all("node(s) [1]" in e and "stopped answering" in e for e in node0_errors), node0_errors
+    survivors = [outcome[r]["error"] for r in range(WORLD) if r // PER_NODE != lost]
+    expected = "node(s) [1]" if lost == 1 else "node 0's daemon (the commit leader)"
+    assert all(expected in e and "stopped answering" in e for e in survivors), survivors
     assert sorted(p.name for p in nodes.root.iterdir()) == ["latest", "step_00000001"]
-    assert "Traceback" not in nodes.daemons[0].log()
+    assert "Traceback" not in nodes.daemons[1 - lost].log()
 
 
 def _exchange(sock: zmq.Socket, msg_type: str, body: Dict[str, Any], wait_ms: int = 1500) -> Any:

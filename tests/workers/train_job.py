@@ -140,7 +140,7 @@ def run_save(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
     references: Dict[int, Any] = {}
     handles = []
     blocked = []
-    with CheckpointManager(trainer, args.root, endpoint=args.endpoint, auto_start=False) as manager:
+    with CheckpointManager(trainer, args.root, endpoint=args.endpoint, auto_start=args.endpoint is None) as manager:
         for step in range(1, 5):
             trainer.train_step()
             if step in (3, 4):
