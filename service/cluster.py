@@ -74,7 +74,27 @@ class _Peer:
     alive: bool = True
 
 
-class ClusterLeader:
+class _Endpoint:
+    """One side's socket and the background tasks that serve it."""
+
+    def __init__(self) -> None:
+        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._tasks: Set[asyncio.Task] = set()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._socket is not None:
+            self._socket.close(linger=1000)
+            self._socket = None
+
+
+class ClusterLeader(_Endpoint):
     """The node-0 side: receives reports over TCP and commits for the whole job."""
 
     def __init__(
@@ -85,15 +105,14 @@ class ClusterLeader:
         announce: Announce,
         ctx: zmq.asyncio.Context,
     ) -> None:
+        super().__init__()
         self._config = config
         self._announce_local = announce
         self._commit = LocalCommitLeader(store, executor, self._announce_everywhere)
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)
         self._peers: Dict[int, _Peer] = {}
-        self._socket: Optional[zmq.asyncio.Socket] = None
         self._auth: Optional[AsyncioAuthenticator] = None
-        self._tasks: Set[asyncio.Task] = set()
         self.instance = uuid.uuid4().hex
 
     @property
@@ -124,11 +143,7 @@ class ClusterLeader:
 
     async def close(self) -> None:
         """Stop serving followers."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._socket is not None:
-            self._socket.close(linger=1000)
-            self._socket = None
+        self._stop()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -243,22 +258,16 @@ class ClusterLeader:
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a follower: %s", msg_type, exc)
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-
-class ClusterFollower:
+class ClusterFollower(_Endpoint):
     """A node-N daemon's side (N > 0): reports to the leader, resolves its ranks with its decisions."""
 
     def __init__(self, config: ClusterConfig, announce: Announce, ctx: zmq.asyncio.Context) -> None:
+        super().__init__()
         self._config = config
         self._announce = announce
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)
-        self._socket: Optional[zmq.asyncio.Socket] = None
-        self._tasks: Set[asyncio.Task] = set()
         self._awaiting: Set[SaveKey] = set()
         self._leader_instance: Optional[str] = None
         self._last_seen = time.monotonic()
@@ -290,11 +299,7 @@ class ClusterFollower:
 
     async def close(self) -> None:
         """Stop talking to the leader."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._socket is not None:
-            self._socket.close(linger=1000)
-            self._socket = None
+        self._stop()
 
     async def report(self, report: NodeReport) -> None:
         """Forward this node's report; abort at once if the leader is known to be gone."""
@@ -373,8 +378,3 @@ class ClusterFollower:
             log.warning("the connection to the commit leader is backed up; dropped a %s", msg_type)
         except zmq.ZMQError as exc:
             log.warning("could not send %s to the commit leader: %s", msg_type, exc)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

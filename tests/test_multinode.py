@@ -59,13 +59,17 @@ class Cluster:
 def start_cluster(base: Path, per_node_args: Sequence[Sequence[str]] = ((), ())) -> Cluster:
     root, secret, port = base / "ckpt", base / "cluster.secret", free_port()
     subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
-    daemons = []
-    for node, extra in enumerate(per_node_args):
-        daemons.append(start_daemon(
-            root, base / f"daemon-node{node}.log", "--node", str(node), "--num-nodes", str(NODES),
-            "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret), "--peer-timeout", "3", *extra,
-        ))
-    return Cluster(root, secret, port, daemons)
+    nodes = Cluster(root, secret, port, [])
+    try:
+        for node, extra in enumerate(per_node_args):
+            nodes.daemons.append(start_daemon(
+                root, base / f"daemon-node{node}.log", "--node", str(node), "--num-nodes", str(NODES),
+                "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret), "--peer-timeout", "3", *extra,
+            ))
+    except BaseException:
+        nodes.stop()
+        raise
+    return nodes
 
 
 def torchrun_nodes(mode: str, root: Path, out: Path, endpoints: Sequence[str], *extra: str,
