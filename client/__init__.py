@@ -13,10 +13,11 @@ from ckptd.client.saving import CheckpointClient, CheckpointSkipped, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo
 from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
 __all__ = [
     "CheckpointClient", "CheckpointError", "CheckpointManager", "CheckpointSkipped", "DaemonUnavailableError",
-    "PreparedComponent", "RNGState", "RankInfo", "SaveHandle", "SharingPattern", "StateComponent", "Stateful",
+    "PreparedComponent", "RNGState", "RankInfo", "RetentionPolicy", "SaveHandle", "SharingPattern", "StateComponent", "Stateful",
     "Topology", "UnsupportedStateError", "VerificationError",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import mmap
 import os
 import stat
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -34,6 +36,22 @@ def read_manifest(checkpoint_dir: str) -> Manifest:
         raise VerificationError(f"{path} is missing: {checkpoint_dir} is not a committed checkpoint") from None
     except (ManifestError, UnicodeDecodeError) as exc:
         raise VerificationError(f"{path}: {exc}") from None
+
+
+@contextlib.contextmanager
+def hold_for_loading(checkpoint_dir: str) -> Iterator[None]:
+    """Hold a shared lock on the checkpoint's manifest: the daemon's retention does not delete a
+    checkpoint while a loader holds it (the files a loader has mapped stay readable after that)."""
+    try:
+        fd = os.open(os.path.join(checkpoint_dir, layout.MANIFEST_NAME), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield  # reading the manifest will report what is wrong
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def committed_checkpoints(root: str) -> list[str]:

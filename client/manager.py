@@ -11,11 +11,14 @@ import torch.distributed as dist
 
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError, VerificationError
-from ckptd.client.loading import committed_checkpoints, latest_checkpoint, read_manifest, read_scopes, select_scopes
+from ckptd.client.loading import (
+    committed_checkpoints, hold_for_loading, latest_checkpoint, read_manifest, read_scopes, select_scopes,
+)
 from ckptd.client.saving import CheckpointClient, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
 from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,10 @@ class CheckpointManager:
     The connection to the node daemon (auto-started by local rank 0 when `auto_start` and nothing
     answers) is made at construction unless `connect=False`, in which case the first save makes it;
     loading never needs a daemon. `when_busy` ("wait" or "skip") is the policy when the previous
-    save still holds this rank's staging memory.
+    save still holds this rank's staging memory: "wait" blocks the save until the daemon has written
+    the previous one; "skip" returns at once with a handle that raises CheckpointSkipped (and a
+    warning), so `save_checkpoint` may be called every step. `retention` (a RetentionPolicy) tells
+    the committing daemon what to keep after each commit; None keeps every checkpoint.
     """
 
     def __init__(
@@ -47,13 +53,15 @@ class CheckpointManager:
         rank_info: Optional[RankInfo] = None,
         daemon_args: Sequence[str] = (),
         connect: bool = True,
+        retention: Optional[RetentionPolicy] = None,
     ) -> None:
         self.provider = provider
         self.root = os.path.realpath(root)
         self.verify = verify
         self.rank_info = rank_info or detect_rank_info()
         self._client_options = dict(
-            endpoint=endpoint, auto_start=auto_start, when_busy=when_busy, timeout=timeout, daemon_args=daemon_args
+            endpoint=endpoint, auto_start=auto_start, when_busy=when_busy, timeout=timeout, daemon_args=daemon_args,
+            retention=retention,
         )
         self._client: Optional[CheckpointClient] = None
         if not hasattr(provider, "get_state_components"):
@@ -135,6 +143,10 @@ class CheckpointManager:
 
     def _read(self, checkpoint_dir: str, components: List[PreparedComponent]) -> List[tuple]:
         """Each component's verified state from `checkpoint_dir` (nothing is restored yet)."""
+        with hold_for_loading(checkpoint_dir):  # retention leaves it alone while its files are opened
+            return self._read_held(checkpoint_dir, components)
+
+    def _read_held(self, checkpoint_dir: str, components: List[PreparedComponent]) -> List[tuple]:
         manifest = read_manifest(checkpoint_dir)
         states = []
         for prepared in components:

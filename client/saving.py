@@ -27,6 +27,7 @@ from ckptd.client.transport import DaemonRequestError
 from ckptd.proto import layout, messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import SaveRequest
+from ckptd.proto.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class CheckpointClient:
         timeout: float = 600.0,
         connect_timeout: float = 60.0,
         daemon_args: Sequence[str] = (),
+        retention: Optional[RetentionPolicy] = None,
     ) -> None:
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy must be 'wait' or 'skip', not {when_busy!r}")
@@ -110,6 +112,7 @@ class CheckpointClient:
         self.rank_info = rank_info
         self.when_busy = when_busy
         self.timeout = timeout
+        self.retention = retention
         self.endpoint = resolve_endpoint(self.root, endpoint)
         self._pool = StagingPool()
         self._handles: Dict[int, SaveHandle] = {}
@@ -239,7 +242,7 @@ class CheckpointClient:
                 root=self.root, step=handle.step, rank=self.rank_info.rank, pid=os.getpid(),
                 topology=self.rank_info.topology, parts=tuple(s.to_part() for s in staged), job=self.rank_info.job_id,
                 versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
-                metrics={k: float(v) for k, v in (metrics or {}).items()},
+                metrics={k: float(v) for k, v in (metrics or {}).items()}, retention=self.retention,
             )
             handle._regions = [c.region.name for c in staged if c.region is not None]
             reply = self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)

@@ -10,11 +10,12 @@ announces each decision with the client-facing `COMMITTED` / `ABORTED` bodies (`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ckptd.proto import layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, ProtocolError, _field
+from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
 NODE_HELLO = "node_hello"
@@ -49,6 +50,7 @@ class NodeReport:
     metrics: Dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
+    retention: Optional[RetentionPolicy] = None
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a NODE_REPORT frame."""
@@ -60,6 +62,7 @@ class NodeReport:
                 for key, scopes in self.files.items() for scope, f in scopes.items()
             ],
             "versions": self.versions, "metrics": self.metrics, "started_at": self.started_at, "timings": self.timings,
+            "retention": self.retention.to_wire() if self.retention else None,
         }
 
     @classmethod
@@ -100,7 +103,11 @@ class NodeReport:
         timings = _field(body, "timings", dict, where)
         started_at = _field(body, "started_at", (int, float), where)
         job = _field(body, "job", str, where)
-        return cls(job=job, step=step, node=node, topology=topology, parts=parts, files=files,
+        try:
+            retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
+        except ValueError as exc:
+            raise ProtocolError("invalid_request", f"{where}: retention: {exc}") from None
+        return cls(retention=retention, job=job, step=step, node=node, topology=topology, parts=parts, files=files,
                    versions={str(k): str(v) for k, v in versions.items()},
                    metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                    started_at=float(started_at),

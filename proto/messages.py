@@ -16,6 +16,7 @@ import msgpack
 from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
 from ckptd.proto.layout import REGION_PREFIX, check_safe_name
 from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
 PROTOCOL_VERSION = 1
@@ -216,6 +217,8 @@ class SaveRequest:
     """Identifies one run of a job: a restarted job re-saving a step supersedes the old run's save."""
     versions: Dict[str, str] = field(default_factory=dict)
     metrics: Dict[str, float] = field(default_factory=dict)
+    retention: Optional[RetentionPolicy] = None
+    """What to keep once this checkpoint commits (None: keep everything)."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
@@ -223,6 +226,7 @@ class SaveRequest:
             "root": self.root, "step": self.step, "rank": self.rank, "pid": self.pid, "job": self.job,
             "topology": self.topology.to_wire(), "parts": [p.to_wire() for p in self.parts],
             "versions": self.versions, "metrics": self.metrics,
+            "retention": self.retention.to_wire() if self.retention else None,
         }
 
     @classmethod
@@ -252,10 +256,14 @@ class SaveRequest:
         job = _field(body, "job", str, where)
         if not 0 < len(job) <= 128 or "\0" in job:
             raise ProtocolError("invalid_request", f"{where}: job id must be 1-128 characters without NUL")
+        try:
+            retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
+        except ValueError as exc:
+            raise ProtocolError("invalid_request", f"{where}: retention: {exc}") from None
         return cls(
             root=_field(body, "root", str, where), step=step, rank=rank, job=job,
             pid=_field(body, "pid", int, where), topology=topology, parts=parts,
-            versions=versions, metrics=metrics,
+            versions=versions, metrics=metrics, retention=retention,
         )
 
 

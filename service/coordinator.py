@@ -298,6 +298,7 @@ class NodeCoordinator:
             step=session.step, node=self._node, topology=request.topology,
             parts={rank: p.request.parts for rank, p in session.ranks.items()}, files=session.files,
             versions=request.versions, metrics=request.metrics, started_at=session.started_at,
+            retention=request.retention,
             timings={
                 "handoff_s": round(session.last_part_at - session.started_at, 6),
                 "write_s": round(session.write_seconds, 6),

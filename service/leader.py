@@ -18,6 +18,7 @@ from ckptd.proto.formats import STATE_DIGEST_KEY
 from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
+from ckptd.proto.retention import RetentionPolicy
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,20 @@ class LocalCommitLeader:
             log.error(reason)
             return Outcome(first.job, first.step, committed=False, reason=reason)
         log.info("committed step %d at %s", first.step, path)
+        policy = next((r.retention for r in sorted(reports, key=lambda r: r.node) if r.retention), None)
+        if policy is not None:
+            await loop.run_in_executor(self._executor, self._apply_retention, policy)
         return Outcome(first.job, first.step, committed=True, path=path)
+
+    def _apply_retention(self, policy: RetentionPolicy) -> None:
+        """After a commit: delete what the policy does not keep. A failure here never fails the commit."""
+        try:
+            deleted = self._store.apply_retention(policy)
+        except OSError as exc:
+            log.error("retention pass failed (nothing is lost; it runs again after the next commit): %s", exc)
+            return
+        if deleted:
+            log.info("retention deleted step(s) %s", deleted)
 
     async def abort(self, job: str, step: int, reason: str) -> None:
         """Abort `step` of run `job` on every node (a rank failed, timed out or sent an invalid part).

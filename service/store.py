@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import shutil
-from typing import List, Optional
+import uuid
+from typing import Dict, List, Optional
 
 from ckptd.proto import layout
+from ckptd.proto.retention import RETENTION_FILE, RetentionPolicy, kept_steps
 from ckptd.service.shard_writer import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -61,11 +65,7 @@ class CheckpointStore:
     def repair_latest(self) -> Optional[int]:
         """Point `latest` at the newest directory with a final name and a manifest (a crash between the
         rename and the pointer update leaves it one behind); returns that step."""
-        steps = sorted(
-            (step for name in os.listdir(self.root) if (step := layout.parse_checkpoint_dir_name(name)) is not None
-             and os.path.isfile(os.path.join(self.root, name, layout.MANIFEST_NAME))),
-            reverse=True,
-        )
+        steps = self.committed_steps()[::-1]
         if steps and self.latest_step() != steps[0]:
             log.warning("latest pointed at %s; the newest committed checkpoint is step %d: repairing",
                         self.latest_step(), steps[0])
@@ -79,6 +79,65 @@ class CheckpointStore:
                 return layout.parse_checkpoint_dir_name(f.read().strip())
         except FileNotFoundError:
             return None
+
+    def committed_steps(self) -> List[int]:
+        """Steps with a final directory that holds a manifest, oldest first."""
+        return sorted(
+            step for name in os.listdir(self.root) if (step := layout.parse_checkpoint_dir_name(name)) is not None
+            and os.path.isfile(os.path.join(self.root, name, layout.MANIFEST_NAME))
+        )
+
+    def apply_retention(self, policy: RetentionPolicy) -> List[int]:
+        """Delete the committed checkpoints `policy` does not keep (never `latest`, never one a loader
+        holds); record what is kept and why in the root's retention file. Returns the deleted steps."""
+        checkpoints = [(step, self._metrics(step)) for step in self.committed_steps()]
+        kept = kept_steps(checkpoints, policy)
+        latest = self.latest_step()
+        if latest is not None:
+            kept.setdefault(latest, []).append("latest")
+        deleted = []
+        for step, _ in checkpoints:
+            if step in kept:
+                continue
+            if self._delete(step):
+                deleted.append(step)
+            else:
+                kept[step] = ["being loaded (deleted at a later pass)"]
+        record = {"policy": policy.to_wire(), "kept": {str(step): reasons for step, reasons in sorted(kept.items())}}
+        write_atomic(os.path.join(self.root, RETENTION_FILE), json.dumps(record, indent=1).encode())
+        return deleted
+
+    def _metrics(self, step: int) -> Dict[str, float]:
+        try:
+            with open(os.path.join(self.final_path(step), layout.MANIFEST_NAME), encoding="utf-8") as f:
+                metrics = json.load(f).get("metrics", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return metrics if isinstance(metrics, dict) else {}
+
+    def _delete(self, step: int) -> bool:
+        """Crash-safe delete: take the checkpoint's final name away first (one rename, so a half-deleted
+        directory is never mistaken for a checkpoint; a restart removes the rest), then remove it.
+        False, and nothing touched, while a loader holds the manifest's shared lock."""
+        final = self.final_path(step)
+        try:
+            fd = os.open(os.path.join(final, layout.MANIFEST_NAME), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("retention: step %d is being loaded; keeping it for now", step)
+                return False
+            doomed = os.path.join(self.root, layout.tmp_dir_name(step, "deleted-" + uuid.uuid4().hex[:8]))
+            os.rename(final, doomed)
+        finally:
+            os.close(fd)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+        log.info("retention: deleted step %d", step)
+        return True
 
     def discard(self, tmp_dir: str) -> None:
         """Remove a tmp directory of an aborted save."""
