@@ -17,16 +17,19 @@ from ckptd.client import CheckpointClient, RankInfo, Topology  # noqa: E402
 
 def pytest_addoption(parser: Any) -> None:
     parser.addoption("--run-slow", action="store_true", help="run the long stress variants")
+    parser.addoption("--run-slurm", action="store_true", help="run the cluster-script tests (installs Slurm; ./dev test-slurm)")
 
 
 def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
-    """Long stress variants (marked slow) run only with --run-slow; CI runs their bounded versions."""
-    if config.getoption("--run-slow"):
-        return
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    """Long stress variants (marked slow) run only with --run-slow; CI runs their bounded versions.
+    The cluster-script tests (marked slurm) run only with --run-slurm."""
+    for marker, option in (("slow", "--run-slow"), ("slurm", "--run-slurm")):
+        if config.getoption(option):
+            continue
+        skipped = [item for item in items if item.get_closest_marker(marker)]
+        if skipped:
+            config.hook.pytest_deselected(items=skipped)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
 @pytest.fixture
