@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from typing import List, Optional
 
+from ckptd.service import commands as commands_module
 from ckptd.service.curve import write_secret
 from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
 from ckptd.service.verify import checkpoint_dirs, verify_checkpoint
@@ -59,23 +61,63 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("path", help="file to create (mode 0600; refuses to overwrite)")
     verify = commands.add_parser("verify", help="check every file of a checkpoint (or of every checkpoint under a root)")
     verify.add_argument("path", help="a checkpoint directory, or a checkpoint root")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_operator_commands(commands)
     return parser
+
+
+def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
+    ls = commands.add_parser("ls", help="list the checkpoints under a root, with retention and leftovers")
+    ls.add_argument("root", help="checkpoint root")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect = commands.add_parser("inspect", help="a checkpoint's manifest as a readable report")
+    inspect.add_argument("path", help="a checkpoint directory")
+    inspect.add_argument("--json", action="store_true", help="the manifest as JSON")
+    gc = commands.add_parser("gc", help="remove leftovers of interrupted saves and apply retention")
+    gc.add_argument("root", help="checkpoint root")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    gc.add_argument("--min-age", type=float, default=commands_module.GC_MIN_AGE_S, metavar="SECONDS",
+                    help="only remove leftovers untouched for this long: younger ones may be saves in flight "
+                         "(default 3600)")
+    gc.add_argument("--keep-last", type=int, help="retention: keep the newest N (default: the daemon's last policy)")
+    gc.add_argument("--keep-every", type=int, help="retention: keep every step divisible by N")
+    gc.add_argument("--keep-best", type=int, help="retention: keep the N best by --best-metric")
+    gc.add_argument("--best-metric", help="metric name passed to save_checkpoint(metrics=...)")
+    gc.add_argument("--best-mode", choices=("min", "max"), default="min", help="lower or higher is better (default min)")
+    gc.add_argument("--json", action="store_true", help="machine-readable output")
+    export = commands.add_parser("export", help="one component as consolidated safetensors files with an index")
+    export.add_argument("path", help="a checkpoint directory")
+    export.add_argument("--component", required=True, help="component key, e.g. model")
+    export.add_argument("--out", required=True, help="output directory (new or empty)")
+    export.add_argument("--scope", help="which copy of a PER_RANK/PER_GROUP/PER_NODE component (see `ckptd inspect`)")
+    export.add_argument("--prefix", default="model", help="file name prefix (default model: model.safetensors)")
+    export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output file in GB (default 5)")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
+    status = commands.add_parser("status", help="the live daemon's saves in flight, with progress")
+    status.add_argument("--endpoint", help="daemon endpoint (default $CKPTD_ENDPOINT, else the default for --root)")
+    status.add_argument("--root", help="checkpoint root whose default endpoint to ask")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def verify(args: argparse.Namespace) -> int:
     """`ckptd verify PATH|ROOT`: exit 0 only when every listed file matches its size and checksum."""
-    directories = checkpoint_dirs(args.path)
+    directories = checkpoint_dirs(args.path) if os.path.isdir(args.path) else []
     if not directories:
         sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
         return EXIT_ERROR
-    bad = 0
-    for directory in directories:
-        problems = verify_checkpoint(directory)
-        bad += bool(problems)
-        sys.stdout.write(f"{'BAD' if problems else 'OK '} {directory}\n")
-        for problem in problems:
-            sys.stdout.write(f"    {problem.path}: {problem.reason}\n")
-    return EXIT_ERROR if bad else EXIT_OK
+    results = {directory: verify_checkpoint(directory) for directory in directories}
+    if args.json:
+        sys.stdout.write(json.dumps({d: [{"path": p.path, "reason": p.reason} for p in problems]
+                                     for d, problems in results.items()}, indent=2) + "\n")
+    else:
+        for directory, problems in results.items():
+            sys.stdout.write(f"{'BAD' if problems else 'OK '} {directory}\n")
+            for problem in problems:
+                sys.stdout.write(f"    {problem.path}: {problem.reason}\n")
+    return EXIT_ERROR if any(results.values()) else EXIT_OK
 
 
 def keygen(args: argparse.Namespace) -> int:
@@ -125,7 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return verify(args)
     if args.command == "keygen":
         return keygen(args)
-    return EXIT_USAGE
+    operator = {"ls": commands_module.ls, "inspect": commands_module.inspect, "gc": commands_module.gc,
+                "export": commands_module.export, "status": commands_module.status}.get(args.command)
+    return operator(args) if operator else EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import errno
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Set
@@ -67,6 +68,12 @@ class SaveSession:
     write_seconds: float = 0.0
     last_part_at: float = 0.0
     reported: bool = False
+    _progress: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_written(self, nbytes: int) -> None:
+        """Count bytes on disk (called by the writer threads as each chunk lands)."""
+        with self._progress:
+            self.bytes_written += nbytes
 
 
 class NodeCoordinator:
@@ -272,12 +279,15 @@ class NodeCoordinator:
         header = safetensors_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
         region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]
         body = region.view(body_bytes) if region is not None else memoryview(b"")
+        def done_with(offset: int, length: int) -> None:
+            session.add_written(length)
+            if region is not None:
+                region.drop_pages(offset, length)
+
         try:
-            written = write_shard(os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle,
-                                  region.drop_pages if region is not None else None)
+            written = write_shard(os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle, done_with)
         finally:
             body.release()
-        session.bytes_written += body_bytes
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
         index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}
         return ScopeFiles(

@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ckptd.proto import layout
 from ckptd.proto.retention import RETENTION_FILE, RetentionPolicy, kept_steps
@@ -87,18 +88,21 @@ class CheckpointStore:
             and os.path.isfile(os.path.join(self.root, name, layout.MANIFEST_NAME))
         )
 
-    def apply_retention(self, policy: RetentionPolicy) -> List[int]:
-        """Delete the committed checkpoints `policy` does not keep (never `latest`, never one a loader
-        holds); record what is kept and why in the root's retention file. Returns the deleted steps."""
+    def plan_retention(self, policy: RetentionPolicy) -> Tuple[Dict[int, List[str]], List[int]]:
+        """(kept step -> reasons, steps to delete) for `policy` as the root is now; `latest` is kept."""
         checkpoints = [(step, self._metrics(step)) for step in self.committed_steps()]
         kept = kept_steps(checkpoints, policy)
         latest = self.latest_step()
         if latest is not None:
             kept.setdefault(latest, []).append("latest")
+        return kept, [step for step, _ in checkpoints if step not in kept]
+
+    def apply_retention(self, policy: RetentionPolicy) -> List[int]:
+        """Delete the committed checkpoints `policy` does not keep (never `latest`, never one a loader
+        holds); record what is kept and why in the root's retention file. Returns the deleted steps."""
+        kept, doomed = self.plan_retention(policy)
         deleted = []
-        for step, _ in checkpoints:
-            if step in kept:
-                continue
+        for step in doomed:
             if self._delete(step):
                 deleted.append(step)
             else:
@@ -131,7 +135,10 @@ class CheckpointStore:
                 log.info("retention: step %d is being loaded; keeping it for now", step)
                 return False
             doomed = os.path.join(self.root, layout.tmp_dir_name(step, "deleted-" + uuid.uuid4().hex[:8]))
-            os.rename(final, doomed)
+            try:
+                os.rename(final, doomed)
+            except FileNotFoundError:  # another retention pass (ckptd gc, another node) took it first
+                return False
         finally:
             os.close(fd)
         fsync_dir(self.root)
@@ -151,9 +158,11 @@ class CheckpointStore:
                 found.append(entry.path)
         return sorted(found)
 
-    def remove_leftovers(self) -> List[str]:
-        """Delete what interrupted saves left behind; returns what was removed."""
-        removed = self.leftovers()
+    def remove_leftovers(self, min_age_s: float = 0.0) -> List[str]:
+        """Delete what interrupted saves left behind (only what is at least `min_age_s` old, when a
+        daemon may be writing); returns what was removed."""
+        now = time.time()
+        removed = [p for p in self.leftovers() if now - _mtime(p) >= min_age_s]
         for path in removed:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -161,3 +170,15 @@ class CheckpointStore:
                 os.unlink(path)
             log.info("removed leftover of an interrupted save: %s", path)
         return removed
+
+
+def _mtime(path: str) -> float:
+    """Newest modification time of `path` and what is directly inside it (a save in flight touches
+    its component directories), or now if it vanished."""
+    try:
+        times = [os.lstat(path).st_mtime]
+        if os.path.isdir(path) and not os.path.islink(path):
+            times += [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(path)]
+        return max(times)
+    except OSError:
+        return time.time()

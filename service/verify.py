@@ -44,13 +44,14 @@ def verify_checkpoint(checkpoint_dir: str) -> List[Problem]:
         return [Problem(manifest_path, str(exc))]
     problems = []
     for record in manifest.files():
-        reason = _check_file(os.path.join(checkpoint_dir, record.path), record)
+        reason = check_file(os.path.join(checkpoint_dir, record.path), record)
         if reason:
             problems.append(Problem(os.path.join(checkpoint_dir, record.path), reason))
     return problems
 
 
-def _check_file(path: str, record: FileRecord) -> str:
+def check_file(path: str, record: FileRecord) -> str:
+    """Why a listed file does not match its record (missing, not regular, size, checksum), or ""."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:

@@ -1,0 +1,263 @@
+"""The operator commands of `ckptd`: ls, inspect, gc, export, status (each returns an exit status)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, TextIO
+
+import zmq
+
+from ckptd.proto import layout, messages
+from ckptd.proto.manifest import Manifest, ManifestError
+from ckptd.proto.retention import RetentionPolicy
+from ckptd.service.catalog import Catalog, catalog, read_manifest_file, saved_policy
+from ckptd.service.export import ExportError, export_component
+from ckptd.service.store import CheckpointStore
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+GC_MIN_AGE_S = 3600.0
+"""Leftovers younger than this may be a save in flight on some node (the save timeout is 600 s)."""
+
+
+def _emit_json(data: Any, out: TextIO = sys.stdout) -> None:
+    out.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _fail(command: str, message: str) -> int:
+    sys.stderr.write(f"ckptd {command}: {message}\n")
+    return EXIT_ERROR
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def ls(args: argparse.Namespace) -> int:
+    """`ckptd ls ROOT`: one row per checkpoint, then the leftovers of interrupted saves."""
+    if not os.path.isdir(args.root):
+        return _fail("ls", f"{args.root} is not a directory")
+    found = catalog(args.root)
+    if args.json:
+        _emit_json(found.to_json())
+        return EXIT_OK
+    sys.stdout.write(_render_catalog(found) + "\n")
+    return EXIT_OK
+
+
+def _render_catalog(found: Catalog) -> str:
+    rows = [
+        [str(c.step), ("*" if c.latest else ""), c.committed_at or "-", human_bytes(c.size_bytes),
+         ",".join(c.components) if not c.problem else f"UNREADABLE: {c.problem}",
+         "; ".join(c.kept_because) or "-"]
+        for c in found.checkpoints
+    ]
+    text = [f"{found.root}: {len(found.checkpoints)} checkpoint(s), latest = "
+            f"{found.latest_step if found.latest_step is not None else 'none'}"]
+    if found.policy:
+        shown = ", ".join(f"{k}={v}" for k, v in found.policy.items() if v is not None)
+        text.append(f"retention policy: {shown}")
+    text.append(_table(["step", "latest", "committed at (UTC)", "size", "components", "kept because"], rows))
+    if found.leftovers:
+        text.append("leftovers (removed by the node-0 daemon at start, or by `ckptd gc`):")
+        text += [f"  {l.path}  {l.kind}, {human_bytes(l.size_bytes)}, {l.age_s:.0f} s old" for l in found.leftovers]
+    return "\n".join(text)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """`ckptd inspect PATH`: a checkpoint's manifest as a readable report."""
+    try:
+        manifest = read_manifest_file(args.path)
+    except ManifestError as exc:
+        return _fail("inspect", str(exc))
+    if args.json:
+        _emit_json(json.loads(manifest.to_json()))
+        return EXIT_OK
+    sys.stdout.write(render_manifest(args.path, manifest) + "\n")
+    return EXIT_OK
+
+
+def render_manifest(path: str, manifest: Manifest) -> str:
+    """The report `ckptd inspect` prints."""
+    topo = manifest.topology
+    lines = [
+        f"checkpoint {path}",
+        f"  step {manifest.step}, format {manifest.format_version}, created {manifest.created_at}, "
+        f"committed {manifest.committed_at}",
+        f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(manifest.versions.items()))}",
+        f"  topology: {topo.describe()}; nodes: " + " | ".join(
+            f"node {i}: ranks {list(ranks)}" for i, ranks in enumerate(topo.nodes)),
+    ]
+    if manifest.groups:
+        lines.append("  process groups: " + "; ".join(f"{name} = {groups}" for name, groups in manifest.groups.items()))
+    if manifest.metrics:
+        lines.append("  metrics: " + ", ".join(f"{k}={v:g}" for k, v in sorted(manifest.metrics.items())))
+    if manifest.timings:
+        lines.append("  timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in manifest.timings.items()))
+    for key, record in manifest.components.items():
+        extra = (" (spread across nodes)" if record.spread else "") + (
+            f" group {record.group_name!r}" if record.group_name else "") + (
+            ", replication validated" if record.validate_replication else "") + ("" if record.required else ", optional")
+        lines.append(f"  component {key!r}: {record.pattern.value}{extra}, {len(record.scopes)} cop{'y' if len(record.scopes) == 1 else 'ies'}")
+        for scope in record.scopes.values():
+            dtypes: Dict[str, int] = {}
+            for info in scope.tensor_file.tensors.values():
+                dtypes[str(info.get("dtype"))] = dtypes.get(str(info.get("dtype")), 0) + 1
+            lines.append(f"    {scope.scope}: written by rank {scope.writer_rank}, read by ranks {_ranks(scope.readers)}")
+            lines.append(f"      {scope.tensor_file.path}  {human_bytes(scope.tensor_file.size)}  xxh3 {scope.tensor_file.checksum}  "
+                         f"{len(scope.tensor_file.tensors)} tensors ({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items())) or 'none'})")
+            lines.append(f"      {scope.state_file.path}  {human_bytes(scope.state_file.size)}  xxh3 {scope.state_file.checksum}")
+    return "\n".join(lines)
+
+
+def _ranks(ranks: List[int]) -> str:
+    if ranks and ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 3:
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def gc(args: argparse.Namespace) -> int:
+    """`ckptd gc ROOT`: remove leftovers older than --min-age, and apply a retention policy (the flags',
+    else the one the daemon last applied). Safe beside a committing daemon: a leftover that is a save
+    in flight is younger than --min-age, and deletes go through the daemon's own crash-safe path."""
+    if not os.path.isdir(args.root):
+        return _fail("gc", f"{args.root} is not a directory")
+    try:
+        policy = _policy_from_args(args) or saved_policy(args.root)
+    except ValueError as exc:
+        sys.stderr.write(f"ckptd gc: {exc}\n")
+        return EXIT_USAGE
+    store = CheckpointStore(args.root)
+    now = time.time()
+    old = [l for l in catalog(args.root).leftovers if l.age_s >= args.min_age]
+    doomed: List[int] = []
+    if policy is not None:
+        _, doomed = store.plan_retention(policy)
+    if not args.dry_run:
+        removed = set(store.remove_leftovers(min_age_s=args.min_age))
+        old = [l for l in old if l.path in removed]
+        doomed = store.apply_retention(policy) if policy is not None else []
+    report = {"dry_run": args.dry_run, "leftovers": [l.path for l in old], "deleted_steps": doomed,
+              "policy": policy.to_wire() if policy else None, "seconds": round(time.time() - now, 3)}
+    if args.json:
+        _emit_json(report)
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for path in report["leftovers"]:
+        sys.stdout.write(f"{verb} leftover {path}\n")
+    for step in doomed:
+        sys.stdout.write(f"{'would delete' if args.dry_run else 'deleted'} {layout.checkpoint_dir_name(step)} (retention)\n")
+    if not report["leftovers"] and not doomed:
+        sys.stdout.write("nothing to remove" + ("" if policy else " (no retention policy: checkpoints are kept)") + "\n")
+    return EXIT_OK
+
+
+def _policy_from_args(args: argparse.Namespace) -> Optional[RetentionPolicy]:
+    if args.keep_last is None and args.keep_every is None and args.keep_best is None:
+        return None
+    return RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every, keep_best=args.keep_best,
+                           best_metric=args.best_metric, best_mode=args.best_mode)
+
+
+def export(args: argparse.Namespace) -> int:
+    """`ckptd export PATH --component KEY --out DIR`: consolidated safetensors files plus an index."""
+    try:
+        result = export_component(args.path, args.component, args.out, scope=args.scope, prefix=args.prefix,
+                                  max_shard_bytes=int(args.max_shard_gb * 10**9))
+    except (ExportError, ManifestError) as exc:
+        return _fail("export", str(exc))
+    if args.json:
+        _emit_json({"files": result.files, "index": result.index, "tensors": result.tensors, "bytes": result.total_bytes})
+    else:
+        sys.stdout.write(f"exported {result.tensors} tensors ({human_bytes(result.total_bytes)}) of "
+                         f"{args.component!r} into {len(result.files)} file(s) in {args.out}\n")
+    return EXIT_OK
+
+
+def query_status(endpoint: str, timeout_s: float) -> Dict[str, Any]:
+    """The daemon's status at `endpoint`; raises TimeoutError if it does not answer."""
+    ctx = zmq.Context.instance()
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send(messages.encode(messages.STATUS, {}, 1))
+        if not socket.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no ckptd daemon answered at {endpoint} within {timeout_s:g} s")
+        envelope = messages.decode(socket.recv())
+    finally:
+        socket.close(0)
+    if envelope.type != messages.OK:
+        raise TimeoutError(f"the daemon at {endpoint} refused the status request: {envelope.body.get('message')}")
+    return envelope.body
+
+
+def status(args: argparse.Namespace) -> int:
+    """`ckptd status`: the live daemon's saves in flight with progress, and its last commit."""
+    endpoint = args.endpoint or os.environ.get("CKPTD_ENDPOINT") or (
+        layout.default_endpoint(args.root) if args.root else None)
+    if endpoint is None:
+        sys.stderr.write("ckptd status: give --endpoint or --root (or set CKPTD_ENDPOINT)\n")
+        return EXIT_USAGE
+    previous: Dict[int, tuple] = {}
+    while True:
+        try:
+            body = query_status(endpoint, args.timeout)
+        except (TimeoutError, messages.ProtocolError, zmq.ZMQError) as exc:
+            return _fail("status", str(exc))
+        if args.json:
+            _emit_json(body)
+        else:
+            sys.stdout.write(("\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else "")
+                             + render_status(body, previous) + "\n")
+        sys.stdout.flush()
+        if not args.watch:
+            return EXIT_OK
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def render_status(body: Dict[str, Any], previous: Dict[int, tuple]) -> str:
+    """Progress bars for the saves in flight; `previous` (step -> (time, bytes)) gives throughput."""
+    lines = [f"ckptd {body.get('version')} pid {body.get('pid')} serving {body.get('root')} at {body.get('endpoint')}",
+             f"last committed step: {body.get('last_committed')}"]
+    saves = body.get("saves") or []
+    if not saves:
+        lines.append("no saves in flight")
+    now = time.monotonic()
+    for save in saves:
+        done, total = save.get("bytes_written", 0), save.get("bytes_expected", 0)
+        fraction = done / total if total else 0.0
+        bar = "#" * int(fraction * 30)
+        rate = ""
+        step = save.get("step")
+        if step in previous:
+            then, before = previous[step]
+            if now > then:
+                rate = f"  {human_bytes((done - before) / (now - then))}/s"
+        previous[step] = (now, done)
+        lines.append(
+            f"step {step}: [{bar:<30}] {fraction * 100:5.1f}%  {human_bytes(done)} of {human_bytes(total)}{rate}  "
+            f"ranks handed over {len(save.get('ranks_received', []))}/{len(save.get('ranks_expected', []))}, "
+            f"durable {len(save.get('ranks_durable', []))}, {save.get('seconds', 0):.1f} s"
+        )
+    return "\n".join(lines)
