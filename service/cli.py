@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cluster-secret", default=os.environ.get("CKPTD_CLUSTER_SECRET"), metavar="FILE",
                        help="secret shared by the job's daemons, from `ckptd keygen` (default $CKPTD_CLUSTER_SECRET; "
                             "needed when --num-nodes > 1)")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)")
+    serve.add_argument("--metrics-address", default="127.0.0.1",
+                       help="address the metrics listen on (default 127.0.0.1; 0.0.0.0 for a cluster scraper)")
     serve.add_argument("--peer-timeout", type=float, default=10.0,
                        help="seconds without a heartbeat before another node's daemon counts as gone (default 10)")
     serve.add_argument("--max-write-mbps", type=float, help="cap on write bandwidth in MB/s (default: no cap)")
@@ -140,7 +144,7 @@ def serve(args: argparse.Namespace) -> int:
         root=args.root, endpoint=args.endpoint, node=args.node, max_write_mbps=args.max_write_mbps,
         save_timeout=args.save_timeout, write_threads=args.write_threads, exit_when_idle=args.exit_when_idle,
         nice=args.nice, num_nodes=args.num_nodes, leader=args.leader, cluster_secret=args.cluster_secret,
-        peer_timeout=args.peer_timeout,
+        peer_timeout=args.peer_timeout, metrics_port=args.metrics_port, metrics_address=args.metrics_address,
     )
     try:
         asyncio.run(DaemonServer(config).serve())

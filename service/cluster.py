@@ -29,6 +29,7 @@ from ckptd.proto.cluster import NodeReport
 from ckptd.proto.messages import Outcome, ProtocolError
 from ckptd.service.curve import CurveKeys
 from ckptd.service.leader import Announce, LocalCommitLeader, SaveKey
+from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ class ClusterLeader(_Endpoint):
         executor: concurrent.futures.Executor,
         announce: Announce,
         ctx: zmq.asyncio.Context,
+        metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         super().__init__()
         self._config = config
         self._announce_local = announce
-        self._commit = LocalCommitLeader(store, executor, self._announce_everywhere)
+        self._commit = LocalCommitLeader(store, executor, self._announce_everywhere, metrics)
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)
         self._peers: Dict[int, _Peer] = {}

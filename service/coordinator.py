@@ -19,6 +19,7 @@ from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequ
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.service.leader import Announce, CommitChannel, LocalCommitLeader, SaveKey
+from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.regions import MappedRegion, RegionError
 from ckptd.service.shard_writer import Throttle, write_file, write_shard
 from ckptd.service.store import CheckpointStore
@@ -68,6 +69,7 @@ class SaveSession:
     write_seconds: float = 0.0
     last_part_at: float = 0.0
     reported: bool = False
+    fsync_seconds: float = 0.0
     _progress: threading.Lock = field(default_factory=threading.Lock)
 
     def add_written(self, nbytes: int) -> None:
@@ -89,6 +91,7 @@ class NodeCoordinator:
         save_timeout: float,
         num_nodes: int = 1,
         make_channel: Optional[Callable[[Announce], CommitChannel]] = None,
+        metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         self._store = store
         self._node = node
@@ -99,8 +102,10 @@ class NodeCoordinator:
         self._sessions: Dict[int, SaveSession] = {}
         self._aborted: Dict[SaveKey, str] = {}
         self._num_nodes = num_nodes
+        self.metrics = metrics or DaemonMetrics()
         self.leader: CommitChannel = (
-            make_channel(self._on_outcome) if make_channel else LocalCommitLeader(store, executor, self._on_outcome)
+            make_channel(self._on_outcome) if make_channel
+            else LocalCommitLeader(store, executor, self._on_outcome, self.metrics)
         )
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
 
@@ -130,6 +135,7 @@ class NodeCoordinator:
         if request.rank in session.ranks:
             raise SaveRejected("duplicate", f"rank {request.rank} already handed over its part of step {step}")
         regions = self._map_regions(request)
+        self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
         part = RankPart(request, identity, regions)
         session.ranks[request.rank] = part
         session.last_part_at = time.time()
@@ -172,7 +178,9 @@ class NodeCoordinator:
         session = SaveSession(request.step, request, tmp_dir, expected)
         session.timer = asyncio.get_running_loop().call_later(self._save_timeout, self._expire, request.step)
         self._sessions[request.step] = session
-        log.info("step %d: save started, expecting ranks %s", request.step, sorted(expected))
+        self.metrics.saves_started.inc()
+        self.metrics.saves_in_flight.set(len(self._sessions))
+        log.info("event=save_started step=%d job=%s ranks_expected=%s", request.step, request.job, sorted(expected))
         return session
 
     def _map_regions(self, request: SaveRequest) -> Dict[str, MappedRegion]:
@@ -255,9 +263,14 @@ class NodeCoordinator:
             log.exception(error)
         finally:
             session.writes_in_flight -= 1
-            session.write_seconds = max(session.write_seconds, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            session.write_seconds = max(session.write_seconds, seconds)
             _close_all(part.regions)
+            self.metrics.staged_bytes_mapped.dec(sum(r.size for r in part.regions.values()))
             part.durable = error is None
+            if error is None:
+                log.info("event=rank_durable step=%d rank=%d bytes=%d seconds=%.3f", session.step, request.rank,
+                         sum(p.region_size for p in request.parts if p.writer), seconds)
             await self._notify(part.identity, messages.RELEASED, {"step": session.step, "regions": list(part.regions)})
         if error is not None:
             await self.leader.abort(request.job, session.step, error)
@@ -281,6 +294,7 @@ class NodeCoordinator:
         body = region.view(body_bytes) if region is not None else memoryview(b"")
         def done_with(offset: int, length: int) -> None:
             session.add_written(length)
+            self.metrics.bytes_written.inc(length)
             if region is not None:
                 region.drop_pages(offset, length)
 
@@ -289,6 +303,7 @@ class NodeCoordinator:
         finally:
             body.release()
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
+        session.fsync_seconds = max(session.fsync_seconds, written.fsync_s + state.fsync_s)
         index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}
         return ScopeFiles(
             FileRecord(tensor_rel, written.size, written.checksum, index),
@@ -340,11 +355,13 @@ class NodeCoordinator:
             self._aborted[(outcome.job, outcome.step)] = outcome.reason or "aborted"
             if len(self._aborted) > 1024:
                 self._aborted.pop(next(iter(self._aborted)))
-            log.warning("step %d aborted: %s", outcome.step, outcome.reason)
+            log.warning("event=aborted step=%d reason=%r", outcome.step, outcome.reason)
         else:
             self.last_committed = max(self.last_committed or -1, outcome.step)
+            self.metrics.last_committed_step.set(self.last_committed)
         if session is None:
             return
+        self._count_outcome(session, outcome)
         session.outcome = outcome
         if session.timer is not None:
             session.timer.cancel()
@@ -354,9 +371,21 @@ class NodeCoordinator:
         if session.writes_in_flight == 0:
             self._close_session(session)
 
+    def _count_outcome(self, session: SaveSession, outcome: Outcome) -> None:
+        if not outcome.committed:
+            self.metrics.saves_aborted.inc()
+            return
+        self.metrics.saves_committed.inc()
+        self.metrics.observe_phase("handoff", session.last_part_at - session.started_at)
+        self.metrics.observe_phase("write", session.write_seconds)
+        self.metrics.observe_phase("fsync", session.fsync_seconds)
+        log.info("event=committed step=%d bytes=%d seconds=%.3f path=%s", session.step, session.bytes_written,
+                 time.time() - session.started_at, outcome.path)
+
     def _close_session(self, session: SaveSession) -> None:
         if self._sessions.get(session.step) is session:
             del self._sessions[session.step]
+        self.metrics.saves_in_flight.set(len(self._sessions))
         if session.outcome is not None and not session.outcome.committed:
             self._store.discard(session.tmp_dir)
 

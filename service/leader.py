@@ -11,7 +11,7 @@ import concurrent.futures
 import datetime
 import logging
 import time
-from typing import Awaitable, Callable, Dict, List, Protocol, Set, Tuple
+from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.formats import STATE_DIGEST_KEY
@@ -19,6 +19,7 @@ from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRec
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,12 @@ class LocalCommitLeader:
     """Commits a save once every node of the job has reported into this process (on one node, the
     node's own coordinator; on several, through `ClusterLeader`)."""
 
-    def __init__(self, store: CheckpointStore, executor: concurrent.futures.Executor, announce: Announce) -> None:
+    def __init__(
+        self, store: CheckpointStore, executor: concurrent.futures.Executor, announce: Announce,
+        metrics: Optional[DaemonMetrics] = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics
         self._executor = executor
         self._announce = announce
         self._reports: Dict[SaveKey, Dict[int, NodeReport]] = {}
@@ -92,6 +97,7 @@ class LocalCommitLeader:
         try:
             manifest = build_manifest(reports)
             loop = asyncio.get_running_loop()
+            committing = time.monotonic()
             path = await loop.run_in_executor(
                 self._executor, self._store.commit, self._store.tmp_path(first.step, first.job), first.step,
                 manifest.to_json()
@@ -102,6 +108,8 @@ class LocalCommitLeader:
             reason = f"committing step {first.step} failed: {exc}"
             log.error(reason)
             return Outcome(first.job, first.step, committed=False, reason=reason)
+        if self._metrics is not None:
+            self._metrics.observe_phase("commit", time.monotonic() - committing)
         log.info("committed step %d at %s", first.step, path)
         policy = next((r.retention for r in sorted(reports, key=lambda r: r.node) if r.retention), None)
         if policy is not None:

@@ -24,6 +24,7 @@ from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
 from ckptd.service.curve import ClusterSecretError, load_secret
 from ckptd.service.leader import Announce, CommitChannel
+from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
@@ -60,6 +61,9 @@ class DaemonConfig:
     cluster_secret: Optional[str] = None
     """Path of the secret file every daemon of a multi-node job shares (`ckptd keygen`)."""
     peer_timeout: float = 10.0
+    metrics_port: Optional[int] = None
+    """Serve Prometheus metrics on 127.0.0.1:PORT (None: collect only)."""
+    metrics_address: str = "127.0.0.1"
 
     def cluster(self) -> Optional[ClusterConfig]:
         """The multi-node settings, checked; None for a one-node job. Raises DaemonConfigError."""
@@ -129,9 +133,11 @@ class DaemonServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(config.write_threads, thread_name_prefix="ckptd-write")
         throttle = Throttle(config.max_write_mbps * 1e6 if config.max_write_mbps else None)
         self.cluster = config.cluster()
+        self.metrics = DaemonMetrics()
         self.coordinator = NodeCoordinator(
             self.store, config.node, self._executor, throttle, self._send, config.save_timeout,
             num_nodes=config.num_nodes, make_channel=self._commit_channel if self.cluster else None,
+            metrics=self.metrics,
         )
         self.instance = uuid.uuid4().hex
         """Changes at every start: clients notice a restarted daemon by it."""
@@ -142,7 +148,7 @@ class DaemonServer:
     def _commit_channel(self, announce: Announce) -> CommitChannel:
         assert self.cluster is not None
         if self.cluster.is_leader:
-            return ClusterLeader(self.cluster, self.store, self._executor, announce, self._ctx)
+            return ClusterLeader(self.cluster, self.store, self._executor, announce, self._ctx, self.metrics)
         return ClusterFollower(self.cluster, announce, self._ctx)
 
     async def serve(self) -> None:
@@ -156,6 +162,11 @@ class DaemonServer:
                 self.store.repair_latest()
             self._sweep_regions()
             self._socket = self._bind()
+            if self.config.metrics_port is not None:
+                try:
+                    self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
+                except OSError as exc:
+                    raise DaemonConfigError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
             try:
                 await self.coordinator.leader.start()
             except zmq.ZMQError as exc:

@@ -26,6 +26,8 @@ class WrittenFile:
 
     size: int
     checksum: str
+    fsync_s: float = 0.0
+    """Seconds the final fsync took."""
 
 
 class Throttle:
@@ -106,13 +108,15 @@ def write_shard(
             _write_direct(fd, header, body, checksum, throttle, done_with or _ignore)
         else:
             _write_buffered(fd, header, body, checksum, throttle, done_with or _ignore)
+        synced = time.monotonic()
         os.fsync(fd)
+        fsync_s = time.monotonic() - synced
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
     os.close(fd)
-    return WrittenFile(len(header) + len(body), checksum.hexdigest())
+    return WrittenFile(len(header) + len(body), checksum.hexdigest(), fsync_s)
 
 
 def _ignore(offset: int, length: int) -> None:
