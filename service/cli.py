@@ -8,11 +8,13 @@ import json
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from ckptd.service import commands as commands_module
 from ckptd.service.curve import write_secret
 from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
+from ckptd.proto.manifest import ManifestError
+from ckptd.service.catalog import read_manifest_file
 from ckptd.service.verify import checkpoint_dirs, verify_checkpoint
 
 log = logging.getLogger("ckptd")
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every file of a checkpoint (or of every checkpoint under a root)")
     verify.add_argument("path", help="a checkpoint directory, or a checkpoint root")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr (default: when stderr is a terminal)")
     _add_operator_commands(commands)
     return parser
 
@@ -106,13 +110,46 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+class _ProgressBar:
+    """A one-line progress bar of bytes checked, redrawn at most every 1%."""
+
+    def __init__(self, stream: Any, total: int) -> None:
+        self._stream, self._total, self._done, self._shown = stream, max(total, 1), 0, -1
+
+    def advance(self, nbytes: int) -> None:
+        self._done += nbytes
+        percent = min(100, self._done * 100 // self._total)
+        if percent != self._shown:
+            self._shown = percent
+            self._stream.write(f"\rverifying [{'#' * (percent // 4):<25}] {percent:3d}% "
+                               f"of {self._total / 2**20:.0f} MiB")
+            self._stream.flush()
+
+    def finish(self) -> None:
+        self._stream.write("\n")
+
+
+def _listed_bytes(directories: List[str]) -> int:
+    total = 0
+    for directory in directories:
+        try:
+            total += sum(f.size for f in read_manifest_file(directory).files())
+        except ManifestError:
+            pass
+    return total
+
+
 def verify(args: argparse.Namespace) -> int:
     """`ckptd verify PATH|ROOT`: exit 0 only when every listed file matches its size and checksum."""
     directories = checkpoint_dirs(args.path) if os.path.isdir(args.path) else []
     if not directories:
         sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
         return EXIT_ERROR
-    results = {directory: verify_checkpoint(directory) for directory in directories}
+    bar = _ProgressBar(sys.stderr, _listed_bytes(directories)) if args.progress or (
+        args.progress is None and sys.stderr.isatty()) else None
+    results = {directory: verify_checkpoint(directory, bar.advance if bar else None) for directory in directories}
+    if bar:
+        bar.finish()
     if args.json:
         sys.stdout.write(json.dumps({d: [{"path": p.path, "reason": p.reason} for p in problems]
                                      for d, problems in results.items()}, indent=2) + "\n")

@@ -327,6 +327,7 @@ class NodeCoordinator:
             timings={
                 "handoff_s": round(session.last_part_at - session.started_at, 6),
                 "write_s": round(session.write_seconds, 6),
+                "fsync_s": round(session.fsync_seconds, 6),
             },
             job=request.job,
         )

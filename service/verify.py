@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional
 
 from ckptd.proto import layout
 from ckptd.proto.formats import Checksum
@@ -32,7 +32,11 @@ def checkpoint_dirs(path: str) -> List[str]:
     return [os.path.join(path, n) for n in names]
 
 
-def verify_checkpoint(checkpoint_dir: str) -> List[Problem]:
+Progress = Callable[[int], None]
+"""Called with the number of bytes just checked."""
+
+
+def verify_checkpoint(checkpoint_dir: str, progress: Optional[Progress] = None) -> List[Problem]:
     """Every problem with one checkpoint: its manifest, and each listed file's type, size and checksum."""
     manifest_path = os.path.join(checkpoint_dir, layout.MANIFEST_NAME)
     try:
@@ -44,13 +48,13 @@ def verify_checkpoint(checkpoint_dir: str) -> List[Problem]:
         return [Problem(manifest_path, str(exc))]
     problems = []
     for record in manifest.files():
-        reason = check_file(os.path.join(checkpoint_dir, record.path), record)
+        reason = check_file(os.path.join(checkpoint_dir, record.path), record, progress)
         if reason:
             problems.append(Problem(os.path.join(checkpoint_dir, record.path), reason))
     return problems
 
 
-def check_file(path: str, record: FileRecord) -> str:
+def check_file(path: str, record: FileRecord, progress: Optional[Progress] = None) -> str:
     """Why a listed file does not match its record (missing, not regular, size, checksum), or ""."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -67,6 +71,8 @@ def check_file(path: str, record: FileRecord) -> str:
         checksum = Checksum()
         while chunk := f.read(READ_CHUNK):
             checksum.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     if checksum.hexdigest() != record.checksum:
         return f"checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}"
     return ""

@@ -191,8 +191,8 @@ def test_verify_json_names_each_bad_file(daemon: Daemon, saved: Trainer) -> None
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = ckptd("verify", str(daemon.root), "--json")
-    assert result.returncode == 1
+    result = ckptd("verify", str(daemon.root), "--json", "--progress")
+    assert result.returncode == 1 and "100% of" in result.stderr
     report = json.loads(result.stdout)
     assert report[str(daemon.root / "step_00000002")] == []
     (problem,) = report[str(daemon.root / "step_00000003")]
