@@ -19,6 +19,7 @@ from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,14 @@ class CheckpointManager:
         votes: List[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(votes, ok)
         return all(votes)
+
+    def saved_topology(self, path: Optional[str] = None) -> Topology:
+        """The topology checkpoint `path` (default: the latest) was saved with, to decide before
+        loading what to do on another world size (PER_RANK, PER_GROUP and PER_NODE need the same)."""
+        checkpoint = path or self.latest_checkpoint()
+        if checkpoint is None:
+            raise CheckpointError(f"no committed checkpoint under {self.root}")
+        return read_manifest(checkpoint).topology
 
     def latest_checkpoint(self) -> Optional[str]:
         """The newest committed checkpoint directory under root, or None."""

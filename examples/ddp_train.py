@@ -10,15 +10,36 @@ Run it with two ranks (this is what `./dev demo` does):
 The first run checkpoints every 5 steps and SIGKILLs every rank after step 22. The checkpoint of
 step 20 was handed over before that, so the daemon commits it anyway and the second run resumes
 from it. Local rank 0 starts the node's daemon if none answers; it exits on its own once idle.
+
+What is saved, and how (see `Trainer.get_state_components`): model and optimizer REPLICATED with
+`validate_replication=True` (DDP keeps them identical; a copy that drifted refuses the
+checkpoint), scheduler REPLICATED, RNG PER_RANK (dropout draws differ per rank), the step counter
+and loss history GLOBAL. The data position's pattern is decided at run time by `--loader`:
+
+- `per-rank` (default): every rank has its own stream of batches, so its position is PER_RANK.
+- `global`: one logical loader over a global sample sequence hands rank r its slice of each global
+  batch of 64 samples. Its position is the same on every rank, so it is GLOBAL (rank 0's copy).
+
+With `--loader global` a job may resume on another world size (`--nproc-per-node 1` after 2):
+everything but the RNG state loads at any topology and the global batch sequence continues where
+it stopped. PER_RANK state cannot load on another topology (ckptd refuses, naming both), so the
+example leaves the RNG component out of that one load and re-seeds each rank's generators from
+(rank, step) instead; dropout then draws differently from an uninterrupted run. With
+`--loader per-rank` the data position is PER_RANK too, and ckptd's error stops such a resume.
+
+`--record FILE` makes each rank write `FILE.rank<R>` (torch.save) at the end of the run, or just
+before the simulated crash: the (step, loss) pairs and the sample ids of every step this process
+trained, the step it started from, and at the end its model and optimizer state. The tests use it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -28,6 +49,9 @@ from ckptd.client import CheckpointError, CheckpointManager, RNGState, SaveHandl
 
 DIM = 256
 HIDDEN = 1024
+GLOBAL_BATCH = 64  # samples per step over all ranks with --loader global, whatever the world size
+
+Batch = Tuple[torch.Tensor, torch.Tensor, List[int]]
 
 
 class SyntheticData:
@@ -37,12 +61,13 @@ class SyntheticData:
         self.rank, self.batch_size, self.seed = rank, batch_size, seed
         self.position = 0
 
-    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The batch at the current position (a pure function of seed, rank and position)."""
+    def next_batch(self) -> Batch:
+        """The batch at the current position (a pure function of seed, rank and position) and its id."""
         g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank + self.position)
+        ids = [self.position]
         self.position += 1
         x = torch.randn(self.batch_size, DIM, generator=g)
-        return x, torch.tanh(x.roll(1, dims=1))
+        return x, torch.tanh(x.roll(1, dims=1)), ids
 
     def state_dict(self) -> Dict[str, Any]:
         return {"rank": self.rank, "seed": self.seed, "position": self.position}
@@ -50,6 +75,38 @@ class SyntheticData:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["rank"] != self.rank:
             raise ValueError(f"data position of rank {state['rank']} loaded on rank {self.rank}")
+        self.seed, self.position = state["seed"], state["position"]
+
+
+class GlobalBatches:
+    """One logical loader for the whole job: global batch b holds samples b*G .. b*G+G-1 of a global
+    sequence (sample k is a pure function of seed and k), and rank r of W trains on its r-th slice.
+
+    Its state, the number of global batches consumed, is the same on every rank and independent of
+    the world size, so it is GLOBAL and a resumed job of any size that divides G continues the
+    same global sequence."""
+
+    def __init__(self, rank: int, world_size: int, global_batch: int = GLOBAL_BATCH, seed: int = 4321) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not split over {world_size} ranks")
+        self.rank, self.world_size, self.global_batch, self.seed = rank, world_size, global_batch, seed
+        self.position = 0
+
+    def next_batch(self) -> Batch:
+        """This rank's slice of the next global batch, and the global sample ids in it."""
+        per_rank = self.global_batch // self.world_size
+        first = self.position * self.global_batch + self.rank * per_rank
+        ids = list(range(first, first + per_rank))
+        self.position += 1
+        x = torch.stack([torch.randn(DIM, generator=torch.Generator().manual_seed(self.seed + k)) for k in ids])
+        return x, torch.tanh(x.roll(1, dims=1)), ids
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed, "global_batch": self.global_batch, "position": self.position}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"saved global batch {state['global_batch']} differs from {self.global_batch}")
         self.seed, self.position = state["seed"], state["position"]
 
 
@@ -70,7 +127,7 @@ class TrainerState:
 class Trainer:
     """Owns the training state and declares it to ckptd through `get_state_components()`."""
 
-    def __init__(self, rank: int, total_steps: int) -> None:
+    def __init__(self, rank: int, world_size: int, total_steps: int, loader: str) -> None:
         torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         self.model = nn.Sequential(
             nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1),
@@ -80,25 +137,39 @@ class Trainer:
         self.ddp = nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps)
-        self.data = SyntheticData(rank)
+        self.rank = rank
+        self.data: Union[SyntheticData, GlobalBatches] = (
+            GlobalBatches(rank, world_size) if loader == "global" else SyntheticData(rank)
+        )
         self.rng = RNGState()
         self.state = TrainerState()
+        self.include_rng = True  # False only while loading a checkpoint saved at another world size
         torch.manual_seed(1000 + rank)  # dropout draws differ per rank: that is why RNG state is PER_RANK
+
+    def data_pattern(self) -> SharingPattern:
+        """GLOBAL when one logical loader feeds every rank (its position is the job's), else PER_RANK."""
+        return SharingPattern.GLOBAL if isinstance(self.data, GlobalBatches) else SharingPattern.PER_RANK
 
     def get_state_components(self) -> List[StateComponent]:
         """What to checkpoint and how each piece relates across ranks (called at every save and load)."""
-        return [
+        components = [
             StateComponent("model", self.model, SharingPattern.REPLICATED, validate_replication=True),
-            StateComponent("optimizer", self.optimizer, SharingPattern.REPLICATED),
+            StateComponent("optimizer", self.optimizer, SharingPattern.REPLICATED, validate_replication=True),
             StateComponent("scheduler", self.scheduler, SharingPattern.REPLICATED),
-            StateComponent("data", self.data, SharingPattern.PER_RANK),
-            StateComponent("rng", self.rng, SharingPattern.PER_RANK),
+            StateComponent("data", self.data, self.data_pattern()),
             StateComponent("trainer", self.state, SharingPattern.GLOBAL),
         ]
+        if self.include_rng:
+            components.append(StateComponent("rng", self.rng, SharingPattern.PER_RANK))
+        return components
 
-    def train_step(self) -> float:
-        """One optimizer step on the next batch; returns this rank's loss."""
-        x, y = self.data.next_batch()
+    def reseed(self) -> None:
+        """Fresh per-rank generators for a job whose saved RNG state belongs to another world size."""
+        torch.manual_seed(1000 + self.rank + 1_000_003 * self.state.step)
+
+    def train_step(self) -> Tuple[float, List[int]]:
+        """One optimizer step on the next batch; returns this rank's loss and the batch's sample ids."""
+        x, y, ids = self.data.next_batch()
         loss = nn.functional.mse_loss(self.ddp(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,7 +177,30 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         self.state.losses.append(loss.item())
-        return self.state.losses[-1]
+        return self.state.losses[-1], ids
+
+
+class Recorder:
+    """What `--record` writes for the tests: this process's (step, loss) pairs and sample ids."""
+
+    def __init__(self, path: Optional[str], rank: int, start_step: int) -> None:
+        self.path = f"{path}.rank{rank}" if path else None
+        self.record: Dict[str, Any] = {"start_step": start_step, "steps": [], "batches": []}
+
+    def add(self, step: int, loss: float, ids: List[int]) -> None:
+        """Note one trained step."""
+        self.record["steps"].append((step, loss))
+        self.record["batches"].append((step, ids))
+
+    def write(self, trainer: Optional[Trainer] = None) -> None:
+        """Write the record; with `trainer`, also its final model and optimizer state and loss history."""
+        if self.path is None:
+            return
+        if trainer is not None:
+            self.record["model"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            self.record["optimizer"] = copy.deepcopy(trainer.optimizer.state_dict())
+            self.record["losses"] = list(trainer.state.losses)
+        torch.save(self.record, self.path)
 
 
 def report(handles: List[SaveHandle]) -> List[str]:
@@ -121,6 +215,27 @@ def report(handles: List[SaveHandle]) -> List[str]:
     return notes
 
 
+def resume(manager: CheckpointManager, trainer: Trainer, say: Callable[[str], None]) -> None:
+    """Load the newest checkpoint; on another world size, without the PER_RANK RNG state."""
+    latest = manager.latest_checkpoint()
+    if latest is None:
+        say(f"nothing to resume under {os.path.relpath(manager.root)}; starting at step 0")
+        return
+    saved_world = manager.saved_topology(latest).world_size
+    world = dist.get_world_size()
+    other_world = saved_world != world and trainer.data_pattern() is SharingPattern.GLOBAL
+    trainer.include_rng = not other_world
+    try:
+        path = manager.load_checkpoint()  # every declared component, into the existing objects
+    finally:
+        trainer.include_rng = True
+    if other_world:
+        trainer.reseed()
+        say(f"saved with {saved_world} ranks, resuming with {world}: RNG state re-seeded per rank")
+    say(f"resumed at step {trainer.state.step} from {os.path.relpath(path)} "
+        f"(loss then {trainer.state.losses[-1]:.4f})")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="DDP training with asynchronous ckptd checkpoints.")
     parser.add_argument("--root", default="./demo_checkpoints", help="checkpoint root (default ./demo_checkpoints)")
@@ -128,6 +243,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (default 5)")
     parser.add_argument("--crash-at", type=int, metavar="STEP", help="SIGKILL every rank after this step")
     parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
+    parser.add_argument("--loader", choices=("per-rank", "global"), default="per-rank",
+                        help="per-rank: a loader per rank (PER_RANK state); global: one loader slicing global "
+                             "batches across ranks (GLOBAL state, resumable at another world size)")
+    parser.add_argument("--record", metavar="FILE", help="each rank writes FILE.rank<R> with its losses and state")
     return parser.parse_args()
 
 
@@ -137,23 +256,20 @@ def main() -> None:
     rank = dist.get_rank()
     say: Callable[[str], None] = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
-    trainer = Trainer(rank, args.steps)
+    trainer = Trainer(rank, dist.get_world_size(), args.steps, args.loader)
     manager = CheckpointManager(trainer, args.root, auto_start=True)  # local rank 0 starts the daemon if needed
     if args.resume:
-        if manager.latest_checkpoint() is None:
-            say(f"nothing to resume under {args.root}; starting at step 0")
-        else:
-            path = manager.load_checkpoint()  # every component, into the existing objects
-            say(f"resumed at step {trainer.state.step} from {os.path.relpath(path)} "
-                f"(loss then {trainer.state.losses[-1]:.4f})")
+        resume(manager, trainer, say)
+    recorder = Recorder(args.record, rank, trainer.state.step)
 
     pending: List[SaveHandle] = []
     step_times: List[float] = []
     while trainer.state.step < args.steps:
         started = time.perf_counter()
-        loss = trainer.train_step()
+        loss, ids = trainer.train_step()
         step_times.append(time.perf_counter() - started)
         step = trainer.state.step
+        recorder.add(step, loss, ids)
         if step % args.save_every == 0:
             started = time.perf_counter()
             handle = manager.save_checkpoint(step, metrics={"loss": loss})  # returns once staged
@@ -165,12 +281,14 @@ def main() -> None:
                 f"(train step {mean_ms:5.1f} ms)" + "".join(f"  | {n}" for n in notes))
             step_times.clear()
         if step == args.crash_at:
+            recorder.write()
             say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
             os.kill(os.getpid(), signal.SIGKILL)
 
     manager.close()  # waits for the saves in flight to commit
     for note in report(pending):
         say(note)
+    recorder.write(trainer)
     dist.destroy_process_group()
 
 
