@@ -74,8 +74,9 @@ class CheckpointManager:
                 DeprecationWarning, stacklevel=2,
             )
         if connect:
-            self.client  # noqa: B018 - connect (and auto-start the daemon) before the first save
-            self.allocate_staging()
+            components = self._prepare(self._components(for_save=True))  # a misdeclared provider fails here,
+            self.client  # noqa: B018 - before a daemon is started; connect before the first save
+            self._allocate(components)
 
     @property
     def client(self) -> CheckpointClient:
@@ -91,8 +92,11 @@ class CheckpointManager:
         the first optimizer step, when AdamW creates its state) so that the first save does not
         pay for allocating and faulting in the memory.
         """
+        self._allocate(self._prepare(self._components(for_save=True)))
+
+    def _allocate(self, components: List[PreparedComponent]) -> None:
         try:
-            self.client.allocate_ahead(self._prepare(self._components(for_save=True)))
+            self.client.allocate_ahead(components)
         except Exception as exc:  # the state may not be ready this early; the first save reports real errors
             log.info("staging memory will be allocated at the first save (%s)", exc)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 import torch
-from helpers import Daemon, Holder
+from helpers import Daemon, Holder, short_endpoint
 
 from ckptd.client import (
     CheckpointError,
@@ -79,12 +80,12 @@ class GroupProvider:
         raise AttributeError(name)
 
 
-def test_per_group_without_its_process_group_is_a_clear_error(daemon: Daemon) -> None:
+def test_per_group_without_its_process_group_fails_before_a_daemon_starts(tmp_path: Path) -> None:
+    endpoint = short_endpoint()
     for groups, message in ((None, "no get_process_groups"), ({"data": object()}, r"'stage'.*has \['data'\]")):
-        with CheckpointManager(GroupProvider(groups), str(daemon.root), endpoint=daemon.endpoint,
-                               auto_start=False, rank_info=SINGLE) as manager:
-            with pytest.raises(CheckpointError, match=message):
-                manager.save_checkpoint(1)
+        with pytest.raises(CheckpointError, match=message):
+            CheckpointManager(GroupProvider(groups), str(tmp_path / "ckpt"), endpoint=endpoint, rank_info=SINGLE)
+    assert not os.path.exists(endpoint[len("ipc://"):])  # auto_start never got to start one
 
 
 class Provider:
