@@ -282,6 +282,7 @@ def main() -> None:
             step_times.clear()
         if step == args.crash_at:
             recorder.write()
+            dist.barrier()  # every rank's save has returned: the daemon owns the checkpoint now
             say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -210,6 +210,7 @@ def main() -> None:
             say(f"step {step:3d}  epoch {trainer.data.epoch}  loss {loss:.4f}  saved without waiting")
         if step == args.crash_at:
             write_record(args.record, record)
+            dist.barrier()  # every rank's save has returned: the daemon owns the checkpoint now
             say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
             os.kill(os.getpid(), signal.SIGKILL)
 
