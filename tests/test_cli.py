@@ -197,3 +197,23 @@ def test_verify_json_names_each_bad_file(daemon: Daemon, saved: Trainer) -> None
     assert report[str(daemon.root / "step_00000002")] == []
     (problem,) = report[str(daemon.root / "step_00000003")]
     assert problem["path"] == str(shard) and "checksum" in problem["reason"]
+
+
+def test_gc_while_the_daemon_commits_leaves_the_save_alone(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("--max-write-mbps", "2")  # 8 MB: about 4 s of writing
+    state = Holder({"w": torch.zeros(2 * 2**20)})
+
+    class Big:
+        def get_state_components(self) -> List[StateComponent]:
+            return [StateComponent("model", state, SharingPattern.GLOBAL)]
+
+    with CheckpointManager(Big(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False) as manager:
+        manager.save_checkpoint(1).wait(60)
+        handle = manager.save_checkpoint(2)
+        assert wait_for(lambda: any(p.name.startswith(".tmp-step_00000002") for p in daemon.root.iterdir()), timeout=10)
+        collected = ckptd("gc", str(daemon.root), "--keep-last", "1", "--json")
+        assert collected.returncode == 0, collected.stderr
+        report = json.loads(collected.stdout)
+        assert report["leftovers"] == [] and report["deleted_steps"] == []  # step 1 is still latest
+        assert handle.wait(60).endswith("step_00000002")
+    assert json.loads(ckptd("gc", str(daemon.root), "--keep-last", "1", "--json").stdout)["deleted_steps"] == [1]
