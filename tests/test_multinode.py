@@ -133,7 +133,8 @@ def test_every_rank_of_both_nodes_gets_the_one_committed_path(two_node_checkpoin
     for rank, result in two_node_checkpoints["saved"].items():
         assert [os.path.basename(p) for p in result["paths"]] == ["step_00000003", "step_00000004"], rank
     leader_log, follower_log = (d.log() for d in two_node_checkpoints["daemons"])
-    assert "committed step 4" in leader_log and "committed step" not in follower_log
+    assert "committed step 4 at" in leader_log and "committed step 4 at" not in follower_log  # one commit, by node 0
+    assert "event=committed step=4" in follower_log  # node 1 resolved its ranks from the leader's announcement
     assert "node 1's daemon joined" in leader_log
 
 
