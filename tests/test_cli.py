@@ -45,6 +45,17 @@ class Trainer:
         self.optimizer.step()
 
 
+def slow_manager(daemon: Daemon) -> CheckpointManager:
+    """A manager whose one component is 8 MB (seconds of writing behind a throttled daemon)."""
+    state = Holder({"w": torch.zeros(2 * 2**20)})
+
+    class Big:
+        def get_state_components(self) -> List[StateComponent]:
+            return [StateComponent("model", state, SharingPattern.GLOBAL)]
+
+    return CheckpointManager(Big(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False)
+
+
 @pytest.fixture
 def saved(daemon: Daemon) -> Trainer:
     """Steps 1-3 committed under a keep-last-2 policy with a val_loss metric."""
@@ -159,13 +170,7 @@ def test_export_of_a_per_rank_component_needs_a_scope(
 
 def test_status_shows_a_save_in_flight(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("--max-write-mbps", "2")  # 8 MB: about 4 s of writing
-    state = Holder({"w": torch.zeros(2 * 2**20)})
-
-    class Big:
-        def get_state_components(self) -> List[StateComponent]:
-            return [StateComponent("model", state, SharingPattern.GLOBAL)]
-
-    with CheckpointManager(Big(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False) as manager:
+    with slow_manager(daemon) as manager:
         handle = manager.save_checkpoint(4)
         body: Any = {}
 
@@ -201,13 +206,7 @@ def test_verify_json_names_each_bad_file(daemon: Daemon, saved: Trainer) -> None
 
 def test_gc_while_the_daemon_commits_leaves_the_save_alone(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("--max-write-mbps", "2")  # 8 MB: about 4 s of writing
-    state = Holder({"w": torch.zeros(2 * 2**20)})
-
-    class Big:
-        def get_state_components(self) -> List[StateComponent]:
-            return [StateComponent("model", state, SharingPattern.GLOBAL)]
-
-    with CheckpointManager(Big(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False) as manager:
+    with slow_manager(daemon) as manager:
         manager.save_checkpoint(1).wait(60)
         handle = manager.save_checkpoint(2)
         assert wait_for(lambda: any(p.name.startswith(".tmp-step_00000002") for p in daemon.root.iterdir()), timeout=10)

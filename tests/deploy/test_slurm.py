@@ -174,7 +174,7 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A one-node Slurm cluster on this machine, torn down (with its munged) at the end."""
     if os.geteuid() != 0:
-        pytest.skip("the Slurm test runs as root: it installs slurm-wlm and munge with apt-get and runs "
+        pytest.fail("the Slurm test runs as root: it installs slurm-wlm and munge with apt-get and runs "
                     "slurmctld and slurmd as root (./dev test-slurm as root)")
     ensure_slurm_installed()
     # Not under pytest's 0700 tmp folders: munged wants every directory above its socket searchable.
