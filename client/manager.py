@@ -14,7 +14,7 @@ from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.loading import (
     committed_checkpoints, hold_for_loading, latest_checkpoint, read_manifest, read_scopes, select_scopes,
 )
-from ckptd.client.saving import CheckpointClient, SaveHandle
+from ckptd.client.saving import DAEMON_TIMEOUT_S, CheckpointClient, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
 from ckptd.proto.patterns import SharingPattern
@@ -39,6 +39,10 @@ class CheckpointManager:
     the previous one; "skip" returns at once with a handle that raises CheckpointSkipped (and a
     warning), so `save_checkpoint` may be called every step. `retention` (a RetentionPolicy) tells
     the committing daemon what to keep after each commit; None keeps every checkpoint.
+
+    `timeout` bounds each hand-over and each wait for staging memory; `daemon_timeout` is how long
+    the daemon holding this rank's saves may go without answering before they are settled: each is
+    then either committed already or fenced so that it never commits, and its handle says which.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class CheckpointManager:
         daemon_args: Sequence[str] = (),
         connect: bool = True,
         retention: Optional[RetentionPolicy] = None,
+        daemon_timeout: float = DAEMON_TIMEOUT_S,
     ) -> None:
         self.provider = provider
         self.root = os.path.realpath(root)
@@ -62,7 +67,7 @@ class CheckpointManager:
         self.rank_info = rank_info or detect_rank_info()
         self._client_options = dict(
             endpoint=endpoint, auto_start=auto_start, when_busy=when_busy, timeout=timeout, daemon_args=daemon_args,
-            retention=retention,
+            retention=retention, daemon_timeout=daemon_timeout,
         )
         self._client: Optional[CheckpointClient] = None
         if not hasattr(provider, "get_state_components"):

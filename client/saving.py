@@ -7,13 +7,14 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckptd.client.daemon import connect, ensure_serving, hello, resolve_endpoint
 from ckptd.client.errors import CheckpointError
+from ckptd.client.fencing import fence_save
 from ckptd.client.snapshot import (
     PreparedComponent,
     StagedComponent,
@@ -21,10 +22,10 @@ from ckptd.client.snapshot import (
     snapshot,
     step_only_tensor_addresses,
 )
-from ckptd.client.staging import PoolBusyError, StagingPool
+from ckptd.client.staging import Lease, PoolBusyError, StagingPool, leases_of
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
-from ckptd.proto import layout, messages
+from ckptd.proto import messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import SaveRequest
 from ckptd.proto.retention import RetentionPolicy
@@ -32,7 +33,10 @@ from ckptd.proto.retention import RetentionPolicy
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 1.0
-WATCH_MISSES = 3
+ABORTED_CODE = "aborted"
+"""The daemon's refusal of a part of a step it has already aborted (service/coordinator.py)."""
+DAEMON_TIMEOUT_S = 10.0
+"""Default seconds a daemon holding saves may go without answering before the client settles them."""
 
 
 class CheckpointSkipped(CheckpointError):
@@ -42,7 +46,7 @@ class CheckpointSkipped(CheckpointError):
 class SaveHandle:
     """The future of one checkpoint: `wait()` returns its committed directory or raises."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, on_resolved: Optional[Callable[["SaveHandle"], None]] = None) -> None:
         self.step = step
         self.blocked_s = 0.0
         """Seconds `save_checkpoint` blocked the caller."""
@@ -51,7 +55,8 @@ class SaveHandle:
         self._path: Optional[str] = None
         self._error: Optional[CheckpointError] = None
         self._daemon_instance: Optional[str] = None  # the daemon that accepted it
-        self._regions: List[str] = []
+        self._leases: List[Lease] = []
+        self._on_resolved = on_resolved
 
     def done(self) -> bool:
         """True once the checkpoint committed or failed; never blocks."""
@@ -78,9 +83,12 @@ class SaveHandle:
         return self._path
 
     def _resolve(self, path: Optional[str] = None, error: Optional[CheckpointError] = None) -> None:
+        """Record the final outcome (the first one given wins)."""
         if not self._event.is_set():
             self._path, self._error = path, error
             self._event.set()
+            if self._on_resolved is not None:
+                self._on_resolved(self)
         if error is not None:
             self._staged.set()
 
@@ -91,6 +99,12 @@ class CheckpointClient:
     `when_busy` is the back-pressure policy when the previous save still holds the staging
     regions: "wait" blocks until the daemon releases them, "skip" skips this save (every rank's
     handle then fails with the reason, since a checkpoint needs all ranks).
+
+    Staging regions are lent to the daemon as leases and come back only by a release naming the
+    same lease, or once the save is settled: when the daemon that holds a save restarts, goes
+    `daemon_timeout` seconds without answering, or does not answer its hand-over within `timeout`,
+    the save is settled on disk (committed, or fenced so that it never commits) before its regions
+    are reused.
     """
 
     def __init__(
@@ -105,17 +119,24 @@ class CheckpointClient:
         connect_timeout: float = 60.0,
         daemon_args: Sequence[str] = (),
         retention: Optional[RetentionPolicy] = None,
+        daemon_timeout: float = DAEMON_TIMEOUT_S,
     ) -> None:
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy must be 'wait' or 'skip', not {when_busy!r}")
+        if daemon_timeout <= 0:
+            raise ValueError(f"daemon_timeout must be positive, not {daemon_timeout!r}")
         self.root = os.path.realpath(root)
         self.rank_info = rank_info
         self.when_busy = when_busy
         self.timeout = timeout
+        self.daemon_timeout = daemon_timeout
         self.retention = retention
         self.endpoint = resolve_endpoint(self.root, endpoint)
         self._pool = StagingPool()
         self._handles: Dict[int, SaveHandle] = {}
+        """Saves not yet settled, by step (a settled one is forgotten: memory stays flat)."""
+        self._lent: Dict[Lease, Optional[str]] = {}
+        """Leases handed to a daemon and not yet back, with the instance that took them (None until it answers)."""
         self._lock = threading.Lock()
         self._stager: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._staging: Set[SaveHandle] = set()
@@ -157,19 +178,18 @@ class CheckpointClient:
             staged = snapshot(components, self.rank_info)
             self._reserve(staged)
         except PoolBusyError as exc:
-            self._forget(step)
             self._send_skip(step, str(exc))
             handle._resolve(error=CheckpointSkipped(f"save of step {step} skipped: {exc}"))
             log.warning("save of step %d skipped: %s", step, exc)
             return handle
         except BaseException:
-            self._forget(step)
+            self._forget(handle)
             raise
         try:
             self._copy_now(staged, step_only_tensor_addresses(components) if overlap else set())
         except BaseException:
-            self._release(staged)
-            self._forget(step)
+            self._pool.release(leases_of(s.region for s in staged if s.region is not None))
+            self._forget(handle)
             raise
         if overlap:
             self._hand_over_in_background(handle, staged, metrics)
@@ -195,12 +215,17 @@ class CheckpointClient:
         return self._pool.allocated_at
 
     def _register(self, step: int) -> SaveHandle:
-        handle = SaveHandle(step)
+        handle = SaveHandle(step, on_resolved=self._forget)
         with self._lock:
-            if step in self._handles and not self._handles[step].done():
+            if step in self._handles:
                 raise CheckpointError(f"a save of step {step} is already in flight on this rank")
             self._handles[step] = handle
         return handle
+
+    def _forget(self, handle: SaveHandle) -> None:
+        with self._lock:
+            if self._handles.get(handle.step) is handle:
+                del self._handles[handle.step]
 
     def _reserve(self, staged: List[StagedComponent]) -> None:
         sizes = {s.key: s.total for s in staged if s.writer and s.total}
@@ -210,8 +235,18 @@ class CheckpointClient:
         for component in staged:
             component.region = regions.get(component.key)
 
-    def _release(self, staged: List[StagedComponent]) -> None:
-        self._pool.release(s.region.name for s in staged if s.region is not None)
+    def _lend(self, handle: SaveHandle, staged: List[StagedComponent]) -> None:
+        handle._leases = leases_of(s.region for s in staged if s.region is not None)
+        with self._lock:
+            self._lent.update((lease, None) for lease in handle._leases)
+
+    def _take_back(self, leases: Iterable[Lease]) -> None:
+        """The daemon no longer reads these leases' regions (or never will): free them for reuse."""
+        leases = list(leases)
+        with self._lock:
+            for lease in leases:
+                self._lent.pop(lease, None)
+        self._pool.release(leases)
 
     @staticmethod
     def _copy_now(staged: List[StagedComponent], deferrable: Set[int]) -> None:
@@ -231,7 +266,9 @@ class CheckpointClient:
                     event.synchronize()
 
     def _hand_over(self, handle: SaveHandle, staged: List[StagedComponent], metrics: Optional[Mapping[str, float]]) -> None:
-        """Finish the copies, then send the save request; raises CheckpointError if the daemon refuses."""
+        """Finish the copies, then send the save request; raises CheckpointError if the daemon refuses
+        it or does not answer in time (a save that nonetheless committed is returned, resolved)."""
+        sent = False
         try:
             for component in staged:
                 if component.deferred:
@@ -243,18 +280,37 @@ class CheckpointClient:
                 topology=self.rank_info.topology, parts=tuple(s.to_part() for s in staged), job=self.rank_info.job_id,
                 versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
                 metrics={k: float(v) for k, v in (metrics or {}).items()}, retention=self.retention,
+                expires_at=time.monotonic() + self.timeout,
             )
-            handle._regions = [c.region.name for c in staged if c.region is not None]
+            self._lend(handle, staged)
+            sent = True
             reply = self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)
-            handle._daemon_instance = str(reply.body.get("instance", ""))
+            instance = str(reply.body.get("instance", ""))
+            with self._lock:
+                handle._daemon_instance = instance
+                self._lent.update((lease, instance) for lease in handle._leases if lease in self._lent)
+        except DaemonRequestError as exc:  # refused: the daemon holds none of it
+            self._take_back(handle._leases)
+            if exc.code == ABORTED_CODE:  # another rank's failure aborted the step: that is its outcome
+                handle._resolve(error=CheckpointError(f"checkpoint of step {handle.step} aborted: {exc}"))
+                return
+            self._forget(handle)
+            raise CheckpointError(
+                f"the daemon refused rank {self.rank_info.rank}'s part of step {handle.step}: {exc}"
+            ) from None
         except BaseException as exc:
-            self._release(staged)
-            self._forget(handle.step)
-            if isinstance(exc, DaemonRequestError):
-                raise CheckpointError(
-                    f"the daemon refused rank {self.rank_info.rank}'s part of step {handle.step}: {exc}"
-                ) from None
-            raise
+            if not sent:
+                self._pool.release(leases_of(s.region for s in staged if s.region is not None))
+                self._forget(handle)
+                raise
+            # The daemon may still take the part: settle it on disk before the regions are reused.
+            self._daemon_lost = True
+            self._settle(handle, f"the ckptd daemon at {self.endpoint} did not take the hand-over: {exc}")
+            self._take_back(handle._leases)
+            if handle._error is None and not isinstance(exc, CheckpointError):
+                raise
+            if handle._error is not None:
+                raise handle._error from None
         finally:
             handle._staged.set()
 
@@ -291,7 +347,7 @@ class CheckpointClient:
     def _send_skip(self, step: int, reason: str) -> None:
         body = SaveRequest(
             root=self.root, step=step, rank=self.rank_info.rank, pid=os.getpid(), topology=self.rank_info.topology,
-            parts=(), job=self.rank_info.job_id,
+            parts=(), job=self.rank_info.job_id, expires_at=time.monotonic() + self.timeout,
         ).to_wire()
         body.update(skipped=True, reason=reason)
         try:
@@ -301,60 +357,72 @@ class CheckpointClient:
 
     def _on_notification(self, envelope: messages.Envelope) -> None:
         """Runs on the I/O thread."""
-        body = envelope.body
         if envelope.type == messages.RELEASED:
-            self._pool.release(r for r in body.get("regions", []) if isinstance(r, str))
+            released = messages.Released.from_wire(envelope.body)
+            if released is not None:
+                self._take_back(released.leases)
             return
-        step = body.get("step")
+        outcome = messages.Outcome.from_wire(envelope.type, envelope.body)
+        if outcome is None or outcome.job != self.rank_info.job_id:
+            return
         with self._lock:
-            handle = self._handles.get(step) if isinstance(step, int) else None
+            handle = self._handles.get(outcome.step)
         if handle is None:
             return
-        if envelope.type == messages.COMMITTED:
-            handle._resolve(path=str(body.get("path")))
-        elif envelope.type == messages.ABORTED:
-            handle._resolve(error=CheckpointError(f"checkpoint of step {step} aborted: {body.get('reason')}"))
+        if outcome.committed:
+            handle._resolve(path=outcome.path)
+        else:
+            handle._resolve(error=CheckpointError(f"checkpoint of step {outcome.step} aborted: {outcome.reason}"))
 
     def _watch_daemon(self) -> None:
-        """While saves are in flight, check every second that the daemon that took them still runs:
-        a daemon that stops answering or restarts took those saves with it, so fail their handles
-        (or resolve them, if the commit reached the disk) and free the staging memory it held."""
-        misses = 0
-        while not self._closing.wait(WATCH_INTERVAL_S):
-            if not self.in_flight() and not self._pool.busy():
-                misses = 0
+        """While saves or leases are out, ask the daemon that took them every second whether it still
+        runs: a daemon that was restarted, or that has not answered for `daemon_timeout` seconds,
+        took those saves with it; settle them and take their staging memory back."""
+        interval = min(WATCH_INTERVAL_S, self.daemon_timeout / 4)
+        last_answer = time.monotonic()
+        while not self._closing.wait(interval):
+            with self._lock:
+                idle = not self._handles and not self._lent
+            if idle:
+                last_answer = time.monotonic()
                 continue
             try:
-                instance = hello(self._connection, self.root, timeout=WATCH_INTERVAL_S * 2)
+                instance = hello(self._connection, self.root, timeout=min(2 * WATCH_INTERVAL_S, self.daemon_timeout / 2))
             except CheckpointError:
-                misses += 1
-                if misses >= WATCH_MISSES:
-                    self._lose_daemon(None, f"stopped answering for {misses * WATCH_INTERVAL_S * 3:.0f} s")
-                    misses = 0
+                silent = time.monotonic() - last_answer
+                if silent >= self.daemon_timeout:
+                    self._lose_daemon(None, f"stopped answering for {silent:.0f} s")
+                    last_answer = time.monotonic()
                 continue
-            misses = 0
+            last_answer = time.monotonic()
             self._lose_daemon(instance, "was restarted")
 
     def _lose_daemon(self, answering: Optional[str], what: str) -> None:
-        """Fail (or resolve) every handed-over save held by a daemon other than `answering` (None: no
-        daemon answers), and free exactly those saves' staging regions."""
-        lost = [h for h in self.in_flight() if h._daemon_instance is not None and h._daemon_instance != answering]
+        """Settle every save held by a daemon other than `answering` (None: no daemon answers) and take
+        back exactly the leases that daemon held."""
+        with self._lock:
+            lost = [h for h in self._handles.values() if h._daemon_instance not in (None, answering)]
+            leases = [lease for lease, instance in self._lent.items() if instance not in (None, answering)]
         if answering is not None:
             self._daemon_instance = answering
-        if not lost:
+        if not lost and not leases:
             return
-        log.error("the ckptd daemon at %s %s; failing the saves it held", self.endpoint, what)
+        log.error("the ckptd daemon at %s %s; settling the saves it held", self.endpoint, what)
         self._daemon_lost = answering is None
         for handle in lost:
-            final = os.path.join(self.root, layout.checkpoint_dir_name(handle.step))
-            if os.path.isfile(os.path.join(final, layout.MANIFEST_NAME)):
-                handle._resolve(path=final)  # it committed before the daemon went away
-            else:
-                handle._resolve(error=CheckpointError(
-                    f"checkpoint of step {handle.step} was not committed: the ckptd daemon at {self.endpoint} {what} "
-                    "while writing it (see its log); the previous checkpoint is intact"
-                ))
-            self._pool.release(handle._regions)
+            self._settle(handle, f"the ckptd daemon at {self.endpoint} {what} while it held this save (see its log)")
+        self._take_back(leases)
+
+    def _settle(self, handle: SaveHandle, what: str) -> None:
+        """Decide a save the daemon can no longer be asked about, for good: committed if its directory
+        has its final name, otherwise fenced so that it never commits. Call before reusing its regions."""
+        path = fence_save(self.root, handle.step, self.rank_info.job_id)
+        if path is not None:
+            handle._resolve(path=path)
+        else:
+            handle._resolve(error=CheckpointError(
+                f"checkpoint of step {handle.step} was not committed: {what}; the previous checkpoint is intact"
+            ))
 
     def _reconnect(self) -> None:
         """After losing the daemon: wait for one to answer again (local rank 0 restarts it if allowed)."""
@@ -363,10 +431,6 @@ class CheckpointClient:
             daemon_args=self._daemon_args,
         )
         self._daemon_lost = False
-
-    def _forget(self, step: int) -> None:
-        with self._lock:
-            self._handles.pop(step, None)
 
     def in_flight(self) -> List[SaveHandle]:
         """Handles of saves not yet committed or failed."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import itertools
 import threading
 import time
 import uuid
 import weakref
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +24,9 @@ SHM_DIR = "/dev/shm"
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # the constant is missing before Python 3.13
 PAGE = mmap.PAGESIZE
 
+Lease = Tuple[str, int]
+"""(staging region name, generation): one save's hold on one region."""
+
 
 class StagingRegion:
     """One /dev/shm file mapped read-write, allocated once and reused across saves.
@@ -35,7 +39,8 @@ class StagingRegion:
     def __init__(self, size: int, prefault: bool = False) -> None:
         self.size = max(PAGE, -(-size // PAGE) * PAGE)
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.busy = False
+        self.lease: Optional[int] = None
+        """The generation of the save that holds this region (None while it is free)."""
         path = os.path.join(SHM_DIR, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
@@ -117,7 +122,11 @@ class PoolBusyError(CheckpointError):
 
 
 class StagingPool:
-    """One region per component key, reused while large enough; a busy region blocks or skips a save.
+    """One region per component key, reused while large enough; a held region blocks or skips a save.
+
+    A reservation is a lease: every region it hands out gets a new generation, and a release frees a
+    region only when it names the generation the region holds now, so a late or repeated release of
+    an older save never frees a region that already holds the next save's bytes.
 
     Memory stays bounded: a key never holds more than one region, and a region is only replaced
     (unlinked, then reallocated larger) while it is free.
@@ -126,6 +135,7 @@ class StagingPool:
     def __init__(self) -> None:
         self._regions: Dict[str, StagingRegion] = {}
         self._by_name: Dict[str, StagingRegion] = {}
+        self._generations = itertools.count(1)
         self._cond = threading.Condition()
         self._allocating: Optional[threading.Thread] = None
         self.allocated_at: Optional[float] = None
@@ -134,10 +144,11 @@ class StagingPool:
     def reserve(
         self, sizes: Dict[str, int], wait: bool, timeout: Optional[float], prefault: bool = False
     ) -> Dict[str, StagingRegion]:
-        """Regions for every key in `sizes`, all marked busy; waits for busy ones or raises PoolBusyError."""
+        """Regions for every key in `sizes`, each leased under a new generation (`region.lease`);
+        waits for held ones or raises PoolBusyError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while any(self._regions.get(k) is not None and self._regions[k].busy for k in sizes):
+            while any(self._regions.get(k) is not None and self._regions[k].lease is not None for k in sizes):
                 if not wait:
                     raise PoolBusyError("the previous save still holds this rank's staging regions")
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -156,7 +167,7 @@ class StagingPool:
                     region = StagingRegion(size, prefault)
                     self._regions[key] = region
                     self._by_name[region.name] = region
-                region.busy = True
+                region.lease = next(self._generations)
                 reserved[key] = region
             return reserved
 
@@ -170,7 +181,7 @@ class StagingPool:
             except CheckpointError as exc:
                 log.warning("could not allocate staging memory ahead of the first save: %s", exc)
                 return
-            self.release(r.name for r in reserved.values())
+            self.release(leases_of(reserved.values()))
             self.allocated_at = time.perf_counter()
             log.info("staging memory ready: %.0f MiB", sum(sizes.values()) / 2**20)
 
@@ -187,19 +198,22 @@ class StagingPool:
             return not thread.is_alive()
         return True
 
-    def release(self, names: Iterable[str]) -> None:
-        """Mark regions free again (the daemon wrote them, or the save was refused)."""
+    def release(self, leases: Iterable[Lease]) -> None:
+        """Free the regions whose current lease is one of `leases` ((name, generation) pairs: the
+        daemon wrote them, or the save was refused); any other pair is stale and ignored."""
         with self._cond:
-            for name in names:
+            for name, generation in leases:
                 region = self._by_name.get(name)
-                if region is not None:
-                    region.busy = False
+                if region is not None and region.lease == generation:
+                    region.lease = None
+                elif region is not None:
+                    log.debug("ignored a stale release of %s (generation %s, held by %s)", name, generation, region.lease)
             self._cond.notify_all()
 
     def busy(self) -> bool:
         """True while the daemon still holds any region."""
         with self._cond:
-            return any(r.busy for r in self._regions.values())
+            return any(r.lease is not None for r in self._regions.values())
 
     def staged_bytes(self) -> int:
         """Total bytes of shared memory this pool holds."""
@@ -221,3 +235,8 @@ class StagingPool:
         """Names of the regions this pool owns."""
         with self._cond:
             return list(self._by_name)
+
+
+def leases_of(regions: Iterable[StagingRegion]) -> List[Lease]:
+    """(name, generation) of each leased region."""
+    return [(r.name, r.lease) for r in regions if r.lease is not None]

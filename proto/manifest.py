@@ -65,6 +65,8 @@ class Manifest:
     committed_at: str
     timings: Dict[str, float]
     metrics: Dict[str, float] = field(default_factory=dict)
+    job: str = ""
+    """The id of the job run that saved it (empty in manifests written before it was recorded)."""
     format_version: int = FORMAT_VERSION
 
     def files(self) -> List[FileRecord]:
@@ -77,7 +79,7 @@ class Manifest:
         data = {
             "format_version": self.format_version, "step": self.step, "topology": self.topology.to_wire(),
             "groups": self.groups, "versions": self.versions, "created_at": self.created_at,
-            "committed_at": self.committed_at, "timings": self.timings, "metrics": self.metrics,
+            "committed_at": self.committed_at, "timings": self.timings, "metrics": self.metrics, "job": self.job,
             "components": {key: _component_to_dict(c) for key, c in self.components.items()},
         }
         return json.dumps(data, separators=(",", ":"))
@@ -99,6 +101,7 @@ class Manifest:
                 components=components, versions=dict(data.get("versions", {})),
                 created_at=str(data["created_at"]), committed_at=str(data["committed_at"]),
                 timings=dict(data.get("timings", {})), metrics=dict(data.get("metrics", {})),
+                job=str(data.get("job", "")),
             )
         except ManifestError:
             raise

@@ -19,7 +19,8 @@ from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: staging regions are handed over as leases (region name + generation)."""
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 # request types
@@ -114,6 +115,8 @@ class ComponentPart:
     spread: bool = False
     metadata: Dict[str, Any] = field(default_factory=dict)
     region: Optional[str] = None
+    lease: int = 0
+    """The generation under which the client handed `region` over for this save."""
     region_size: int = 0
     tensors: Tuple[TensorEntry, ...] = ()
     state: Optional[bytes] = None
@@ -125,7 +128,7 @@ class ComponentPart:
             "key": self.key, "pattern": self.pattern.value, "required": self.required, "writer": self.writer,
             "group_name": self.group_name, "group_ranks": list(self.group_ranks),
             "validate_replication": self.validate_replication, "spread": self.spread, "metadata": self.metadata,
-            "region": self.region, "region_size": self.region_size,
+            "region": self.region, "lease": self.lease, "region_size": self.region_size,
             "tensors": self.tensors,
             "state": self.state, "digests": self.digests,
         }
@@ -170,7 +173,7 @@ class ComponentPart:
             writer=bool(_field(body, "writer", bool, where)),
             group_name=group_name, group_ranks=group_ranks,
             validate_replication=bool(_field(body, "validate_replication", bool, where)),
-            spread=spread, metadata=metadata, region=region,
+            spread=spread, metadata=metadata, region=region, lease=_field(body, "lease", int, where),
             region_size=_field(body, "region_size", int, where),
             tensors=_tensor_entries(_field(body, "tensors", (list, tuple), where), where),
             state=_optional(body, "state", bytes, where),
@@ -219,6 +222,9 @@ class SaveRequest:
     metrics: Dict[str, float] = field(default_factory=dict)
     retention: Optional[RetentionPolicy] = None
     """What to keep once this checkpoint commits (None: keep everything)."""
+    expires_at: float = 0.0
+    """CLOCK_MONOTONIC time (shared by the processes of one node) after which the daemon must refuse
+    this part: the client stops waiting for the hand-over then and settles the save itself."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
@@ -226,7 +232,7 @@ class SaveRequest:
             "root": self.root, "step": self.step, "rank": self.rank, "pid": self.pid, "job": self.job,
             "topology": self.topology.to_wire(), "parts": [p.to_wire() for p in self.parts],
             "versions": self.versions, "metrics": self.metrics,
-            "retention": self.retention.to_wire() if self.retention else None,
+            "retention": self.retention.to_wire() if self.retention else None, "expires_at": self.expires_at,
         }
 
     @classmethod
@@ -264,7 +270,31 @@ class SaveRequest:
             root=_field(body, "root", str, where), step=step, rank=rank, job=job,
             pid=_field(body, "pid", int, where), topology=topology, parts=parts,
             versions=versions, metrics=metrics, retention=retention,
+            expires_at=float(_field(body, "expires_at", (int, float), where)),
         )
+
+
+@dataclass(frozen=True)
+class Released:
+    """Daemon -> client: the daemon is done reading these staging regions for checkpoint `step`;
+    each lease is (region name, generation), and frees its region only if it is still current."""
+
+    step: int
+    leases: Tuple[Tuple[str, int], ...]
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Body of a RELEASED notification."""
+        return {"step": self.step, "leases": [list(lease) for lease in self.leases]}
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> Optional["Released"]:
+        """Inverse of `to_wire`; None when the body is malformed."""
+        step, raw = body.get("step"), body.get("leases")
+        if type(step) is not int or not isinstance(raw, list):
+            return None
+        leases = tuple((lease[0], lease[1]) for lease in raw if isinstance(lease, list) and len(lease) == 2
+                       and isinstance(lease[0], str) and type(lease[1]) is int)
+        return cls(step, leases)
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,9 @@ class NodeCoordinator:
         if request.topology.node_of(request.rank) != self._node:
             raise SaveRejected("wrong_node", f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}")
         session = await self._session_for(request)
+        if time.monotonic() > request.expires_at:  # checked once its tmp directory exists: see client/fencing.py
+            raise SaveRejected("expired", f"rank {request.rank}'s part of step {step} arrived after the client "
+                               "stopped waiting for it (the daemon was stalled or overloaded)")
         if request.rank in session.ranks:
             raise SaveRejected("duplicate", f"rank {request.rank} already handed over its part of step {step}")
         regions = self._map_regions(request)
@@ -271,7 +274,8 @@ class NodeCoordinator:
             if error is None:
                 log.info("event=rank_durable step=%d rank=%d bytes=%d seconds=%.3f", session.step, request.rank,
                          sum(p.region_size for p in request.parts if p.writer), seconds)
-            await self._notify(part.identity, messages.RELEASED, {"step": session.step, "regions": list(part.regions)})
+            leases = tuple((c.region, c.lease) for c in request.parts if c.region is not None and c.region in part.regions)
+            await self._notify(part.identity, messages.RELEASED, messages.Released(session.step, leases).to_wire())
         if error is not None:
             await self.leader.abort(request.job, session.step, error)
         elif self._ready_to_report(session):
@@ -287,7 +291,7 @@ class NodeCoordinator:
         if session.outcome is not None:
             return None
         tensor_rel, state_rel = layout.shard_paths(comp.key, scope)
-        os.makedirs(os.path.join(session.tmp_dir, comp.key), exist_ok=True)
+        self._store.make_component_dir(session.tmp_dir, comp.key)
         body_bytes = sum(t.nbytes for t in comp.tensors)
         header = safetensors_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
         region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]

@@ -52,7 +52,10 @@ class CommitChannel(Protocol):
 
 class LocalCommitLeader:
     """Commits a save once every node of the job has reported into this process (on one node, the
-    node's own coordinator; on several, through `ClusterLeader`)."""
+    node's own coordinator; on several, through `ClusterLeader`).
+
+    Commits on the root are serialized: one committer task takes the ready saves lowest step first,
+    so two commits never race on the root's directory entries, `latest` or the retention pass."""
 
     def __init__(
         self, store: CheckpointStore, executor: concurrent.futures.Executor, announce: Announce,
@@ -63,34 +66,50 @@ class LocalCommitLeader:
         self._executor = executor
         self._announce = announce
         self._reports: Dict[SaveKey, Dict[int, NodeReport]] = {}
+        self._ready: Dict[SaveKey, List[NodeReport]] = {}
         self._committing: Set[SaveKey] = set()
+        self._committer: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         """Nothing to set up on one node."""
 
     async def close(self) -> None:
-        """Nothing to tear down on one node."""
+        """Let the commit in progress finish (its outcome is final once it renames the directory)."""
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
 
     def reported_nodes(self) -> Dict[SaveKey, Set[int]]:
         """Saves waiting for reports, with the nodes that have reported so far."""
         return {key: set(reports) for key, reports in self._reports.items()}
 
     async def report(self, report: NodeReport) -> None:
-        """Record a node's report; commit when the last node has reported."""
+        """Record a node's report; queue the save for commit when the last node has reported."""
         key = (report.job, report.step)
-        if key in self._committing:
+        if key in self._committing or key in self._ready:
             return
         reports = self._reports.setdefault(key, {})
         reports[report.node] = report
         if len(reports) < report.topology.num_nodes:
             return
         del self._reports[key]
-        self._committing.add(key)
-        try:
-            outcome = await self._commit(list(reports.values()))
-        finally:
-            self._committing.discard(key)
-        await self._announce(outcome)
+        self._ready[key] = list(reports.values())
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(self._commit_ready())
+
+    async def _commit_ready(self) -> None:
+        """Commit the ready saves one at a time, lowest step first, announcing each outcome."""
+        while self._ready:
+            key = min(self._ready, key=lambda k: (k[1], k[0]))
+            reports = self._ready.pop(key)
+            self._committing.add(key)
+            try:
+                outcome = await self._commit(reports)
+            except Exception as exc:  # the committer must survive to commit the next save
+                log.exception("committing step %d failed", key[1])
+                outcome = Outcome(key[0], key[1], committed=False, reason=f"committing step {key[1]} failed: {exc!r}")
+            finally:
+                self._committing.discard(key)
+            await self._announce(outcome)
 
     async def _commit(self, reports: List[NodeReport]) -> Outcome:
         first = reports[0]
@@ -123,6 +142,9 @@ class LocalCommitLeader:
         except OSError as exc:
             log.error("retention pass failed (nothing is lost; it runs again after the next commit): %s", exc)
             return
+        except Exception:  # the checkpoint is committed whatever the retention pass does
+            log.exception("retention pass failed (nothing is lost; it runs again after the next commit)")
+            return
         if deleted:
             log.info("retention deleted step(s) %s", deleted)
 
@@ -133,6 +155,7 @@ class LocalCommitLeader:
         if key in self._committing:
             return
         self._reports.pop(key, None)
+        self._ready.pop(key, None)
         await self._announce(Outcome(job, step, committed=False, reason=reason))
 
 
@@ -185,7 +208,7 @@ def build_manifest(reports: List[NodeReport]) -> Manifest:
         step=first.step, topology=first.topology, groups=groups, components=components,
         versions=first.versions, metrics=first.metrics,
         created_at=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
-        committed_at=now.isoformat(), timings=timings,
+        committed_at=now.isoformat(), timings=timings, job=first.job,
     )
 
 

@@ -276,6 +276,9 @@ class DaemonServer:
     async def _save(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         try:
             request = SaveRequest.from_wire(body)
+            if self._stopping is not None and self._stopping.is_set():
+                raise SaveRejected("shutting_down", f"the daemon is shutting down and takes no new part of step "
+                                   f"{request.step}; the saves it holds finish first")
             self._clients[request.pid] = time.monotonic()
             if body.get("skipped"):
                 reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -187,10 +189,15 @@ def fsync_dir(path: str) -> None:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory."""
-    tmp = f"{path}.tmp"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    write_file(tmp, [data], Throttle(None))
-    os.rename(tmp, path)
+    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory. The temp
+    name is unique to this call, so writers of one path never collide (a leftover is removed by
+    the store's leftover sweep, which matches the `.tmp` suffix)."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        write_file(tmp, [data], Throttle(None))
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")

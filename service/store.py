@@ -45,11 +45,22 @@ class CheckpointStore:
         os.makedirs(path, 0o755, exist_ok=True)
         return path
 
+    @staticmethod
+    def make_component_dir(tmp_dir: str, key: str) -> None:
+        """Create a component's directory inside a save's tmp directory. Never re-creates `tmp_dir`
+        itself: a client that gave up on the save may have moved it aside, and then the save must fail."""
+        try:
+            os.mkdir(os.path.join(tmp_dir, key))
+        except FileExistsError:
+            pass
+
     def commit(self, tmp_dir: str, step: int, manifest_json: str) -> str:
         """Manifest last (tmp, fsync, rename), then rename the directory into place and move `latest`.
 
         Every shard is already fsynced; this makes their directory entries durable first, so the
-        final name never points at a directory whose files could vanish in a crash.
+        final name never points at a directory whose files could vanish in a crash. Raises OSError
+        only while the checkpoint is not committed: once the directory has its final name it is, and
+        a failure after that (the parent's fsync, `latest`) is logged and repaired later.
         """
         for entry in os.scandir(tmp_dir):
             if entry.is_dir(follow_symlinks=False):
@@ -57,11 +68,19 @@ class CheckpointStore:
         write_atomic(os.path.join(tmp_dir, layout.MANIFEST_NAME), manifest_json.encode())
         final = self.final_path(step)
         os.rename(tmp_dir, final)
-        fsync_dir(self.root)
+        try:
+            fsync_dir(self.root)
+            self.advance_latest(step)
+        except OSError as exc:
+            log.error("step %d is committed at %s, but updating the root failed (%s); `latest` is repaired at "
+                      "the next commit or daemon start", step, final, exc)
+        return final
+
+    def advance_latest(self, step: int) -> None:
+        """Point `latest` at `step` unless it already names a newer checkpoint (it never moves back)."""
         latest = self.latest_step()
         if latest is None or step > latest:
             write_atomic(os.path.join(self.root, layout.LATEST_NAME), (layout.checkpoint_dir_name(step) + "\n").encode())
-        return final
 
     def repair_latest(self) -> Optional[int]:
         """Point `latest` at the newest directory with a final name and a manifest (a crash between the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Dict, List
 
 import msgpack
@@ -22,11 +23,11 @@ from ckptd.proto.topology import Topology
 def save_body(daemon: Daemon, key: str = "model", **overrides: Any) -> Dict[str, Any]:
     part = {
         "key": key, "pattern": "GLOBAL", "required": True, "writer": True, "group_name": None, "group_ranks": [],
-        "validate_replication": False, "metadata": {}, "region": None, "region_size": 0, "tensors": [],
-        "state": msgpack.packb({"a": 1}), "digests": None,
+        "validate_replication": False, "metadata": {}, "region": None, "lease": 1, "region_size": 0,
+        "tensors": [], "state": msgpack.packb({"a": 1}), "digests": None,
     }
     body = {"root": str(daemon.root), "step": 1, "rank": 0, "pid": os.getpid(), "job": "raw", "topology": {"nodes": [[0]]},
-            "parts": [part], "versions": {}, "metrics": {}}
+            "parts": [part], "versions": {}, "metrics": {}, "expires_at": time.monotonic() + 600}
     body.update(overrides)
     return body
 
@@ -71,6 +72,10 @@ CASES: List[Any] = [
         **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-{os.getpid()}-x", "region_size": 8,
         "tensors": [["t", "F32", [4], 0, 16]]}]), 1), "invalid_request", "region holds 8"),
     ("rank outside world", lambda d: messages.encode("save", save_body(d, rank=5), 1), "invalid_request", "rank 5"),
+    ("no lease", lambda d: messages.encode("save", save_body(d, parts=[{**save_body(d)["parts"][0], "lease": None}]), 1),
+     "invalid_request", "'lease'"),
+    ("expired part", lambda d: messages.encode("save", save_body(d, expires_at=time.monotonic() - 1), 1), "expired",
+     "after the client stopped waiting"),
 ]
 
 

@@ -6,6 +6,7 @@ CI sends a bounded number of frames; `--run-slow` sends 20,000."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Dict
 
 import msgpack
@@ -30,10 +31,11 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 
 def valid_save(step: int, rank: int, root: str) -> Dict[str, Any]:
     part = {"key": "model", "pattern": "GLOBAL", "required": True, "writer": rank == 0, "group_name": None,
-            "group_ranks": [], "validate_replication": False, "metadata": {}, "region": None, "region_size": 0,
-            "tensors": [], "state": msgpack.packb({"a": 1}) if rank == 0 else None, "digests": None}
+            "group_ranks": [], "validate_replication": False, "metadata": {}, "region": None, "lease": 1,
+            "region_size": 0, "tensors": [], "state": msgpack.packb({"a": 1}) if rank == 0 else None, "digests": None}
     return {"root": root, "step": step, "rank": rank, "pid": os.getpid(), "job": "fuzz",
-            "topology": {"nodes": [[0, 1]]}, "parts": [part], "versions": {}, "metrics": {}}
+            "topology": {"nodes": [[0, 1]]}, "parts": [part], "versions": {}, "metrics": {},
+            "expires_at": time.monotonic() + 600}
 
 
 @st.composite
