@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 ABORTED_CODE = "aborted"
 """The daemon's refusal of a part of a step it has already aborted (service/coordinator.py)."""
+BUSY_CODE = "busy"
+"""The daemon's refusal of a new save while it has too many in flight (service/coordinator.py)."""
 DAEMON_TIMEOUT_S = 10.0
 """Default seconds a daemon holding saves may go without answering before the client settles them."""
 
@@ -284,7 +286,7 @@ class CheckpointClient:
             )
             self._lend(handle, staged)
             sent = True
-            reply = self._connection.request(messages.SAVE, request.to_wire(), timeout=self.timeout)
+            reply = self._send_save(request)
             instance = str(reply.body.get("instance", ""))
             with self._lock:
                 handle._daemon_instance = instance
@@ -293,6 +295,11 @@ class CheckpointClient:
             self._take_back(handle._leases)
             if exc.code == ABORTED_CODE:  # another rank's failure aborted the step: that is its outcome
                 handle._resolve(error=CheckpointError(f"checkpoint of step {handle.step} aborted: {exc}"))
+                return
+            if exc.code == BUSY_CODE and self.when_busy == "skip":
+                self._send_skip(handle.step, str(exc))
+                handle._resolve(error=CheckpointSkipped(f"save of step {handle.step} skipped: {exc}"))
+                log.warning("save of step %d skipped: %s", handle.step, exc)
                 return
             self._forget(handle)
             raise CheckpointError(
@@ -313,6 +320,21 @@ class CheckpointClient:
                 raise handle._error from None
         finally:
             handle._staged.set()
+
+    def _send_save(self, request: SaveRequest) -> messages.Envelope:
+        """Send a save request until the daemon takes it or `request.expires_at`; with the "wait" policy,
+        a daemon that has too many saves in flight to take another is asked again after a pause."""
+        body = request.to_wire()
+        pause = 0.005
+        while True:
+            remaining = request.expires_at - time.monotonic()
+            try:
+                return self._connection.request(messages.SAVE, body, timeout=max(remaining, 0.001))
+            except DaemonRequestError as exc:
+                if exc.code != BUSY_CODE or self.when_busy != "wait" or remaining <= pause:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.25)
 
     def _hand_over_in_background(
         self, handle: SaveHandle, staged: List[StagedComponent], metrics: Optional[Mapping[str, float]]

@@ -97,43 +97,47 @@ class LocalCommitLeader:
             self._committer = asyncio.get_running_loop().create_task(self._commit_ready())
 
     async def _commit_ready(self) -> None:
-        """Commit the ready saves one at a time, lowest step first, announcing each outcome."""
+        """Commit the ready saves in batches, lowest step first: each one's manifest and rename, then
+        one fsync of the root, `latest` and one retention pass for the batch; announce each outcome
+        once its rename is durable."""
+        loop = asyncio.get_running_loop()
         while self._ready:
-            key = min(self._ready, key=lambda k: (k[1], k[0]))
-            reports = self._ready.pop(key)
-            self._committing.add(key)
+            batch = sorted(self._ready.items(), key=lambda item: (item[0][1], item[0][0]))
+            self._ready.clear()
+            self._committing.update(key for key, _ in batch)
             try:
-                outcome = await self._commit(reports)
-            except Exception as exc:  # the committer must survive to commit the next save
-                log.exception("committing step %d failed", key[1])
-                outcome = Outcome(key[0], key[1], committed=False, reason=f"committing step {key[1]} failed: {exc!r}")
+                outcomes = [await self._commit(key, reports) for key, reports in batch]
+                committed = [(o, reports) for o, (_, reports) in zip(outcomes, batch) if o.committed]
+                if committed:
+                    await loop.run_in_executor(self._executor, self._store.publish, [o.step for o, _ in committed])
+                    newest = committed[-1][1]
+                    policy = next((r.retention for r in sorted(newest, key=lambda r: r.node) if r.retention), None)
+                    if policy is not None:
+                        await loop.run_in_executor(self._executor, self._apply_retention, policy)
             finally:
-                self._committing.discard(key)
-            await self._announce(outcome)
+                self._committing.difference_update(key for key, _ in batch)
+            for outcome in outcomes:
+                await self._announce(outcome)
 
-    async def _commit(self, reports: List[NodeReport]) -> Outcome:
-        first = reports[0]
+    async def _commit(self, key: SaveKey, reports: List[NodeReport]) -> Outcome:
+        """Write one save's manifest and rename its directory into place (not yet durable: `publish`)."""
+        job, step = key
         try:
             manifest = build_manifest(reports)
-            loop = asyncio.get_running_loop()
             committing = time.monotonic()
-            path = await loop.run_in_executor(
-                self._executor, self._store.commit, self._store.tmp_path(first.step, first.job), first.step,
-                manifest.to_json()
+            path = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._store.commit, self._store.tmp_path(step, job), step, manifest.to_json()
             )
         except CommitRejected as exc:
-            return Outcome(first.job, first.step, committed=False, reason=str(exc))
-        except OSError as exc:
-            reason = f"committing step {first.step} failed: {exc}"
-            log.error(reason)
-            return Outcome(first.job, first.step, committed=False, reason=reason)
+            return Outcome(job, step, committed=False, reason=str(exc))
+        except Exception as exc:  # OSError, or a bug: either way not committed, and the committer goes on
+            reason = f"committing step {step} failed: {exc}"
+            log.error(reason, exc_info=not isinstance(exc, OSError))
+            return Outcome(job, step, committed=False, reason=reason)
         if self._metrics is not None:
             self._metrics.observe_phase("commit", time.monotonic() - committing)
-        log.info("committed step %d at %s", first.step, path)
-        policy = next((r.retention for r in sorted(reports, key=lambda r: r.node) if r.retention), None)
-        if policy is not None:
-            await loop.run_in_executor(self._executor, self._apply_retention, policy)
-        return Outcome(first.job, first.step, committed=True, path=path)
+        log.info("committed step %d at %s", step, path)
+        return Outcome(job, step, committed=True, path=path)
 
     def _apply_retention(self, policy: RetentionPolicy) -> None:
         """After a commit: delete what the policy does not keep. A failure here never fails the commit."""

@@ -55,12 +55,12 @@ class CheckpointStore:
             pass
 
     def commit(self, tmp_dir: str, step: int, manifest_json: str) -> str:
-        """Manifest last (tmp, fsync, rename), then rename the directory into place and move `latest`.
+        """Manifest last (tmp, fsync, rename), then rename the directory into place; returns its path.
 
         Every shard is already fsynced; this makes their directory entries durable first, so the
         final name never points at a directory whose files could vanish in a crash. Raises OSError
-        only while the checkpoint is not committed: once the directory has its final name it is, and
-        a failure after that (the parent's fsync, `latest`) is logged and repaired later.
+        only while the checkpoint is not committed: once the directory has its final name it is.
+        Call `publish` next: the rename is durable, and `latest` moves, only then.
         """
         for entry in os.scandir(tmp_dir):
             if entry.is_dir(follow_symlinks=False):
@@ -68,13 +68,18 @@ class CheckpointStore:
         write_atomic(os.path.join(tmp_dir, layout.MANIFEST_NAME), manifest_json.encode())
         final = self.final_path(step)
         os.rename(tmp_dir, final)
+        return final
+
+    def publish(self, steps: List[int]) -> None:
+        """After `commit` of `steps` (one or a batch): make their renames durable with one fsync of the
+        root and move `latest` to the newest. They are committed whatever happens here, so a failure
+        is logged, and repaired at the next commit or daemon start."""
         try:
             fsync_dir(self.root)
-            self.advance_latest(step)
+            self.advance_latest(max(steps))
         except OSError as exc:
-            log.error("step %d is committed at %s, but updating the root failed (%s); `latest` is repaired at "
-                      "the next commit or daemon start", step, final, exc)
-        return final
+            log.error("step(s) %s are committed, but updating the root failed (%s); `latest` is repaired at "
+                      "the next commit or daemon start", steps, exc)
 
     def advance_latest(self, step: int) -> None:
         """Point `latest` at `step` unless it already names a newer checkpoint (it never moves back)."""
@@ -120,15 +125,21 @@ class CheckpointStore:
         """Delete the committed checkpoints `policy` does not keep (never `latest`, never one a loader
         holds); record what is kept and why in the root's retention file. Returns the deleted steps."""
         kept, doomed = self.plan_retention(policy)
-        deleted = []
+        taken = {}
         for step in doomed:
-            if self._delete(step):
-                deleted.append(step)
-            else:
+            moved = self._take_away(step)
+            if moved is None:
                 kept[step] = ["being loaded (deleted at a later pass)"]
+            else:
+                taken[step] = moved
+        if taken:
+            fsync_dir(self.root)
+            for step, moved in taken.items():
+                shutil.rmtree(moved, ignore_errors=True)
+                log.info("retention: deleted step %d", step)
         record = {"policy": policy.to_wire(), "kept": {str(step): reasons for step, reasons in sorted(kept.items())}}
         write_atomic(os.path.join(self.root, RETENTION_FILE), json.dumps(record, indent=1).encode())
-        return deleted
+        return sorted(taken)
 
     def _metrics(self, step: int) -> Dict[str, float]:
         try:
@@ -138,32 +149,29 @@ class CheckpointStore:
             return {}
         return metrics if isinstance(metrics, dict) else {}
 
-    def _delete(self, step: int) -> bool:
-        """Crash-safe delete: take the checkpoint's final name away first (one rename, so a half-deleted
-        directory is never mistaken for a checkpoint; a restart removes the rest), then remove it.
-        False, and nothing touched, while a loader holds the manifest's shared lock."""
+    def _take_away(self, step: int) -> Optional[str]:
+        """First half of a crash-safe delete: take the checkpoint's final name away (one rename, so a
+        half-deleted directory is never mistaken for a checkpoint; a restart removes the rest), and
+        return where it went. None, and nothing touched, while a loader holds the manifest's shared lock."""
         final = self.final_path(step)
         try:
             fd = os.open(os.path.join(final, layout.MANIFEST_NAME), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            return False
+            return None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.info("retention: step %d is being loaded; keeping it for now", step)
-                return False
+                return None
             doomed = os.path.join(self.root, layout.tmp_dir_name(step, "deleted-" + uuid.uuid4().hex[:8]))
             try:
                 os.rename(final, doomed)
             except FileNotFoundError:  # another retention pass (ckptd gc, another node) took it first
-                return False
+                return None
         finally:
             os.close(fd)
-        fsync_dir(self.root)
-        shutil.rmtree(doomed, ignore_errors=True)
-        log.info("retention: deleted step %d", step)
-        return True
+        return doomed
 
     def discard(self, tmp_dir: str) -> None:
         """Remove a tmp directory of an aborted save."""
