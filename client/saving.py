@@ -314,7 +314,7 @@ class CheckpointClient:
             self._daemon_lost = True
             self._settle(handle, f"the ckptd daemon at {self.endpoint} did not take the hand-over: {exc}")
             self._take_back(handle._leases)
-            if handle._error is None and not isinstance(exc, CheckpointError):
+            if not isinstance(exc, CheckpointError):
                 raise
             if handle._error is not None:
                 raise handle._error from None

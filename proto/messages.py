@@ -9,7 +9,7 @@ they sit in the client's shared-memory regions, which a save request names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import msgpack
 

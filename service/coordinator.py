@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Dict, List, Optional, Set
 from ckptd.proto import layout, messages
 from ckptd.proto.formats import check_tensor_layout, safetensors_header
 from ckptd.proto.manifest import FileRecord
-from ckptd.proto.messages import ComponentPart, Outcome, ProtocolError, SaveRequest
+from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.service.leader import Announce, CommitChannel, LocalCommitLeader, SaveKey

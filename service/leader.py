@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tup
 
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.formats import STATE_DIGEST_KEY
-from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ScopeRecord
+from ckptd.proto.manifest import ComponentRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.retention import RetentionPolicy
