@@ -46,5 +46,5 @@ def committed_by(checkpoint_dir: str, job: str) -> bool:
     """True if `checkpoint_dir` is a committed checkpoint saved by run `job`."""
     try:
         return read_manifest(checkpoint_dir).job == job
-    except CheckpointError:
+    except (CheckpointError, OSError):  # unreadable (an I/O error): not known to be committed
         return False

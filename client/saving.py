@@ -413,11 +413,17 @@ class CheckpointClient:
             except CheckpointError:
                 silent = time.monotonic() - last_answer
                 if silent >= self.daemon_timeout:
-                    self._lose_daemon(None, f"stopped answering for {silent:.0f} s")
+                    try:
+                        self._lose_daemon(None, f"stopped answering for {silent:.0f} s")
+                    except Exception:  # as above
+                        log.exception("settling the saves of an unanswering daemon failed")
                     last_answer = time.monotonic()
                 continue
             last_answer = time.monotonic()
-            self._lose_daemon(instance, "was restarted")
+            try:
+                self._lose_daemon(instance, "was restarted")
+            except Exception:  # the watchdog must outlive any one failure (the disk may be failing)
+                log.exception("settling the saves of a restarted daemon failed; trying again in %.1f s", interval)
 
     def _lose_daemon(self, answering: Optional[str], what: str) -> None:
         """Settle every save held by a daemon other than `answering` (None: no daemon answers) and take

@@ -98,8 +98,8 @@ class LocalCommitLeader:
 
     async def _commit_ready(self) -> None:
         """Commit the ready saves in batches, lowest step first: each one's manifest and rename, then
-        one fsync of the root, `latest` and one retention pass for the batch; announce each outcome
-        once its rename is durable."""
+        one fsync of the root, `latest` and one retention pass for the batch; announce the outcomes
+        after that fsync (see `CheckpointStore.publish` for when it fails)."""
         loop = asyncio.get_running_loop()
         while self._ready:
             batch = sorted(self._ready.items(), key=lambda item: (item[0][1], item[0][0]))

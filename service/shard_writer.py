@@ -188,6 +188,22 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def makedirs_durable(path: str) -> None:
+    """Create `path` and its missing parents, fsyncing the parent of each directory created, so that
+    the new entries survive a power cut (fsync of a directory covers what is in it, not its own entry)."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current) and os.path.dirname(current) != current:
+        missing.append(current)
+        current = os.path.dirname(current)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            pass
+        fsync_dir(os.path.dirname(directory))
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory. The temp
     name is unique to this call, so writers of one path never collide (a leftover is removed by

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ckptd.proto import layout
 from ckptd.proto.retention import RETENTION_FILE, RetentionPolicy, kept_steps
-from ckptd.service.shard_writer import fsync_dir, write_atomic
+from ckptd.service.shard_writer import fsync_dir, makedirs_durable, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class CheckpointStore:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
-        os.makedirs(self.root, exist_ok=True)
+        makedirs_durable(self.root)
 
     def final_path(self, step: int) -> str:
         """Where the committed checkpoint of `step` lives."""
@@ -41,7 +41,7 @@ class CheckpointStore:
     def create_tmp_dir(self, step: int, job: str) -> str:
         """The directory to write checkpoint `step` of run `job` into (other nodes may create it too)."""
         path = self.tmp_path(step, job)
-        os.makedirs(self.root, exist_ok=True)  # the root may have been removed while we serve it
+        makedirs_durable(self.root)  # the root may have been removed while we serve it
         os.makedirs(path, 0o755, exist_ok=True)
         return path
 
@@ -72,8 +72,9 @@ class CheckpointStore:
 
     def publish(self, steps: List[int]) -> None:
         """After `commit` of `steps` (one or a batch): make their renames durable with one fsync of the
-        root and move `latest` to the newest. They are committed whatever happens here, so a failure
-        is logged, and repaired at the next commit or daemon start."""
+        root and move `latest` to the newest. They have their final names, so they are committed
+        whatever happens here: a failure (an fsync that reports EIO leaves their durability unknown)
+        is logged, and `latest` is repaired at the next commit or daemon start."""
         try:
             fsync_dir(self.root)
             self.advance_latest(max(steps))
