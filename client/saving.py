@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 ABORTED_CODE = "aborted"
 """The daemon's refusal of a part of a step it has already aborted (service/coordinator.py)."""
-BUSY_CODE = "busy"
-"""The daemon's refusal of a new save while it has too many in flight (service/coordinator.py)."""
+NOT_NOW_CODES = ("busy", "shutting_down")
+"""The daemon's refusals of a part it cannot take now (too many saves in flight; draining before it
+exits): the "wait" policy asks again, the "skip" policy skips the save."""
 DAEMON_TIMEOUT_S = 10.0
 """Default seconds a daemon holding saves may go without answering before the client settles them."""
 
@@ -296,7 +297,7 @@ class CheckpointClient:
             if exc.code == ABORTED_CODE:  # another rank's failure aborted the step: that is its outcome
                 handle._resolve(error=CheckpointError(f"checkpoint of step {handle.step} aborted: {exc}"))
                 return
-            if exc.code == BUSY_CODE and self.when_busy == "skip":
+            if exc.code in NOT_NOW_CODES and self.when_busy == "skip":
                 self._send_skip(handle.step, str(exc))
                 handle._resolve(error=CheckpointSkipped(f"save of step {handle.step} skipped: {exc}"))
                 log.warning("save of step %d skipped: %s", handle.step, exc)
@@ -323,7 +324,8 @@ class CheckpointClient:
 
     def _send_save(self, request: SaveRequest) -> messages.Envelope:
         """Send a save request until the daemon takes it or `request.expires_at`; with the "wait" policy,
-        a daemon that has too many saves in flight to take another is asked again after a pause."""
+        a daemon that cannot take it now (too many saves in flight, or draining before a restart) is
+        asked again after a pause (after a restart, the new daemon answers)."""
         body = request.to_wire()
         pause = 0.005
         while True:
@@ -331,7 +333,7 @@ class CheckpointClient:
             try:
                 return self._connection.request(messages.SAVE, body, timeout=max(remaining, 0.001))
             except DaemonRequestError as exc:
-                if exc.code != BUSY_CODE or self.when_busy != "wait" or remaining <= pause:
+                if exc.code not in NOT_NOW_CODES or self.when_busy != "wait" or remaining <= pause:
                     raise
             time.sleep(pause)
             pause = min(2 * pause, 0.25)
