@@ -51,7 +51,7 @@ class StagedComponent:
             group_name=comp.process_group_name, group_ranks=tuple(self.prepared.group_ranks),
             validate_replication=comp.validate_replication, spread=comp.spread, metadata=dict(comp.metadata or {}),
             region=self.region.name if self.region is not None else None,
-            lease=self.region.lease or 0 if self.region is not None else 0, region_size=self.total,
+            lease=(self.region.lease or 0) if self.region is not None else 0, region_size=self.total,
             tensors=tuple(self.entries), state=self.flat.skeleton if self.writer else None,
             digests=self._digests() if comp.validate_replication else None,
         )

@@ -100,24 +100,31 @@ class LocalCommitLeader:
         """Commit the ready saves in batches, lowest step first: each one's manifest and rename, then
         one fsync of the root, `latest` and one retention pass for the batch; announce the outcomes
         after that fsync (see `CheckpointStore.publish` for when it fails)."""
-        loop = asyncio.get_running_loop()
         while self._ready:
             batch = sorted(self._ready.items(), key=lambda item: (item[0][1], item[0][0]))
             self._ready.clear()
             self._committing.update(key for key, _ in batch)
             try:
                 outcomes = [await self._commit(key, reports) for key, reports in batch]
-                committed = [(o, reports) for o, (_, reports) in zip(outcomes, batch) if o.committed]
+                committed = [reports for outcome, (_, reports) in zip(outcomes, batch) if outcome.committed]
                 if committed:
-                    await loop.run_in_executor(self._executor, self._store.publish, [o.step for o, _ in committed])
-                    newest = committed[-1][1]
-                    policy = next((r.retention for r in sorted(newest, key=lambda r: r.node) if r.retention), None)
-                    if policy is not None:
-                        await loop.run_in_executor(self._executor, self._apply_retention, policy)
+                    await self._publish([o.step for o in outcomes if o.committed], committed[-1])
             finally:
                 self._committing.difference_update(key for key, _ in batch)
             for outcome in outcomes:
                 await self._announce(outcome)
+
+    async def _publish(self, steps: List[int], newest: List[NodeReport]) -> None:
+        """Make a batch's renames durable and move `latest`, then apply the newest save's retention
+        policy. Never raises: the batch is committed whatever happens here."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._store.publish, steps)
+            policy = next((r.retention for r in sorted(newest, key=lambda r: r.node) if r.retention), None)
+            if policy is not None:
+                await loop.run_in_executor(self._executor, self._apply_retention, policy)
+        except Exception:
+            log.exception("publishing step(s) %s failed; they are committed, `latest` is repaired later", steps)
 
     async def _commit(self, key: SaveKey, reports: List[NodeReport]) -> Outcome:
         """Write one save's manifest and rename its directory into place (not yet durable: `publish`)."""
