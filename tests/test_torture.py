@@ -626,8 +626,8 @@ def torture_seed() -> int:
 @pytest.mark.parametrize(("world", "trials"), [
     pytest.param(1, 14, id="1rank-bounded"),
     pytest.param(2, 6, id="2ranks-bounded"),
-    pytest.param(1, 150, id="1rank-long", marks=pytest.mark.slow),
-    pytest.param(2, 150, id="2ranks-long", marks=pytest.mark.slow),
+    pytest.param(1, 150, id="1rank-long", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
+    pytest.param(2, 150, id="2ranks-long", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
 ])
 def test_torture(tmp_path: Path, world: int, trials: int) -> None:
     seed = torture_seed()
