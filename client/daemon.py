@@ -21,6 +21,8 @@ PROBE_TIMEOUT_S = 1.0
 IDLE_EXIT_S = 30.0
 DAEMON_EXIT_USAGE = 2
 """`ckptd serve` exit status for settings it refuses (service/cli.py EXIT_USAGE)."""
+OTHER_DAEMON_GRACE_S = 2.0
+"""After the daemon we started exits, how long another daemon for the root may take to answer."""
 
 
 def resolve_endpoint(root: str, endpoint: Optional[str] = None) -> str:
@@ -35,13 +37,17 @@ def daemon_log_path(endpoint: str) -> str:
     return os.path.join(layout.runtime_dir(), f"daemon-{token}.log")
 
 
-def _last_line(path: str) -> str:
+def _exit_reason(path: str) -> str:
+    """What a daemon that exited at start logged last: the message of its last line, and where the log is."""
     try:
         with open(path, errors="replace") as f:
             lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return f"(no log at {path})"
-    return lines[-1] if lines else f"(empty log {path})"
+    if not lines:
+        return f"(empty log {path})"
+    message = lines[-1].split(": ", 1)[1] if " pid=" in lines[-1] and ": " in lines[-1] else lines[-1]
+    return f"{message} (log: {path})"
 
 
 def start_daemon(root: str, endpoint: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
@@ -86,8 +92,12 @@ def connect(
 def ensure_serving(
     connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: Sequence[str] = ()
 ) -> str:
-    """Say hello until a daemon answers (starting one if `may_start`); returns its instance id."""
+    """Say hello until a daemon answers (starting one if `may_start`); returns its instance id.
+
+    If the daemon we started exits, another one may still answer (a racing start on this node); when
+    none does within `OTHER_DAEMON_GRACE_S`, raise with the reason the daemon logged, not after `wait_s`."""
     started: Optional[subprocess.Popen] = None
+    exited_at: Optional[float] = None
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -96,12 +106,13 @@ def ensure_serving(
             pass
         if may_start and started is None:
             started = start_daemon(root, connection.endpoint, daemon_args)
-        elif started is not None and started.poll() == DAEMON_EXIT_USAGE:
-            raise DaemonUnavailableError(
-                f"the ckptd daemon started for {root} refused its settings: {_last_line(daemon_log_path(connection.endpoint))}"
-            )
-        elif started is not None and started.poll() not in (None, 0):
-            log.warning("the daemon we started exited with %s; another one may own the root", started.returncode)
+        elif started is not None and started.poll() is not None:
+            exited_at = exited_at or time.monotonic()
+            if started.returncode == DAEMON_EXIT_USAGE or time.monotonic() - exited_at >= OTHER_DAEMON_GRACE_S:
+                raise DaemonUnavailableError(
+                    f"the ckptd daemon started for {root} exited with status {started.returncode}: "
+                    f"{_exit_reason(daemon_log_path(connection.endpoint))}"
+                )
         if time.monotonic() > deadline:
             hint = "start one with `ckptd serve --root ...`" if not may_start else "see the daemon log in " + layout.runtime_dir()
             raise DaemonUnavailableError(f"no ckptd daemon answered at {connection.endpoint} within {wait_s:g} s; {hint}")

@@ -41,9 +41,13 @@ class DaemonConnection:
         self._ready = threading.Event()
         self._ctx: Optional[zmq.asyncio.Context] = None
         self._socket: Optional[zmq.asyncio.Socket] = None
+        self._connect_error: Optional[zmq.ZMQError] = None
         self._thread = threading.Thread(target=self._run, name="ckptd-client-io", daemon=True)
         self._thread.start()
         self._ready.wait()
+        if self._connect_error is not None:
+            self._thread.join()
+            raise DaemonUnavailableError(f"cannot connect to {endpoint}: {self._connect_error}") from None
 
     def request(self, msg_type: str, body: Dict[str, Any], timeout: Optional[float]) -> messages.Envelope:
         """Send a request and return its reply; raises DaemonRequestError on an error reply and
@@ -76,7 +80,15 @@ class DaemonConnection:
         self._ctx = zmq.asyncio.Context()
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.endpoint)
+        try:
+            self._socket.connect(self.endpoint)
+        except zmq.ZMQError as exc:  # a malformed endpoint, or an ipc path too long for a socket address
+            self._connect_error = exc
+            self._socket.close(0)
+            self._ctx.term()
+            self._loop.close()
+            self._ready.set()
+            return
         receiver = self._loop.create_task(self._receive_loop())
         self._ready.set()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import fcntl
 import logging
 import os
@@ -89,6 +90,21 @@ class DaemonConfig:
         return self.endpoint or layout.default_endpoint(self.root)
 
 
+def open_root(root: str) -> CheckpointStore:
+    """The store for `root`, created if needed and checked writable; raises DaemonConfigError saying why not."""
+    try:
+        store = CheckpointStore(root)
+        store.check_writable()
+    except OSError as exc:
+        inside = str(exc.filename or root).startswith(os.path.realpath(root))
+        where = "" if inside else f" ({exc.filename})"
+        raise DaemonConfigError(
+            f"cannot use {root} as the checkpoint root: {exc.strerror or exc}{where}; choose a directory this user "
+            "can create and write (CheckpointManager(provider, root) or ckptd serve --root)"
+        ) from None
+    return store
+
+
 class RootLock:
     """Node-local exclusive lock: only one daemon serves a root on a node."""
 
@@ -125,7 +141,7 @@ class DaemonServer:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.store = CheckpointStore(config.root)
+        self.store = open_root(config.root)
         self.endpoint = config.resolved_endpoint()
         self._lock = RootLock(self.store.root, config.node)
         self._ctx = zmq.asyncio.Context()
@@ -210,7 +226,9 @@ class DaemonServer:
             socket.bind(self.endpoint)
         except zmq.ZMQError as exc:
             socket.close(0)
-            raise DaemonError(f"cannot listen on {self.endpoint}: {exc}") from None
+            error = DaemonError if exc.errno == errno.EADDRINUSE else DaemonConfigError
+            raise error(f"cannot listen on {self.endpoint}: {exc}; choose another endpoint "
+                        "(CKPTD_ENDPOINT, or a shorter XDG_RUNTIME_DIR for the default one)") from None
         if self.endpoint.startswith("ipc://"):
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
         return socket

@@ -200,7 +200,8 @@ def makedirs_durable(path: str) -> None:
         try:
             os.mkdir(directory)
         except FileExistsError:
-            pass
+            if not os.path.isdir(directory):
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", directory) from None
         fsync_dir(os.path.dirname(directory))
 
 

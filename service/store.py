@@ -25,6 +25,12 @@ class CheckpointStore:
         self.root = os.path.realpath(root)
         makedirs_durable(self.root)
 
+    def check_writable(self) -> None:
+        """Raise OSError unless this process can create files in the root (creates and removes one)."""
+        probe = os.path.join(self.root, f"{layout.TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+        os.unlink(probe)
+
     def final_path(self, step: int) -> str:
         """Where the committed checkpoint of `step` lives."""
         return os.path.join(self.root, layout.checkpoint_dir_name(step))

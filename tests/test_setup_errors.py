@@ -1,0 +1,77 @@
+"""Set-up mistakes get the daemon's own reason within seconds (issue 12): when the daemon that local
+rank 0 starts cannot serve, CheckpointManager raises at construction with what the daemon logged,
+instead of waiting out its connect timeout."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, List
+
+import pytest
+import torch
+from helpers import Daemon, Holder, short_endpoint
+
+from ckptd.client import CheckpointManager, DaemonUnavailableError, RankInfo, SharingPattern, StateComponent, Topology
+from ckptd.service.verify import verify_checkpoint
+
+WITHIN_S = 8.0
+"""A start failure is reported within this long (the daemon's start plus a two-second grace)."""
+
+
+class Provider:
+    def get_state_components(self) -> List[StateComponent]:
+        return [StateComponent("model", Holder({"w": torch.ones(4)}), SharingPattern.GLOBAL)]
+
+
+def construct(root: Path | str, **options: Any) -> None:
+    """Build a manager that auto-starts its daemon; it must fail to."""
+    manager = CheckpointManager(Provider(), str(root), rank_info=RankInfo(0, Topology.single_node(1), job_id="setup"),
+                                **options)
+    manager.close()
+    raise AssertionError("the manager was built, but its daemon should not have been able to serve")
+
+
+def failure(root: Path | str, match: str, **options: Any) -> None:
+    """Construction raises DaemonUnavailableError matching `match`, within WITHIN_S."""
+    started = time.monotonic()
+    with pytest.raises(DaemonUnavailableError, match=match):
+        construct(root, **options)
+    elapsed = time.monotonic() - started
+    assert elapsed < WITHIN_S, f"the reason took {elapsed:.1f} s"
+
+
+def test_a_root_that_is_a_file_is_refused_with_the_os_error(tmp_path: Path) -> None:
+    root = tmp_path / "not-a-dir"
+    root.write_text("x")
+    failure(root, rf"exited with status 2: cannot use {root} as the checkpoint root: Not a directory;")
+    assert root.read_text() == "x"
+
+
+def test_a_root_that_cannot_be_created_is_refused_with_the_os_error() -> None:
+    failure("/proc/ckptd-root", r"cannot use /proc/ckptd-root as the checkpoint root: (No such file or directory|Permission denied)")
+
+
+def test_an_endpoint_path_too_long_is_refused(tmp_path: Path) -> None:
+    endpoint = "ipc:///tmp/" + "x" * 150
+    failure(tmp_path / "ckpt", r"cannot connect to ipc:///tmp/x+: (File name too long|.*longer than 107 characters)", endpoint=endpoint)
+
+
+def test_a_root_another_daemon_serves_names_that_daemon(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    other = daemon_factory()
+    with CheckpointManager(Provider(), str(other.root), endpoint=other.endpoint, auto_start=False,
+                           rank_info=RankInfo(0, Topology.single_node(1), job_id="owner")) as owner:
+        committed = owner.save_checkpoint(1).wait(30)
+    failure(other.root, rf"exited with status 3: another ckptd daemon \(pid {other.process.pid}\) already serves this root",
+            endpoint=short_endpoint())
+    assert verify_checkpoint(committed) == []
+    assert other.process.poll() is None
+
+
+def test_a_bad_cluster_secret_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"short")
+    os.chmod(secret, 0o600)
+    failure(tmp_path / "ckpt", r"exited with status 2: .*secret", daemon_args=[
+        "--num-nodes", "2", "--leader", "127.0.0.1:1", "--cluster-secret", str(secret)])
