@@ -35,8 +35,9 @@ class RankInfo:
 
 
 def detect_rank_info() -> RankInfo:
-    """Rank and topology: gathered from every rank when torch.distributed is initialized, else read
-    from the torchrun environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), else a single process."""
+    """Rank and topology, gathered from every rank when torch.distributed is initialized; a single
+    process otherwise. The job id is fresh for every run (rank 0's, shared with the others by that
+    gather), so two runs never share one, whatever the launcher's rendezvous id."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = (_node_key(), int(os.environ.get("LOCAL_RANK", "0")), uuid.uuid4().hex)
@@ -44,17 +45,14 @@ def detect_rank_info() -> RankInfo:
         dist.all_gather_object(gathered, mine)
         topology = _topology_from_node_keys([(key, local) for key, local, _ in gathered])
         return RankInfo(rank, topology, job_id=gathered[0][2])
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    job_id = f"{run_id}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}" if run_id else uuid.uuid4().hex
-    if world > 1 and not run_id:
-        job_id = "default"  # ranks cannot agree on a fresh id without communication
-    try:
-        return RankInfo(rank, Topology.uniform(world, local_world), job_id=job_id)
-    except ValueError as exc:
-        raise CheckpointError(f"cannot derive the job topology from the environment: {exc}") from None
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise CheckpointError(
+            f"WORLD_SIZE is {world}, but torch.distributed is not initialized: call "
+            "torch.distributed.init_process_group(...) before creating the CheckpointManager, so that the "
+            "ranks agree on the job's topology (a single process needs neither)"
+        )
+    return RankInfo(0, Topology.single_node(1), job_id=uuid.uuid4().hex)
 
 
 def _node_key() -> str:

@@ -13,7 +13,15 @@ import pytest
 import torch
 from helpers import Daemon, Holder, short_endpoint
 
-from ckptd.client import CheckpointManager, DaemonUnavailableError, RankInfo, SharingPattern, StateComponent, Topology
+from ckptd.client import (
+    CheckpointError,
+    CheckpointManager,
+    DaemonUnavailableError,
+    RankInfo,
+    SharingPattern,
+    StateComponent,
+    Topology,
+)
 from ckptd.service.verify import verify_checkpoint
 
 WITHIN_S = 8.0
@@ -75,3 +83,23 @@ def test_a_bad_cluster_secret_is_refused(tmp_path: Path) -> None:
     os.chmod(secret, 0o600)
     failure(tmp_path / "ckpt", r"exited with status 2: .*secret", daemon_args=[
         "--num-nodes", "2", "--leader", "127.0.0.1:1", "--cluster-secret", str(secret)])
+
+
+def test_world_size_without_a_process_group_is_refused_at_construction(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CheckpointError, match="WORLD_SIZE is 2, but torch.distributed is not initialized: call "
+                                              r"torch.distributed.init_process_group\(...\) before"):
+        CheckpointManager(Provider(), str(tmp_path / "ckpt"), auto_start=False, connect=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_single_process_runs_never_share_a_job_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not even under torchrun's default rendezvous id, which is the same for every job."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    first, second = (CheckpointManager(Provider(), str(tmp_path / "ckpt"), auto_start=False, connect=False)
+                     for _ in range(2))
+    assert first.rank_info.job_id != second.rank_info.job_id
+    assert "none" not in (first.rank_info.job_id, second.rank_info.job_id)
