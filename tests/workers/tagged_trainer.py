@@ -251,6 +251,14 @@ def load_latest(manager: CheckpointManager, trainer: Trainer, journal: EventLog)
     Returns the loaded step (None when nothing was loaded)."""
     if not any_rank(manager.latest_checkpoint() is not None):
         return None
+    loaded = load_and_record(manager, trainer, journal)
+    return loaded[0] if loaded is not None else None
+
+
+def load_and_record(manager: CheckpointManager, trainer: Trainer, journal: EventLog,
+                    **extra: Any) -> tuple[int, list[str]] | None:
+    """Load the newest committed checkpoint and record the step it holds and where its content is
+    wrong; None (recorded as a load error) when nothing loads."""
     try:
         path = manager.load_checkpoint()
     except CheckpointError as exc:
@@ -258,8 +266,8 @@ def load_latest(manager: CheckpointManager, trainer: Trainer, journal: EventLog)
         journal.failure("load_error", exc, latest=manager.latest_checkpoint())
         return None
     step, wrong = loaded_state(trainer, path)
-    journal.write("loaded", step=step, path=path, content_ok=not wrong, wrong=wrong[:8])
-    return step
+    journal.write("loaded", step=step, path=path, content_ok=not wrong, wrong=wrong[:8], **extra)
+    return step, wrong
 
 
 def loaded_state(trainer: Trainer, path: str) -> tuple[int, list[str]]:
@@ -330,15 +338,8 @@ def load_only(args: argparse.Namespace, rank: int, world: int, journal: EventLog
     """Load `latest` in a fresh process without a daemon; 0 when it holds exactly its step."""
     trainer = Trainer(rank, world, args.model_mb)
     manager = CheckpointManager(trainer, args.root, connect=False)
-    try:
-        path = manager.load_checkpoint()
-    except CheckpointError as exc:
-        check_reason(exc)
-        journal.failure("load_error", exc, latest=manager.latest_checkpoint())
-        return EXIT_BAD_LOAD
-    step, wrong = loaded_state(trainer, path)
-    journal.write("loaded", step=step, path=path, content_ok=not wrong, wrong=wrong[:8], fresh=True)
-    return 0 if not wrong else EXIT_BAD_LOAD
+    loaded = load_and_record(manager, trainer, journal, fresh=True)
+    return 0 if loaded is not None and not loaded[1] else EXIT_BAD_LOAD
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
