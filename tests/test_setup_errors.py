@@ -103,3 +103,38 @@ def test_single_process_runs_never_share_a_job_id(monkeypatch: pytest.MonkeyPatc
                      for _ in range(2))
     assert first.rank_info.job_id != second.rank_info.job_id
     assert "none" not in (first.rank_info.job_id, second.rank_info.job_id)
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: StateComponent("m", Holder({}), SharingPattern.GLOBAL, process_group_name="tp"), ValueError,
+     "component 'm': process_group_name applies only to PER_GROUP"),
+    (lambda: StateComponent("m", Holder({}), SharingPattern.PER_RANK, spread=True), ValueError,
+     "component 'm': spread applies only to REPLICATED, not PER_RANK"),
+    (lambda: StateComponent("m", Holder({}), SharingPattern.GLOBAL, metadata={"lr": [1]}), ValueError,
+     "component 'm': metadata must map strings to str/int/float/bool/None"),
+], ids=["group name without PER_GROUP", "spread without REPLICATED", "metadata value"])
+def test_a_misdeclared_component_is_refused_when_built(build: Callable[[], StateComponent], error: type,
+                                                       match: str) -> None:
+    with pytest.raises(error, match=match):
+        build()
+
+
+class TwoOfOneKey:
+    def get_state_components(self) -> List[StateComponent]:
+        return [StateComponent("model", Holder({}), SharingPattern.GLOBAL)] * 2
+
+
+@pytest.mark.parametrize("provider,options,error,match", [
+    (object(), {}, TypeError, r"the provider needs get_state_components\(\)"),
+    (TwoOfOneKey(), {}, CheckpointError, r"duplicate component keys: \['model', 'model'\]"),
+    (Provider(), {"when_busy": "drop"}, ValueError, "when_busy must be 'wait' or 'skip', not 'drop'"),
+    (Provider(), {"daemon_timeout": 0}, ValueError, "daemon_timeout must be positive, not 0"),
+], ids=["provider without components", "duplicate keys", "when_busy", "daemon_timeout"])
+def test_a_misdeclared_manager_is_refused_at_construction(tmp_path: Path, provider: Any, options: dict,
+                                                          error: type, match: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(error, match=match):
+        CheckpointManager(provider, str(tmp_path / "ckpt"), endpoint=short_endpoint(), auto_start=False,
+                          rank_info=RankInfo(0, Topology.single_node(1), job_id="setup"), **options)
+    assert time.monotonic() - started < WITHIN_S
+    assert not (tmp_path / "ckpt").exists()
