@@ -84,3 +84,17 @@ def kept_steps(
         for _, step in scored[:policy.keep_best]:
             keep(step, f"best {policy.keep_best} by {policy.best_metric} ({policy.best_mode})")
     return {step: kept[step] for step in sorted(kept)}
+
+
+DELETED_KEY = "deleted"
+"""Key of the retention file's list of [step, job run id] that retention deleted, newest last, written
+before they are deleted: a client settling a save it was never told about finds it committed there."""
+DELETED_REMEMBERED = 1024
+"""How many deleted checkpoints the retention file remembers."""
+
+
+def deleted_checkpoints(record: Any) -> List[Tuple[int, str]]:
+    """The (step, job) pairs a parsed retention file lists as deleted after they committed."""
+    entries = record.get(DELETED_KEY, []) if isinstance(record, dict) else []
+    return [(e[0], e[1]) for e in entries if isinstance(e, list) and len(e) == 2
+            and type(e[0]) is int and isinstance(e[1], str)]

@@ -9,10 +9,17 @@ import os
 import shutil
 import time
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ckptd.proto import layout
-from ckptd.proto.retention import RETENTION_FILE, RetentionPolicy, kept_steps
+from ckptd.proto.retention import (
+    DELETED_KEY,
+    DELETED_REMEMBERED,
+    RETENTION_FILE,
+    RetentionPolicy,
+    deleted_checkpoints,
+    kept_steps,
+)
 from ckptd.service.shard_writer import fsync_dir, makedirs_durable, write_atomic
 
 log = logging.getLogger(__name__)
@@ -130,8 +137,13 @@ class CheckpointStore:
 
     def apply_retention(self, policy: RetentionPolicy) -> List[int]:
         """Delete the committed checkpoints `policy` does not keep (never `latest`, never one a loader
-        holds); record what is kept and why in the root's retention file. Returns the deleted steps."""
+        holds); record what is kept and why in the root's retention file, and what is deleted (with
+        its job run) before deleting it. Returns the deleted steps."""
         kept, doomed = self.plan_retention(policy)
+        deleted = self._deleted_record()
+        if doomed:
+            deleted = (deleted + [[step, self._manifest_field(step, "job", "")] for step in doomed])[-DELETED_REMEMBERED:]
+            self._write_retention_record(policy, kept, deleted)
         taken = {}
         for step in doomed:
             moved = self._take_away(step)
@@ -144,17 +156,32 @@ class CheckpointStore:
             for step, moved in taken.items():
                 shutil.rmtree(moved, ignore_errors=True)
                 log.info("retention: deleted step %d", step)
-        record = {"policy": policy.to_wire(), "kept": {str(step): reasons for step, reasons in sorted(kept.items())}}
-        write_atomic(os.path.join(self.root, RETENTION_FILE), json.dumps(record, indent=1).encode())
+        self._write_retention_record(policy, kept, deleted)
         return sorted(taken)
 
+    def _write_retention_record(self, policy: RetentionPolicy, kept: Dict[int, List[str]], deleted: List[list]) -> None:
+        record = {"policy": policy.to_wire(), "kept": {str(step): reasons for step, reasons in sorted(kept.items())},
+                  DELETED_KEY: deleted}
+        write_atomic(os.path.join(self.root, RETENTION_FILE), json.dumps(record, indent=1).encode())
+
+    def _deleted_record(self) -> List[list]:
+        try:
+            with open(os.path.join(self.root, RETENTION_FILE), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return []
+        return [list(entry) for entry in deleted_checkpoints(record)]
+
     def _metrics(self, step: int) -> Dict[str, float]:
+        metrics = self._manifest_field(step, "metrics", {})
+        return metrics if isinstance(metrics, dict) else {}
+
+    def _manifest_field(self, step: int, name: str, default: Any) -> Any:
         try:
             with open(os.path.join(self.final_path(step), layout.MANIFEST_NAME), encoding="utf-8") as f:
-                metrics = json.load(f).get("metrics", {})
+                return json.load(f).get(name, default)
         except (OSError, ValueError, AttributeError):
-            return {}
-        return metrics if isinstance(metrics, dict) else {}
+            return default
 
     def _take_away(self, step: int) -> Optional[str]:
         """First half of a crash-safe delete: take the checkpoint's final name away (one rename, so a

@@ -23,6 +23,7 @@ from helpers import Daemon, Holder, short_endpoint, wait_for
 from invariants import check_root
 
 from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, SharingPattern, StateComponent
+from ckptd.client.fencing import fence_save
 from ckptd.client.topology import RankInfo
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
@@ -193,3 +194,18 @@ def test_a_hand_over_the_daemon_reads_too_late_is_refused(
     assert wait_for(lambda: "arrived after the client stopped waiting" in daemon.log(), timeout=10), daemon.log()
     time.sleep(0.5)  # the refused save's abort has cleaned up
     assert assert_clean(daemon.root) == [2]
+
+
+def test_a_save_retention_deleted_before_its_trainer_heard_is_settled_committed(
+        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]) -> None:
+    """Saves that commit together go through one retention pass before their outcomes are announced;
+    a daemon killed in between leaves a trainer to settle a save that committed and is already gone.
+    The retention file's record of what it deleted says so (found by the 300-trial torture run)."""
+    daemon = daemon_factory()
+    client = make_client(daemon, retention=RetentionPolicy(keep_last=1))
+    for step in range(1, 5):
+        client.save(step, tagged(step, 0)).wait(30)
+    assert assert_clean(daemon.root) == [4]
+    assert fence_save(str(daemon.root), 1, "job") == str(daemon.root / "step_00000001")
+    assert fence_save(str(daemon.root), 1, "another-run") is None
+    assert fence_save(str(daemon.root), 9, "job") is None
