@@ -4,6 +4,7 @@ from ckptd.client.components import StateComponent, Stateful
 from ckptd.client.errors import (
     CheckpointError,
     DaemonUnavailableError,
+    RootInUseError,
     UnsupportedStateError,
     VerificationError,
 )
@@ -18,6 +19,6 @@ from ckptd.proto.topology import Topology
 
 __all__ = [
     "CheckpointClient", "CheckpointError", "CheckpointManager", "CheckpointSkipped", "DaemonUnavailableError",
-    "PreparedComponent", "RNGState", "RankInfo", "RetentionPolicy", "SaveHandle", "SharingPattern", "StateComponent", "Stateful",
+    "PreparedComponent", "RNGState", "RankInfo", "RetentionPolicy", "RootInUseError", "SaveHandle", "SharingPattern", "StateComponent", "Stateful",
     "Topology", "UnsupportedStateError", "VerificationError",
 ]

@@ -10,9 +10,10 @@ import sys
 import time
 from typing import Optional, Sequence, Tuple
 
-from ckptd.client.errors import DaemonUnavailableError
-from ckptd.client.transport import DaemonConnection, NotificationHandler
+from ckptd.client.errors import DaemonUnavailableError, RootInUseError
+from ckptd.client.transport import DaemonConnection, DaemonRequestError, NotificationHandler
 from ckptd.proto import layout, messages
+from ckptd.proto.ownership import ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ DAEMON_EXIT_USAGE = 2
 """`ckptd serve` exit status for settings it refuses (service/cli.py EXIT_USAGE)."""
 OTHER_DAEMON_GRACE_S = 2.0
 """After the daemon we started exits, how long another daemon for the root may take to answer."""
+CLAIM_POLL_S = 0.5
+"""How often to ask again while the daemon watches another host's claim on the root."""
 
 
 def resolve_endpoint(root: str, endpoint: Optional[str] = None) -> str:
@@ -78,19 +81,23 @@ def connect(
     may_start: bool,
     wait_s: float = 60.0,
     daemon_args: Sequence[str] = (),
+    run: Optional[RunIdentity] = None,
 ) -> Tuple[DaemonConnection, str]:
-    """Connect and say hello; if nothing answers and `may_start`, start a daemon; wait up to `wait_s`.
+    """Connect and say hello (as a client of `run`, which the daemon admits or refuses with
+    RootInUseError); if nothing answers and `may_start`, start a daemon; wait up to `wait_s`.
     Returns the connection and the answering daemon's instance id."""
     connection = DaemonConnection(endpoint, on_notification)
     try:
-        return connection, ensure_serving(connection, root, may_start=may_start, wait_s=wait_s, daemon_args=daemon_args)
-    except DaemonUnavailableError:
+        return connection, ensure_serving(connection, root, may_start=may_start, wait_s=wait_s,
+                                          daemon_args=daemon_args, run=run)
+    except BaseException:
         connection.close()
         raise
 
 
 def ensure_serving(
-    connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: Sequence[str] = ()
+    connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: Sequence[str] = (),
+    run: Optional[RunIdentity] = None,
 ) -> str:
     """Say hello until a daemon answers (starting one if `may_start`); returns its instance id.
 
@@ -101,9 +108,15 @@ def ensure_serving(
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return hello(connection, root, PROBE_TIMEOUT_S)
+            return hello(connection, root, PROBE_TIMEOUT_S, run)
         except DaemonUnavailableError:
             pass
+        except DaemonRequestError as exc:
+            if exc.code != ROOT_CLAIM_PENDING or time.monotonic() > deadline:
+                raise
+            log.info("%s", exc)
+            time.sleep(CLAIM_POLL_S)
+            continue
         if may_start and started is None:
             started = start_daemon(root, connection.endpoint, daemon_args)
         elif started is not None and started.poll() is not None:
@@ -118,7 +131,22 @@ def ensure_serving(
             raise DaemonUnavailableError(f"no ckptd daemon answered at {connection.endpoint} within {wait_s:g} s; {hint}")
 
 
-def hello(connection: DaemonConnection, root: str, timeout: float) -> str:
-    """Register this process with the daemon; returns the daemon's instance id (new at every start)."""
-    reply = connection.request(messages.HELLO, {"pid": os.getpid(), "root": os.path.realpath(root)}, timeout=timeout)
+def hello(connection: DaemonConnection, root: str, timeout: float, run: Optional[RunIdentity] = None) -> str:
+    """Register this process (as a client of `run`) with the daemon; returns the daemon's instance id
+    (new at every start). Raises RootInUseError when another live run owns the root."""
+    body = messages.Hello(os.getpid(), os.path.realpath(root), run).to_wire()
+    try:
+        reply = connection.request(messages.HELLO, body, timeout=timeout)
+    except DaemonRequestError as exc:
+        if exc.code == ROOT_IN_USE:
+            raise RootInUseError(str(exc)) from None
+        raise
     return str(reply.body.get("instance", ""))
+
+
+def bye(connection: DaemonConnection, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Tell the daemon this client is done, so that its run gives the root up once its last client has."""
+    try:
+        connection.request(messages.BYE, {}, timeout=timeout)
+    except (DaemonUnavailableError, DaemonRequestError) as exc:
+        log.debug("the goodbye to %s went unanswered: %s", connection.endpoint, exc)

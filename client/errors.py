@@ -15,3 +15,7 @@ class DaemonUnavailableError(CheckpointError):
 
 class VerificationError(CheckpointError):
     """A checkpoint file is missing, truncated, or does not match its manifest checksum."""
+
+
+class RootInUseError(CheckpointError):
+    """Another live run of a job owns the checkpoint root; the message names it (run id, host, pid, start)."""

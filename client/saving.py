@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
@@ -12,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ckptd.client.daemon import connect, ensure_serving, hello, resolve_endpoint
+from ckptd.client.daemon import bye, connect, ensure_serving, hello, resolve_endpoint
 from ckptd.client.errors import CheckpointError
 from ckptd.client.fencing import fence_save
 from ckptd.client.snapshot import (
@@ -28,6 +29,7 @@ from ckptd.client.transport import DaemonRequestError
 from ckptd.proto import messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import SaveRequest
+from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
@@ -149,9 +151,10 @@ class CheckpointClient:
         if rank_info.topology.num_nodes > 1:  # an auto-started daemon must know its place in the job
             daemon_args = ("--node", str(rank_info.node), "--num-nodes", str(rank_info.topology.num_nodes), *daemon_args)
         self._daemon_args = daemon_args
+        self._run = RunIdentity(rank_info.job_id, socket.gethostname(), os.getpid(), rank_info.rank, rank_info.started_at)
         self._connection, self._daemon_instance = connect(
             self.root, self.endpoint, self._on_notification,
-            may_start=self._may_start, wait_s=connect_timeout, daemon_args=self._daemon_args,
+            may_start=self._may_start, wait_s=connect_timeout, daemon_args=self._daemon_args, run=self._run,
         )
         self._daemon_lost = False
         self._closing = threading.Event()
@@ -411,7 +414,7 @@ class CheckpointClient:
                 last_answer = time.monotonic()
                 continue
             try:
-                instance = hello(self._connection, self.root, timeout=min(2 * WATCH_INTERVAL_S, self.daemon_timeout / 2))
+                instance = hello(self._connection, self.root, min(2 * WATCH_INTERVAL_S, self.daemon_timeout / 2), self._run)
             except CheckpointError:
                 silent = time.monotonic() - last_answer
                 if silent >= self.daemon_timeout:
@@ -458,7 +461,7 @@ class CheckpointClient:
         """After losing the daemon: wait for one to answer again (local rank 0 restarts it if allowed)."""
         self._daemon_instance = ensure_serving(
             self._connection, self.root, may_start=self._may_start, wait_s=self._connect_timeout,
-            daemon_args=self._daemon_args,
+            daemon_args=self._daemon_args, run=self._run,
         )
         self._daemon_lost = False
 
@@ -484,5 +487,6 @@ class CheckpointClient:
         deadline = time.monotonic() + 5.0
         while self._pool.busy() and time.monotonic() < deadline:
             time.sleep(0.01)
+        bye(self._connection)
         self._connection.close()
         self._pool.close()

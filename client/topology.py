@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Tuple
 
 import torch.distributed as dist
@@ -22,6 +23,8 @@ class RankInfo:
     rank: int
     topology: Topology
     job_id: str = "default"
+    started_at: float = field(default_factory=time.time)
+    """Wall-clock time the run started (rank 0's clock)."""
 
     @property
     def local_rank(self) -> int:
@@ -40,11 +43,11 @@ def detect_rank_info() -> RankInfo:
     gather), so two runs never share one, whatever the launcher's rendezvous id."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        mine = (_node_key(), int(os.environ.get("LOCAL_RANK", "0")), uuid.uuid4().hex)
+        mine = (_node_key(), int(os.environ.get("LOCAL_RANK", "0")), uuid.uuid4().hex, time.time())
         gathered: List[Any] = [None] * world
         dist.all_gather_object(gathered, mine)
-        topology = _topology_from_node_keys([(key, local) for key, local, _ in gathered])
-        return RankInfo(rank, topology, job_id=gathered[0][2])
+        topology = _topology_from_node_keys([(key, local) for key, local, _, _ in gathered])
+        return RankInfo(rank, topology, job_id=gathered[0][2], started_at=gathered[0][3])
     world = os.environ.get("WORLD_SIZE", "1")
     if world != "1":
         raise CheckpointError(

@@ -51,7 +51,9 @@ class DaemonConnection:
 
     def request(self, msg_type: str, body: Dict[str, Any], timeout: Optional[float]) -> messages.Envelope:
         """Send a request and return its reply; raises DaemonRequestError on an error reply and
-        DaemonUnavailableError when nothing answers within `timeout`."""
+        DaemonUnavailableError when nothing answers within `timeout` or the connection is closed."""
+        if not self._thread.is_alive():
+            raise DaemonUnavailableError(f"the connection to {self.endpoint} is closed")
         future = asyncio.run_coroutine_threadsafe(self._request(msg_type, body), self._loop)
         try:
             reply = future.result(timeout)

@@ -15,6 +15,7 @@ import msgpack
 
 from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
 from ckptd.proto.layout import REGION_PREFIX, check_safe_name
+from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
@@ -25,6 +26,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 # request types
 HELLO = "hello"
+BYE = "bye"
 SAVE = "save"
 STATUS = "status"
 # reply types
@@ -99,6 +101,46 @@ def _field(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
 
 def _optional(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
     return None if body.get(name) is None else _field(body, name, kind, where)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A client introducing itself (and, repeated, showing it is still there). `run` is None for a tool
+    that only asks questions; a trainer's client names its run, which the daemon admits or refuses."""
+
+    pid: int
+    root: str
+    run: Optional[RunIdentity] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a frame."""
+        run = self.run
+        return {"pid": self.pid, "root": self.root, "run": None if run is None else {
+            "job": run.job, "host": run.host, "pid": run.pid, "rank": run.rank, "started_at": run.started_at}}
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> "Hello":
+        """Checked inverse of `to_wire`."""
+        where = "hello"
+        pid, root = _field(body, "pid", int, where), _field(body, "root", str, where)
+        raw = body.get("run")
+        if raw is None:
+            return cls(pid, root)
+        if not isinstance(raw, dict):
+            raise ProtocolError("invalid_request", f"{where}: field 'run' must be map, got {type(raw).__name__}")
+        where = "hello: run"
+        run = RunIdentity(
+            job=_job_id(_field(raw, "job", str, where), where), host=_field(raw, "host", str, where)[:256],
+            pid=_field(raw, "pid", int, where), rank=_field(raw, "rank", int, where),
+            started_at=float(_field(raw, "started_at", (int, float), where)),
+        )
+        return cls(pid, root, run)
+
+
+def _job_id(job: str, where: str) -> str:
+    if not 0 < len(job) <= 128 or "\0" in job:
+        raise ProtocolError("invalid_request", f"{where}: job id must be 1-128 characters without NUL")
+    return job
 
 
 @dataclass(frozen=True)
@@ -259,9 +301,7 @@ class SaveRequest:
             raise ProtocolError("invalid_request", f"{where}: versions must map strings to strings")
         if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
             raise ProtocolError("invalid_request", f"{where}: metrics must map strings to numbers")
-        job = _field(body, "job", str, where)
-        if not 0 < len(job) <= 128 or "\0" in job:
-            raise ProtocolError("invalid_request", f"{where}: job id must be 1-128 characters without NUL")
+        job = _job_id(_field(body, "job", str, where), where)
         try:
             retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
         except ValueError as exc:

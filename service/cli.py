@@ -14,6 +14,7 @@ from ckptd.service import commands as commands_module
 from ckptd.service.curve import write_secret
 from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
 from ckptd.proto.manifest import ManifestError
+from ckptd.proto.ownership import CLAIM_TTL_S
 from ckptd.service.catalog import read_manifest_file
 from ckptd.service.verify import checkpoint_dirs, verify_checkpoint
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address the metrics listen on (default 127.0.0.1; 0.0.0.0 for a cluster scraper)")
     serve.add_argument("--peer-timeout", type=float, default=10.0,
                        help="seconds without a heartbeat before another node's daemon counts as gone (default 10)")
+    serve.add_argument("--claim-ttl", type=float, default=CLAIM_TTL_S, metavar="SECONDS",
+                       help="how long another host's claim on a shared root counts as a live run's after its last "
+                            f"renewal (default {CLAIM_TTL_S:g})")
     serve.add_argument("--max-write-mbps", type=float, help="cap on write bandwidth in MB/s (default: no cap)")
     serve.add_argument("--save-timeout", type=float, default=600.0,
                        help="seconds a save may take from its first rank's hand-over to commit before it aborts")
@@ -182,6 +186,7 @@ def serve(args: argparse.Namespace) -> int:
         save_timeout=args.save_timeout, write_threads=args.write_threads, exit_when_idle=args.exit_when_idle,
         nice=args.nice, num_nodes=args.num_nodes, leader=args.leader, cluster_secret=args.cluster_secret,
         peer_timeout=args.peer_timeout, metrics_port=args.metrics_port, metrics_address=args.metrics_address,
+        claim_ttl=args.claim_ttl,
     )
     try:
         asyncio.run(DaemonServer(config).serve())

@@ -20,12 +20,14 @@ import zmq.asyncio
 from ckptd.proto import layout, messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import ProtocolError, SaveRequest
+from ckptd.proto.ownership import CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
 from ckptd.proto.cluster import parse_address
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
 from ckptd.service.curve import ClusterSecretError, load_secret
 from ckptd.service.leader import Announce, CommitChannel
 from ckptd.service.metrics import DaemonMetrics
+from ckptd.service.ownership import OwnershipRefused, RootOwnership
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
@@ -65,6 +67,8 @@ class DaemonConfig:
     metrics_port: Optional[int] = None
     """Serve Prometheus metrics on 127.0.0.1:PORT (None: collect only)."""
     metrics_address: str = "127.0.0.1"
+    claim_ttl: float = CLAIM_TTL_S
+    """How long another host's claim on the root is honoured after its last renewal."""
 
     def cluster(self) -> Optional[ClusterConfig]:
         """The multi-node settings, checked; None for a one-node job. Raises DaemonConfigError."""
@@ -155,6 +159,7 @@ class DaemonServer:
             num_nodes=config.num_nodes, make_channel=self._commit_channel if self.cluster else None,
             metrics=self.metrics,
         )
+        self.ownership = RootOwnership(self.store.root, keeps_claim=config.node == 0, claim_ttl=config.claim_ttl)
         self.instance = uuid.uuid4().hex
         """Changes at every start: clients notice a restarted daemon by it."""
         self._clients: Dict[int, float] = {}
@@ -173,9 +178,7 @@ class DaemonServer:
         if self.config.nice:
             os.nice(self.config.nice)
         try:
-            if self.config.node == 0:  # on a shared root, other nodes' leftovers may be saves in flight
-                self.store.remove_leftovers()
-                self.store.repair_latest()
+            self._clean_root()
             self._sweep_regions()
             self._socket = self._bind()
             if self.config.metrics_port is not None:
@@ -204,6 +207,19 @@ class DaemonServer:
         finally:
             await self.coordinator.leader.close()
             self._shutdown()
+
+    def _clean_root(self) -> None:
+        """Remove what interrupted saves left behind, unless another live run owns the root (its saves
+        in flight look like leftovers). On a shared root only node 0 cleans: other nodes' leftovers may
+        be saves in flight."""
+        if self.config.node != 0:
+            return
+        owner = self.ownership.live_claim_at_start()
+        if owner is not None:
+            log.warning("not cleaning leftovers in %s: another live run owns it (%s)", self.store.root, owner.describe())
+            return
+        self.store.remove_leftovers()
+        self.store.repair_latest()
 
     def stop(self) -> None:
         """Ask the server to finish its saves in flight and exit."""
@@ -278,18 +294,29 @@ class DaemonServer:
 
     async def _dispatch(self, identity: bytes, envelope: messages.Envelope) -> tuple[str, Dict[str, Any]]:
         if envelope.type == messages.HELLO:
-            pid = envelope.body.get("pid")
-            if type(pid) is int:
-                self._clients[pid] = time.monotonic()
-            return messages.OK, {"pid": os.getpid(), "instance": self.instance, "root": self.store.root,
-                                 "protocol": messages.PROTOCOL_VERSION, "version": CKPTD_VERSION}
+            return await self._hello(identity, envelope.body)
+        if envelope.type == messages.BYE:
+            self.ownership.leave(identity)
+            return messages.OK, {}
         if envelope.type == messages.SAVE:
             return await self._save(identity, envelope.body)
         if envelope.type == messages.STATUS:
             return messages.OK, self.status()
-        message = f"unknown message type {envelope.type!r}; expected one of hello, save, status"
+        message = f"unknown message type {envelope.type!r}; expected one of hello, bye, save, status"
         log.warning("rejected a frame: %s", message)
         return messages.ERROR, messages.error_body("unknown_type", message)
+
+    async def _hello(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
+        try:
+            hello = messages.Hello.from_wire(body)
+            self._clients[hello.pid] = time.monotonic()
+            if hello.run is not None:
+                await self.ownership.admit(identity, hello.run)
+        except (ProtocolError, OwnershipRefused) as exc:
+            log.warning("refused a hello: %s", exc)
+            return messages.ERROR, messages.error_body(exc.code, str(exc))
+        return messages.OK, {"pid": os.getpid(), "instance": self.instance, "root": self.store.root,
+                             "protocol": messages.PROTOCOL_VERSION, "version": CKPTD_VERSION}
 
     async def _save(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         try:
@@ -298,6 +325,11 @@ class DaemonServer:
                 raise SaveRejected("shutting_down", f"the daemon is shutting down and takes no new part of step "
                                    f"{request.step}; the saves it holds finish first")
             self._clients[request.pid] = time.monotonic()
+            run = RunIdentity(request.job, self.ownership.host, request.pid, request.rank, time.time())
+            try:
+                await self.ownership.admit(identity, run)
+            except OwnershipRefused as exc:
+                raise SaveRejected(exc.code, str(exc)) from None
             if body.get("skipped"):
                 reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"
                 await self.coordinator.abort(request.job, request.step, f"rank {request.rank} skipped step {request.step}: {reason}")
@@ -308,7 +340,7 @@ class DaemonServer:
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")
             if (type(step) is int and type(rank) is int and isinstance(job, str)
-                    and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy")):
+                    and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy", ROOT_IN_USE, ROOT_CLAIM_PENDING)):
                 await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
             return messages.ERROR, messages.error_body(code, str(exc))
         return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
@@ -347,6 +379,7 @@ class DaemonServer:
         last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(interval)
+            await self.ownership.tick()
             if time.monotonic() - last_sweep > 60 and not self.coordinator.busy:
                 self._sweep_regions()
                 last_sweep = time.monotonic()

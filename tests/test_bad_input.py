@@ -17,6 +17,7 @@ from helpers import Daemon, Holder
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.topology import RankInfo
 from ckptd.proto import messages
+from ckptd.proto.ownership import CLAIM_FILE
 from ckptd.proto.topology import Topology
 
 
@@ -95,8 +96,9 @@ async def test_bad_frame_gets_a_specific_error(daemon: Daemon, raw_socket: zmq.a
 async def test_daemon_keeps_serving_good_saves_after_bad_input(daemon: Daemon, raw_socket: zmq.asyncio.Socket) -> None:
     for _, frame, _, _ in CASES:
         assert (await exchange(raw_socket, frame(daemon))).type == messages.ERROR
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint,
-                              auto_start=False, timeout=30)
+    # the same run as the raw frames: the bad frames claimed the root for it, as any frame of a run does
+    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="raw"),
+                              endpoint=daemon.endpoint, auto_start=False, timeout=30)
     try:
         state = {"w": torch.randn(16)}
         component = PreparedComponent(StateComponent("model", Holder(state), SharingPattern.GLOBAL))
@@ -105,4 +107,5 @@ async def test_daemon_keeps_serving_good_saves_after_bad_input(daemon: Daemon, r
         client.close()
     assert path.endswith("step_00000002")
     assert daemon.process.poll() is None
-    assert sorted(p.name for p in daemon.root.iterdir()) == ["latest", "step_00000002"]
+    # (and the claim of the run the raw socket still belongs to)
+    assert sorted(p.name for p in daemon.root.iterdir()) == [CLAIM_FILE, "latest", "step_00000002"]

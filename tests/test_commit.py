@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -126,7 +129,7 @@ def test_missing_rank_aborts_after_timeout(daemon_factory: Callable[..., Daemon]
 def test_unusable_root_is_refused_quickly_and_the_daemon_recovers(daemon: Daemon,
                                                                   client_factory: Callable[..., CheckpointClient]) -> None:
     client = client_factory()
-    os.rmdir(daemon.root)
+    shutil.rmtree(daemon.root)
     daemon.root.write_text("a file where the checkpoint root should be")
     started = time.monotonic()
     with pytest.raises(CheckpointError, match="cannot create the directory for step 1"):
@@ -136,31 +139,59 @@ def test_unusable_root_is_refused_quickly_and_the_daemon_recovers(daemon: Daemon
     assert client.save(2, components(a={"t": torch.ones(2)})).wait(30).endswith("step_00000002")
 
 
+DEAD_RUN = """
+import sys, time, torch
+from ckptd.client import CheckpointClient, PreparedComponent, RankInfo, SharingPattern, StateComponent, Topology
+
+class Holder:
+    def state_dict(self): return {"t": torch.ones(2)}
+    def load_state_dict(self, state): pass
+
+client = CheckpointClient(sys.argv[1], RankInfo(0, Topology.single_node(2), job_id="run-1"), endpoint=sys.argv[2],
+                          auto_start=False, timeout=30)
+client.save(5, [PreparedComponent(StateComponent("a", Holder(), SharingPattern.GLOBAL))])
+print("handed over", flush=True)
+time.sleep(600)
+"""
+
+
 def test_a_restarted_job_supersedes_the_dead_runs_unfinished_save(daemon: Daemon) -> None:
     def client(rank: int, job: str) -> CheckpointClient:
         return CheckpointClient(str(daemon.root), RankInfo(rank, Topology.single_node(2), job_id=job),
                                 endpoint=daemon.endpoint, auto_start=False, timeout=30)
 
-    dead_run = client(0, "run-1")
-    orphan = dead_run.save(5, components(a={"t": torch.ones(2)}))  # rank 1 of run-1 crashed before saving
+    # run-1's rank 0 hands over its part of step 5 and is killed; its rank 1 crashed before saving
+    dead_run = subprocess.Popen([sys.executable, "-c", DEAD_RUN, str(daemon.root), daemon.endpoint],
+                                stdout=subprocess.PIPE, text=True)
+    assert dead_run.stdout is not None and dead_run.stdout.readline().strip() == "handed over"
+    dead_run.kill()
+    dead_run.wait()
     new_rank0, new_rank1 = client(0, "run-2"), client(1, "run-2")
     try:
         first = new_rank0.save(5, components(a={"t": torch.zeros(2)}))
-        with pytest.raises(CheckpointError, match="superseded: a new run of the job"):
-            orphan.wait(10)
         second = new_rank1.save(5, components(a={"t": torch.zeros(2)}))
         assert first.wait(30) == second.wait(30)
+        assert "superseded: a new run of the job (id run-2) saves step 5" in daemon.log()
         # a step aborted in one run (here: rank 0's pool was busy) may be saved again by the next run
         new_rank0._send_skip(6, "staging pool busy")
         with pytest.raises(CheckpointError, match="step 6 aborted: .*already aborted: rank 0 skipped step 6"):
             new_rank1.save(6, components(a={"t": torch.zeros(2)})).wait(10)
-        next_run = [client(0, "run-3"), client(1, "run-3")]
+    finally:
+        for c in (new_rank0, new_rank1):
+            c.close(timeout=5)  # run-2 ends: its clients say goodbye, and the root is free for run-3
+    next_run = [client(0, "run-3"), client(1, "run-3")]
+    try:
         handles = [c.save(6, components(a={"t": torch.ones(2)})) for c in next_run]
         assert handles[0].wait(30).endswith("step_00000006") and handles[1].wait(30) == handles[0].wait(30)
     finally:
-        for c in (dead_run, new_rank0, new_rank1, *locals().get("next_run", [])):
+        for c in next_run:
             c.close(timeout=5)
     assert final_dirs(daemon.root) == ["step_00000005", "step_00000006"]
+    path = str(daemon.root / "step_00000005")
+    manifest = read_manifest(path)
+    assert manifest.job == "run-2"
+    scope = select_scope(manifest, "a", manifest.components["a"], RankInfo(0, Topology.single_node(2)))
+    assert torch.equal(read_scope(path, scope)["t"], torch.zeros(2))  # run-2's bytes, not the dead run's
 
 
 def test_staging_regions_are_reused_and_grow_without_leaking(daemon: Daemon,

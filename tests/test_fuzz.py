@@ -104,7 +104,7 @@ def test_fuzzed_frames_get_errors_and_the_daemon_keeps_serving(daemon_factory: C
         context.term()
     assert replies["error"] > examples // 2
     assert daemon.process.poll() is None
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="good"),
+    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="fuzz"),
                               endpoint=daemon.endpoint, auto_start=False, timeout=30)
     try:
         component = PreparedComponent(StateComponent("model", Holder({"w": torch.ones(8)}), SharingPattern.GLOBAL))

@@ -312,7 +312,8 @@ def train(args: argparse.Namespace, rank: int, world: int, journal: EventLog) ->
     )
     loaded = load_latest(manager, trainer, journal)
     step = first_step(manager, loaded)
-    journal.write("start", step=step, world=world, resumed_from=loaded, incarnation=args.incarnation)
+    journal.write("start", step=step, world=world, resumed_from=loaded, incarnation=args.incarnation,
+                  job=manager.rank_info.job_id)
     saver = Saver(manager, journal)
     stop_file, pause_file = Path(args.stop_file), Path(args.pause_file)
     rng = random.Random(os.getpid())
