@@ -276,8 +276,10 @@ def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor]) -> Any
 
     try:
         return unpack(skeleton)
-    except ValueError:
-        raise
+    except ValueError as exc:
+        if str(exc):
+            raise
+        raise ValueError(f"malformed state skeleton: {type(exc).__name__}") from exc  # msgpack's FormatError: no text
     except Exception as exc:  # msgpack's own errors (truncated data, bad types) and TypeErrors
         raise ValueError(f"malformed state skeleton: {exc}") from exc
 

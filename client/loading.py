@@ -94,7 +94,8 @@ def _map_checked(path: str, record: FileRecord, verify: bool) -> mmap.mmap:
     """Map a listed file privately (copy-on-write, so tensors over it are writable without copying),
     after checking it is a regular file of the recorded size and, if `verify`, checksum."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: opening a FIFO planted under a listed name must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise VerificationError(f"{path} is listed in the manifest but missing") from None
     except OSError as exc:

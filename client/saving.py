@@ -42,6 +42,8 @@ NOT_NOW_CODES = ("busy", "shutting_down")
 exits): the "wait" policy asks again, the "skip" policy skips the save."""
 DAEMON_TIMEOUT_S = 10.0
 """Default seconds a daemon holding saves may go without answering before the client settles them."""
+BYE_TIMEOUT_S = 5.0
+"""How long `close` waits for the daemon to acknowledge the goodbye (which frees the root for another run)."""
 
 
 class CheckpointSkipped(CheckpointError):
@@ -487,6 +489,7 @@ class CheckpointClient:
         deadline = time.monotonic() + 5.0
         while self._pool.busy() and time.monotonic() < deadline:
             time.sleep(0.01)
-        bye(self._connection)
+        if not self._daemon_lost:
+            bye(self._connection, timeout=min(BYE_TIMEOUT_S, self.daemon_timeout))
         self._connection.close()
         self._pool.close()

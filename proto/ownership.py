@@ -83,7 +83,7 @@ def root_in_use_message(root: str, owner: RunIdentity) -> str:
         f"the checkpoint root {root} is in use by another live run: {owner.describe()}. Two runs saving into one "
         "root would mix their checkpoints and move each other's 'latest'. Give this run its own root, or stop "
         "that run first: a run gives the root up when it closes its CheckpointManager or its processes exit "
-        "(see 'root in use' in docs/troubleshooting.md)"
+        "(see 'Another live run owns the root' in docs/troubleshooting.md)"
     )
 
 

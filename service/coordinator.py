@@ -114,6 +114,11 @@ class NodeCoordinator:
         """True while any save is in flight on this node."""
         return bool(self._sessions)
 
+    def holds(self, job: str, step: int) -> bool:
+        """True while run `job`'s save of `step` is in flight here (and not yet decided)."""
+        session = self._sessions.get(step)
+        return session is not None and session.request.job == job and session.outcome is None
+
     def sessions(self) -> List[SaveSession]:
         """Saves in flight, oldest first."""
         return [self._sessions[s] for s in sorted(self._sessions)]

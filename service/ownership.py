@@ -105,15 +105,18 @@ class RootOwnership:
         if self.keeps_claim and self._renewed_at == 0.0:
             await self._renew()
 
-    def leave(self, identity: bytes) -> None:
-        """A client closed its connection on purpose."""
-        if self._owner is not None:
-            self._owner.members.pop(identity, None)
+    async def leave(self, identity: bytes) -> None:
+        """A client closed its connection on purpose; the run gives the root up with its last client."""
+        owner = self._owner
+        if owner is not None and owner.members.pop(identity, None) is not None and not owner.members:
+            log.info("event=root_released job=%s (its last client said goodbye)", owner.run.job)
+            await self._release()
 
     def live_claim_at_start(self) -> Optional[RunIdentity]:
-        """The run of a live claim already in the root (another daemon's run), if any."""
+        """The run of another host's live claim on the root, whose daemon may be writing into it now.
+        A claim from this host is never another daemon's: one daemon serves a root per host and node."""
         claim = self._read_claim()
-        if claim is None:
+        if claim is None or claim.run.host == self.host:
             return None
         try:
             self._check_dead(claim)
@@ -147,7 +150,8 @@ class RootOwnership:
         now = time.monotonic()
         if watch is None or watch.job != claim.run.job:
             self._watch = watch = _Watch(claim.run.job, claim.renewals, now)
-        if claim.renewals != watch.renewals:
+        if claim.renewals != watch.renewals:  # renewed since we last looked: alive
+            self._watch = _Watch(claim.run.job, claim.renewals, now)
             raise OwnershipRefused(ROOT_IN_USE, root_in_use_message(self.root, claim.run))
         if now - watch.since > self.claim_ttl:
             return  # not renewed for a whole TTL of our own clock, whatever the claimed time says

@@ -69,14 +69,18 @@ class MappedRegion:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if a process with `pid` exists on this node."""
+    """True if a process with `pid` runs on this node (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here: a process that exists counts as alive
 
 
 def sweep_orphaned_regions() -> list[str]:

@@ -296,7 +296,7 @@ class DaemonServer:
         if envelope.type == messages.HELLO:
             return await self._hello(identity, envelope.body)
         if envelope.type == messages.BYE:
-            self.ownership.leave(identity)
+            await self.ownership.leave(identity)
             return messages.OK, {}
         if envelope.type == messages.SAVE:
             return await self._save(identity, envelope.body)
@@ -321,9 +321,10 @@ class DaemonServer:
     async def _save(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         try:
             request = SaveRequest.from_wire(body)
-            if self._stopping is not None and self._stopping.is_set():
-                raise SaveRejected("shutting_down", f"the daemon is shutting down and takes no new part of step "
-                                   f"{request.step}; the saves it holds finish first")
+            stopping = self._stopping is not None and self._stopping.is_set()
+            if stopping and not self.coordinator.holds(request.job, request.step):
+                raise SaveRejected("shutting_down", f"the daemon is shutting down and takes no new save (step "
+                                   f"{request.step}); the saves it holds finish first")
             self._clients[request.pid] = time.monotonic()
             run = RunIdentity(request.job, self.ownership.host, request.pid, request.rank, time.time())
             try:
@@ -340,7 +341,8 @@ class DaemonServer:
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")
             if (type(step) is int and type(rank) is int and isinstance(job, str)
-                    and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy", ROOT_IN_USE, ROOT_CLAIM_PENDING)):
+                    and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy", "shutting_down", ROOT_IN_USE,
+                                  ROOT_CLAIM_PENDING)):
                 await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
             return messages.ERROR, messages.error_body(code, str(exc))
         return messages.ACCEPTED, {"step": request.step, "instance": self.instance}

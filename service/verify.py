@@ -57,7 +57,8 @@ def verify_checkpoint(checkpoint_dir: str, progress: Optional[Progress] = None) 
 def check_file(path: str, record: FileRecord, progress: Optional[Progress] = None) -> str:
     """Why a listed file does not match its record (missing, not regular, size, checksum), or ""."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO planted under a listed name must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return "listed in the manifest but missing"
     except OSError as exc:

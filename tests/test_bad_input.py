@@ -77,6 +77,12 @@ CASES: List[Any] = [
      "invalid_request", "'lease'"),
     ("expired part", lambda d: messages.encode("save", save_body(d, expires_at=time.monotonic() - 1), 1), "expired",
      "after the client stopped waiting"),
+    ("hello without pid", lambda d: messages.encode("hello", {"root": str(d.root)}, 1), "invalid_request", "'pid'"),
+    ("hello with a malformed run", lambda d: messages.encode("hello", {"pid": 1, "root": str(d.root), "run": {
+        "job": "", "host": "h", "pid": 1, "rank": 0, "started_at": 0.0}}, 1), "invalid_request", "job id"),
+    ("hello with a run missing fields", lambda d: messages.encode("hello", {"pid": 1, "root": str(d.root),
+                                                                           "run": {"job": "j"}}, 1),
+     "invalid_request", "'host'"),
 ]
 
 

@@ -15,6 +15,7 @@ from helpers import Daemon, Holder, wait_for
 from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.loading import latest_checkpoint, read_manifest, verify_file
 from ckptd.client.topology import RankInfo
+from ckptd.proto.ownership import CLAIM_FILE
 from ckptd.proto.topology import Topology
 
 
@@ -50,7 +51,9 @@ def test_disk_full_fails_every_rank_and_keeps_the_previous_checkpoint(small_disk
             with pytest.raises(CheckpointError, match=r"step 2 .*No space left on device \[ENOSPC\] .*ckpt/\.tmp-step_00000002"):
                 handle.wait(30)
         # the aborted save's directory goes once the last rank's write has failed too
-        assert wait_for(lambda: sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"], timeout=30)
+        # (and the claim of the run, which is still live)
+        assert wait_for(lambda: sorted(p.name for p in root.iterdir()) == [CLAIM_FILE, "latest", "step_00000001"],
+                        timeout=30)
         assert latest_checkpoint(str(root)).endswith("step_00000001")
         for record in read_manifest(str(root / "step_00000001")).files():
             verify_file(str(root / "step_00000001"), record)

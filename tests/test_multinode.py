@@ -25,6 +25,7 @@ from ckptd.client.saving import CheckpointClient
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes, verify_file
 from ckptd.client.topology import RankInfo
 from ckptd.proto.layout import daemon_lock_path
+from ckptd.proto.ownership import CLAIM_FILE
 from ckptd.proto.topology import Topology
 from ckptd.proto import cluster, messages
 from ckptd.service.curve import CurveKeys, load_secret
@@ -243,7 +244,8 @@ def test_losing_a_node_daemon_mid_save_fails_every_rank_and_keeps_the_previous(t
     survivors = [outcome[r]["error"] for r in range(WORLD) if r // PER_NODE != lost]
     expected = "node(s) [1]" if lost == 1 else "node 0's daemon (the commit leader)"
     assert all(expected in e and "stopped answering" in e for e in survivors), survivors
-    assert sorted(p.name for p in nodes.root.iterdir()) == ["latest", "step_00000001"]
+    # (a killed leader leaves the run's claim behind: nothing wrong with that, the run has ended)
+    assert sorted(p.name for p in nodes.root.iterdir() if p.name != CLAIM_FILE) == ["latest", "step_00000001"]
     assert "Traceback" not in nodes.daemons[1 - lost].log()
 
 

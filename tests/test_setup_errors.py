@@ -5,6 +5,10 @@ instead of waiting out its connect timeout."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, List
@@ -14,6 +18,7 @@ import torch
 from helpers import Daemon, Holder, short_endpoint
 
 from ckptd.client import (
+    CheckpointClient,
     CheckpointError,
     CheckpointManager,
     DaemonUnavailableError,
@@ -138,3 +143,54 @@ def test_a_misdeclared_manager_is_refused_at_construction(tmp_path: Path, provid
                           rank_info=RankInfo(0, Topology.single_node(1), job_id="setup"), **options)
     assert time.monotonic() - started < WITHIN_S
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_no_daemon_at_the_endpoint_is_reported_after_the_connect_timeout(tmp_path: Path) -> None:
+    endpoint = short_endpoint()
+    started = time.monotonic()
+    with pytest.raises(DaemonUnavailableError, match=rf"no ckptd daemon answered at {endpoint} within 2 s; start one "
+                                                     r"with `ckptd serve --root \.\.\.`"):
+        CheckpointClient(str(tmp_path / "ckpt"), RankInfo(0, Topology.single_node(1), job_id="setup"),
+                         endpoint=endpoint, auto_start=False, connect_timeout=2)
+    assert time.monotonic() - started < 2 + WITHIN_S
+    assert not (tmp_path / "ckpt").exists()
+
+
+FULL_SHM_TRAINER = """
+import sys, torch
+from ckptd.client import CheckpointError, CheckpointManager, RankInfo, SharingPattern, StateComponent, Topology
+
+class Holder:
+    def state_dict(self): return {"w": torch.ones(4 * 2**20 // 4)}
+    def load_state_dict(self, state): pass
+
+class Provider:
+    def get_state_components(self): return [StateComponent("model", Holder(), SharingPattern.GLOBAL)]
+
+manager = CheckpointManager(Provider(), sys.argv[1], endpoint=sys.argv[2], auto_start=False, timeout=10,
+                            rank_info=RankInfo(0, Topology.single_node(1), job_id="shm"))
+try:
+    manager.save_checkpoint(2).wait(30)
+except CheckpointError as exc:
+    sys.stdout.write(f"{type(exc).__name__}: {exc}\\n")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) to give the trainer a 1 MiB /dev/shm of its own")
+def test_a_full_dev_shm_fails_the_save_naming_the_staging_region(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory()
+    with CheckpointManager(Provider(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
+                           rank_info=RankInfo(0, Topology.single_node(1), job_id="shm")) as before:
+        committed = before.save_checkpoint(1).wait(30)
+    trainer = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh",
+               sys.executable, "-c", FULL_SHM_TRAINER, str(daemon.root), daemon.endpoint]
+    started = time.monotonic()
+    result = subprocess.run(trainer, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"CheckpointError: cannot allocate a 4 MiB staging region in /dev/shm: No space left on device; "
+                     r"/dev/shm needs room for this rank's state", result.stdout), (result.stdout, result.stderr)
+    assert time.monotonic() - started < 60
+    assert [p.name for p in daemon.root.glob("step_*")] == ["step_00000001"]
+    assert verify_checkpoint(committed) == []
