@@ -239,7 +239,8 @@ def status(args: argparse.Namespace) -> int:
 def render_status(body: Dict[str, Any], previous: Dict[int, tuple]) -> str:
     """Progress bars for the saves in flight; `previous` (step -> (time, bytes)) gives throughput."""
     lines = [f"ckptd {body.get('version')} pid {body.get('pid')} serving {body.get('root')} at {body.get('endpoint')}",
-             f"last committed step: {body.get('last_committed')}"]
+             f"last committed step: {body.get('last_committed')}",
+             f"root owned by: {body.get('owner') or 'no live run'}"]
     saves = body.get("saves") or []
     if not saves:
         lines.append("no saves in flight")

@@ -360,6 +360,7 @@ class DaemonServer:
         return {
             "pid": os.getpid(), "root": self.store.root, "endpoint": self.endpoint, "version": CKPTD_VERSION,
             "last_committed": self.coordinator.last_committed,
+            "owner": None if self.ownership.owner is None else self.ownership.owner.describe(),
             "saves": [
                 {
                     "step": s.step, "ranks_received": sorted(s.ranks), "ranks_expected": sorted(s.expected),

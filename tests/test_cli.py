@@ -184,9 +184,11 @@ def test_status_shows_a_save_in_flight(daemon_factory: Callable[..., Daemon]) ->
         assert save["step"] == 4 and save["bytes_expected"] >= 8 * 2**20 and save["ranks_received"] == [0]
         text = ckptd("status", "--endpoint", daemon.endpoint).stdout
         assert "step 4: [" in text and "ranks handed over 1/1" in text
+        assert f"root owned by: run {manager.rank_info.job_id} (rank 0, pid {os.getpid()} on host" in text
         handle.wait(60)
     after = ckptd("status", "--endpoint", daemon.endpoint)
     assert after.returncode == 0 and "last committed step: 4" in after.stdout and "no saves in flight" in after.stdout
+    assert "root owned by: no live run" in after.stdout  # the run closed its manager
     dead = ckptd("status", "--endpoint", "ipc:///tmp/ckptd-test-nobody.sock", "--timeout", "1")
     assert dead.returncode == 1 and "no ckptd daemon answered" in dead.stderr
 

@@ -646,9 +646,13 @@ def test_torture(tmp_path: Path, world: int, trials: int) -> None:
     run.daemon_tracebacks()
     run.handles_told_the_truth()
     counts = run.outcomes.counts
-    if counts.get("failed", 0) + counts.get("save_error", 0) == 0:
+    # a save in flight at a fault fails, or (daemon-term) is refused by the draining daemon and handed to
+    # the restarted one, which commits it
+    redirected = (run.base / "daemon.log").read_text(errors="replace").count("takes no new save")
+    if counts.get("failed", 0) + counts.get("save_error", 0) + redirected == 0:
         run.where = "summary"
-        run.problem(f"no save failed in {trials} faults: the faults never hit a save in flight ({counts})")
+        run.problem(f"no save failed or was redirected in {trials} faults: the faults never hit a save in flight "
+                    f"({counts})")
     summary = (f"seed {seed} (CKPTD_TORTURE_SEED={seed} replays the schedule), {world} rank(s), {trials} trials "
                f"({', '.join(t.kind for t in plan)}), trainer incarnations {run.incarnations}, events {counts}")
     assert not run.problems, f"{len(run.problems)} problem(s); {summary}:\n" + "\n".join(run.problems)
