@@ -4,6 +4,7 @@ TCP), two torchrun launches (--nnodes 2, static rendezvous on 127.0.0.1), 2 rank
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -17,9 +18,9 @@ from typing import Any, Dict, List, Sequence
 import pytest
 import torch
 import zmq
-from helpers import Daemon, short_endpoint, start_daemon, wait_for
+from helpers import Daemon, Holder, short_endpoint, start_daemon, wait_for
 
-from ckptd.client import CheckpointError
+from ckptd.client import CheckpointError, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.errors import DaemonUnavailableError
 from ckptd.client.saving import CheckpointClient
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes, verify_file
@@ -314,3 +315,56 @@ def test_a_multi_node_daemon_refuses_to_start_without_a_secret(tmp_path: Path) -
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "chmod 600" in result.stderr
+
+
+def _restart_node(nodes: Cluster, base: Path, node: int, extra: Sequence[str]) -> None:
+    """SIGKILL node `node`'s daemon and start it again at once on the same endpoint."""
+    old = nodes.daemons[node]
+    old.process.send_signal(signal.SIGKILL)
+    old.process.wait()
+    nodes.daemons[node] = start_daemon(
+        nodes.root, base / f"daemon-node{node}-again.log", "--node", str(node), "--num-nodes", str(NODES),
+        "--leader", f"127.0.0.1:{nodes.leader_port}", "--cluster-secret", str(nodes.secret), *extra,
+        endpoint=old.endpoint,
+    )
+
+
+@pytest.mark.parametrize("restarted", [1, 0], ids=["follower", "leader"])
+def test_a_node_daemon_restarted_mid_save_aborts_the_save_on_every_node(tmp_path: Path, restarted: int) -> None:
+    """A daemon that restarts (faster than --peer-timeout) while a save waits for it: the leader aborts
+    the save when the follower comes back, a follower aborts it when a new leader answers; the ranks of
+    the node that kept its daemon get the reason, those of the restarted one a settled 'not committed'."""
+    # the restarted node writes its 4 MB of step 2 at 1 MB/s, so the other node waits for it
+    slow = ("--peer-timeout", "10", "--max-write-mbps", "1")
+    fast = ("--peer-timeout", "10")
+    nodes = start_cluster(tmp_path, per_node_args=[slow if node == restarted else fast for node in range(NODES)])
+    topology = Topology(((0,), (1,)))
+    ranks = [CheckpointClient(str(nodes.root), RankInfo(r, topology, job_id="restarts"), endpoint=nodes.daemons[r].endpoint,
+                              auto_start=False, timeout=30, daemon_timeout=5) for r in range(NODES)]
+    try:
+        first = [c.save(1, _tensor_state(1.0, 16)) for c in ranks]
+        assert first[0].wait(30) == first[1].wait(30)
+        second = [c.save(2, _tensor_state(2.0, 2**20 if r == restarted else 16)) for r, c in enumerate(ranks)]
+        assert wait_for(lambda: any(nodes.root.glob(".tmp-step_00000002-*/*/*.safetensors")), timeout=10)
+        started = time.monotonic()
+        _restart_node(nodes, tmp_path, restarted, slow)
+        expected = ("node 1's daemon restarted while the save was in flight" if restarted == 1 else
+                    "step 2 aborted: node 0's daemon (the commit leader) restarted before it decided this save")
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
+            second[1 - restarted].wait(30)
+        with pytest.raises(CheckpointError, match="step 2 was not committed: the ckptd daemon .* was restarted"):
+            second[restarted].wait(30)
+        assert time.monotonic() - started < 20
+    finally:
+        for c in ranks:
+            c.close(timeout=5)
+        nodes.stop()
+    assert not (nodes.root / "step_00000002").exists()
+    assert (nodes.root / "latest").read_text().strip() == "step_00000001"
+    for record in read_manifest(str(nodes.root / "step_00000001")).files():
+        verify_file(str(nodes.root / "step_00000001"), record)
+
+
+def _tensor_state(value: float, numel: int) -> List[PreparedComponent]:
+    """One PER_NODE component (every node writes its own copy) of `numel` floats."""
+    return [PreparedComponent(StateComponent("model", Holder({"w": torch.full((numel,), value)}), SharingPattern.PER_NODE))]
