@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 import torch
@@ -215,29 +215,6 @@ def test_a_rank_of_another_node_is_refused(daemon_factory: Callable[..., Daemon]
     assert_never_committed(daemon.root, 2)
 
 
-def test_ranks_reporting_different_members_of_one_group_abort_the_step(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
-    """Doc: `component '...': rank ... says group '...' is [...], but rank ... reports ...`."""
-    daemon = daemon_factory()
-    rank0, rank1 = rank_of(daemon, 0, TWO_RANKS), rank_of(daemon, 1, TWO_RANKS)
-    commit_step_one(rank0, rank1)
-
-    def grouped(members: tuple[int, ...]) -> List[PreparedComponent]:
-        component = StateComponent("stage", Holder({"w": torch.ones(SMALL)}), SharingPattern.PER_GROUP,
-                                   process_group_name="pp")
-        return [PreparedComponent(component, group_ranks=members)]
-
-    started = time.monotonic()
-    handles = [rank0.save(2, grouped((0, 1))), rank1.save(2, grouped((1,)))]
-    for handle in handles:
-        with pytest.raises(CheckpointError, match=r"checkpoint of step 2 aborted: .*component 'stage': rank \d says "
-                                                  r"group 'pp' is \[[01, ]+\], but rank \d reports"):
-            handle.wait(PROMPT_S)
-    assert time.monotonic() - started < PROMPT_S
-    assert_previous_intact(daemon.root)
-    assert_never_committed(daemon.root, 2)
-
-
 def test_a_write_slower_than_the_save_timeout_aborts_the_step(
         daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
     """Doc: `step ... did not finish writing and committing within ... s`."""
@@ -255,38 +232,44 @@ def test_a_write_slower_than_the_save_timeout_aborts_the_step(
     assert_never_committed(daemon.root, 2)
 
 
-def test_ranks_declaring_different_component_keys_abort_the_step(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
-    """Doc: `ranks disagree on the components of this checkpoint: rank ... has [...], rank ... has [...]`."""
+def grouped(members: Tuple[int, ...]) -> List[PreparedComponent]:
+    """A PER_GROUP component over process group 'pp', which this rank says holds `members`."""
+    component = StateComponent("stage", Holder({"w": torch.ones(SMALL)}), SharingPattern.PER_GROUP,
+                               process_group_name="pp")
+    return [PreparedComponent(component, group_ranks=members)]
+
+
+DISAGREEMENTS = [
+    pytest.param(
+        lambda: model(2.0), lambda: model(2.0) + model(2.0, pattern=SharingPattern.PER_RANK, key="extra"),
+        re.escape("ranks disagree on the components of this checkpoint: rank 0 has ['model'], rank 1 has "
+                  "['extra', 'model']"), id="component keys"),
+    pytest.param(
+        lambda: model(2.0, pattern=SharingPattern.GLOBAL), lambda: model(2.0, pattern=SharingPattern.REPLICATED),
+        re.escape("component 'model': rank 1 declares REPLICATED (group None, validate_replication=False) but rank 0 "
+                  "declares GLOBAL (group None, validate_replication=False)"), id="patterns"),
+    pytest.param(
+        lambda: grouped((0, 1)), lambda: grouped((1,)),
+        r"component 'stage': rank \d says group 'pp' is \[[01, ]+\], but rank \d reports", id="group members"),
+]
+
+
+@pytest.mark.parametrize("declared_by_rank0,declared_by_rank1,reason", DISAGREEMENTS)
+def test_ranks_that_disagree_on_a_step_abort_it_on_every_rank(
+        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient],
+        declared_by_rank0: Callable[[], List[PreparedComponent]],
+        declared_by_rank1: Callable[[], List[PreparedComponent]], reason: str) -> None:
+    """Doc: `ranks disagree on the components of this checkpoint: ...`, `component '...': rank ... declares
+    ... but rank ... declares ...` and `component '...': rank ... says group '...' is [...], but rank ...
+    reports ...`: every rank's handle fails with the reason."""
     daemon = daemon_factory()
     rank0, rank1 = rank_of(daemon, 0, TWO_RANKS), rank_of(daemon, 1, TWO_RANKS)
     commit_step_one(rank0, rank1)
-    first = rank0.save(2, model(2.0))
+    first = rank0.save(2, declared_by_rank0())
     started = time.monotonic()
-    second = rank1.save(2, model(2.0) + model(2.0, pattern=SharingPattern.PER_RANK, key="extra"))
-    reason = re.escape("checkpoint of step 2 aborted: ranks disagree on the components of this checkpoint: "
-                       "rank 0 has ['model'], rank 1 has ['extra', 'model']")
+    second = rank1.save(2, declared_by_rank1())
     for handle in (first, second):
-        with pytest.raises(CheckpointError, match=reason):
-            handle.wait(PROMPT_S)
-    assert time.monotonic() - started < PROMPT_S
-    assert_previous_intact(daemon.root)
-    assert_never_committed(daemon.root, 2)
-
-
-def test_ranks_declaring_one_component_with_different_patterns_abort_the_step(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
-    """Doc: `component '...': rank ... declares ... (group ..., validate_replication=...) but rank ... declares ...`."""
-    daemon = daemon_factory()
-    rank0, rank1 = rank_of(daemon, 0, TWO_RANKS), rank_of(daemon, 1, TWO_RANKS)
-    commit_step_one(rank0, rank1)
-    first = rank0.save(2, model(2.0, pattern=SharingPattern.GLOBAL))
-    started = time.monotonic()
-    second = rank1.save(2, model(2.0, pattern=SharingPattern.REPLICATED))
-    reason = re.escape("checkpoint of step 2 aborted: component 'model': rank 1 declares REPLICATED (group None, "
-                       "validate_replication=False) but rank 0 declares GLOBAL (group None, validate_replication=False)")
-    for handle in (first, second):
-        with pytest.raises(CheckpointError, match=reason):
+        with pytest.raises(CheckpointError, match="checkpoint of step 2 aborted: " + reason):
             handle.wait(PROMPT_S)
     assert time.monotonic() - started < PROMPT_S
     assert_previous_intact(daemon.root)
