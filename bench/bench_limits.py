@@ -1,0 +1,136 @@
+"""The limits the other rows are read against: copying the state (memcpy limit; device-to-host on
+CUDA) and writing its bytes once (buffered write+fsync limit, and the O_DIRECT write for
+reference), plus the disk probe each writing row takes before and after its saves.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+from bench_saver import Pending, RowNotApplicable, Saver, finished
+from bench_state import RowContext
+
+
+class MemcpySaver(Saver):
+    """Copy every tensor into preallocated, prefaulted buffers of the same shape. On CPU: host
+    buffers like the tensors. On CUDA: the device-to-host limit, pinned host buffers filled with
+    non-blocking copies, then a synchronize."""
+
+    def __init__(self, ctx: RowContext, workdir: str) -> None:
+        super().__init__(ctx, workdir)
+        self.buffers = [ctx.host_empty(t) for t in ctx.tensors]
+        self.save(-1)  # prefault
+
+    def save(self, i: int) -> Pending:
+        with self.torch.no_grad():
+            for buffer, tensor in zip(self.buffers, self.ctx.tensors):
+                buffer.copy_(tensor, non_blocking=self.ctx.cuda)
+        self.ctx.sync()
+        return finished()
+
+
+def fill_with_state(torch: Any, target: Any, tensors: Sequence[Any]) -> None:
+    """Copy the state's bytes, tensor after tensor, into the uint8 host tensor `target` (which also
+    prefaults it): the write limits write the same bytes as the savers, zero pages included. Device
+    tensors are copied to the host here, once, at setup: the write limits measure the disk alone."""
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            target[offset:offset + flat.numel()].copy_(flat)
+            offset += flat.numel()
+    target[offset:].fill_(0)
+
+
+class WriteSaver(Saver):
+    """One sequential write of the state's bytes from a prefaulted buffer, then fsync."""
+
+    def __init__(self, ctx: RowContext, workdir: str) -> None:
+        super().__init__(ctx, workdir)
+        self.buffer = self.torch.empty(ctx.nbytes, dtype=self.torch.uint8)
+        fill_with_state(self.torch, self.buffer, ctx.tensors)
+        self.view = memoryview(self.buffer.numpy()).cast("B")
+
+    prefix, flags = "write", 0
+    background = True
+
+    def save(self, i: int) -> Pending:
+        path = os.path.join(self.workdir, f"{self.prefix}-{i:03d}.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self.flags, 0o644)
+        try:
+            view = self.view
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.last_output = path
+        return finished()
+
+    def background_save(self, i: int) -> Optional[Pending]:
+        """The bare write in a thread (os.write and fsync release the GIL): what the I/O alone costs
+        the training loop, the reference for the background writers' throughput."""
+        thread = threading.Thread(target=self.save, args=(i,), name="bench-write", daemon=True)
+        thread.start()
+        return Pending(lambda: not thread.is_alive(), thread.join)
+
+
+def _check_o_direct(workdir: str) -> None:
+    """Raise RowNotApplicable unless files in `workdir` can be opened with O_DIRECT."""
+    probe = os.path.join(workdir, "direct-probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError as exc:
+        raise RowNotApplicable(f"O_DIRECT is not supported in {workdir}: {exc.strerror}") from None
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+class DirectWriteSaver(WriteSaver):
+    """The same write with O_DIRECT (page cache bypassed, as ckptd's daemon writes where it can),
+    from a page-aligned prefaulted buffer, the length rounded up to a page; then fsync."""
+
+    prefix = "direct"
+
+    def __init__(self, ctx: RowContext, workdir: str) -> None:
+        Saver.__init__(self, ctx, workdir)
+        if not hasattr(os, "O_DIRECT"):
+            raise RowNotApplicable("this platform has no O_DIRECT")
+        size = -(-ctx.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.buffer = mmap.mmap(-1, size)  # anonymous mappings are page-aligned
+        self.view = memoryview(self.buffer)
+        staged = self.torch.frombuffer(self.buffer, dtype=self.torch.uint8)
+        fill_with_state(self.torch, staged, ctx.tensors)
+        del staged
+        self.flags = os.O_DIRECT
+        _check_o_direct(workdir)
+
+    def close(self) -> None:
+        self.view.release()
+        self.buffer.close()
+
+
+def disk_probe(torch: Any, ctx: RowContext, path: str) -> float:
+    """Seconds to write the state's bytes straight from the live tensors into a new file (buffered,
+    like the write+fsync limit) and fsync it: the disk's speed at this moment, for this row. Device
+    tensors are copied to the host one at a time first; those copies are not counted."""
+    started = time.perf_counter()
+    copying = 0.0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for tensor in ctx.tensors:
+            t = time.perf_counter()
+            host = tensor.detach().cpu()  # the tensor itself when it is on the host already
+            copying += time.perf_counter() - t
+            view = memoryview(host.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started - copying

@@ -1,0 +1,371 @@
+"""The row process (`bench_save.py --row NAME --state A|B ...`): build one state, measure one way of
+saving it, and print the result as one JSON line after RESULT_MARK for the driver.
+
+In order: build the state and the throughput probe, probe the disk, take the baseline RSS, set the
+saver up and train for --settle seconds, then 1 first save and N warm saves, then (rows that write
+in the background) N more saves with the training loop running, then the loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from bench_probes import DiskProbes, TrainingProbe
+from bench_rows import LABELS, LOAD_ROWS, RESULT_MARK, SAVERS, row_unavailable
+from bench_saver import RowNotApplicable, Saver
+from bench_state import RowContext, cuda_unavailable_reason
+from bench_system import (
+    RssSampler,
+    cpu_seconds,
+    evict,
+    machine_cpu_seconds,
+    malloc_trim,
+    mb,
+    median,
+    proc_status,
+    reset_peak_rss,
+)
+
+
+@dataclass
+class SaveTimes:
+    """Per save, seconds from its call until it returned (blocked), was staged, was durable."""
+
+    blocked: List[float] = field(default_factory=list)
+    durable: List[float] = field(default_factory=list)
+    staged: List[float] = field(default_factory=list)
+
+
+@dataclass
+class InflightSample:
+    """One save made with the training loop running: steps/s around it and while it was in flight,
+    and seconds until it was durable."""
+
+    base_rate: float
+    rate: float
+    durable_s: float
+
+
+@dataclass
+class ThroughputSamples:
+    """The saves made with the training loop running."""
+
+    kept: List[float] = field(default_factory=list)
+    base_rates: List[float] = field(default_factory=list)
+    inflight_rates: List[float] = field(default_factory=list)
+    durable_loaded: List[float] = field(default_factory=list)
+
+    def add(self, sample: InflightSample) -> None:
+        """Record one save's figures."""
+        self.base_rates.append(sample.base_rate)
+        self.inflight_rates.append(sample.rate)
+        self.kept.append(sample.rate / sample.base_rate)
+        self.durable_loaded.append(sample.durable_s)
+
+
+@dataclass
+class CpuMark:
+    """When, the machine's (busy, steal) CPU-seconds, and this row's own processes' CPU-seconds."""
+
+    at: float
+    machine: Tuple[float, float]
+    ours: float
+
+
+def _import_torch(threads: int) -> Any:
+    """torch, with `threads` threads and its irrelevant warnings silenced."""
+    import torch
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    return torch
+
+
+def _build_state(torch: Any, args: argparse.Namespace, result: Dict[str, Any]) -> RowContext:
+    """Build the row's state on its device and record what it is."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(cuda_unavailable_reason(torch))
+    built = time.perf_counter()
+    ctx = RowContext(torch, args.state, args.scale, args.device)
+    result.update(
+        torch_version=torch.__version__, threads=torch.get_num_threads(), state_bytes=ctx.nbytes,
+        state_tensors=len(ctx.tensors), params=ctx.params, dims=ctx.dims, build_s=round(time.perf_counter() - built, 3),
+        device=ctx.device.type, device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
+    )
+    return ctx
+
+
+def _take_baseline(result: Dict[str, Any]) -> None:
+    """The baseline RSS: state and probe built, nothing of the saver yet (its buffers are part of its cost).
+
+    Freeze what exists now (torch's import graph, the state) so the gc.collect() before each save
+    and any automatic collection during one do not rescan it: the same for every row."""
+    gc.collect()
+    gc.freeze()
+    malloc_trim()
+    base = proc_status()
+    result["trainer_base_rss_mb"] = mb(base.get("VmRSS"))
+    result["peak_reset"] = reset_peak_rss()
+
+
+def _set_up_saver(row: str, ctx: RowContext, workdir: str, settle: float, probe: TrainingProbe,
+                  result: Dict[str, Any]) -> Saver:
+    """Build the row's saver, then train for `settle` seconds before its first save.
+
+    A trainer builds its checkpointer, then trains before its first save: the first save is timed
+    after `settle` seconds of the training loop (the same for every row), so work a saver does in
+    the background at construction counts where it happens. `saver_ready_s` says how long that took."""
+    setup = time.perf_counter()
+    saver = SAVERS[row](ctx, workdir)
+    result["saver_setup_s"] = round(time.perf_counter() - setup, 3)
+    probe.train_until(time.perf_counter() + settle)
+    ready = saver.ready_after(setup)
+    result["saver_ready_s"] = None if ready is None else round(ready, 3)
+    result["writer_process"] = None
+    result["saver_config"] = saver.config
+    return saver
+
+
+def _our_cpu(saver: Saver) -> float:
+    """CPU-seconds of this process and of the saver's writer process so far."""
+    pid = saver.writer_pid()
+    return (cpu_seconds() or 0.0) + ((cpu_seconds(pid) or 0.0) if pid else 0.0)
+
+
+def _cpu_mark(saver: Saver) -> CpuMark:
+    """Now, for measuring how much of the machine other processes take from here on."""
+    at = time.perf_counter()
+    machine = machine_cpu_seconds()
+    return CpuMark(at, machine, _our_cpu(saver))
+
+
+def _record_outside_load(result: Dict[str, Any], start: CpuMark, end: CpuMark) -> None:
+    """The share of the machine other processes (other_load) and the hypervisor (steal) took."""
+    elapsed = end.at - start.at
+    cores = os.cpu_count() or 1
+    result["other_load"] = max(0.0, (end.machine[0] - start.machine[0]) - (end.ours - start.ours)) / (elapsed * cores)
+    result["steal"] = (end.machine[1] - start.machine[1]) / (elapsed * cores)
+
+
+def _process_cpu(saver: Saver) -> Tuple[Optional[float], Optional[float]]:
+    """CPU-seconds so far of this process and of the saver's writer process (None if none)."""
+    own = cpu_seconds()
+    pid = saver.writer_pid()
+    return own, (cpu_seconds(pid) if pid else None)
+
+
+def _record_cpu_per_save(result: Dict[str, Any], start: Tuple[Optional[float], Optional[float]],
+                         end: Tuple[Optional[float], Optional[float]], warm_saves: int) -> None:
+    """Trainer and writer CPU-seconds per warm save, where both readings exist."""
+    if start[0] is not None and end[0] is not None:
+        result["trainer_cpu_s_per_save"] = (end[0] - start[0]) / warm_saves
+    if start[1] is not None and end[1] is not None:
+        result["writer_cpu_s_per_save"] = (end[1] - start[1]) / warm_saves
+
+
+def _timed_save(saver: Saver, ctx: RowContext, i: int) -> Tuple[float, float, float]:
+    """Save number `i` with nothing else running: (blocked, durable, staged) seconds."""
+    gc.collect()
+    ctx.sync()  # nothing queued before the save is timed with it
+    t0 = time.perf_counter()
+    pending = saver.save(i)
+    t1 = time.perf_counter()
+    pending.wait()
+    t2 = time.perf_counter()
+    staged_at = pending.staged_at()
+    return t1 - t0, t2 - t0, (staged_at if staged_at is not None else t1) - t0
+
+
+def _timed_saves(saver: Saver, ctx: RowContext, saves: int, result: Dict[str, Any]) -> SaveTimes:
+    """The first save and the warm ones; the CPU per warm save counts from the end of the first
+    (the writer exists by then)."""
+    times = SaveTimes()
+    warm_start: Tuple[Optional[float], Optional[float]] = (None, None)
+    for i in range(saves):
+        blocked, durable, staged = _timed_save(saver, ctx, i)
+        times.blocked.append(blocked)
+        times.durable.append(durable)
+        times.staged.append(staged)
+        if i == 0:
+            warm_start = _process_cpu(saver)
+    if saves > 1:
+        _record_cpu_per_save(result, warm_start, _process_cpu(saver), saves - 1)
+    return times
+
+
+def _save_while_training(saver: Saver, probe: TrainingProbe, i: int, window: float) -> InflightSample:
+    """Save number `i` with the training loop running from the moment the save returns until it is
+    durable, between two windows of training alone (a drifting load cancels out)."""
+    gc.collect()
+    before = probe.rate_for(window)
+    t0 = time.perf_counter()
+    pending = saver.save(i) if not saver.blocking else saver.background_save(i)
+    assert pending is not None
+    t1 = time.perf_counter()
+    steps = 0
+    while True:  # at least one step, then until durable
+        probe.step()
+        steps += 1
+        if pending.done():
+            break
+    t2 = time.perf_counter()
+    pending.wait()
+    loaded = time.perf_counter() - t0
+    after = probe.rate_for(window)
+    return InflightSample(base_rate=(before + after) / 2, rate=steps / (t2 - t1), durable_s=loaded)
+
+
+def _throughput_saves(saver: Saver, probe: TrainingProbe, first: int, repeats: int,
+                      durable: List[float]) -> ThroughputSamples:
+    """`repeats` saves with the training loop running; the windows last about as long as a save."""
+    samples = ThroughputSamples()
+    window = min(3.0, max(0.3, median(durable[1:] or durable) or 0.3))
+    for j in range(repeats):
+        samples.add(_save_while_training(saver, probe, first + j, window))
+    return samples
+
+
+def _measure_saves(args: argparse.Namespace, saver: Saver, ctx: RowContext, probe: TrainingProbe,
+                   result: Dict[str, Any]) -> Tuple[SaveTimes, ThroughputSamples, RssSampler]:
+    """All the row's saves, with RSS sampled and the machine's outside load measured throughout."""
+    saves = 1 + args.repeats
+    samples = ThroughputSamples()
+    with RssSampler(saver.writer_pid) as sampler:
+        start = _cpu_mark(saver)  # how much of the machine other processes used meanwhile
+        times = _timed_saves(saver, ctx, saves, result)
+        in_background = not saver.blocking or saver.background
+        if in_background and not args.no_throughput:
+            samples = _throughput_saves(saver, probe, saves, args.repeats, times.durable)
+        _record_outside_load(result, start, _cpu_mark(saver))
+    return times, samples, sampler
+
+
+def _record_writer_memory(result: Dict[str, Any], saver: Saver, sampler: RssSampler) -> None:
+    """The background writer process's peak memory, where there is one."""
+    writer_pid = saver.writer_pid()
+    if writer_pid:
+        final = proc_status(writer_pid)
+        result["writer_process"] = writer_pid
+        result["writer_hwm_mb"] = mb(final.get("VmHWM") or sampler.peak.get("writer_hwm"))
+        result["writer_peak_anon_mb"] = mb(sampler.peak.get("writer_anon"))
+        result["writer_peak_shmem_mb"] = mb(sampler.peak.get("writer_shmem"))
+
+
+def _record_trainer_memory(result: Dict[str, Any], peak: Dict[str, int], sampler: RssSampler) -> None:
+    """This (trainer) process's peak memory over the saves."""
+    result["trainer_peak_rss_mb"] = mb(peak.get("VmHWM"))
+    result["trainer_peak_anon_mb"] = mb(sampler.peak.get("self_anon"))
+    result["trainer_peak_shmem_mb"] = mb(sampler.peak.get("self_shmem"))
+
+
+def _timed_load(saver: Saver, ctx: RowContext, mode: str, drop_caches: str, result: Dict[str, Any]) -> float:
+    """Spoil the probe tensor, evict the files if `mode` is "cold", then time one load (synchronized)."""
+    with ctx.torch.no_grad():
+        ctx.probe.view(-1)[: min(4096, ctx.probe.numel())].fill_(-12345.0)
+    gc.collect()
+    if mode == "cold":
+        method, resident = evict(saver.load_files(), drop_caches)
+        result["cold_method"], result["cold_resident_fraction"] = method, resident
+    ctx.sync()
+    t0 = time.perf_counter()
+    saver.load()
+    ctx.sync()  # copies into the GPU model may still be queued
+    return time.perf_counter() - t0
+
+
+def _measure_loads(saver: Saver, ctx: RowContext, row: str, drop_caches: str, result: Dict[str, Any]) -> None:
+    """A cold and a warm load of the last save, each checked to restore the saved values."""
+    torch = ctx.torch
+    expected = ctx.probe.detach().clone()
+    loads: Dict[str, float] = {}
+    ok = True
+    reset_peak_rss()
+    for mode in ("cold", "warm"):
+        loads[mode] = _timed_load(saver, ctx, mode, drop_caches, result)
+        ok = ok and bool(torch.equal(ctx.probe, expected))
+    result.update(load_cold_s=loads["cold"], load_warm_s=loads["warm"], load_ok=ok,
+                  load_peak_rss_mb=mb(proc_status().get("VmHWM")), load_label=LOAD_ROWS.get(row))
+
+
+def _summary(row: str, times: SaveTimes, samples: ThroughputSamples) -> Dict[str, Any]:
+    """Every sample, the first save's figures and the medians of the warm ones (memcpy has no durable time)."""
+    blocked, durable, staged = times.blocked, times.durable, times.staged
+    warm_blocked = blocked[1:] or blocked
+    warm_durable = durable[1:] or durable
+    warm_staged = staged[1:] or staged
+    return dict(
+        blocked_all_s=blocked, durable_all_s=None if row == "memcpy" else durable, staged_all_s=staged,
+        blocked_first_s=blocked[0], blocked_warm_s=median(warm_blocked),
+        staged_first_s=staged[0], staged_warm_s=median(warm_staged),
+        durable_first_s=None if row == "memcpy" else durable[0],
+        durable_warm_s=None if row == "memcpy" else median(warm_durable),
+        throughput_kept=median(samples.kept), throughput_kept_all=samples.kept,
+        baseline_steps_per_s=median(samples.base_rates), inflight_steps_per_s=median(samples.inflight_rates),
+        durable_under_training_s=median(samples.durable_loaded),
+    )
+
+
+def run_row(args: argparse.Namespace) -> Dict[str, Any]:
+    """Measure one row (args.row) on one state (args.state); return its result for the JSON."""
+    row = args.row
+    result: Dict[str, Any] = {"row": row, "state": args.state, "label": LABELS[row], "status": "ok"}
+    reason = row_unavailable(row)
+    if reason is not None:
+        result.update(status="n/a", reason=reason)
+        return result
+
+    torch = _import_torch(args.threads)
+    workdir = args.dir
+    os.makedirs(workdir, exist_ok=True)
+    ctx = _build_state(torch, args, result)
+    probe = TrainingProbe(torch, ctx)  # built and warmed before the baseline RSS is taken
+    for _ in range(5):
+        probe.step()
+    # The disk's speed drifts (a shared host): each row that writes probes it before and after its
+    # saves, so its durable time can also be read against the disk it actually had.
+    disk = DiskProbes(enabled=not args.no_disk_probe and row != "memcpy")
+    disk.take(ctx, workdir, "before")
+    _take_baseline(result)
+    saver = _set_up_saver(row, ctx, workdir, args.settle, probe, result)
+    try:
+        times, samples, sampler = _measure_saves(args, saver, ctx, probe, result)
+        peak = proc_status()
+        if disk.enabled:
+            disk.take(ctx, workdir, "after")
+            result["disk_probe_s"] = disk.seconds
+        _record_writer_memory(result, saver, sampler)
+        _record_trainer_memory(result, peak, sampler)
+        if saver.has_load:
+            _measure_loads(saver, ctx, row, args.drop_caches, result)
+    finally:
+        saver.close()
+    result.update(_summary(row, times, samples))
+    return result
+
+
+def _failed(args: argparse.Namespace, status: str, reason: str) -> Dict[str, Any]:
+    return {"row": args.row, "state": args.state, "label": LABELS[args.row], "status": status, "reason": reason}
+
+
+def row_main(args: argparse.Namespace) -> int:
+    """Run one row and print its result after RESULT_MARK, whatever happens (never hang the driver)."""
+    try:
+        result = run_row(args)
+    except RowNotApplicable as exc:
+        result = _failed(args, "n/a", str(exc))
+    except BaseException as exc:  # report, never hang the driver
+        traceback.print_exc()
+        result = _failed(args, "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,303 @@
+"""What a finished run prints and writes: the header (machine, device, command, states), the table
+of every state and row, the footnotes saying how the run was made, the evaluated targets, and the
+JSON results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from bench_rows import BLOCKING_ROWS, DISTURBED, LABELS, LOAD_ROWS, is_disturbed
+from bench_targets import Result, StateResults, evaluate_targets, fmt_s
+
+AllResults = Dict[str, StateResults]  # state -> row id -> result
+
+HEADER = ["state", "row", "blocked first (s, buffers ready)", "blocked warm (s, x memcpy)", "staged warm (s, x memcpy)",
+          "durable (s, x memcpy+write)", "throughput kept", "trainer peak RSS MB (+over base)",
+          "writer MB: HWM / anon", "load cold (s)", "load warm (s)"]
+
+
+@dataclass
+class RunPlan:
+    """What one run of the driver measures and where: made before any row runs, described by the
+    report's header and JSON."""
+
+    states: List[str]
+    rows_a: List[str]
+    rows_b: List[str]
+    work: str  # the run's temporary directory under --dir
+    command: str
+    machine: Dict[str, Any]
+
+    def rows_for(self, state: str) -> List[str]:
+        """The rows run for `state` (A: --rows, B: --rows-b)."""
+        return self.rows_a if state == "A" else self.rows_b
+
+    def jobs(self) -> List[Tuple[str, str]]:
+        """(state, row) for every row to run, in table order."""
+        return [(state, row) for state in self.states for row in self.rows_for(state)]
+
+
+def fmt_x(v: Optional[float]) -> str:
+    """A ratio in brackets after a time ("" for None)."""
+    return "" if v is None else f" ({v:.2f}x)"
+
+
+def fmt_mb(v: Optional[float]) -> str:
+    """MB without decimals ("-" for None)."""
+    return "-" if v is None else f"{v:.0f}"
+
+
+def device_label(machine: Dict[str, Any]) -> str:
+    """cpu, or cuda with the GPU's name and CUDA version."""
+    if machine.get("device") != "cuda":
+        return "cpu"
+    return f"cuda ({machine.get('gpu')}, CUDA {machine.get('cuda')})"
+
+
+def _ok_row_cells(row: str, r: Result) -> List[str]:
+    """The table's cells after state and label, for a row that ran."""
+    trainer = fmt_mb(r.get("trainer_peak_rss_mb"))
+    if r.get("trainer_peak_rss_mb") is not None and r.get("trainer_base_rss_mb") is not None:
+        trainer += f" (+{r['trainer_peak_rss_mb'] - r['trainer_base_rss_mb']:.0f})"
+    writer = "-"
+    if r.get("writer_hwm_mb") is not None:
+        writer = f"{fmt_mb(r['writer_hwm_mb'])} / {fmt_mb(r.get('writer_peak_anon_mb'))}"
+    kept = r.get("throughput_kept")
+    async_row = row not in BLOCKING_ROWS
+    loads = row in LOAD_ROWS and r.get("load_cold_s") is not None
+    return [
+        fmt_s(r.get("blocked_first_s")) + (f" (ready {fmt_s(r['saver_ready_s'])})" if r.get("saver_ready_s") else ""),
+        fmt_s(r.get("blocked_warm_s")) + fmt_x(r.get("blocked_warm_x_memcpy")),
+        (fmt_s(r.get("staged_warm_s")) + fmt_x(r.get("staged_warm_x_memcpy"))) if async_row else "-",
+        fmt_s(r.get("durable_warm_s")) + fmt_x(r.get("durable_warm_x_limit")),
+        f"{kept * 100:.0f}%" if kept is not None else "-",
+        trainer, writer,
+        fmt_s(r.get("load_cold_s")) if loads else "-",
+        fmt_s(r.get("load_warm_s")) if loads else "-",
+    ]
+
+
+def table_rows(state: str, results: StateResults, state_rows: Sequence[str]) -> List[List[str]]:
+    """The table's lines for one state, in `state_rows` order ("n/a" and errors in the first cell)."""
+    out = []
+    for row in state_rows:
+        r = results.get(row, {"status": "error", "reason": "not run"})
+        label = LABELS[row]
+        if is_disturbed(r):
+            label += " !"
+        if r.get("status") == "n/a":
+            out.append([state, label, "n/a"] + [""] * 8)
+        elif r.get("status") != "ok":
+            out.append([state, label, "error: " + str(r.get("reason", ""))[:60]] + [""] * 8)
+        else:
+            out.append([state, label] + _ok_row_cells(row, r))
+    return out
+
+
+def render_table(rows: List[List[str]]) -> str:
+    """The table as Markdown, columns padded to their widest cell."""
+    widths = [max(len(HEADER[i]), *(len(r[i]) for r in rows)) for i in range(len(HEADER))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(HEADER), sep] + [line(r) for r in rows])
+
+
+def state_line(state: str, results: StateResults) -> str:
+    """What a state holds (from any row that ran it)."""
+    any_ok = next((r for r in results.values() if r.get("status") == "ok"), None)
+    if any_ok is None:
+        return f"state {state}: no row ran"
+    nbytes, dims = any_ok["state_bytes"], any_ok.get("dims", {})
+    if state == "A":
+        what = (f"LM {any_ok['params'] / 1e6:.1f}M params fp32 (vocab {dims.get('vocab')}, d_model {dims.get('d_model')}, "
+                f"{dims.get('layers')} layers) + AdamW state after one step + LinearLR")
+    else:
+        what = f"{dims.get('tensors')} tensors of {dims.get('elements_each')} fp32 elements in one state dict"
+    return f"state {state}: {what}: {nbytes / 1e9:.3f} GB in {any_ok['state_tensors']} tensors"
+
+
+def _how_run_notes(args: argparse.Namespace, machine: Dict[str, Any]) -> List[str]:
+    """How the rows were run and what the columns mean."""
+    notes = []
+    if args.jobs > 1:
+        notes.append(f"WARNING: --jobs {args.jobs}: rows ran concurrently, so these timings, memory and throughput "
+                     "figures disturb each other; use them to check the bench runs, not to compare.")
+    if args.device == "cuda":
+        notes.append(
+            f"Device cuda ({machine.get('gpu')}): the state (model and AdamW state; state B's tensors) and the "
+            "throughput MLP live on the GPU. memcpy limit: device-to-host copy into preallocated pinned host buffers "
+            "(non_blocking, then torch.cuda.synchronize()), so x memcpy reads against the D2H limit. write limits: "
+            "the same bytes from a host buffer filled once at setup (the disk alone). torch.save, DCP and ckptd save "
+            "the GPU tensors as they are (their own device-to-host copies) and load back into the GPU model; the "
+            "device is synchronized before every timed save and load and at the end of every timed load. "
+            "throughput: GPU training steps, each waiting for its own stream (as loss.item() would), not for the "
+            "copies a saver runs on a side stream."
+        )
+    notes += [
+        f"Each row runs in a fresh process: 1 first save + {args.repeats} warm saves (medians of the warm ones), then, "
+        f"for rows that write in the background, {args.repeats} more saves with the MLP training loop running.",
+        f"Threads: OMP_NUM_THREADS={args.threads} and torch.set_num_threads({args.threads}) in every row process "
+        f"(default: all {machine.get('cores')} cores, as a trainer would use them); background writers get no cores of their own.",
+        f"blocked first: the first save, after {args.settle:g} s of the training loop (--settle) since the saver was built; "
+        "buffers ready: seconds from building the saver until the staging memory it allocates in the background "
+        "(ckptd: allocated and prefaulted at construction) was ready. "
+        "blocked: until the save call returns. staged: until the live tensors may change again (dcp best: its "
+        "staging future; ckptd overlap: handle.wait_staged()). durable: until the checkpoint is on disk (fsync/commit).",
+        "x memcpy: warm time / memcpy limit's warm time; x memcpy+write: durable / (memcpy limit + write+fsync limit), same "
+        "state (the buffered write; the O_DIRECT row, the way ckptd's daemon writes, is shown for reference).",
+        "throughput kept: MLP steps/s while the save is in flight (after it returns, until durable) / steps/s in windows just "
+        "before and after, median; for the two write limits, while the same write runs in a background thread (what the "
+        "I/O alone costs).",
+        "trainer peak RSS: VmHWM of the row process over the saves (reset after building the state); +over base: above "
+        "its RSS with the state built. writer: the background process (ckptd daemon, DCP's checkpoint process): "
+        "VmHWM / peak RssAnon (its mapping of the trainer's staging memory counts as RssShmem, not anon).",
+    ]
+    return notes
+
+
+def _disk_drift_notes(all_results: AllResults) -> List[str]:
+    """The range of the disk probes per state."""
+    notes = []
+    for state, results in all_results.items():
+        probes = [p for r in results.values() for p in (r.get("disk_probe_s") or [])]
+        if probes:
+            notes.append(
+                f"disk drift, state {state}: each writing row wrote the state once with write+fsync before and after its saves "
+                f"(disk probe): {min(probes):.2f} to {max(probes):.2f} s over the run (median {statistics.median(probes):.2f} s). "
+                "durable_warm_x_probe in the JSON reads each row against its own probes."
+            )
+    return notes
+
+
+def _load_notes(all_results: AllResults) -> List[str]:
+    """How cold loads emptied the page cache, and what each load row loads."""
+    methods = sorted({r.get("cold_method") for s in all_results.values() for r in s.values() if r.get("cold_method")})
+    resident = [r.get("cold_resident_fraction") for s in all_results.values() for r in s.values()
+                if r.get("cold_resident_fraction") is not None]
+    if not methods:
+        return []
+    labels = ", ".join(f"{LABELS[k]} -> {v}" for k, v in LOAD_ROWS.items())
+    return [
+        f"load cold: page cache dropped for the checkpoint's files with {', '.join(methods)}; pages still resident "
+        f"after (mincore): at most {max(resident) * 100:.1f}%." if resident else
+        f"load cold: page cache dropped for the checkpoint's files with {', '.join(methods)}.",
+        f"load: {labels}, each into the existing model/optimizer/scheduler; ckptd verifies checksums "
+        "(its default). warm: the same load again at once.",
+    ]
+
+
+def _disturbance_notes(all_results: AllResults) -> List[str]:
+    """Rows rerun, rows disturbed by other load (marked !), or the most other load any row saw."""
+    notes = []
+    disturbed = [
+        f"{state} {r['label']} (other processes {r.get('other_load', 0) * 100:.0f}%, steal {r.get('steal', 0) * 100:.0f}%)"
+        for state, results in all_results.items() for r in results.values()
+        if is_disturbed(r)
+    ]
+    rerun = [f"{state} {r['label']} ({r['attempts']} attempts)" for state, results in all_results.items()
+             for r in results.values() if (r.get("attempts") or 1) > 1]
+    if rerun:
+        notes.append(f"Rerun because other load disturbed them (the quietest attempt is shown): {'; '.join(rerun)}.")
+    if disturbed:
+        notes.append(f"! disturbed: other processes (or the hypervisor, as steal) took more than {DISTURBED * 100:.0f}% of "
+                     f"the machine's CPU during these rows' saves, so their times and throughput are not comparable; "
+                     f"rerun when the machine is quiet: {'; '.join(disturbed)}.")
+    else:
+        loads = [r.get("other_load") for rs in all_results.values() for r in rs.values() if r.get("other_load") is not None]
+        if loads:
+            notes.append(f"Other processes took at most {max(loads) * 100:.0f}% of the machine's CPU during any row's saves "
+                         f"(rows above {DISTURBED * 100:.0f}% would be marked !).")
+    return notes
+
+
+def _failure_notes(all_results: AllResults) -> List[str]:
+    """Loads that did not restore the saved values, and every row that was n/a or failed."""
+    notes = []
+    bad_loads = [f"{s}/{r['row']}" for s, rs in all_results.items() for r in rs.values() if r.get("load_ok") is False]
+    if bad_loads:
+        notes.append(f"WARNING: a load did not restore the saved values: {', '.join(bad_loads)}")
+    for state, results in all_results.items():
+        for r in results.values():
+            if r.get("status") in ("n/a", "error"):
+                notes.append(f"{state} {r['label']}: {r['status']}: {r.get('reason')}")
+    return notes
+
+
+def footnotes(args: argparse.Namespace, all_results: AllResults, machine: Dict[str, Any]) -> List[str]:
+    """The footnote block: how the run was made, disk drift, loads, disturbances, failures."""
+    return (_how_run_notes(args, machine) + _disk_drift_notes(all_results) + _load_notes(all_results)
+            + _disturbance_notes(all_results) + _failure_notes(all_results))
+
+
+def _print_header(plan: RunPlan, all_results: AllResults) -> None:
+    machine = plan.machine
+    print()
+    print(f"ckptd save benchmark, {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    print(f"machine: {machine.get('cores')} cores ({machine.get('cpu', 'unknown CPU')}), {machine.get('mem_total_gb')} GB RAM, "
+          f"torch {machine.get('torch')}, Python {machine.get('python')}, target {machine['target_fs']}, "
+          f"ckptd at {machine.get('ckptd_commit') or 'unknown commit'}")
+    print(f"device: {device_label(machine)}" + (": the state and the throughput MLP live on the GPU"
+                                                 if machine["device"] == "cuda" else ""))
+    print(f"command: {plan.command}")
+    for state in plan.states:
+        print(state_line(state, all_results[state]))
+
+
+def _print_targets(states: List[str], all_results: AllResults, targets: List[Dict[str, Any]]) -> None:
+    print()
+    flagged = [LABELS[r] for r in ("memcpy", "write", "ckptd", "ckptd_overlap", "dcp_async_best", "torch_save")
+               for st in states if is_disturbed(all_results[st].get(r))]
+    print("targets (issue 3), this run" + (f" (disturbed rows involved: {', '.join(flagged)}; see !):" if flagged else ":"))
+    for t in targets:
+        mark = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+        print(f"  [{mark}] {t['target']}: {t['text']}")
+
+
+def _write_json(args: argparse.Namespace, plan: RunPlan, all_results: AllResults, table: List[List[str]],
+                targets: List[Dict[str, Any]], notes: List[str], total_s: float) -> str:
+    """Write everything behind the table to --json; return its absolute path."""
+    payload = {
+        "command": plan.command, "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": plan.machine,
+        "config": {"device": args.device, "scale": args.scale, "repeats": args.repeats, "threads": args.threads,
+                   "states": plan.states, "rows_a": plan.rows_a, "rows_b": plan.rows_b, "drop_caches": args.drop_caches,
+                   "throughput": not args.no_throughput, "disk_probe": not args.no_disk_probe, "jobs": args.jobs,
+                   "retries": args.retries},
+        "results": all_results, "targets": targets, "notes": notes, "table": render_table(table),
+        "total_s": round(total_s, 1),
+    }
+    json_path = os.path.abspath(args.json)
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    return json_path
+
+
+def report_run(args: argparse.Namespace, plan: RunPlan, all_results: AllResults, total_s: float) -> None:
+    """Print the header, the table, the footnotes and the targets; write the JSON and print its path."""
+    table: List[List[str]] = []
+    for state in plan.states:
+        table += table_rows(state, all_results[state], plan.rows_for(state))
+    targets = evaluate_targets(all_results)
+    notes = footnotes(args, all_results, plan.machine)
+    _print_header(plan, all_results)
+    print()
+    print(render_table(table))
+    print()
+    for note in notes:
+        print(note)
+    if targets:
+        _print_targets(plan.states, all_results, targets)
+    print(f"\n(total {total_s:.0f} s)")
+    json_path = _write_json(args, plan, all_results, table, targets, notes, total_s)
+    print(f"JSON: {json_path}")
