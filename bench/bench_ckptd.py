@@ -59,13 +59,13 @@ class CkptdSaver(Saver):
     def __init__(self, ctx: RowContext, workdir: str) -> None:
         super().__init__(ctx, workdir)
         from ckptd.client import CheckpointManager
-        from ckptd.proto import layout
+        from ckptd.disk import runtime
 
         provider = _provider(ctx.statefuls)
         self.root = os.path.join(workdir, "ckpt")
         os.makedirs(self.root)
         self.manager = CheckpointManager(provider, self.root, auto_start=True)
-        self._lock_path = layout.daemon_lock_path(self.root)
+        self._lock_path = runtime.daemon_lock_path(self.root)
         self._daemon_pid: Optional[int] = None
 
     def save(self, i: int) -> Pending:

@@ -8,17 +8,19 @@ from ckptd.client.errors import (
     UnsupportedStateError,
     VerificationError,
 )
-from ckptd.client.manager import CheckpointManager
+from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.client.rng import RNGState
-from ckptd.client.saving import CheckpointClient, CheckpointSkipped, SaveHandle
+from ckptd.client.saving import CheckpointClient, CheckpointSkipped, ClientOptions, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo
+from ckptd.proto.config import DaemonOptions
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
 __all__ = [
-    "CheckpointClient", "CheckpointError", "CheckpointManager", "CheckpointSkipped", "DaemonUnavailableError",
-    "PreparedComponent", "RNGState", "RankInfo", "RetentionPolicy", "RootInUseError", "SaveHandle", "SharingPattern", "StateComponent", "Stateful",
-    "Topology", "UnsupportedStateError", "VerificationError",
+    "CheckpointClient", "CheckpointError", "CheckpointManager", "CheckpointManagerOptions", "CheckpointSkipped",
+    "ClientOptions", "DaemonOptions", "DaemonUnavailableError", "PreparedComponent", "RNGState", "RankInfo",
+    "RetentionPolicy", "RootInUseError", "SaveHandle", "SharingPattern", "StateComponent", "Stateful", "Topology",
+    "UnsupportedStateError", "VerificationError",
 ]

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from ckptd.client.errors import DaemonUnavailableError, RootInUseError
 from ckptd.client.transport import DaemonConnection, DaemonRequestError, NotificationHandler
-from ckptd.proto import layout, messages
+from ckptd.disk import runtime
+from ckptd.proto import messages
+from ckptd.proto.config import ENDPOINT_ENV, DaemonArgs, ExitCode, serve_argv, with_fallbacks
 from ckptd.proto.ownership import ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
 
 log = logging.getLogger(__name__)
 
-ENDPOINT_ENV = "CKPTD_ENDPOINT"
 PROBE_TIMEOUT_S = 1.0
 IDLE_EXIT_S = 30.0
-DAEMON_EXIT_USAGE = 2
-"""`ckptd serve` exit status for settings it refuses (service/cli.py EXIT_USAGE)."""
+"""An auto-started daemon exits once its clients are gone and it has been idle this long (unless
+`daemon_args` says otherwise)."""
 OTHER_DAEMON_GRACE_S = 2.0
 """After the daemon we started exits, how long another daemon for the root may take to answer."""
 CLAIM_POLL_S = 0.5
@@ -30,14 +30,7 @@ CLAIM_POLL_S = 0.5
 
 def resolve_endpoint(root: str, endpoint: Optional[str] = None) -> str:
     """The explicit endpoint, else $CKPTD_ENDPOINT, else the per-user default for `root`."""
-    return endpoint or os.environ.get(ENDPOINT_ENV) or layout.default_endpoint(root)
-
-
-def daemon_log_path(endpoint: str) -> str:
-    """Where a daemon auto-started on `endpoint` logs (one file per endpoint: a machine playing
-    several nodes of a job runs several daemons for one root)."""
-    token = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
-    return os.path.join(layout.runtime_dir(), f"daemon-{token}.log")
+    return endpoint or os.environ.get(ENDPOINT_ENV) or runtime.default_endpoint(root)
 
 
 def _exit_reason(path: str) -> str:
@@ -53,17 +46,17 @@ def _exit_reason(path: str) -> str:
     return f"{message} (log: {path})"
 
 
-def start_daemon(root: str, endpoint: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+def start_daemon(root: str, endpoint: str, daemon_args: DaemonArgs = ()) -> subprocess.Popen:
     """Start a detached daemon that exits on its own once its clients are gone and it is idle.
 
     It runs in its own session so that killing the training job's process group does not kill
-    the writer that owns the checkpoint being committed.
+    the writer that owns the checkpoint being committed. `daemon_args` may ask for other options.
     """
-    os.makedirs(layout.runtime_dir(), mode=0o700, exist_ok=True)
-    log_path = daemon_log_path(endpoint)
+    os.makedirs(runtime.runtime_dir(), mode=0o700, exist_ok=True)
+    log_path = runtime.daemon_log_path(endpoint)
     command = [
         sys.executable, "-m", "ckptd.service", "serve", "--root", root, "--endpoint", endpoint,
-        "--exit-when-idle", str(IDLE_EXIT_S), *extra_args,
+        *serve_argv(with_fallbacks(daemon_args, exit_when_idle=IDLE_EXIT_S)),
     ]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
@@ -80,7 +73,7 @@ def connect(
     *,
     may_start: bool,
     wait_s: float = 60.0,
-    daemon_args: Sequence[str] = (),
+    daemon_args: DaemonArgs = (),
     run: Optional[RunIdentity] = None,
 ) -> Tuple[DaemonConnection, str]:
     """Connect and say hello (as a client of `run`, which the daemon admits or refuses with
@@ -96,7 +89,7 @@ def connect(
 
 
 def ensure_serving(
-    connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: Sequence[str] = (),
+    connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: DaemonArgs = (),
     run: Optional[RunIdentity] = None,
 ) -> str:
     """Say hello until a daemon answers (starting one if `may_start`); returns its instance id.
@@ -121,13 +114,13 @@ def ensure_serving(
             started = start_daemon(root, connection.endpoint, daemon_args)
         elif started is not None and started.poll() is not None:
             exited_at = exited_at or time.monotonic()
-            if started.returncode == DAEMON_EXIT_USAGE or time.monotonic() - exited_at >= OTHER_DAEMON_GRACE_S:
+            if started.returncode == ExitCode.USAGE or time.monotonic() - exited_at >= OTHER_DAEMON_GRACE_S:
                 raise DaemonUnavailableError(
                     f"the ckptd daemon started for {root} exited with status {started.returncode}: "
-                    f"{_exit_reason(daemon_log_path(connection.endpoint))}"
+                    f"{_exit_reason(runtime.daemon_log_path(connection.endpoint))}"
                 )
         if time.monotonic() > deadline:
-            hint = "start one with `ckptd serve --root ...`" if not may_start else "see the daemon log in " + layout.runtime_dir()
+            hint = "start one with `ckptd serve --root ...`" if not may_start else "see the daemon log in " + runtime.runtime_dir()
             raise DaemonUnavailableError(f"no ckptd daemon answered at {connection.endpoint} within {wait_s:g} s; {hint}")
 
 

@@ -2,84 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import mmap
 import os
-import stat
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from ckptd.client.codec import torch_dtype, unflatten_state
 from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.topology import RankInfo
-from ckptd.proto import layout
-from ckptd.proto.formats import Checksum
+from ckptd.disk import manifests
+from ckptd.disk.files import FileProblem, map_listed_file
+from ckptd.disk.manifests import hold_for_loading
+from ckptd.disk.root import committed_checkpoints, latest_checkpoint
+from ckptd.disk.safetensors import decode_header
 from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ManifestError, ScopeRecord
 from ckptd.proto.patterns import SharingPattern, place
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 8 * 1024 * 1024
+__all__ = [
+    "committed_checkpoints", "hold_for_loading", "latest_checkpoint", "read_manifest", "read_scope", "read_scopes",
+    "select_scope", "select_scopes", "verify_file",
+]
 
 
 def read_manifest(checkpoint_dir: str) -> Manifest:
     """Parse a checkpoint's manifest; raises VerificationError if it is missing or malformed."""
-    path = os.path.join(checkpoint_dir, layout.MANIFEST_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            return Manifest.from_json(f.read())
-    except FileNotFoundError:
-        raise VerificationError(f"{path} is missing: {checkpoint_dir} is not a committed checkpoint") from None
-    except (ManifestError, UnicodeDecodeError) as exc:
-        raise VerificationError(f"{path}: {exc}") from None
-
-
-@contextlib.contextmanager
-def hold_for_loading(checkpoint_dir: str) -> Iterator[None]:
-    """Hold a shared lock on the checkpoint's manifest: the daemon's retention does not delete a
-    checkpoint while a loader holds it (the files a loader has mapped stay readable after that)."""
-    try:
-        fd = os.open(os.path.join(checkpoint_dir, layout.MANIFEST_NAME), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        yield  # reading the manifest will report what is wrong
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
-
-
-def committed_checkpoints(root: str) -> list[str]:
-    """Final checkpoint directories under `root`, newest step first."""
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    steps = sorted((s, n) for n in names if (s := layout.parse_checkpoint_dir_name(n)) is not None)
-    return [os.path.join(root, n) for _, n in reversed(steps)]
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The directory `latest` points at, else the newest final directory with a manifest, else None."""
-    try:
-        with open(os.path.join(root, layout.LATEST_NAME), encoding="utf-8") as f:
-            name = f.read().strip()
-        if layout.parse_checkpoint_dir_name(name) is not None:
-            candidate = os.path.join(root, name)
-            if os.path.isfile(os.path.join(candidate, layout.MANIFEST_NAME)):
-                return candidate
-            log.warning("%s/latest names %s, which has no manifest; looking for the newest committed one", root, name)
-    except FileNotFoundError:
-        pass
-    for candidate in committed_checkpoints(root):
-        if os.path.isfile(os.path.join(candidate, layout.MANIFEST_NAME)):
-            return candidate
-    return None
+        return manifests.read_manifest(checkpoint_dir)
+    except ManifestError as exc:
+        raise VerificationError(str(exc)) from None
 
 
 def verify_file(checkpoint_dir: str, record: FileRecord) -> str:
@@ -91,41 +45,10 @@ def verify_file(checkpoint_dir: str, record: FileRecord) -> str:
 
 
 def _map_checked(path: str, record: FileRecord, verify: bool) -> mmap.mmap:
-    """Map a listed file privately (copy-on-write, so tensors over it are writable without copying),
-    after checking it is a regular file of the recorded size and, if `verify`, checksum."""
     try:
-        # O_NONBLOCK: opening a FIFO planted under a listed name must not wait for a writer
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise VerificationError(f"{path} is listed in the manifest but missing") from None
-    except OSError as exc:
-        raise VerificationError(f"{path} cannot be opened ({exc.strerror}); symlinks are refused") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise VerificationError(f"{path} is not a regular file")
-        if info.st_size != record.size:
-            raise VerificationError(
-                f"{path} holds {info.st_size} bytes, the manifest says {record.size} (truncated or altered)"
-            )
-        if info.st_size == 0:
-            raise VerificationError(f"{path} is empty")
-        mapped = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_COPY)
-    finally:
-        os.close(fd)
-    if verify:
-        mapped.madvise(mmap.MADV_SEQUENTIAL)
-        checksum = Checksum()
-        view = memoryview(mapped)
-        for start in range(0, len(view), READ_CHUNK):
-            checksum.update(view[start:start + READ_CHUNK])
-        view.release()
-        if checksum.hexdigest() != record.checksum:
-            mapped.close()
-            raise VerificationError(
-                f"{path} checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}"
-            )
-    return mapped
+        return map_listed_file(path, record, verify=verify)
+    except FileProblem as exc:
+        raise VerificationError(str(exc)) from None
 
 
 def select_scopes(
@@ -192,9 +115,7 @@ def read_scopes(checkpoint_dir: str, scopes: Sequence[ScopeRecord], verify: bool
 def _shard_tensors(path: str, record: FileRecord, mapped: mmap.mmap) -> Dict[str, torch.Tensor]:
     """The tensors of a safetensors shard as views of its mapping, checked against the manifest index."""
     try:
-        header_len = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8:8 + header_len])
-        start = 8 + header_len
+        header, start = decode_header(mapped)
         tensors = {}
         for name, expected in record.tensors.items():
             info = header[name]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch.distributed as dist
 
@@ -14,14 +15,27 @@ from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.loading import (
     committed_checkpoints, hold_for_loading, latest_checkpoint, read_manifest, read_scopes, select_scopes,
 )
-from ckptd.client.saving import DAEMON_TIMEOUT_S, CheckpointClient, SaveHandle
+from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointManagerOptions(ClientOptions):
+    """Every setting of a CheckpointManager: the ClientOptions of its connection to the node daemon
+    (`endpoint`, `auto_start`, `when_busy`, `timeout`, `connect_timeout`, `daemon_args`, `retention`,
+    `daemon_timeout`; checked as there), and:
+
+    `verify`: check every file's checksum before loading it.
+    `connect`: connect to the daemon (starting one if allowed) at construction; otherwise at the first save.
+    """
+
+    verify: bool = True
+    connect: bool = True
 
 
 class CheckpointManager:
@@ -43,32 +57,28 @@ class CheckpointManager:
     `timeout` bounds each hand-over and each wait for staging memory; `daemon_timeout` is how long
     the daemon holding this rank's saves may go without answering before they are settled: each is
     then either committed already or fenced so that it never commits, and its handle says which.
+    `daemon_args` (DaemonOptions, or `ckptd serve` arguments as strings) configures an auto-started daemon.
+
+    The settings are `options` (CheckpointManagerOptions); each of its fields may also be given as a
+    keyword, which overrides `options`: `CheckpointManager(p, root, when_busy="skip")` and
+    `CheckpointManager(p, root, CheckpointManagerOptions(when_busy="skip"))` are the same manager.
+    `rank_info` (default: detected from torch.distributed and the environment) says where this rank sits.
     """
 
     def __init__(
         self,
         provider: Any,
         root: str,
+        options: Optional[CheckpointManagerOptions] = None,
         *,
-        endpoint: Optional[str] = None,
-        auto_start: bool = True,
-        when_busy: str = "wait",
-        timeout: float = 600.0,
-        verify: bool = True,
         rank_info: Optional[RankInfo] = None,
-        daemon_args: Sequence[str] = (),
-        connect: bool = True,
-        retention: Optional[RetentionPolicy] = None,
-        daemon_timeout: float = DAEMON_TIMEOUT_S,
+        **overrides: Any,
     ) -> None:
+        self.options = replace(options or CheckpointManagerOptions(), **overrides)
         self.provider = provider
         self.root = os.path.realpath(root)
-        self.verify = verify
+        self.verify = self.options.verify
         self.rank_info = rank_info or detect_rank_info()
-        self._client_options = dict(
-            endpoint=endpoint, auto_start=auto_start, when_busy=when_busy, timeout=timeout, daemon_args=daemon_args,
-            retention=retention, daemon_timeout=daemon_timeout,
-        )
         self._client: Optional[CheckpointClient] = None
         if not hasattr(provider, "get_state_components"):
             if not hasattr(provider, "get_statefuls_for_save"):
@@ -78,7 +88,7 @@ class CheckpointManager:
                 "get_state_components() to choose a sharing pattern per component",
                 DeprecationWarning, stacklevel=2,
             )
-        if connect:
+        if self.options.connect:
             components = self._prepare(self._components(for_save=True))  # a misdeclared provider fails here,
             self.client  # noqa: B018 - before a daemon is started; connect before the first save
             self._allocate(components)
@@ -87,7 +97,7 @@ class CheckpointManager:
     def client(self) -> CheckpointClient:
         """The connection to the node daemon (made on first use)."""
         if self._client is None:
-            self._client = CheckpointClient(self.root, self.rank_info, **self._client_options)  # type: ignore[arg-type]
+            self._client = CheckpointClient(self.root, self.rank_info, self.options)
         return self._client
 
     def allocate_staging(self) -> None:

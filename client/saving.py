@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 import torch
@@ -15,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckptd.client.daemon import bye, connect, ensure_serving, hello, resolve_endpoint
 from ckptd.client.errors import CheckpointError
-from ckptd.client.fencing import fence_save
+from ckptd.disk.removal import fence_save
 from ckptd.client.snapshot import (
     PreparedComponent,
     StagedComponent,
@@ -27,6 +28,7 @@ from ckptd.client.staging import Lease, PoolBusyError, StagingPool, leases_of
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
 from ckptd.proto import messages
+from ckptd.proto.config import DaemonArgs, DaemonOptions, serve_argv, with_fallbacks
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import SaveRequest
 from ckptd.proto.ownership import RunIdentity
@@ -44,6 +46,41 @@ DAEMON_TIMEOUT_S = 10.0
 """Default seconds a daemon holding saves may go without answering before the client settles them."""
 BYE_TIMEOUT_S = 5.0
 """How long `close` waits for the daemon to acknowledge the goodbye (which frees the root for another run)."""
+
+
+WHEN_BUSY_POLICIES = ("wait", "skip")
+"""What a save may do while the previous one still holds the staging memory."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a rank's CheckpointClient talks to its node daemon; checked at construction (ValueError).
+
+    `endpoint`: the daemon's (default $CKPTD_ENDPOINT, else the per-user default for the root).
+    `auto_start`: local rank 0 starts a daemon when none answers, with `daemon_args`: DaemonOptions,
+    or `ckptd serve` arguments as strings (passed through as given, after the client's own).
+    `when_busy`: "wait" or "skip" (see CheckpointClient). `timeout`: bound on each hand-over and each
+    wait for staging memory. `connect_timeout`: how long to wait for a daemon to answer.
+    `retention`: what the committing daemon keeps (None: everything). `daemon_timeout`: how long the
+    daemon holding this rank's saves may go without answering before they are settled.
+    """
+
+    endpoint: Optional[str] = None
+    auto_start: bool = True
+    when_busy: str = "wait"
+    timeout: float = 600.0
+    connect_timeout: float = 60.0
+    daemon_args: DaemonArgs = DaemonOptions()
+    retention: Optional[RetentionPolicy] = None
+    daemon_timeout: float = DAEMON_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.when_busy not in WHEN_BUSY_POLICIES:
+            raise ValueError(f"when_busy must be {' or '.join(map(repr, WHEN_BUSY_POLICIES))}, not {self.when_busy!r}")
+        if self.daemon_timeout <= 0:
+            raise ValueError(f"daemon_timeout must be positive, not {self.daemon_timeout!r}")
+        if not isinstance(self.daemon_args, DaemonOptions):
+            object.__setattr__(self, "daemon_args", tuple(serve_argv(self.daemon_args)))
 
 
 class CheckpointSkipped(CheckpointError):
@@ -112,33 +149,22 @@ class CheckpointClient:
     `daemon_timeout` seconds without answering, or does not answer its hand-over within `timeout`,
     the save is settled on disk (committed, or fenced so that it never commits) before its regions
     are reused.
+
+    Its settings are `options` (ClientOptions), each of which a keyword of the same name overrides.
     """
 
     def __init__(
-        self,
-        root: str,
-        rank_info: RankInfo,
-        *,
-        endpoint: Optional[str] = None,
-        auto_start: bool = True,
-        when_busy: str = "wait",
-        timeout: float = 600.0,
-        connect_timeout: float = 60.0,
-        daemon_args: Sequence[str] = (),
-        retention: Optional[RetentionPolicy] = None,
-        daemon_timeout: float = DAEMON_TIMEOUT_S,
+        self, root: str, rank_info: RankInfo, options: Optional[ClientOptions] = None, **overrides: Any
     ) -> None:
-        if when_busy not in ("wait", "skip"):
-            raise ValueError(f"when_busy must be 'wait' or 'skip', not {when_busy!r}")
-        if daemon_timeout <= 0:
-            raise ValueError(f"daemon_timeout must be positive, not {daemon_timeout!r}")
+        options = replace(options or ClientOptions(), **overrides)
+        self.options = options
         self.root = os.path.realpath(root)
         self.rank_info = rank_info
-        self.when_busy = when_busy
-        self.timeout = timeout
-        self.daemon_timeout = daemon_timeout
-        self.retention = retention
-        self.endpoint = resolve_endpoint(self.root, endpoint)
+        self.when_busy = options.when_busy
+        self.timeout = options.timeout
+        self.daemon_timeout = options.daemon_timeout
+        self.retention = options.retention
+        self.endpoint = resolve_endpoint(self.root, options.endpoint)
         self._pool = StagingPool()
         self._handles: Dict[int, SaveHandle] = {}
         """Saves not yet settled, by step (a settled one is forgotten: memory stays flat)."""
@@ -148,15 +174,13 @@ class CheckpointClient:
         self._stager: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._staging: Set[SaveHandle] = set()
         self._step_hook: Optional[Any] = None
-        self._may_start = auto_start and rank_info.local_rank == 0
-        self._connect_timeout = connect_timeout
-        if rank_info.topology.num_nodes > 1:  # an auto-started daemon must know its place in the job
-            daemon_args = ("--node", str(rank_info.node), "--num-nodes", str(rank_info.topology.num_nodes), *daemon_args)
-        self._daemon_args = daemon_args
+        self._may_start = options.auto_start and rank_info.local_rank == 0
+        self._connect_timeout = options.connect_timeout
+        self._daemon_args = _place_in_job(options.daemon_args, rank_info)
         self._run = RunIdentity(rank_info.job_id, socket.gethostname(), os.getpid(), rank_info.rank, rank_info.started_at)
         self._connection, self._daemon_instance = connect(
             self.root, self.endpoint, self._on_notification,
-            may_start=self._may_start, wait_s=connect_timeout, daemon_args=self._daemon_args, run=self._run,
+            may_start=self._may_start, wait_s=self._connect_timeout, daemon_args=self._daemon_args, run=self._run,
         )
         self._daemon_lost = False
         self._closing = threading.Event()
@@ -493,3 +517,11 @@ class CheckpointClient:
             bye(self._connection, timeout=min(BYE_TIMEOUT_S, self.daemon_timeout))
         self._connection.close()
         self._pool.close()
+
+
+def _place_in_job(daemon_args: DaemonArgs, rank_info: RankInfo) -> DaemonArgs:
+    """`daemon_args` with this rank's node and the job's node count, which a daemon auto-started in
+    a multi-node job must know (unless `daemon_args` sets them itself)."""
+    if rank_info.topology.num_nodes == 1:
+        return daemon_args
+    return with_fallbacks(daemon_args, node=rank_info.node, num_nodes=rank_info.topology.num_nodes)

@@ -30,22 +30,21 @@ example leaves the RNG component out of that one load and re-seeds each rank's g
 `--record FILE` makes each rank write `FILE.rank<R>` (torch.save) at the end of the run, or just
 before the simulated crash: the (step, loss) pairs and the sample ids of every step this process
 trained, the step it started from, and at the end its model and optimizer state. The tests use it.
+The common options, the crash and the `--record` file come from example_support.py, next to this file.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
-import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckptd.client import CheckpointError, CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from example_support import Recorder, Say, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 256
 HIDDEN = 1024
@@ -180,42 +179,7 @@ class Trainer:
         return self.state.losses[-1], ids
 
 
-class Recorder:
-    """What `--record` writes for the tests: this process's (step, loss) pairs and sample ids."""
-
-    def __init__(self, path: Optional[str], rank: int, start_step: int) -> None:
-        self.path = f"{path}.rank{rank}" if path else None
-        self.record: Dict[str, Any] = {"start_step": start_step, "steps": [], "batches": []}
-
-    def add(self, step: int, loss: float, ids: List[int]) -> None:
-        """Note one trained step."""
-        self.record["steps"].append((step, loss))
-        self.record["batches"].append((step, ids))
-
-    def write(self, trainer: Optional[Trainer] = None) -> None:
-        """Write the record; with `trainer`, also its final model and optimizer state and loss history."""
-        if self.path is None:
-            return
-        if trainer is not None:
-            self.record["model"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-            self.record["optimizer"] = copy.deepcopy(trainer.optimizer.state_dict())
-            self.record["losses"] = list(trainer.state.losses)
-        torch.save(self.record, self.path)
-
-
-def report(handles: List[SaveHandle]) -> List[str]:
-    """Remove the handles that have resolved from `handles`; describe each, never blocking."""
-    notes = []
-    for handle in [h for h in handles if h.done()]:
-        handles.remove(handle)
-        try:
-            notes.append(f"step {handle.step} committed -> {os.path.relpath(handle.wait())}")
-        except CheckpointError as exc:
-            notes.append(f"step {handle.step} FAILED: {exc}")
-    return notes
-
-
-def resume(manager: CheckpointManager, trainer: Trainer, say: Callable[[str], None]) -> None:
+def resume(manager: CheckpointManager, trainer: Trainer, say: Say) -> None:
     """Load the newest checkpoint; on another world size, without the PER_RANK RNG state."""
     latest = manager.latest_checkpoint()
     if latest is None:
@@ -236,31 +200,21 @@ def resume(manager: CheckpointManager, trainer: Trainer, say: Callable[[str], No
         f"(loss then {trainer.state.losses[-1]:.4f})")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="DDP training with asynchronous ckptd checkpoints.")
-    parser.add_argument("--root", default="./demo_checkpoints", help="checkpoint root (default ./demo_checkpoints)")
-    parser.add_argument("--steps", type=int, default=40, help="train until this step (default 40)")
-    parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (default 5)")
-    parser.add_argument("--crash-at", type=int, metavar="STEP", help="SIGKILL every rank after this step")
-    parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
+def main() -> None:
+    parser = example_parser("DDP training with asynchronous ckptd checkpoints.", root="./demo_checkpoints")
     parser.add_argument("--loader", choices=("per-rank", "global"), default="per-rank",
                         help="per-rank: a loader per rank (PER_RANK state); global: one loader slicing global "
                              "batches across ranks (GLOBAL state, resumable at another world size)")
-    parser.add_argument("--record", metavar="FILE", help="each rank writes FILE.rank<R> with its losses and state")
-    return parser.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
+    args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    say: Callable[[str], None] = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = rank0_say()
 
     trainer = Trainer(rank, dist.get_world_size(), args.steps, args.loader)
     manager = CheckpointManager(trainer, args.root, auto_start=True)  # local rank 0 starts the daemon if needed
     if args.resume:
         resume(manager, trainer, say)
-    recorder = Recorder(args.record, rank, trainer.state.step)
+    recorder = Recorder(args.record, rank, {"start_step": trainer.state.step, "steps": [], "batches": []})
 
     pending: List[SaveHandle] = []
     step_times: List[float] = []
@@ -269,7 +223,8 @@ def main() -> None:
         loss, ids = trainer.train_step()
         step_times.append(time.perf_counter() - started)
         step = trainer.state.step
-        recorder.add(step, loss, ids)
+        recorder.add("steps", (step, loss))
+        recorder.add("batches", (step, ids))
         if step % args.save_every == 0:
             started = time.perf_counter()
             handle = manager.save_checkpoint(step, metrics={"loss": loss})  # returns once staged
@@ -281,15 +236,13 @@ def main() -> None:
                 f"(train step {mean_ms:5.1f} ms)" + "".join(f"  | {n}" for n in notes))
             step_times.clear()
         if step == args.crash_at:
-            recorder.write()
-            dist.barrier()  # every rank's save has returned: the daemon owns the checkpoint now
-            say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
-            os.kill(os.getpid(), signal.SIGKILL)
+            recorder.write()  # the steps so far; the resumed run records the rest
+            crash(step, say)  # barrier, SIGKILL; the daemon still commits the saves handed over
 
     manager.close()  # waits for the saves in flight to commit
-    for note in report(pending):
+    for note in report(pending, wait=True):
         say(note)
-    recorder.write(trainer)
+    recorder.write(trainer.model, trainer.optimizer, losses=list(trainer.state.losses))
     dist.destroy_process_group()
 
 

@@ -20,20 +20,20 @@ across groups; the group's lowest rank writes one copy and every member loads it
 - loader position: PER_GROUP over "replica" (both stages of a pipeline read the same batches);
 - LR scheduler: REPLICATED (one schedule everywhere, checked at every save);
 - RNG: PER_RANK (every rank's dropout draws its own stream); step counter: GLOBAL.
+
+The common options, the crash and the `--record` file come from example_support.py, next to this file.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckptd.client import CheckpointError, CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 16
 HIDDEN = 64
@@ -188,32 +188,14 @@ class HybridRank:
             param.grad /= self.replicas
 
 
-def write_record(path: str, rank: int, losses: List[Tuple[int, float]], trainer: HybridRank,
-                 resumed_from: Optional[str]) -> None:
-    """Save what this rank did, for comparing runs bitwise: its (step, loss) list and final state."""
-    torch.save({"rank": rank, "losses": losses, "resumed_from": resumed_from,
-                "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()},
-               f"{path}.rank{rank}.pt")
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Data x pipeline parallel training with ckptd checkpoints.")
-    parser.add_argument("--root", default="./hybrid_checkpoints", help="checkpoint root")
-    parser.add_argument("--steps", type=int, default=40, help="train until this step (default 40)")
-    parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (default 5)")
-    parser.add_argument("--crash-at", type=int, metavar="STEP", help="SIGKILL every rank after this step")
-    parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
-    parser.add_argument("--record", metavar="FILE", help="write each rank's losses and final state to FILE.rank<r>.pt")
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = example_parser("Data x pipeline parallel training with ckptd checkpoints.",
+                          root="./hybrid_checkpoints").parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % STAGES or world < 2 * STAGES:
         raise SystemExit(f"run this example with a multiple of {STAGES} ranks, at least {2 * STAGES}")
-    say: Callable[[str], None] = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = rank0_say()
 
     trainer = HybridRank(rank, world, args.steps)
     torch.manual_seed(1000 + rank)  # every rank's dropout draws its own stream: RNG state is PER_RANK
@@ -222,29 +204,23 @@ def main() -> None:
     if args.resume and manager.latest_checkpoint() is not None:
         resumed_from = manager.load_checkpoint()  # every rank loads the same checkpoint
         say(f"resumed at step {trainer.progress.step} from {resumed_from}")
+    recorder = Recorder(args.record, rank, {"rank": rank, "losses": [], "resumed_from": resumed_from}, suffix=".pt")
 
-    losses: List[Tuple[int, float]] = []
     pending: List[SaveHandle] = []
     while trainer.progress.step < args.steps:
         loss = trainer.train_step()
         step = trainer.progress.step
-        losses.append((step, loss))
+        recorder.add("losses", (step, loss))
         if step % args.save_every == 0:
             pending.append(manager.save_checkpoint(step, metrics={"loss": loss}))  # returns once staged
             say(f"step {step:3d}  loss {loss:.4f}  saving")
         if step == args.crash_at:
-            dist.barrier()  # every rank's save has returned: the daemon owns the checkpoint now
-            say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
-            os.kill(os.getpid(), signal.SIGKILL)
+            crash(step, say)  # barrier, SIGKILL; the daemon still commits the saves handed over
 
     manager.close()  # waits for the saves in flight
-    for handle in pending:
-        try:
-            say(f"step {handle.step} committed -> {handle.wait()}")
-        except CheckpointError as exc:
-            say(f"step {handle.step} FAILED: {exc}")
-    if args.record:
-        write_record(args.record, rank, losses, trainer, resumed_from)
+    for note in report(pending, wait=True):  # "step N committed -> DIR", or why it failed
+        say(note)
+    recorder.write(trainer.model, trainer.optimizer)
     dist.destroy_process_group()
 
 

@@ -13,20 +13,20 @@ loss and sends the gradients of those activations back (all forwards, then all b
 GPipe). Each stage's weights and optimizer state differ, so they are PER_RANK; the LR schedule is
 the same on both stages (REPLICATED, and checked to be so); both ranks read the same batches (the
 first stage uses the inputs, the last the targets), so the loader is GLOBAL.
+
+The common options, the crash and the `--record` file come from example_support.py, next to this file.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckptd.client import CheckpointError, CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 16
 HIDDEN = 64
@@ -153,32 +153,14 @@ class PipelineStage:
         return sum(loss.detach() for loss in losses)
 
 
-def write_record(path: str, rank: int, losses: List[Tuple[int, float]], stage: PipelineStage,
-                 resumed_from: Optional[str]) -> None:
-    """Save what this rank did, for comparing runs bitwise: its (step, loss) list and final state."""
-    torch.save({"rank": rank, "losses": losses, "resumed_from": resumed_from,
-                "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict()},
-               f"{path}.rank{rank}.pt")
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Two-stage pipeline training with asynchronous ckptd checkpoints.")
-    parser.add_argument("--root", default="./pipeline_checkpoints", help="checkpoint root")
-    parser.add_argument("--steps", type=int, default=40, help="train until this step (default 40)")
-    parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (default 5)")
-    parser.add_argument("--crash-at", type=int, metavar="STEP", help="SIGKILL every rank after this step")
-    parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
-    parser.add_argument("--record", metavar="FILE", help="write each rank's losses and final state to FILE.rank<r>.pt")
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = example_parser("Two-stage pipeline training with asynchronous ckptd checkpoints.",
+                          root="./pipeline_checkpoints").parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if dist.get_world_size() != 2:
         raise SystemExit("run this example with exactly 2 ranks (--nproc-per-node 2)")
-    say: Callable[[str], None] = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = rank0_say()
 
     stage = PipelineStage(rank, args.steps)
     torch.manual_seed(1000 + rank)  # each stage's dropout draws its own stream: RNG state is PER_RANK
@@ -187,29 +169,23 @@ def main() -> None:
     if args.resume and manager.latest_checkpoint() is not None:
         resumed_from = manager.load_checkpoint()  # every rank loads the same checkpoint
         say(f"resumed at step {stage.progress.step} from {resumed_from}")
+    recorder = Recorder(args.record, rank, {"rank": rank, "losses": [], "resumed_from": resumed_from}, suffix=".pt")
 
-    losses: List[Tuple[int, float]] = []
     pending: List[SaveHandle] = []
     while stage.progress.step < args.steps:
         loss = stage.train_step()
         step = stage.progress.step
-        losses.append((step, loss))
+        recorder.add("losses", (step, loss))
         if step % args.save_every == 0:
             pending.append(manager.save_checkpoint(step, metrics={"loss": loss}))  # returns once staged
             say(f"step {step:3d}  loss {loss:.4f}  saving")
         if step == args.crash_at:
-            dist.barrier()  # every rank's save has returned: the daemon owns the checkpoint now
-            say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
-            os.kill(os.getpid(), signal.SIGKILL)
+            crash(step, say)  # barrier, SIGKILL; the daemon still commits the saves handed over
 
     manager.close()  # waits for the saves in flight
-    for handle in pending:
-        try:
-            say(f"step {handle.step} committed -> {handle.wait()}")
-        except CheckpointError as exc:
-            say(f"step {handle.step} FAILED: {exc}")
-    if args.record:
-        write_record(args.record, rank, losses, stage, resumed_from)
+    for note in report(pending, wait=True):  # "step N committed -> DIR", or why it failed
+        say(note)
+    recorder.write(stage.model, stage.optimizer)
     dist.destroy_process_group()
 
 

@@ -10,19 +10,19 @@ RNG state, which is PER_RANK: it is the habit to keep, since the random streams 
 per rank as soon as there is more than one. The first run checkpoints every 5 steps and SIGKILLs
 itself after step 22; the daemon (started by this process if none answers, in its own session)
 still commits step 20, and the second run resumes from it with the losses an uninterrupted run has.
+
+The common options, the crash and the `--record` file come from example_support.py, next to this file.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ckptd.client import CheckpointError, CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 16
 HIDDEN = 64
@@ -113,56 +113,34 @@ class Trainer:
         return loss.item()
 
 
-def write_record(path: str, rank: int, losses: List[Tuple[int, float]], trainer: Trainer,
-                 resumed_from: Optional[str]) -> None:
-    """Save what this run did, for comparing runs bitwise: its (step, loss) list and final state."""
-    torch.save({"rank": rank, "losses": losses, "resumed_from": resumed_from,
-                "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()},
-               f"{path}.rank{rank}.pt")
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Single-device training with asynchronous ckptd checkpoints.")
-    parser.add_argument("--root", default="./single_device_checkpoints", help="checkpoint root")
-    parser.add_argument("--steps", type=int, default=40, help="train until this step (default 40)")
-    parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (default 5)")
-    parser.add_argument("--crash-at", type=int, metavar="STEP", help="SIGKILL this process after this step")
-    parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
-    parser.add_argument("--record", metavar="FILE", help="write losses and final state to FILE.rank0.pt")
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = example_parser("Single-device training with asynchronous ckptd checkpoints.",
+                          root="./single_device_checkpoints").parse_args()
+    say = rank0_say()  # a plain print: one process, no process group
     trainer = Trainer(args.steps)
     torch.manual_seed(1000)  # dropout's stream, after the weights are drawn
     manager = CheckpointManager(trainer, args.root)  # starts the daemon if none answers
     resumed_from: Optional[str] = None
     if args.resume and manager.latest_checkpoint() is not None:
         resumed_from = manager.load_checkpoint()
-        print(f"resumed at step {trainer.progress.step} from {resumed_from}", flush=True)
+        say(f"resumed at step {trainer.progress.step} from {resumed_from}")
+    recorder = Recorder(args.record, 0, {"rank": 0, "losses": [], "resumed_from": resumed_from}, suffix=".pt")
 
-    losses: List[Tuple[int, float]] = []
     pending: List[SaveHandle] = []
     while trainer.progress.step < args.steps:
         loss = trainer.train_step()
         step = trainer.progress.step
-        losses.append((step, loss))
+        recorder.add("losses", (step, loss))
         if step % args.save_every == 0:
             pending.append(manager.save_checkpoint(step, metrics={"loss": loss}))  # returns once staged
-            print(f"step {step:3d}  loss {loss:.4f}  saving", flush=True)
+            say(f"step {step:3d}  loss {loss:.4f}  saving")
         if step == args.crash_at:
-            print(f"step {step}: simulating a crash (SIGKILL)", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            crash(step, say)  # SIGKILL; the daemon still commits the saves handed over
 
     manager.close()  # waits for the saves in flight
-    for handle in pending:
-        try:
-            print(f"step {handle.step} committed -> {handle.wait()}", flush=True)
-        except CheckpointError as exc:
-            print(f"step {handle.step} FAILED: {exc}", flush=True)
-    if args.record:
-        write_record(args.record, 0, losses, trainer, resumed_from)
+    for note in report(pending, wait=True):  # "step N committed -> DIR", or why it failed
+        say(note)
+    recorder.write(trainer.model, trainer.optimizer)
 
 
 if __name__ == "__main__":

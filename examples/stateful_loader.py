@@ -21,15 +21,13 @@ Options: --root DIR, --steps N (default 16), --save-every N (default 4), --crash
 every rank right after that step's save_checkpoint returns), --resume (load the latest
 checkpoint), --record FILE (each rank writes FILE.rank<R> with torch.save: its (step, loss)
 pairs, the sample ids of each step and, at the end, its model and optimizer state).
+The common options, the crash and the `--record` file come from example_support.py, next to this file.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
-import signal
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +36,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 32
 HIDDEN = 128
@@ -164,59 +163,37 @@ class Trainer:
         return self.state.losses[-1], ids
 
 
-def write_record(path: Optional[str], record: Dict[str, Any], trainer: Optional[Trainer] = None) -> None:
-    """--record: this rank's steps, and with `trainer` its final model and optimizer state."""
-    if path is None:
-        return
-    if trainer is not None:
-        record["model"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        record["optimizer"] = copy.deepcopy(trainer.optimizer.state_dict())
-        record["losses"] = list(trainer.state.losses)
-    torch.save(record, f"{path}.rank{dist.get_rank()}")
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="DDP training from a StatefulDataLoader with ckptd checkpoints.")
-    parser.add_argument("--root", default="./loader_checkpoints", help="checkpoint root (default ./loader_checkpoints)")
-    parser.add_argument("--steps", type=int, default=16, help="train until this step (default 16)")
-    parser.add_argument("--save-every", type=int, default=4, help="checkpoint every N steps (default 4)")
-    parser.add_argument("--crash-at", type=int, metavar="STEP", help="SIGKILL every rank after this step")
-    parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
-    parser.add_argument("--record", metavar="FILE", help="each rank writes FILE.rank<R> with its losses and state")
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = example_parser("DDP training from a StatefulDataLoader with ckptd checkpoints.",
+                          root="./loader_checkpoints", steps=16, save_every=4).parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    say: Callable[[str], None] = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = rank0_say()
 
     trainer = Trainer(rank, dist.get_world_size(), args.steps)
     manager = CheckpointManager(trainer, args.root, auto_start=True)
     if args.resume and manager.latest_checkpoint() is not None:
         path = manager.load_checkpoint()
         say(f"resumed at step {trainer.state.step} (epoch {trainer.data.epoch}) from {os.path.relpath(path)}")
-    record: Dict[str, Any] = {"start_step": trainer.state.step, "steps": [], "batches": []}
+    recorder = Recorder(args.record, rank, {"start_step": trainer.state.step, "steps": [], "batches": []})
 
     pending: List[SaveHandle] = []
     while trainer.state.step < args.steps:
         loss, ids = trainer.train_step()
         step = trainer.state.step
-        record["steps"].append((step, loss))
-        record["batches"].append((step, ids))
+        recorder.add("steps", (step, loss))
+        recorder.add("batches", (step, ids))
         if step % args.save_every == 0:
             pending.append(manager.save_checkpoint(step, metrics={"loss": loss}))  # returns once staged
             say(f"step {step:3d}  epoch {trainer.data.epoch}  loss {loss:.4f}  saved without waiting")
         if step == args.crash_at:
-            write_record(args.record, record)
-            dist.barrier()  # every rank's save has returned: the daemon owns the checkpoint now
-            say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
-            os.kill(os.getpid(), signal.SIGKILL)
+            recorder.write()  # the steps so far; the resumed run records the rest
+            crash(step, say)  # barrier, SIGKILL; the daemon still commits the saves handed over
 
     manager.close()  # waits for the saves in flight to commit
-    say(f"step {pending[-1].step} committed -> {os.path.relpath(pending[-1].wait())}" if pending else "no saves")
-    write_record(args.record, record, trainer)
+    for note in report(pending, wait=True):
+        say(note)
+    recorder.write(trainer.model, trainer.optimizer, losses=list(trainer.state.losses))
     dist.destroy_process_group()
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Sequence, Tuple
 
 import xxhash
 
@@ -69,22 +68,6 @@ def check_tensor_layout(entries: Sequence[TensorEntry], region_size: int) -> int
     if position > region_size:
         raise ValueError(f"tensors need {position} bytes but the region holds {region_size}")
     return position
-
-
-def safetensors_header(entries: Iterable[TensorEntry], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """The 8-byte length prefix plus JSON header for tensors laid out as `entries` describe."""
-    header: Dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    for entry in entries:
-        header[entry.name] = {
-            "dtype": entry.dtype,
-            "shape": list(entry.shape),
-            "data_offsets": [entry.offset, entry.offset + entry.nbytes],
-        }
-    body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-(8 + len(body)) % HEADER_ALIGNMENT)
-    return len(body).to_bytes(8, "little") + body
 
 
 def layout_tensors(specs: Iterable[Tuple[str, str, Tuple[int, ...]]]) -> Tuple[List[TensorEntry], int]:

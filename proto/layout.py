@@ -1,15 +1,14 @@
-"""Names on disk and on the node: safe names, checkpoint directories, files, endpoints."""
+"""Names on disk: safe names, checkpoint and tmp directories, files (the runtime paths of sockets and
+locks are in `ckptd.disk.runtime`)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from typing import Optional
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 LATEST_NAME = "latest"
-LOCK_NAME = ".ckptd.lock"
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_PREFIX = "step_"
 TENSOR_SUFFIX = ".safetensors"
@@ -62,28 +61,3 @@ def job_token(job: str) -> str:
 def shard_paths(component: str, scope: str) -> tuple[str, str]:
     """Relative paths of a component scope's tensor file and non-tensor state file."""
     return (f"{component}/{scope}{TENSOR_SUFFIX}", f"{component}/{scope}{STATE_SUFFIX}")
-
-
-def runtime_dir() -> str:
-    """Per-user directory for sockets, locks and daemon logs (created 0700 by whoever needs it)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        return os.path.join(base, "ckptd")
-    return f"/tmp/ckptd-{os.getuid()}"
-
-
-def root_token(root: str) -> str:
-    """Short stable token of a checkpoint root, for per-root endpoints and locks."""
-    return hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
-
-
-def default_endpoint(root: str) -> str:
-    """The ipc:// endpoint a daemon serving `root` listens on unless told otherwise."""
-    return f"ipc://{runtime_dir()}/{root_token(root)}.sock"
-
-
-def daemon_lock_path(root: str, node: int = 0) -> str:
-    """Node-local lock file that makes a daemon the only one serving `root` as node `node` of a job on
-    this machine (one machine may play several nodes in a test or a single-host multi-node job)."""
-    suffix = f"-node{node}" if node else ""
-    return os.path.join(runtime_dir(), f"{root_token(root)}{suffix}.lock")

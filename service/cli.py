@@ -4,31 +4,107 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import sys
-from typing import Any, List, Optional
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 from ckptd.service import commands as commands_module
 from ckptd.service.curve import write_secret
 from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
 from ckptd.proto.manifest import ManifestError
-from ckptd.proto.ownership import CLAIM_TTL_S
-from ckptd.service.catalog import read_manifest_file
-from ckptd.service.verify import checkpoint_dirs, verify_checkpoint
+from ckptd.proto.config import (
+    CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV, NODE_RANK_ENV, NUM_NODES_ENV, ExitCode, flag, scalar_type,
+)
+from ckptd.disk.manifests import read_manifest
+from ckptd.disk.root import checkpoint_dirs
+from ckptd.disk.verify import verify_checkpoint
 
 log = logging.getLogger("ckptd")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_ALREADY_SERVED = 3
+
+@dataclass(frozen=True)
+class _Flag:
+    """How `ckptd serve` presents one DaemonConfig field; its type and default come from DaemonConfig."""
+
+    help: str
+    unset: str = ""
+    """What a default of None means, for --help."""
+    env: Optional[str] = None
+    """The environment variable that, when set, replaces DaemonConfig's default."""
+    metavar: Optional[str] = None
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip().isdigit() else default
+_SERVE_FLAGS: Dict[str, _Flag] = {
+    "root": _Flag("checkpoint root directory"),
+    "endpoint": _Flag("ZeroMQ endpoint to listen on", unset="per-user ipc:// socket for the root"),
+    "node": _Flag("this node's index in the job; node 0's daemon commits", env=NODE_RANK_ENV),
+    "num_nodes": _Flag("nodes in the job, one daemon each", env=NUM_NODES_ENV),
+    "leader": _Flag("node 0's commit leader: node 0 listens on PORT, the others connect to HOST:PORT; "
+                    "needed when --num-nodes > 1", env=LEADER_ENV, metavar="HOST:PORT"),
+    "cluster_secret": _Flag("secret shared by the job's daemons, from `ckptd keygen`; needed when --num-nodes > 1",
+                            env=CLUSTER_SECRET_ENV, metavar="FILE"),
+    "metrics_port": _Flag("serve Prometheus metrics at http://ADDRESS:PORT/metrics", unset="off", metavar="PORT"),
+    "metrics_address": _Flag("address the metrics listen on; 0.0.0.0 for a cluster scraper"),
+    "peer_timeout": _Flag("seconds without a heartbeat before another node's daemon counts as gone"),
+    "claim_ttl": _Flag("how long another host's claim on a shared root counts as a live run's after its last "
+                       "renewal", metavar="SECONDS"),
+    "max_write_mbps": _Flag("cap on write bandwidth in MB/s", unset="no cap"),
+    "save_timeout": _Flag("seconds a save may take from its first rank's hand-over to commit before it aborts"),
+    "write_threads": _Flag("shard writer threads"),
+    "nice": _Flag("CPU niceness to add, so training processes get the CPU first; 0 keeps it"),
+    "exit_when_idle": _Flag("exit once no client process is alive and nothing happened for SECONDS",
+                            unset="never", metavar="SECONDS"),
+}
+"""One entry per DaemonConfig field, in --help order."""
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _help(spec: _Flag, default: Any) -> str:
+    """The flag's help with its default: the environment variable first, then DaemonConfig's value."""
+    if spec.env:
+        return f"{spec.help} (default ${spec.env}" + (f" or {_shown(default)})" if default is not None else ")")
+    if default is None:
+        return f"{spec.help} (default: {spec.unset})" if spec.unset else spec.help
+    return f"{spec.help} (default {_shown(default)})"
+
+
+def _env_default(name: Optional[str], kind: type, default: Any) -> Any:
+    """`default`, unless environment variable `name` holds a value of `kind` (an int: digits only)."""
+    raw = os.environ.get(name) if name else None
+    if raw is None or (kind is int and not raw.strip().isdigit()):
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        return default
+
+
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
+    """One flag per DaemonConfig field (`flag(name)`), typed and defaulted by the field."""
+    config_fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+    if set(config_fields) != set(_SERVE_FLAGS):
+        raise RuntimeError(f"ckptd serve flags and DaemonConfig fields differ: {set(config_fields) ^ set(_SERVE_FLAGS)}")
+    hints = typing.get_type_hints(DaemonConfig)
+    for name, spec in _SERVE_FLAGS.items():
+        kind, default = scalar_type(hints[name]), config_fields[name].default
+        if default is dataclasses.MISSING:
+            serve.add_argument(flag(name), type=kind, required=True, metavar=spec.metavar, help=spec.help)
+        else:
+            serve.add_argument(flag(name), type=kind, default=_env_default(spec.env, kind, default),
+                               metavar=spec.metavar, help=_help(spec, default))
+
+
+def daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    """The DaemonConfig parsed `ckptd serve` arguments ask for."""
+    return DaemonConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DaemonConfig)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,35 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the node-local writer daemon for a checkpoint root")
-    serve.add_argument("--root", required=True, help="checkpoint root directory")
-    serve.add_argument("--endpoint", help="ZeroMQ endpoint to listen on (default: per-user ipc:// socket for the root)")
-    serve.add_argument("--node", type=int, default=_env_int("CKPTD_NODE_RANK", 0),
-                       help="this node's index in the job (default $CKPTD_NODE_RANK or 0); node 0's daemon commits")
-    serve.add_argument("--num-nodes", type=int, default=_env_int("CKPTD_NUM_NODES", 1),
-                       help="nodes in the job, one daemon each (default $CKPTD_NUM_NODES or 1)")
-    serve.add_argument("--leader", default=os.environ.get("CKPTD_LEADER"), metavar="HOST:PORT",
-                       help="node 0's commit leader: node 0 listens on PORT, the others connect to HOST:PORT "
-                            "(default $CKPTD_LEADER; needed when --num-nodes > 1)")
-    serve.add_argument("--cluster-secret", default=os.environ.get("CKPTD_CLUSTER_SECRET"), metavar="FILE",
-                       help="secret shared by the job's daemons, from `ckptd keygen` (default $CKPTD_CLUSTER_SECRET; "
-                            "needed when --num-nodes > 1)")
-    serve.add_argument("--metrics-port", type=int, metavar="PORT",
-                       help="serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)")
-    serve.add_argument("--metrics-address", default="127.0.0.1",
-                       help="address the metrics listen on (default 127.0.0.1; 0.0.0.0 for a cluster scraper)")
-    serve.add_argument("--peer-timeout", type=float, default=10.0,
-                       help="seconds without a heartbeat before another node's daemon counts as gone (default 10)")
-    serve.add_argument("--claim-ttl", type=float, default=CLAIM_TTL_S, metavar="SECONDS",
-                       help="how long another host's claim on a shared root counts as a live run's after its last "
-                            f"renewal (default {CLAIM_TTL_S:g})")
-    serve.add_argument("--max-write-mbps", type=float, help="cap on write bandwidth in MB/s (default: no cap)")
-    serve.add_argument("--save-timeout", type=float, default=600.0,
-                       help="seconds a save may take from its first rank's hand-over to commit before it aborts")
-    serve.add_argument("--write-threads", type=int, default=4, help="shard writer threads (default 4)")
-    serve.add_argument("--nice", type=int, default=10,
-                       help="CPU niceness to add, so training processes get the CPU first (default 10; 0 keeps it)")
-    serve.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
-                       help="exit once no client process is alive and nothing happened for SECONDS")
+    _add_serve_options(serve)
     keygen = commands.add_parser("keygen", help="create the secret file that authenticates a job's daemons")
     keygen.add_argument("path", help="file to create (mode 0600; refuses to overwrite)")
     verify = commands.add_parser("verify", help="check every file of a checkpoint (or of every checkpoint under a root)")
@@ -106,7 +154,7 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output file in GB (default 5)")
     export.add_argument("--json", action="store_true", help="machine-readable output")
     status = commands.add_parser("status", help="the live daemon's saves in flight, with progress")
-    status.add_argument("--endpoint", help="daemon endpoint (default $CKPTD_ENDPOINT, else the default for --root)")
+    status.add_argument("--endpoint", help=f"daemon endpoint (default ${ENDPOINT_ENV}, else the default for --root)")
     status.add_argument("--root", help="checkpoint root whose default endpoint to ask")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
@@ -137,7 +185,7 @@ def _listed_bytes(directories: List[str]) -> int:
     total = 0
     for directory in directories:
         try:
-            total += sum(f.size for f in read_manifest_file(directory).files())
+            total += sum(f.size for f in read_manifest(directory).files())
         except ManifestError:
             pass
     return total
@@ -148,7 +196,7 @@ def verify(args: argparse.Namespace) -> int:
     directories = checkpoint_dirs(args.path) if os.path.isdir(args.path) else []
     if not directories:
         sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
-        return EXIT_ERROR
+        return ExitCode.ERROR
     bar = _ProgressBar(sys.stderr, _listed_bytes(directories)) if args.progress or (
         args.progress is None and sys.stderr.isatty()) else None
     results = {directory: verify_checkpoint(directory, bar.advance if bar else None) for directory in directories}
@@ -161,8 +209,8 @@ def verify(args: argparse.Namespace) -> int:
         for directory, problems in results.items():
             sys.stdout.write(f"{'BAD' if problems else 'OK '} {directory}\n")
             for problem in problems:
-                sys.stdout.write(f"    {problem.path}: {problem.reason}\n")
-    return EXIT_ERROR if any(results.values()) else EXIT_OK
+                sys.stdout.write(f"    {problem}\n")
+    return ExitCode.ERROR if any(results.values()) else ExitCode.OK
 
 
 def keygen(args: argparse.Namespace) -> int:
@@ -171,32 +219,25 @@ def keygen(args: argparse.Namespace) -> int:
         write_secret(args.path)
     except FileExistsError:
         sys.stderr.write(f"ckptd keygen: {args.path} exists; remove it first to make a new secret\n")
-        return EXIT_ERROR
+        return ExitCode.ERROR
     except OSError as exc:
         sys.stderr.write(f"ckptd keygen: cannot create {args.path}: {exc.strerror}\n")
-        return EXIT_ERROR
+        return ExitCode.ERROR
     sys.stdout.write(f"wrote {args.path}; give every daemon of the job --cluster-secret {args.path}\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def serve(args: argparse.Namespace) -> int:
     """`ckptd serve`: run the daemon in the foreground until SIGTERM/SIGINT (or idle exit)."""
-    config = DaemonConfig(
-        root=args.root, endpoint=args.endpoint, node=args.node, max_write_mbps=args.max_write_mbps,
-        save_timeout=args.save_timeout, write_threads=args.write_threads, exit_when_idle=args.exit_when_idle,
-        nice=args.nice, num_nodes=args.num_nodes, leader=args.leader, cluster_secret=args.cluster_secret,
-        peer_timeout=args.peer_timeout, metrics_port=args.metrics_port, metrics_address=args.metrics_address,
-        claim_ttl=args.claim_ttl,
-    )
     try:
-        asyncio.run(DaemonServer(config).serve())
+        asyncio.run(DaemonServer(daemon_config(args)).serve())
     except DaemonConfigError as exc:
         log.error("%s", exc)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except DaemonError as exc:
         log.error("%s", exc)
-        return EXIT_ALREADY_SERVED
-    return EXIT_OK
+        return ExitCode.ALREADY_SERVED
+    return ExitCode.OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -215,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return keygen(args)
     operator = {"ls": commands_module.ls, "inspect": commands_module.inspect, "gc": commands_module.gc,
                 "export": commands_module.export, "status": commands_module.status}.get(args.command)
-    return operator(args) if operator else EXIT_USAGE
+    return operator(args) if operator else ExitCode.USAGE
 
 
 if __name__ == "__main__":

@@ -11,16 +11,17 @@ from typing import Any, Dict, List, Optional, TextIO
 
 import zmq
 
+from ckptd.disk import runtime
 from ckptd.proto import layout, messages
+from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import Manifest, ManifestError
 from ckptd.proto.retention import RetentionPolicy
-from ckptd.service.catalog import Catalog, catalog, read_manifest_file, saved_policy
+from ckptd.disk.manifests import read_manifest
+from ckptd.disk.retention import saved_policy
+from ckptd.service.catalog import Catalog, catalog
 from ckptd.service.export import ExportError, export_component
 from ckptd.service.store import CheckpointStore
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 GC_MIN_AGE_S = 3600.0
 """Leftovers younger than this may be a save in flight on some node (the save timeout is 600 s)."""
 
@@ -31,7 +32,7 @@ def _emit_json(data: Any, out: TextIO = sys.stdout) -> None:
 
 def _fail(command: str, message: str) -> int:
     sys.stderr.write(f"ckptd {command}: {message}\n")
-    return EXIT_ERROR
+    return ExitCode.ERROR
 
 
 def human_bytes(n: float) -> str:
@@ -57,9 +58,9 @@ def ls(args: argparse.Namespace) -> int:
     found = catalog(args.root)
     if args.json:
         _emit_json(found.to_json())
-        return EXIT_OK
+        return ExitCode.OK
     sys.stdout.write(_render_catalog(found) + "\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _render_catalog(found: Catalog) -> str:
@@ -84,14 +85,14 @@ def _render_catalog(found: Catalog) -> str:
 def inspect(args: argparse.Namespace) -> int:
     """`ckptd inspect PATH`: a checkpoint's manifest as a readable report."""
     try:
-        manifest = read_manifest_file(args.path)
+        manifest = read_manifest(args.path)
     except ManifestError as exc:
         return _fail("inspect", str(exc))
     if args.json:
         _emit_json(json.loads(manifest.to_json()))
-        return EXIT_OK
+        return ExitCode.OK
     sys.stdout.write(render_manifest(args.path, manifest) + "\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def render_manifest(path: str, manifest: Manifest) -> str:
@@ -143,7 +144,7 @@ def gc(args: argparse.Namespace) -> int:
         policy = _policy_from_args(args) or saved_policy(args.root)
     except ValueError as exc:
         sys.stderr.write(f"ckptd gc: {exc}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     store = CheckpointStore(args.root)
     now = time.time()
     old = [l for l in catalog(args.root).leftovers if l.age_s >= args.min_age]
@@ -158,7 +159,7 @@ def gc(args: argparse.Namespace) -> int:
               "policy": policy.to_wire() if policy else None, "seconds": round(time.time() - now, 3)}
     if args.json:
         _emit_json(report)
-        return EXIT_OK
+        return ExitCode.OK
     verb = "would remove" if args.dry_run else "removed"
     for path in report["leftovers"]:
         sys.stdout.write(f"{verb} leftover {path}\n")
@@ -166,7 +167,7 @@ def gc(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{'would delete' if args.dry_run else 'deleted'} {layout.checkpoint_dir_name(step)} (retention)\n")
     if not report["leftovers"] and not doomed:
         sys.stdout.write("nothing to remove" + ("" if policy else " (no retention policy: checkpoints are kept)") + "\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _policy_from_args(args: argparse.Namespace) -> Optional[RetentionPolicy]:
@@ -188,7 +189,7 @@ def export(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(f"exported {result.tensors} tensors ({human_bytes(result.total_bytes)}) of "
                          f"{args.component!r} into {len(result.files)} file(s) in {args.out}\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def query_status(endpoint: str, timeout_s: float) -> Dict[str, Any]:
@@ -211,11 +212,11 @@ def query_status(endpoint: str, timeout_s: float) -> Dict[str, Any]:
 
 def status(args: argparse.Namespace) -> int:
     """`ckptd status`: the live daemon's saves in flight with progress, and its last commit."""
-    endpoint = args.endpoint or os.environ.get("CKPTD_ENDPOINT") or (
-        layout.default_endpoint(args.root) if args.root else None)
+    endpoint = args.endpoint or os.environ.get(ENDPOINT_ENV) or (
+        runtime.default_endpoint(args.root) if args.root else None)
     if endpoint is None:
-        sys.stderr.write("ckptd status: give --endpoint or --root (or set CKPTD_ENDPOINT)\n")
-        return EXIT_USAGE
+        sys.stderr.write(f"ckptd status: give --endpoint or --root (or set {ENDPOINT_ENV})\n")
+        return ExitCode.USAGE
     previous: Dict[int, tuple] = {}
     while True:
         try:
@@ -229,11 +230,11 @@ def status(args: argparse.Namespace) -> int:
                              + render_status(body, previous) + "\n")
         sys.stdout.flush()
         if not args.watch:
-            return EXIT_OK
+            return ExitCode.OK
         try:
             time.sleep(args.interval)
         except KeyboardInterrupt:
-            return EXIT_OK
+            return ExitCode.OK
 
 
 def render_status(body: Dict[str, Any], previous: Dict[int, tuple]) -> str:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Set
 
 from ckptd.proto import layout, messages
-from ckptd.proto.formats import check_tensor_layout, safetensors_header
+from ckptd.disk.safetensors import encode_header
+from ckptd.proto.formats import check_tensor_layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
@@ -137,7 +138,7 @@ class NodeCoordinator:
         if request.topology.node_of(request.rank) != self._node:
             raise SaveRejected("wrong_node", f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}")
         session = await self._session_for(request)
-        if time.monotonic() > request.expires_at:  # checked once its tmp directory exists: see client/fencing.py
+        if time.monotonic() > request.expires_at:  # checked once its tmp directory exists: see disk/removal.py fence_save
             raise SaveRejected("expired", f"rank {request.rank}'s part of step {step} arrived after the client "
                                "stopped waiting for it (the daemon was stalled or overloaded)")
         if request.rank in session.ranks:
@@ -298,7 +299,7 @@ class NodeCoordinator:
         tensor_rel, state_rel = layout.shard_paths(comp.key, scope)
         self._store.make_component_dir(session.tmp_dir, comp.key)
         body_bytes = sum(t.nbytes for t in comp.tensors)
-        header = safetensors_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
+        header = encode_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
         region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]
         body = region.view(body_bytes) if region is not None else memoryview(b"")
         def done_with(offset: int, length: int) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from ckptd.disk.files import FileProblem, check_listed_file
+from ckptd.disk.manifests import read_manifest
+from ckptd.disk.safetensors import EXPORT_ALIGNMENT, encode_header, read_header, tensor_entries
+from ckptd.proto.formats import TensorEntry
 from ckptd.proto.manifest import ComponentRecord, ScopeRecord
-from ckptd.service.catalog import read_manifest_file
-from ckptd.service.verify import check_file
 
 COPY_CHUNK = 16 * 1024 * 1024
 
@@ -51,7 +52,7 @@ def export_component(
     prefix: str = "model", max_shard_bytes: int = 5 * 10**9,
 ) -> ExportResult:
     """Write `component`'s tensors from `checkpoint_dir` into `out_dir` (created; must be empty)."""
-    manifest = read_manifest_file(checkpoint_dir)
+    manifest = read_manifest(checkpoint_dir)
     record = manifest.components.get(component)
     if record is None:
         raise ExportError(f"{checkpoint_dir} has no component {component!r}; it has {sorted(manifest.components)}")
@@ -97,19 +98,16 @@ def _source_tensors(checkpoint_dir: str, scopes: Sequence[ScopeRecord]) -> List[
     tensors: Dict[str, SourceTensor] = {}
     for scope in scopes:
         path = os.path.join(checkpoint_dir, scope.tensor_file.path)
-        problem = check_file(path, scope.tensor_file)
-        if problem:
-            raise ExportError(f"{path} {problem}; the checkpoint is damaged (see `ckptd verify`)")
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        try:
+            check_listed_file(path, scope.tensor_file)
+            header, data_start = read_header(path)
+        except (FileProblem, ValueError) as exc:
+            raise ExportError(f"{exc}; the checkpoint is damaged (see `ckptd verify`)") from None
+        for name, info in tensor_entries(header).items():
             if name in tensors:
                 raise ExportError(f"tensor {name!r} appears in more than one copy being exported")
             begin, end = info["data_offsets"]
-            tensors[name] = SourceTensor(name, info["dtype"], list(info["shape"]), path, 8 + header_len + begin, end - begin)
+            tensors[name] = SourceTensor(name, info["dtype"], list(info["shape"]), path, data_start + begin, end - begin)
     return sorted(tensors.values(), key=lambda t: t.name)
 
 
@@ -127,17 +125,14 @@ def _plan_shards(tensors: Sequence[SourceTensor], max_shard_bytes: int) -> List[
 
 def _write_safetensors(path: str, tensors: Sequence[SourceTensor]) -> None:
     """A safetensors file of `tensors`, written to a temporary name and renamed when complete."""
-    header: Dict[str, object] = {"__metadata__": {"format": "pt", "exported_by": "ckptd"}}
-    offset = 0
+    entries, offset = [], 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": tensor.shape, "data_offsets": [offset, offset + tensor.nbytes]}
+        entries.append(TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), offset, tensor.nbytes))
         offset += tensor.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    header = encode_header(entries, {"format": "pt", "exported_by": "ckptd"}, alignment=EXPORT_ALIGNMENT)
     tmp = f"{path}.partial"
     with open(tmp, "wb") as out:
-        out.write(struct.pack("<Q", len(encoded)))
-        out.write(encoded)
+        out.write(header)
         for tensor in tensors:
             with open(tensor.path, "rb") as src:
                 src.seek(tensor.start)

@@ -10,17 +10,16 @@ live client, and removes it when the run has none left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from ckptd.disk.claims import read_claim, remove_claim, write_claim
 from ckptd.proto.ownership import (
-    CLAIM_FILE, CLAIM_RENEW_S, CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RootClaim, RunIdentity,
+    CLAIM_RENEW_S, CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RootClaim, RunIdentity,
     root_in_use_message,
 )
 from ckptd.service.regions import pid_alive
@@ -69,7 +68,6 @@ class RootOwnership:
 
     def __init__(self, root: str, *, keeps_claim: bool, claim_ttl: float = CLAIM_TTL_S) -> None:
         self.root = root
-        self.path = os.path.join(root, CLAIM_FILE)
         self.keeps_claim = keeps_claim
         self.claim_ttl = claim_ttl
         self.host = socket.gethostname()
@@ -95,7 +93,7 @@ class RootOwnership:
             await self._release()
             owner = None
         if owner is None:
-            claim = await asyncio.to_thread(self._read_claim)
+            claim = await asyncio.to_thread(read_claim, self.root)
             if claim is not None and claim.run.job != run.job:
                 self._check_dead(claim)
             owner = self._owner = _OwningRun(run)
@@ -115,7 +113,7 @@ class RootOwnership:
     def live_claim_at_start(self) -> Optional[RunIdentity]:
         """The run of another host's live claim on the root, whose daemon may be writing into it now.
         A claim from this host is never another daemon's: one daemon serves a root per host and node."""
-        claim = self._read_claim()
+        claim = read_claim(self.root)
         if claim is None or claim.run.host == self.host:
             return None
         try:
@@ -169,44 +167,17 @@ class RootOwnership:
         claim = RootClaim(owner.run, tuple(sorted(set(owner.members.values()))), self.boot_id, os.getpid(),
                           self._renewed_at, self._renewals)
         try:
-            await asyncio.to_thread(_replace, self.path, claim.to_json())
+            await asyncio.to_thread(write_claim, self.root, claim)
         except OSError as exc:
-            log.warning("cannot write the root claim %s: %s", self.path, exc)
+            log.warning("cannot write the root claim in %s: %s", self.root, exc)
 
     async def _release(self) -> None:
         owner, self._owner = self._owner, None
         self._renewed_at = 0.0
         if owner is None or not self.keeps_claim:
             return
-        claim = await asyncio.to_thread(self._read_claim)
-        if claim is not None and claim.run.job == owner.run.job:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, self.path)
-
-    def _read_claim(self) -> Optional[RootClaim]:
         try:
-            with open(self.path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return None
+            await asyncio.to_thread(remove_claim, self.root, owner.run.job)
         except OSError as exc:
-            log.warning("cannot read the root claim %s: %s", self.path, exc)
-            return None
-        claim = RootClaim.from_json(text)
-        if claim is None:
-            log.warning("ignored a malformed root claim %s", self.path)
-        return claim
-
-
-def _replace(path: str, text: str) -> None:
-    """Replace `path` by rename. Not fsynced: a claim is a lease, and a crash ends the run it describes."""
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            log.warning("cannot remove the root claim in %s: %s", self.root, exc)
 

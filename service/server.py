@@ -17,11 +17,13 @@ from typing import Any, Dict, Optional
 import zmq
 import zmq.asyncio
 
-from ckptd.proto import layout, messages
+from ckptd.disk import runtime
+from ckptd.proto import messages
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import ProtocolError, SaveRequest
 from ckptd.proto.ownership import CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
 from ckptd.proto.cluster import parse_address
+from ckptd.proto.config import CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
 from ckptd.service.curve import ClusterSecretError, load_secret
@@ -45,7 +47,10 @@ class DaemonConfigError(DaemonError):
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """How a daemon serves one checkpoint root on one node."""
+    """How a daemon serves one checkpoint root on one node.
+
+    Each field's default is stated here and only here: `ckptd serve` builds one flag per field
+    (`ckptd.proto.config.flag`) with this default, and a client's DaemonOptions leave a field to it."""
 
     root: str
     endpoint: Optional[str] = None
@@ -79,7 +84,7 @@ class DaemonConfig:
         if not self.leader or not self.cluster_secret:
             raise DaemonConfigError(
                 f"a job of {self.num_nodes} nodes needs --leader HOST:PORT (node 0's address) and --cluster-secret "
-                "FILE (made once with `ckptd keygen FILE`), or CKPTD_LEADER and CKPTD_CLUSTER_SECRET"
+                f"FILE (made once with `ckptd keygen FILE`), or {LEADER_ENV} and {CLUSTER_SECRET_ENV}"
             )
         try:
             host, port = parse_address(self.leader)
@@ -91,7 +96,7 @@ class DaemonConfig:
 
     def resolved_endpoint(self) -> str:
         """The endpoint to bind: the configured one, or the per-user default for the root."""
-        return self.endpoint or layout.default_endpoint(self.root)
+        return self.endpoint or runtime.default_endpoint(self.root)
 
 
 def open_root(root: str) -> CheckpointStore:
@@ -113,7 +118,7 @@ class RootLock:
     """Node-local exclusive lock: only one daemon serves a root on a node."""
 
     def __init__(self, root: str, node: int = 0) -> None:
-        self.path = layout.daemon_lock_path(root, node)
+        self.path = runtime.daemon_lock_path(root, node)
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
@@ -244,7 +249,7 @@ class DaemonServer:
             socket.close(0)
             error = DaemonError if exc.errno == errno.EADDRINUSE else DaemonConfigError
             raise error(f"cannot listen on {self.endpoint}: {exc}; choose another endpoint "
-                        "(CKPTD_ENDPOINT, or a shorter XDG_RUNTIME_DIR for the default one)") from None
+                        f"({ENDPOINT_ENV}, or a shorter XDG_RUNTIME_DIR for the default one)") from None
         if self.endpoint.startswith("ipc://"):
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
         return socket

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -177,44 +175,3 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         written = os.write(fd, data)
         data = data[written:]
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries (created, renamed files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def makedirs_durable(path: str) -> None:
-    """Create `path` and its missing parents, fsyncing the parent of each directory created, so that
-    the new entries survive a power cut (fsync of a directory covers what is in it, not its own entry)."""
-    missing = []
-    current = os.path.abspath(path)
-    while not os.path.isdir(current) and os.path.dirname(current) != current:
-        missing.append(current)
-        current = os.path.dirname(current)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", directory) from None
-        fsync_dir(os.path.dirname(directory))
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory. The temp
-    name is unique to this call, so writers of one path never collide (a leftover is removed by
-    the store's leftover sweep, which matches the `.tmp` suffix)."""
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        write_file(tmp, [data], Throttle(None))
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(path) or ".")

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
-import shutil
-import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from ckptd.disk import removal, root as root_dir
+from ckptd.disk.durable import fsync_dir, makedirs_durable, write_atomic
+from ckptd.disk.manifests import read_manifest
+from ckptd.disk.retention import read_retention, write_retention
 from ckptd.proto import layout
-from ckptd.proto.retention import (
-    DELETED_KEY,
-    DELETED_REMEMBERED,
-    RETENTION_FILE,
-    RetentionPolicy,
-    deleted_checkpoints,
-    kept_steps,
-)
-from ckptd.service.shard_writer import fsync_dir, makedirs_durable, write_atomic
+from ckptd.proto.manifest import Manifest, ManifestError
+from ckptd.proto.retention import DELETED_REMEMBERED, RetentionPolicy, deleted_checkpoints, kept_steps
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +33,7 @@ class CheckpointStore:
 
     def final_path(self, step: int) -> str:
         """Where the committed checkpoint of `step` lives."""
-        return os.path.join(self.root, layout.checkpoint_dir_name(step))
+        return root_dir.checkpoint_path(self.root, step)
 
     def is_committed(self, step: int) -> bool:
         """True if `step` already has a final directory."""
@@ -99,7 +92,7 @@ class CheckpointStore:
         """Point `latest` at `step` unless it already names a newer checkpoint (it never moves back)."""
         latest = self.latest_step()
         if latest is None or step > latest:
-            write_atomic(os.path.join(self.root, layout.LATEST_NAME), (layout.checkpoint_dir_name(step) + "\n").encode())
+            root_dir.write_latest(self.root, step)
 
     def repair_latest(self) -> Optional[int]:
         """Point `latest` at the newest directory with a final name and a manifest (a crash between the
@@ -108,27 +101,21 @@ class CheckpointStore:
         if steps and self.latest_step() != steps[0]:
             log.warning("latest pointed at %s; the newest committed checkpoint is step %d: repairing",
                         self.latest_step(), steps[0])
-            write_atomic(os.path.join(self.root, layout.LATEST_NAME), (layout.checkpoint_dir_name(steps[0]) + "\n").encode())
+            root_dir.write_latest(self.root, steps[0])
         return steps[0] if steps else None
 
     def latest_step(self) -> Optional[int]:
         """The step `latest` points at, or None."""
-        try:
-            with open(os.path.join(self.root, layout.LATEST_NAME)) as f:
-                return layout.parse_checkpoint_dir_name(f.read().strip())
-        except FileNotFoundError:
-            return None
+        return root_dir.read_latest(self.root)
 
     def committed_steps(self) -> List[int]:
         """Steps with a final directory that holds a manifest, oldest first."""
-        return sorted(
-            step for name in os.listdir(self.root) if (step := layout.parse_checkpoint_dir_name(name)) is not None
-            and os.path.isfile(os.path.join(self.root, name, layout.MANIFEST_NAME))
-        )
+        return root_dir.checkpoint_steps(self.root, with_manifest=True)
 
     def plan_retention(self, policy: RetentionPolicy) -> Tuple[Dict[int, List[str]], List[int]]:
         """(kept step -> reasons, steps to delete) for `policy` as the root is now; `latest` is kept."""
-        checkpoints = [(step, self._metrics(step)) for step in self.committed_steps()]
+        manifests = {step: self._manifest(step) for step in self.committed_steps()}
+        checkpoints = [(step, manifest.metrics if manifest else {}) for step, manifest in manifests.items()]
         kept = kept_steps(checkpoints, policy)
         latest = self.latest_step()
         if latest is not None:
@@ -140,106 +127,47 @@ class CheckpointStore:
         holds); record what is kept and why in the root's retention file, and what is deleted (with
         its job run) before deleting it. Returns the deleted steps."""
         kept, doomed = self.plan_retention(policy)
-        deleted = self._deleted_record()
+        deleted = deleted_checkpoints(read_retention(self.root))
         if doomed:
-            deleted = (deleted + [[step, self._manifest_field(step, "job", "")] for step in doomed])[-DELETED_REMEMBERED:]
-            self._write_retention_record(policy, kept, deleted)
+            deleted = (deleted + [(step, self._job_of(step)) for step in doomed])[-DELETED_REMEMBERED:]
+            write_retention(self.root, policy, kept, deleted)
         taken = {}
         for step in doomed:
-            moved = self._take_away(step)
+            moved = removal.take_away(self.root, step)
             if moved is None:
+                log.info("retention: step %d is being loaded; keeping it for now", step)
                 kept[step] = ["being loaded (deleted at a later pass)"]
             else:
                 taken[step] = moved
         if taken:
             fsync_dir(self.root)
             for step, moved in taken.items():
-                shutil.rmtree(moved, ignore_errors=True)
+                removal.remove_tree(moved)
                 log.info("retention: deleted step %d", step)
-        self._write_retention_record(policy, kept, deleted)
+        write_retention(self.root, policy, kept, deleted)
         return sorted(taken)
 
-    def _write_retention_record(self, policy: RetentionPolicy, kept: Dict[int, List[str]], deleted: List[list]) -> None:
-        record = {"policy": policy.to_wire(), "kept": {str(step): reasons for step, reasons in sorted(kept.items())},
-                  DELETED_KEY: deleted}
-        write_atomic(os.path.join(self.root, RETENTION_FILE), json.dumps(record, indent=1).encode())
-
-    def _deleted_record(self) -> List[list]:
+    def _manifest(self, step: int) -> Optional[Manifest]:
         try:
-            with open(os.path.join(self.root, RETENTION_FILE), encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            return []
-        return [list(entry) for entry in deleted_checkpoints(record)]
-
-    def _metrics(self, step: int) -> Dict[str, float]:
-        metrics = self._manifest_field(step, "metrics", {})
-        return metrics if isinstance(metrics, dict) else {}
-
-    def _manifest_field(self, step: int, name: str, default: Any) -> Any:
-        try:
-            with open(os.path.join(self.final_path(step), layout.MANIFEST_NAME), encoding="utf-8") as f:
-                return json.load(f).get(name, default)
-        except (OSError, ValueError, AttributeError):
-            return default
-
-    def _take_away(self, step: int) -> Optional[str]:
-        """First half of a crash-safe delete: take the checkpoint's final name away (one rename, so a
-        half-deleted directory is never mistaken for a checkpoint; a restart removes the rest), and
-        return where it went. None, and nothing touched, while a loader holds the manifest's shared lock."""
-        final = self.final_path(step)
-        try:
-            fd = os.open(os.path.join(final, layout.MANIFEST_NAME), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
+            return read_manifest(self.final_path(step))
+        except (ManifestError, OSError) as exc:
+            log.warning("retention: cannot read the manifest of step %d (%s); treating it as having no metrics",
+                        step, exc)
             return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("retention: step %d is being loaded; keeping it for now", step)
-                return None
-            doomed = os.path.join(self.root, layout.tmp_dir_name(step, "deleted-" + uuid.uuid4().hex[:8]))
-            try:
-                os.rename(final, doomed)
-            except FileNotFoundError:  # another retention pass (ckptd gc, another node) took it first
-                return None
-        finally:
-            os.close(fd)
-        return doomed
+
+    def _job_of(self, step: int) -> str:
+        manifest = self._manifest(step)
+        return manifest.job if manifest else ""
 
     def discard(self, tmp_dir: str) -> None:
         """Remove a tmp directory of an aborted save."""
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        removal.remove_tree(tmp_dir)
 
     def leftovers(self) -> List[str]:
         """Tmp directories and files left by interrupted saves."""
-        found = []
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(layout.TMP_PREFIX) or entry.name.endswith(".tmp"):
-                found.append(entry.path)
-        return sorted(found)
+        return root_dir.leftovers(self.root)
 
     def remove_leftovers(self, min_age_s: float = 0.0) -> List[str]:
         """Delete what interrupted saves left behind (only what is at least `min_age_s` old, when a
         daemon may be writing); returns what was removed."""
-        now = time.time()
-        removed = [p for p in self.leftovers() if now - _mtime(p) >= min_age_s]
-        for path in removed:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-            log.info("removed leftover of an interrupted save: %s", path)
-        return removed
-
-
-def _mtime(path: str) -> float:
-    """Newest modification time of `path` and what is directly inside it (a save in flight touches
-    its component directories), or now if it vanished."""
-    try:
-        times = [os.lstat(path).st_mtime]
-        if os.path.isdir(path) and not os.path.islink(path):
-            times += [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(path)]
-        return max(times)
-    except OSError:
-        return time.time()
+        return removal.remove_leftovers(self.root, min_age_s)

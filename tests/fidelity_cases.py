@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Any, Callable, Dict
 
 import torch

@@ -18,7 +18,7 @@ import torch
 from ckptd.client.errors import CheckpointError
 from ckptd.client.loading import committed_checkpoints, read_manifest, read_scopes
 from ckptd.proto import layout
-from ckptd.service.verify import verify_checkpoint
+from ckptd.disk.verify import verify_checkpoint
 
 
 @dataclass

@@ -16,14 +16,14 @@ from typing import Callable
 import pytest
 from helpers import Daemon
 
-from ckptd.proto import layout
+from ckptd.disk import runtime
 
 
 def test_default_socket_directory_is_private(daemon_factory: Callable[..., Daemon], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     root = tmp_path / "ckpt"
-    endpoint = layout.default_endpoint(str(root))
+    endpoint = runtime.default_endpoint(str(root))
     daemon = daemon_factory(root=root, endpoint=endpoint)
     socket_path = Path(endpoint[len("ipc://"):])
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700

@@ -16,7 +16,6 @@ from ckptd.client import (
     CheckpointManager,
     SharingPattern,
     StateComponent,
-    VerificationError,
 )
 from ckptd.client.topology import RankInfo
 from ckptd.proto.layout import UnsafeNameError

@@ -11,7 +11,7 @@ from typing import Callable
 
 from helpers import Daemon, wait_for
 
-from ckptd.proto import layout
+from ckptd.disk import runtime
 from ckptd.service.regions import pid_alive
 
 
@@ -57,7 +57,7 @@ def test_auto_started_daemon_finishes_the_save_after_the_trainer_exits_then_idle
     result = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "handed over False" in result.stdout
-    lock = Path(env["XDG_RUNTIME_DIR"]) / "ckptd" / f"{layout.root_token(str(root))}.lock"
+    lock = Path(env["XDG_RUNTIME_DIR"]) / "ckptd" / f"{runtime.root_token(str(root))}.lock"
     daemon_pid = int(lock.read_text())
     assert wait_for(lambda: (root / "latest").exists(), timeout=60), "the save never committed"
     assert (root / "latest").read_text().strip() == "step_00000001"

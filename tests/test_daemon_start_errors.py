@@ -18,13 +18,12 @@ import pytest
 from helpers import short_endpoint, start_daemon
 
 from ckptd.proto import layout
+from ckptd.proto.config import ExitCode
 from ckptd.service.curve import write_secret
 
 WITHIN_S = 10.0
 """A daemon that cannot start exits within this long."""
 
-EXIT_USAGE = 2
-EXIT_IN_THE_WAY = 3
 
 ENDPOINT_ADVICE = "; choose another endpoint (CKPTD_ENDPOINT, or a shorter XDG_RUNTIME_DIR for the default one)"
 
@@ -104,7 +103,7 @@ def test_an_endpoint_in_use_is_refused_with_status_3(root: Path, tmp_path: Path)
     with held_port() as port:
         endpoint = f"tcp://127.0.0.1:{port}"
         status, log = refused(root, tmp_path / "daemon.log", endpoint=endpoint)
-    assert status == EXIT_IN_THE_WAY, log
+    assert status == ExitCode.ALREADY_SERVED, log
     assert logged_error(log, re.escape(f"cannot listen on {endpoint}: Address already in use") + ".*"
                         + re.escape(ENDPOINT_ADVICE)), log
 
@@ -113,7 +112,7 @@ def test_an_endpoint_in_use_is_refused_with_status_3(root: Path, tmp_path: Path)
                          ids=["malformed tcp address", "ipc path over 107 bytes"])
 def test_an_endpoint_that_cannot_be_bound_is_refused_with_status_2(root: Path, tmp_path: Path, endpoint: str) -> None:
     status, log = refused(root, tmp_path / "daemon.log", endpoint=endpoint)
-    assert status == EXIT_USAGE, log
+    assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape(f"cannot listen on {endpoint}: ") + ".+" + re.escape(ENDPOINT_ADVICE)), log
 
 
@@ -121,14 +120,14 @@ def test_a_node_outside_the_job_is_refused_with_status_2(root: Path, tmp_path: P
     with held_port() as port:
         status, log = refused(root, tmp_path / "daemon.log", "--node", "3", "--num-nodes", "2",
                               "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret))
-    assert status == EXIT_USAGE, log
+    assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape("node 3 is not in a job of 2 node(s)")), log
 
 
 def test_a_leader_address_without_a_port_is_refused_with_status_2(root: Path, tmp_path: Path, secret: Path) -> None:
     status, log = refused(root, tmp_path / "daemon.log", "--num-nodes", "2", "--leader", "bad-address",
                           "--cluster-secret", str(secret))
-    assert status == EXIT_USAGE, log
+    assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape("leader address 'bad-address' must be HOST:PORT with a port in 1-65535")), log
 
 
@@ -137,7 +136,7 @@ def test_a_missing_cluster_secret_is_refused_with_status_2(root: Path, tmp_path:
     with held_port() as port:
         status, log = refused(root, tmp_path / "daemon.log", "--num-nodes", "2", "--leader", f"127.0.0.1:{port}",
                               "--cluster-secret", str(missing))
-    assert status == EXIT_USAGE, log
+    assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape(f"cannot open the cluster secret {missing}: No such file or directory; "
                                        "create one with `ckptd keygen PATH`")), log
     assert not missing.exists()
@@ -146,7 +145,7 @@ def test_a_missing_cluster_secret_is_refused_with_status_2(root: Path, tmp_path:
 def test_a_metrics_port_in_use_is_refused_with_status_2(root: Path, tmp_path: Path) -> None:
     with held_port() as port:
         status, log = refused(root, tmp_path / "daemon.log", "--metrics-port", str(port))
-    assert status == EXIT_USAGE, log
+    assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape(f"cannot serve metrics on port {port}: ") + ".*Address already in use"), log
 
 
@@ -155,6 +154,6 @@ def test_a_leader_port_in_use_stops_the_commit_channel_with_status_3(root: Path,
     with held_port() as port:
         status, log = refused(root, tmp_path / "daemon.log", "--node", "0", "--num-nodes", "2",
                               "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret))
-    assert status == EXIT_IN_THE_WAY, log
+    assert status == ExitCode.ALREADY_SERVED, log
     assert logged_error(log, re.escape("cannot start the commit channel between nodes: ")
                         + ".*Address already in use"), log

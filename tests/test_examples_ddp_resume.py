@@ -23,9 +23,8 @@ import torch
 from helpers import wait_for
 
 from ckptd.client import RankInfo, Topology
-from ckptd.client.daemon import daemon_log_path
+from ckptd.disk.runtime import daemon_lock_path, daemon_log_path, default_endpoint
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes
-from ckptd.proto.layout import daemon_lock_path, default_endpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DDP_TRAIN = EXAMPLES / "ddp_train.py"

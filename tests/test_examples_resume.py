@@ -21,9 +21,10 @@ import pytest
 import torch
 from helpers import wait_for
 
-from ckptd.client.daemon import daemon_log_path, resolve_endpoint
+from ckptd.client.daemon import resolve_endpoint
+from ckptd.disk.runtime import daemon_lock_path, daemon_log_path
 from ckptd.client.loading import read_manifest
-from ckptd.proto.layout import checkpoint_dir_name, daemon_lock_path
+from ckptd.proto.layout import checkpoint_dir_name
 from ckptd.proto.patterns import SharingPattern
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

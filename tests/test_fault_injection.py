@@ -25,7 +25,7 @@ from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, S
 from ckptd.client.loading import committed_checkpoints
 from ckptd.client.topology import RankInfo
 from ckptd.proto.topology import Topology
-from ckptd.service.verify import verify_checkpoint
+from ckptd.disk.verify import verify_checkpoint
 
 
 def components(step: int) -> list[PreparedComponent]:

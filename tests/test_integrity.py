@@ -132,8 +132,8 @@ def test_ckptd_verify_names_each_bad_file_and_sets_the_exit_code(daemon: Daemon)
     result = verify(daemon.root)
     assert result.returncode == 1
     assert f"BAD {second}" in result.stdout and "OK " in result.stdout
-    assert "model/global.safetensors: checksum" in result.stdout
-    assert "extra/rank-00000.msgpack: listed in the manifest but missing" in result.stdout
+    assert "model/global.safetensors checksum" in result.stdout
+    assert "extra/rank-00000.msgpack is listed in the manifest but missing" in result.stdout
     assert verify(second).returncode == 1 and verify(daemon.root / "step_00000001").returncode == 0
 
 

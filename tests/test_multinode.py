@@ -25,7 +25,7 @@ from ckptd.client.errors import DaemonUnavailableError
 from ckptd.client.saving import CheckpointClient
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes, verify_file
 from ckptd.client.topology import RankInfo
-from ckptd.proto.layout import daemon_lock_path
+from ckptd.disk.runtime import daemon_lock_path
 from ckptd.proto.ownership import CLAIM_FILE
 from ckptd.proto.topology import Topology
 from ckptd.proto import cluster, messages

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from ckptd.proto import Manifest, ManifestError, ProtocolError, SharingPattern, Topology, is_writer, place
 from ckptd.proto import messages
-from ckptd.proto.formats import TensorEntry, check_tensor_layout, layout_tensors, safetensors_header
+from ckptd.disk.safetensors import encode_header
+from ckptd.proto.formats import TensorEntry, check_tensor_layout, layout_tensors
 from ckptd.proto.layout import checkpoint_dir_name, parse_checkpoint_dir_name
 
 TWO_NODES = Topology.uniform(4, 2)  # node 0: ranks 0,1; node 1: ranks 2,3
@@ -55,7 +56,7 @@ def test_layout_is_aligned_and_readable_by_safetensors(tmp_path) -> None:
         raw = tensors[entry.name].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
         body[entry.offset:entry.offset + entry.nbytes] = raw
     path = tmp_path / "x.safetensors"
-    path.write_bytes(safetensors_header(entries, {"format": "pt"}) + bytes(body))
+    path.write_bytes(encode_header(entries, {"format": "pt"}) + bytes(body))
     loaded = load_file(str(path))
     assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
 

@@ -23,11 +23,11 @@ from helpers import Daemon, Holder, short_endpoint, wait_for
 from invariants import check_root
 
 from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, SharingPattern, StateComponent
-from ckptd.client.fencing import fence_save
+from ckptd.disk.removal import fence_save
 from ckptd.client.topology import RankInfo
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
-from ckptd.service.shard_writer import write_atomic
+from ckptd.disk.durable import write_atomic
 
 MODEL_ELEMENTS = 2_000_000  # 8 MB: two seconds of writing at 4 MB/s
 

@@ -35,7 +35,7 @@ from ckptd.client import (
 from ckptd.client.loading import read_manifest, read_scope, select_scope
 from ckptd.proto.layout import checkpoint_dir_name
 from ckptd.service.coordinator import MAX_SAVES_IN_FLIGHT
-from ckptd.service.verify import verify_checkpoint
+from ckptd.disk.verify import verify_checkpoint
 
 JOB = "save-refusals"
 """The one job id every client of a test uses (the daemon admits one live run per root)."""

@@ -27,7 +27,7 @@ from ckptd.client import (
     StateComponent,
     Topology,
 )
-from ckptd.service.verify import verify_checkpoint
+from ckptd.disk.verify import verify_checkpoint
 
 WITHIN_S = 8.0
 """A start failure is reported within this long (the daemon's start plus a two-second grace)."""

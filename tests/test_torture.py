@@ -48,7 +48,7 @@ from typing import Any, Callable
 import pytest
 from ckptd.client.loading import hold_for_loading
 from ckptd.proto import layout
-from ckptd.service.verify import verify_checkpoint
+from ckptd.disk.verify import verify_checkpoint
 from helpers import Daemon, short_endpoint, start_daemon, wait_for
 from invariants import check_root, content_problems
 

@@ -1,0 +1,38 @@
+"""Per-user runtime files of a node: the daemon's socket, its lock and its log, named per root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+def runtime_dir() -> str:
+    """Per-user directory for sockets, locks and daemon logs (created 0700 by whoever needs it)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "ckptd")
+    return f"/tmp/ckptd-{os.getuid()}"
+
+
+def root_token(root: str) -> str:
+    """Short stable token of a checkpoint root, for per-root endpoints and locks."""
+    return hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
+
+
+def default_endpoint(root: str) -> str:
+    """The ipc:// endpoint a daemon serving `root` listens on unless told otherwise."""
+    return f"ipc://{runtime_dir()}/{root_token(root)}.sock"
+
+
+def daemon_lock_path(root: str, node: int = 0) -> str:
+    """Node-local lock file that makes a daemon the only one serving `root` as node `node` of a job on
+    this machine (one machine may play several nodes in a test or a single-host multi-node job)."""
+    suffix = f"-node{node}" if node else ""
+    return os.path.join(runtime_dir(), f"{root_token(root)}{suffix}.lock")
+
+
+def daemon_log_path(endpoint: str) -> str:
+    """Where a daemon auto-started on `endpoint` logs (one file per endpoint: a machine playing
+    several nodes of a job runs several daemons for one root)."""
+    token = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"daemon-{token}.log")

@@ -1,0 +1,66 @@
+"""The safetensors header: written for the daemon's shards and for exports, read by the loader and
+the exporter (https://github.com/huggingface/safetensors: an 8-byte little-endian length, then a JSON
+header; tensor data follows, at offsets relative to the header's end)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+from ckptd.proto.formats import HEADER_ALIGNMENT, TensorEntry
+
+METADATA_KEY = "__metadata__"
+EXPORT_ALIGNMENT = 8
+"""Exports start their data 8-byte aligned, as the safetensors library itself writes files."""
+
+Header = Dict[str, Any]
+"""Tensor name -> {"dtype", "shape", "data_offsets"} (and METADATA_KEY -> str map, if any)."""
+
+
+def encode_header(entries: Iterable[TensorEntry], metadata: Optional[Dict[str, str]] = None,
+                  alignment: int = HEADER_ALIGNMENT) -> bytes:
+    """The length prefix plus JSON header for tensors laid out as `entries` describe, padded with
+    spaces so that the data starts at a multiple of `alignment` (a page, by default: the daemon writes
+    the body with O_DIRECT straight from page-aligned staging memory)."""
+    header: Dict[str, object] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(metadata)
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [entry.offset, entry.offset + entry.nbytes],
+        }
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % alignment)
+    return len(body).to_bytes(8, "little") + body
+
+
+def decode_header(buffer: Any) -> Tuple[Header, int]:
+    """The header of a safetensors file held in `buffer` (bytes, mmap or memoryview), and the offset
+    where its data starts; raises ValueError if it is not a safetensors header."""
+    if len(buffer) < 8:
+        raise ValueError("shorter than a safetensors length prefix")
+    length = int.from_bytes(buffer[:8], "little")
+    if length > len(buffer) - 8:
+        raise ValueError(f"header length {length} exceeds the file")
+    header = json.loads(bytes(buffer[8:8 + length]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, 8 + length
+
+
+def read_header(path: str) -> Tuple[Header, int]:
+    """The header of the safetensors file at `path`, and the offset where its data starts."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than a safetensors length prefix")
+        length = int.from_bytes(prefix, "little")
+        body = f.read(length)
+    if len(body) < length:
+        raise ValueError(f"header length {length} exceeds the file")
+    return decode_header(prefix + body)
+
+
+def tensor_entries(header: Header) -> Dict[str, Any]:
+    """The header's tensors (everything but its metadata)."""
+    return {name: info for name, info in header.items() if name != METADATA_KEY}
