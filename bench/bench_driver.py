@@ -35,7 +35,11 @@ def filesystem_of(path: str) -> str:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")) and len(parts[1]) >= len(best):
+                if (
+                    len(parts) >= 3
+                    and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/"))
+                    and len(parts[1]) >= len(best)
+                ):
                     best, fs = parts[1], f"{parts[2]} on {parts[1]}"
     except OSError:
         pass
@@ -46,10 +50,15 @@ def _git_describe() -> Optional[str]:
     """The repository's commit (read-only git commands), '+changes' when client/service/proto differ from it."""
     repo = os.path.dirname(HERE)
     try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "client", "service", "proto"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--", "client", "service", "proto"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (head + ("+changes" if dirty else "")) or None
@@ -73,7 +82,9 @@ def machine_info(target_dir: str) -> Dict[str, Any]:
     """The machine for the header and the JSON: cores, CPU, RAM, Python, the target filesystem,
     ckptd's commit, torch's version (without importing torch)."""
     info: Dict[str, Any] = {
-        "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "hostname": socket.gethostname(),
     }
     _cpu_and_memory(info)
@@ -97,8 +108,12 @@ def device_info(device: str) -> Dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise SystemExit(f"{os.path.basename(ENTRY_SCRIPT)}: error: {cuda_unavailable_reason(torch)}")
-    return {"device": "cuda", "gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
-            "cuda": torch.version.cuda}
+    return {
+        "device": "cuda",
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+    }
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
@@ -114,8 +129,12 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     command = shlex.join([sys.executable, *sys.argv])
     machine = machine_info(work)
     machine.update(device)
-    print(f"ckptd bench: {machine.get('cores')} cores, torch {machine.get('torch')}, device {device_label(machine)}, "
-          f"target {machine['target_fs']} ({work})", file=sys.stderr, flush=True)
+    print(
+        f"ckptd bench: {machine.get('cores')} cores, torch {machine.get('torch')}, device {device_label(machine)}, "
+        f"target {machine['target_fs']} ({work})",
+        file=sys.stderr,
+        flush=True,
+    )
     return RunPlan(states=states, rows_a=rows_a, rows_b=rows_b, work=work, command=command, machine=machine)
 
 
@@ -128,9 +147,26 @@ def _tail(text: Any, lines: int = 15) -> str:
 def _row_command(args: argparse.Namespace, state: str, row: str, workdir: str) -> List[str]:
     """The command line of one row process, passing on the run's options."""
     command = [
-        sys.executable, ENTRY_SCRIPT, "--row", row, "--state", state, "--scale", repr(args.scale),
-        "--repeats", str(args.repeats), "--settle", str(args.settle), "--threads", str(args.threads), "--dir", workdir,
-        "--drop-caches", args.drop_caches, "--device", args.device,
+        sys.executable,
+        ENTRY_SCRIPT,
+        "--row",
+        row,
+        "--state",
+        state,
+        "--scale",
+        repr(args.scale),
+        "--repeats",
+        str(args.repeats),
+        "--settle",
+        str(args.settle),
+        "--threads",
+        str(args.threads),
+        "--dir",
+        workdir,
+        "--drop-caches",
+        args.drop_caches,
+        "--device",
+        args.device,
     ]
     if args.no_throughput:
         command.append("--no-throughput")
@@ -159,8 +195,10 @@ def run_subprocess_row(args: argparse.Namespace, state: str, row: str, workdir: 
     found: Optional[Result] = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            found = json.loads(line[len(RESULT_MARK):])
-    result = found if found is not None else _error(state, row, f"row process exited {proc.returncode} without a result")
+            found = json.loads(line[len(RESULT_MARK) :])
+    result = (
+        found if found is not None else _error(state, row, f"row process exited {proc.returncode} without a result")
+    )
     if result.get("status") == "error":
         result["stderr_tail"] = _tail(proc.stderr)
     result["wall_s"] = round(time.perf_counter() - started, 2)
@@ -186,7 +224,12 @@ def run_with_retries(args: argparse.Namespace, work: str, job: Tuple[str, str]) 
     retries = args.retries if args.jobs == 1 else 0  # with --jobs the rows disturb each other anyway
     for attempt in range(1 + retries):
         if args.jobs == 1:
-            print(f"  state {state}: {LABELS[row]}{' (again)' if attempt else ''} ...", end="", file=sys.stderr, flush=True)
+            print(
+                f"  state {state}: {LABELS[row]}{' (again)' if attempt else ''} ...",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         result = run_subprocess_row(args, state, row, os.path.join(work, f"{state}-{row}-{attempt}"))
         _print_attempt(args, state, row, result)
         # Keep the attempt during which the machine was quietest (a signal outside the row's own figures).

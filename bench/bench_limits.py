@@ -41,7 +41,7 @@ def fill_with_state(torch: Any, target: Any, tensors: Sequence[Any]) -> None:
     with torch.no_grad():
         for tensor in tensors:
             flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            target[offset:offset + flat.numel()].copy_(flat)
+            target[offset : offset + flat.numel()].copy_(flat)
             offset += flat.numel()
     target[offset:].fill_(0)
 
@@ -64,7 +64,7 @@ class WriteSaver(Saver):
         try:
             view = self.view
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -129,7 +129,7 @@ def disk_probe(torch: Any, ctx: RowContext, path: str) -> float:
             copying += time.perf_counter() - t
             view = memoryview(host.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

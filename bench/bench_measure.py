@@ -98,9 +98,15 @@ def _build_state(torch: Any, args: argparse.Namespace, result: Dict[str, Any]) -
     built = time.perf_counter()
     ctx = RowContext(torch, args.state, args.scale, args.device)
     result.update(
-        torch_version=torch.__version__, threads=torch.get_num_threads(), state_bytes=ctx.nbytes,
-        state_tensors=len(ctx.tensors), params=ctx.params, dims=ctx.dims, build_s=round(time.perf_counter() - built, 3),
-        device=ctx.device.type, device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        state_bytes=ctx.nbytes,
+        state_tensors=len(ctx.tensors),
+        params=ctx.params,
+        dims=ctx.dims,
+        build_s=round(time.perf_counter() - built, 3),
+        device=ctx.device.type,
+        device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
     )
     return ctx
 
@@ -118,8 +124,9 @@ def _take_baseline(result: Dict[str, Any]) -> None:
     result["peak_reset"] = reset_peak_rss()
 
 
-def _set_up_saver(row: str, ctx: RowContext, workdir: str, settle: float, probe: TrainingProbe,
-                  result: Dict[str, Any]) -> Saver:
+def _set_up_saver(
+    row: str, ctx: RowContext, workdir: str, settle: float, probe: TrainingProbe, result: Dict[str, Any]
+) -> Saver:
     """Build the row's saver, then train for `settle` seconds before its first save.
 
     A trainer builds its checkpointer, then trains before its first save: the first save is timed
@@ -164,8 +171,12 @@ def _process_cpu(saver: Saver) -> Tuple[Optional[float], Optional[float]]:
     return own, (cpu_seconds(pid) if pid else None)
 
 
-def _record_cpu_per_save(result: Dict[str, Any], start: Tuple[Optional[float], Optional[float]],
-                         end: Tuple[Optional[float], Optional[float]], warm_saves: int) -> None:
+def _record_cpu_per_save(
+    result: Dict[str, Any],
+    start: Tuple[Optional[float], Optional[float]],
+    end: Tuple[Optional[float], Optional[float]],
+    warm_saves: int,
+) -> None:
     """Trainer and writer CPU-seconds per warm save, where both readings exist."""
     if start[0] is not None and end[0] is not None:
         result["trainer_cpu_s_per_save"] = (end[0] - start[0]) / warm_saves
@@ -225,8 +236,9 @@ def _save_while_training(saver: Saver, probe: TrainingProbe, i: int, window: flo
     return InflightSample(base_rate=(before + after) / 2, rate=steps / (t2 - t1), durable_s=loaded)
 
 
-def _throughput_saves(saver: Saver, probe: TrainingProbe, first: int, repeats: int,
-                      durable: List[float]) -> ThroughputSamples:
+def _throughput_saves(
+    saver: Saver, probe: TrainingProbe, first: int, repeats: int, durable: List[float]
+) -> ThroughputSamples:
     """`repeats` saves with the training loop running; the windows last about as long as a save."""
     samples = ThroughputSamples()
     window = min(3.0, max(0.3, median(durable[1:] or durable) or 0.3))
@@ -235,8 +247,9 @@ def _throughput_saves(saver: Saver, probe: TrainingProbe, first: int, repeats: i
     return samples
 
 
-def _measure_saves(args: argparse.Namespace, saver: Saver, ctx: RowContext, probe: TrainingProbe,
-                   result: Dict[str, Any]) -> Tuple[SaveTimes, ThroughputSamples, RssSampler]:
+def _measure_saves(
+    args: argparse.Namespace, saver: Saver, ctx: RowContext, probe: TrainingProbe, result: Dict[str, Any]
+) -> Tuple[SaveTimes, ThroughputSamples, RssSampler]:
     """All the row's saves, with RSS sampled and the machine's outside load measured throughout."""
     saves = 1 + args.repeats
     samples = ThroughputSamples()
@@ -293,8 +306,13 @@ def _measure_loads(saver: Saver, ctx: RowContext, row: str, drop_caches: str, re
     for mode in ("cold", "warm"):
         loads[mode] = _timed_load(saver, ctx, mode, drop_caches, result)
         ok = ok and bool(torch.equal(ctx.probe, expected))
-    result.update(load_cold_s=loads["cold"], load_warm_s=loads["warm"], load_ok=ok,
-                  load_peak_rss_mb=mb(proc_status().get("VmHWM")), load_label=LOAD_ROWS.get(row))
+    result.update(
+        load_cold_s=loads["cold"],
+        load_warm_s=loads["warm"],
+        load_ok=ok,
+        load_peak_rss_mb=mb(proc_status().get("VmHWM")),
+        load_label=LOAD_ROWS.get(row),
+    )
 
 
 def _summary(row: str, times: SaveTimes, samples: ThroughputSamples) -> Dict[str, Any]:
@@ -304,13 +322,19 @@ def _summary(row: str, times: SaveTimes, samples: ThroughputSamples) -> Dict[str
     warm_durable = durable[1:] or durable
     warm_staged = staged[1:] or staged
     return dict(
-        blocked_all_s=blocked, durable_all_s=None if row == "memcpy" else durable, staged_all_s=staged,
-        blocked_first_s=blocked[0], blocked_warm_s=median(warm_blocked),
-        staged_first_s=staged[0], staged_warm_s=median(warm_staged),
+        blocked_all_s=blocked,
+        durable_all_s=None if row == "memcpy" else durable,
+        staged_all_s=staged,
+        blocked_first_s=blocked[0],
+        blocked_warm_s=median(warm_blocked),
+        staged_first_s=staged[0],
+        staged_warm_s=median(warm_staged),
         durable_first_s=None if row == "memcpy" else durable[0],
         durable_warm_s=None if row == "memcpy" else median(warm_durable),
-        throughput_kept=median(samples.kept), throughput_kept_all=samples.kept,
-        baseline_steps_per_s=median(samples.base_rates), inflight_steps_per_s=median(samples.inflight_rates),
+        throughput_kept=median(samples.kept),
+        throughput_kept_all=samples.kept,
+        baseline_steps_per_s=median(samples.base_rates),
+        inflight_steps_per_s=median(samples.inflight_rates),
         durable_under_training_s=median(samples.durable_loaded),
     )
 

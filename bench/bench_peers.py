@@ -137,15 +137,21 @@ class DcpAsyncBestSaver(DcpSaver):
         self.options = _staging_options(ctx.cuda)  # pinned staging, non-blocking copies pay off only on a device
         _share_storages_with(len(ctx.tensors))
         self.stager = DefaultStager(self.options)
-        self.config = {"staging_options": repr(self.options), "async_checkpointer_type": "PROCESS",
-                       "stager": "DefaultStager, kept across saves", "sharing_strategy": tmp.get_sharing_strategy()}
+        self.config = {
+            "staging_options": repr(self.options),
+            "async_checkpointer_type": "PROCESS",
+            "stager": "DefaultStager, kept across saves",
+            "sharing_strategy": tmp.get_sharing_strategy(),
+        }
         self.kind = AsyncCheckpointerType.PROCESS
         _init_single_rank_group(dist)
         self.dist = dist
 
     def save(self, i: int) -> Pending:
         result = self.dcp.async_save(
-            dict(self.ctx.statefuls), checkpoint_id=self._path(i), async_checkpointer_type=self.kind,
+            dict(self.ctx.statefuls),
+            checkpoint_id=self._path(i),
+            async_checkpointer_type=self.kind,
             async_stager=self.stager,
         )
         return dcp_pending(result)

@@ -25,8 +25,13 @@ class TrainingProbe:
         nn = torch.nn
         self.torch = torch
         self.ctx = ctx
-        self.mlp = nn.Sequential(nn.Linear(MLP_IN, MLP_HIDDEN), nn.ReLU(), nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
-                                 nn.ReLU(), nn.Linear(MLP_HIDDEN, MLP_IN)).to(ctx.device)
+        self.mlp = nn.Sequential(
+            nn.Linear(MLP_IN, MLP_HIDDEN),
+            nn.ReLU(),
+            nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
+            nn.ReLU(),
+            nn.Linear(MLP_HIDDEN, MLP_IN),
+        ).to(ctx.device)
         self.params = list(self.mlp.parameters())
         self.x = torch.randn(MLP_BATCH, MLP_IN, device=ctx.device)
         self.y = torch.randn(MLP_BATCH, MLP_IN, device=ctx.device)

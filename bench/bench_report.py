@@ -18,9 +18,19 @@ from bench_targets import Result, StateResults, evaluate_targets, fmt_s
 
 AllResults = Dict[str, StateResults]  # state -> row id -> result
 
-HEADER = ["state", "row", "blocked first (s, buffers ready)", "blocked warm (s, x memcpy)", "staged warm (s, x memcpy)",
-          "durable (s, x memcpy+write)", "throughput kept", "trainer peak RSS MB (+over base)",
-          "writer MB: HWM / anon", "load cold (s)", "load warm (s)"]
+HEADER = [
+    "state",
+    "row",
+    "blocked first (s, buffers ready)",
+    "blocked warm (s, x memcpy)",
+    "staged warm (s, x memcpy)",
+    "durable (s, x memcpy+write)",
+    "throughput kept",
+    "trainer peak RSS MB (+over base)",
+    "writer MB: HWM / anon",
+    "load cold (s)",
+    "load warm (s)",
+]
 
 
 @dataclass
@@ -78,7 +88,8 @@ def _ok_row_cells(row: str, r: Result) -> List[str]:
         (fmt_s(r.get("staged_warm_s")) + fmt_x(r.get("staged_warm_x_memcpy"))) if async_row else "-",
         fmt_s(r.get("durable_warm_s")) + fmt_x(r.get("durable_warm_x_limit")),
         f"{kept * 100:.0f}%" if kept is not None else "-",
-        trainer, writer,
+        trainer,
+        writer,
         fmt_s(r.get("load_cold_s")) if loads else "-",
         fmt_s(r.get("load_warm_s")) if loads else "-",
     ]
@@ -119,8 +130,10 @@ def state_line(state: str, results: StateResults) -> str:
         return f"state {state}: no row ran"
     nbytes, dims = any_ok["state_bytes"], any_ok.get("dims", {})
     if state == "A":
-        what = (f"LM {any_ok['params'] / 1e6:.1f}M params fp32 (vocab {dims.get('vocab')}, d_model {dims.get('d_model')}, "
-                f"{dims.get('layers')} layers) + AdamW state after one step + LinearLR")
+        what = (
+            f"LM {any_ok['params'] / 1e6:.1f}M params fp32 (vocab {dims.get('vocab')}, d_model {dims.get('d_model')}, "
+            f"{dims.get('layers')} layers) + AdamW state after one step + LinearLR"
+        )
     else:
         what = f"{dims.get('tensors')} tensors of {dims.get('elements_each')} fp32 elements in one state dict"
     return f"state {state}: {what}: {nbytes / 1e9:.3f} GB in {any_ok['state_tensors']} tensors"
@@ -130,8 +143,10 @@ def _how_run_notes(args: argparse.Namespace, machine: Dict[str, Any]) -> List[st
     """How the rows were run and what the columns mean."""
     notes = []
     if args.jobs > 1:
-        notes.append(f"WARNING: --jobs {args.jobs}: rows ran concurrently, so these timings, memory and throughput "
-                     "figures disturb each other; use them to check the bench runs, not to compare.")
+        notes.append(
+            f"WARNING: --jobs {args.jobs}: rows ran concurrently, so these timings, memory and throughput "
+            "figures disturb each other; use them to check the bench runs, not to compare."
+        )
     if args.device == "cuda":
         notes.append(
             f"Device cuda ({machine.get('gpu')}): the state (model and AdamW state; state B's tensors) and the "
@@ -182,15 +197,20 @@ def _disk_drift_notes(all_results: AllResults) -> List[str]:
 def _load_notes(all_results: AllResults) -> List[str]:
     """How cold loads emptied the page cache, and what each load row loads."""
     methods = sorted({r.get("cold_method") for s in all_results.values() for r in s.values() if r.get("cold_method")})
-    resident = [r.get("cold_resident_fraction") for s in all_results.values() for r in s.values()
-                if r.get("cold_resident_fraction") is not None]
+    resident = [
+        r.get("cold_resident_fraction")
+        for s in all_results.values()
+        for r in s.values()
+        if r.get("cold_resident_fraction") is not None
+    ]
     if not methods:
         return []
     labels = ", ".join(f"{LABELS[k]} -> {v}" for k, v in LOAD_ROWS.items())
     return [
         f"load cold: page cache dropped for the checkpoint's files with {', '.join(methods)}; pages still resident "
-        f"after (mincore): at most {max(resident) * 100:.1f}%." if resident else
-        f"load cold: page cache dropped for the checkpoint's files with {', '.join(methods)}.",
+        f"after (mincore): at most {max(resident) * 100:.1f}%."
+        if resident
+        else f"load cold: page cache dropped for the checkpoint's files with {', '.join(methods)}.",
         f"load: {labels}, each into the existing model/optimizer/scheduler; ckptd verifies checksums "
         "(its default). warm: the same load again at once.",
     ]
@@ -201,22 +221,33 @@ def _disturbance_notes(all_results: AllResults) -> List[str]:
     notes = []
     disturbed = [
         f"{state} {r['label']} (other processes {r.get('other_load', 0) * 100:.0f}%, steal {r.get('steal', 0) * 100:.0f}%)"
-        for state, results in all_results.items() for r in results.values()
+        for state, results in all_results.items()
+        for r in results.values()
         if is_disturbed(r)
     ]
-    rerun = [f"{state} {r['label']} ({r['attempts']} attempts)" for state, results in all_results.items()
-             for r in results.values() if (r.get("attempts") or 1) > 1]
+    rerun = [
+        f"{state} {r['label']} ({r['attempts']} attempts)"
+        for state, results in all_results.items()
+        for r in results.values()
+        if (r.get("attempts") or 1) > 1
+    ]
     if rerun:
         notes.append(f"Rerun because other load disturbed them (the quietest attempt is shown): {'; '.join(rerun)}.")
     if disturbed:
-        notes.append(f"! disturbed: other processes (or the hypervisor, as steal) took more than {DISTURBED * 100:.0f}% of "
-                     f"the machine's CPU during these rows' saves, so their times and throughput are not comparable; "
-                     f"rerun when the machine is quiet: {'; '.join(disturbed)}.")
+        notes.append(
+            f"! disturbed: other processes (or the hypervisor, as steal) took more than {DISTURBED * 100:.0f}% of "
+            f"the machine's CPU during these rows' saves, so their times and throughput are not comparable; "
+            f"rerun when the machine is quiet: {'; '.join(disturbed)}."
+        )
     else:
-        loads = [r.get("other_load") for rs in all_results.values() for r in rs.values() if r.get("other_load") is not None]
+        loads = [
+            r.get("other_load") for rs in all_results.values() for r in rs.values() if r.get("other_load") is not None
+        ]
         if loads:
-            notes.append(f"Other processes took at most {max(loads) * 100:.0f}% of the machine's CPU during any row's saves "
-                         f"(rows above {DISTURBED * 100:.0f}% would be marked !).")
+            notes.append(
+                f"Other processes took at most {max(loads) * 100:.0f}% of the machine's CPU during any row's saves "
+                f"(rows above {DISTURBED * 100:.0f}% would be marked !)."
+            )
     return notes
 
 
@@ -235,19 +266,28 @@ def _failure_notes(all_results: AllResults) -> List[str]:
 
 def footnotes(args: argparse.Namespace, all_results: AllResults, machine: Dict[str, Any]) -> List[str]:
     """The footnote block: how the run was made, disk drift, loads, disturbances, failures."""
-    return (_how_run_notes(args, machine) + _disk_drift_notes(all_results) + _load_notes(all_results)
-            + _disturbance_notes(all_results) + _failure_notes(all_results))
+    return (
+        _how_run_notes(args, machine)
+        + _disk_drift_notes(all_results)
+        + _load_notes(all_results)
+        + _disturbance_notes(all_results)
+        + _failure_notes(all_results)
+    )
 
 
 def _print_header(plan: RunPlan, all_results: AllResults) -> None:
     machine = plan.machine
     print()
     print(f"ckptd save benchmark, {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"machine: {machine.get('cores')} cores ({machine.get('cpu', 'unknown CPU')}), {machine.get('mem_total_gb')} GB RAM, "
-          f"torch {machine.get('torch')}, Python {machine.get('python')}, target {machine['target_fs']}, "
-          f"ckptd at {machine.get('ckptd_commit') or 'unknown commit'}")
-    print(f"device: {device_label(machine)}" + (": the state and the throughput MLP live on the GPU"
-                                                 if machine["device"] == "cuda" else ""))
+    print(
+        f"machine: {machine.get('cores')} cores ({machine.get('cpu', 'unknown CPU')}), {machine.get('mem_total_gb')} GB RAM, "
+        f"torch {machine.get('torch')}, Python {machine.get('python')}, target {machine['target_fs']}, "
+        f"ckptd at {machine.get('ckptd_commit') or 'unknown commit'}"
+    )
+    print(
+        f"device: {device_label(machine)}"
+        + (": the state and the throughput MLP live on the GPU" if machine["device"] == "cuda" else "")
+    )
     print(f"command: {plan.command}")
     for state in plan.states:
         print(state_line(state, all_results[state]))
@@ -255,25 +295,53 @@ def _print_header(plan: RunPlan, all_results: AllResults) -> None:
 
 def _print_targets(states: List[str], all_results: AllResults, targets: List[Dict[str, Any]]) -> None:
     print()
-    flagged = [LABELS[r] for r in ("memcpy", "write", "ckptd", "ckptd_overlap", "dcp_async_best", "torch_save")
-               for st in states if is_disturbed(all_results[st].get(r))]
-    print("targets (issue 3), this run" + (f" (disturbed rows involved: {', '.join(flagged)}; see !):" if flagged else ":"))
+    flagged = [
+        LABELS[r]
+        for r in ("memcpy", "write", "ckptd", "ckptd_overlap", "dcp_async_best", "torch_save")
+        for st in states
+        if is_disturbed(all_results[st].get(r))
+    ]
+    print(
+        "targets (issue 3), this run"
+        + (f" (disturbed rows involved: {', '.join(flagged)}; see !):" if flagged else ":")
+    )
     for t in targets:
         mark = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         print(f"  [{mark}] {t['target']}: {t['text']}")
 
 
-def _write_json(args: argparse.Namespace, plan: RunPlan, all_results: AllResults, table: List[List[str]],
-                targets: List[Dict[str, Any]], notes: List[str], total_s: float) -> str:
+def _write_json(
+    args: argparse.Namespace,
+    plan: RunPlan,
+    all_results: AllResults,
+    table: List[List[str]],
+    targets: List[Dict[str, Any]],
+    notes: List[str],
+    total_s: float,
+) -> str:
     """Write everything behind the table to --json; return its absolute path."""
     payload = {
-        "command": plan.command, "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": plan.command,
+        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": plan.machine,
-        "config": {"device": args.device, "scale": args.scale, "repeats": args.repeats, "threads": args.threads,
-                   "states": plan.states, "rows_a": plan.rows_a, "rows_b": plan.rows_b, "drop_caches": args.drop_caches,
-                   "throughput": not args.no_throughput, "disk_probe": not args.no_disk_probe, "jobs": args.jobs,
-                   "retries": args.retries},
-        "results": all_results, "targets": targets, "notes": notes, "table": render_table(table),
+        "config": {
+            "device": args.device,
+            "scale": args.scale,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "states": plan.states,
+            "rows_a": plan.rows_a,
+            "rows_b": plan.rows_b,
+            "drop_caches": args.drop_caches,
+            "throughput": not args.no_throughput,
+            "disk_probe": not args.no_disk_probe,
+            "jobs": args.jobs,
+            "retries": args.retries,
+        },
+        "results": all_results,
+        "targets": targets,
+        "notes": notes,
+        "table": render_table(table),
         "total_s": round(total_s, 1),
     }
     json_path = os.path.abspath(args.json)

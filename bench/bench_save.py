@@ -41,49 +41,99 @@ from bench_rows import (  # noqa: E402
     row_unavailable,
 )
 
-__all__ = ["BLOCKING_ROWS", "DEFAULT_JSON", "DEFAULT_ROWS_B", "LABELS", "LOAD_ROWS", "RESULT_MARK", "ROWS", "ROW_IDS",
-           "main", "parse_args", "row_unavailable"]
+__all__ = [
+    "BLOCKING_ROWS",
+    "DEFAULT_JSON",
+    "DEFAULT_ROWS_B",
+    "LABELS",
+    "LOAD_ROWS",
+    "RESULT_MARK",
+    "ROWS",
+    "ROW_IDS",
+    "main",
+    "parse_args",
+    "row_unavailable",
+]
 
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """What to run, where, and how big."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the state (model, optimizer state, state B's tensors) and the throughput MLP live "
-                             "(default cpu). cuda: memcpy limit = device-to-host copy into pinned buffers; the other "
-                             "rows save the GPU state as they are")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply the state's size (1: ~1.27 GB LM + AdamW; 0.05 for a quick run)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the state (model, optimizer state, state B's tensors) and the throughput MLP live "
+        "(default cpu). cuda: memcpy limit = device-to-host copy into pinned buffers; the other "
+        "rows save the GPU state as they are",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the state's size (1: ~1.27 GB LM + AdamW; 0.05 for a quick run)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="warm saves per row (medians reported; default 3)")
-    parser.add_argument("--dir", default=None,
-                        help="target directory; the bench works in a fresh temporary directory under it "
-                             "(default: under /tmp) and removes it afterwards")
-    parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON results (default bench/results/latest.json)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch/OpenMP threads in each row process (default: all cores)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="target directory; the bench works in a fresh temporary directory under it "
+        "(default: under /tmp) and removes it afterwards",
+    )
+    parser.add_argument(
+        "--json", default=DEFAULT_JSON, help="where to write the JSON results (default bench/results/latest.json)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch/OpenMP threads in each row process (default: all cores)",
+    )
     parser.add_argument("--states", default="A,B", help="states to run: A, B or A,B (default)")
     parser.add_argument("--rows", default="all", help=f"rows for state A, comma-separated from {ROW_IDS} (default all)")
-    parser.add_argument("--rows-b", default=",".join(DEFAULT_ROWS_B),
-                        help=f"rows for state B (default {','.join(DEFAULT_ROWS_B)}; 'all' for every row)")
+    parser.add_argument(
+        "--rows-b",
+        default=",".join(DEFAULT_ROWS_B),
+        help=f"rows for state B (default {','.join(DEFAULT_ROWS_B)}; 'all' for every row)",
+    )
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     """How the rows are measured, and the row process's own (hidden) options."""
-    parser.add_argument("--drop-caches", choices=("auto", "always", "never"), default="auto",
-                        help="cold loads: posix_fadvise(DONTNEED) always; /proc/sys/vm/drop_caches too when "
-                             "'always', or when fadvise left pages resident ('auto', default)")
-    parser.add_argument("--settle", type=float, default=5.0,
-                        help="seconds of the training loop between building a saver and its first save (default 5)")
+    parser.add_argument(
+        "--drop-caches",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="cold loads: posix_fadvise(DONTNEED) always; /proc/sys/vm/drop_caches too when "
+        "'always', or when fadvise left pages resident ('auto', default)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds of the training loop between building a saver and its first save (default 5)",
+    )
     parser.add_argument("--no-throughput", action="store_true", help="skip the training-throughput saves")
-    parser.add_argument("--no-disk-probe", action="store_true",
-                        help="skip the write+fsync of the state before and after each row's saves (disk drift)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="rows run at once (default 1). More only for smoke tests: concurrent rows disturb "
-                             "each other's timings, memory and throughput")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="run a row again, up to this many times, when other processes took more than 10%% of the "
-                             "machine during it; the quietest attempt is kept (default 2)")
+    parser.add_argument(
+        "--no-disk-probe",
+        action="store_true",
+        help="skip the write+fsync of the state before and after each row's saves (disk drift)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="rows run at once (default 1). More only for smoke tests: concurrent rows disturb "
+        "each other's timings, memory and throughput",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="run a row again, up to this many times, when other processes took more than 10%% of the "
+        "machine during it; the quietest attempt is kept (default 2)",
+    )
     parser.add_argument("--row-timeout", type=float, default=1800, help="seconds one row may take (default 1800)")
     parser.add_argument("--row", choices=ROW_IDS, help=argparse.SUPPRESS)
     parser.add_argument("--state", choices=("A", "B"), help=argparse.SUPPRESS)

@@ -45,8 +45,9 @@ def _lm_module(torch: Any, dims: Dict[str, int]) -> Any:
             super().__init__()
             self.embed = nn.Embedding(dims["vocab"], dims["d_model"])
             self.blocks = nn.ModuleList(
-                nn.TransformerEncoderLayer(dims["d_model"], dims["heads"], 4 * dims["d_model"], dropout=0.0,
-                                           batch_first=True, norm_first=True)
+                nn.TransformerEncoderLayer(
+                    dims["d_model"], dims["heads"], 4 * dims["d_model"], dropout=0.0, batch_first=True, norm_first=True
+                )
                 for _ in range(dims["layers"])
             )
             self.norm = nn.LayerNorm(dims["d_model"])

@@ -79,9 +79,15 @@ def _first_save_check(tag: str, r: Result, a: StateResults) -> List[TargetCheck]
     if dcp_default.get("status") != "ok":
         return []
     ready = f" (staging memory ready {r['saver_ready_s']:.2f} s after construction)" if r.get("saver_ready_s") else ""
-    return [TargetCheck(f"{tag}: first save blocked < dcp.async_save default", r["blocked_first_s"], None,
-                        f"{r['blocked_first_s']:.3f} s vs {dcp_default['blocked_first_s']:.3f} s" + ready,
-                        r["blocked_first_s"] < dcp_default["blocked_first_s"])]
+    return [
+        TargetCheck(
+            f"{tag}: first save blocked < dcp.async_save default",
+            r["blocked_first_s"],
+            None,
+            f"{r['blocked_first_s']:.3f} s vs {dcp_default['blocked_first_s']:.3f} s" + ready,
+            r["blocked_first_s"] < dcp_default["blocked_first_s"],
+        )
+    ]
 
 
 def _durable_check(tag: str, r: Result) -> List[TargetCheck]:
@@ -91,16 +97,32 @@ def _durable_check(tag: str, r: Result) -> List[TargetCheck]:
     extra = [f"{vd:.2f}x memcpy + O_DIRECT write"] if vd is not None else []
     if vp is not None:
         extra.append(f"{vp:.2f}x memcpy + this row's own disk probes")
-    return [TargetCheck(f"{tag}: durable <= 1.2x (memcpy + write)", v, 1.2, (f"{v:.2f}x" if v is not None else "-")
-                        + (f" ({'; '.join(extra)})" if extra else ""))]
+    return [
+        TargetCheck(
+            f"{tag}: durable <= 1.2x (memcpy + write)",
+            v,
+            1.2,
+            (f"{v:.2f}x" if v is not None else "-") + (f" ({'; '.join(extra)})" if extra else ""),
+        )
+    ]
 
 
 def _throughput_check(tag: str, r: Result) -> List[TargetCheck]:
     v = r.get("throughput_kept")
-    cpu = [f"{who} CPU {r[key]:.2f} s per warm save" for who, key in
-           (("daemon", "writer_cpu_s_per_save"), ("trainer", "trainer_cpu_s_per_save")) if r.get(key) is not None]
-    return [TargetCheck(f"{tag}: throughput kept >= 90%", v, None, (f"{v * 100:.0f}%" if v is not None else "-")
-                        + (f" ({', '.join(cpu)})" if cpu else ""), None if v is None else v >= 0.9)]
+    cpu = [
+        f"{who} CPU {r[key]:.2f} s per warm save"
+        for who, key in (("daemon", "writer_cpu_s_per_save"), ("trainer", "trainer_cpu_s_per_save"))
+        if r.get(key) is not None
+    ]
+    return [
+        TargetCheck(
+            f"{tag}: throughput kept >= 90%",
+            v,
+            None,
+            (f"{v * 100:.0f}%" if v is not None else "-") + (f" ({', '.join(cpu)})" if cpu else ""),
+            None if v is None else v >= 0.9,
+        )
+    ]
 
 
 def _memory_check(tag: str, r: Result) -> List[TargetCheck]:
@@ -108,9 +130,15 @@ def _memory_check(tag: str, r: Result) -> List[TargetCheck]:
     if peak is None or base is None or not nbytes:
         return []
     extra = (peak - base) * 2**20
-    return [TargetCheck(f"{tag}: trainer memory <= live state + 1.05x staged bytes", extra / nbytes, 1.05,
-                        f"peak {peak:.0f} MB = base {base:.0f} MB (live state {nbytes / 2**20:.0f} MB) + "
-                        f"{extra / 2**20:.0f} MB = {extra / nbytes:.2f}x the staged bytes")]
+    return [
+        TargetCheck(
+            f"{tag}: trainer memory <= live state + 1.05x staged bytes",
+            extra / nbytes,
+            1.05,
+            f"peak {peak:.0f} MB = base {base:.0f} MB (live state {nbytes / 2**20:.0f} MB) + "
+            f"{extra / 2**20:.0f} MB = {extra / nbytes:.2f}x the staged bytes",
+        )
+    ]
 
 
 def _daemon_growth_check(tag: str, r: Result, rb: Result) -> List[TargetCheck]:
@@ -118,20 +146,31 @@ def _daemon_growth_check(tag: str, r: Result, rb: Result) -> List[TargetCheck]:
         return []
     grow = r["writer_peak_anon_mb"] - rb["writer_peak_anon_mb"]
     span = (r["state_bytes"] - rb["state_bytes"]) / 2**20
-    return [TargetCheck(f"{tag}: daemon RSS not growing with checkpoint size", grow / span if span > 0 else None, 0.05,
-                        f"daemon anon peak {r['writer_peak_anon_mb']:.0f} MB (state A, {r['state_bytes'] / 2**20:.0f} MB) vs "
-                        f"{rb['writer_peak_anon_mb']:.0f} MB (state B, {rb['state_bytes'] / 2**20:.0f} MB): "
-                        f"{grow:+.0f} MB over {span:.0f} MB more state")]
+    return [
+        TargetCheck(
+            f"{tag}: daemon RSS not growing with checkpoint size",
+            grow / span if span > 0 else None,
+            0.05,
+            f"daemon anon peak {r['writer_peak_anon_mb']:.0f} MB (state A, {r['state_bytes'] / 2**20:.0f} MB) vs "
+            f"{rb['writer_peak_anon_mb']:.0f} MB (state B, {rb['state_bytes'] / 2**20:.0f} MB): "
+            f"{grow:+.0f} MB over {span:.0f} MB more state",
+        )
+    ]
 
 
 def _state_b_check(tag: str, rb: Result, b: StateResults) -> List[TargetCheck]:
     dcp_b = b.get("dcp_async_best", {})
     if rb.get("status") != "ok" or dcp_b.get("status") != "ok":
         return []
-    return [TargetCheck(f"{tag}: state B warm blocked <= dcp.async_save best", rb["blocked_warm_s"],
-                        dcp_b["blocked_warm_s"],
-                        f"{rb['blocked_warm_s']:.3f} s vs {dcp_b['blocked_warm_s']:.3f} s "
-                        f"(dcp best staged after {fmt_s(dcp_b.get('staged_warm_s'))} s)")]
+    return [
+        TargetCheck(
+            f"{tag}: state B warm blocked <= dcp.async_save best",
+            rb["blocked_warm_s"],
+            dcp_b["blocked_warm_s"],
+            f"{rb['blocked_warm_s']:.3f} s vs {dcp_b['blocked_warm_s']:.3f} s "
+            f"(dcp best staged after {fmt_s(dcp_b.get('staged_warm_s'))} s)",
+        )
+    ]
 
 
 def _load_checks(row: str, r: Result, a: StateResults) -> List[TargetCheck]:
@@ -139,10 +178,18 @@ def _load_checks(row: str, r: Result, a: StateResults) -> List[TargetCheck]:
     if row != "ckptd" or r.get("load_cold_s") is None or tl.get("load_cold_s") is None:
         return []
     return [
-        TargetCheck("ckptd: load <= torch.load (cold)", r["load_cold_s"], tl["load_cold_s"],
-                    f"{r['load_cold_s']:.2f} s vs {tl['load_cold_s']:.2f} s"),
-        TargetCheck("ckptd: load <= torch.load (warm)", r["load_warm_s"], tl["load_warm_s"],
-                    f"{r['load_warm_s']:.2f} s vs {tl['load_warm_s']:.2f} s"),
+        TargetCheck(
+            "ckptd: load <= torch.load (cold)",
+            r["load_cold_s"],
+            tl["load_cold_s"],
+            f"{r['load_cold_s']:.2f} s vs {tl['load_cold_s']:.2f} s",
+        ),
+        TargetCheck(
+            "ckptd: load <= torch.load (warm)",
+            r["load_warm_s"],
+            tl["load_warm_s"],
+            f"{r['load_warm_s']:.2f} s vs {tl['load_warm_s']:.2f} s",
+        ),
     ]
 
 
@@ -153,9 +200,16 @@ def _row_checks(row: str, a: StateResults, b: StateResults) -> List[TargetCheck]
         return []
     tag = LABELS[row]
     rb = b.get(row, {})
-    return (_blocked_check(tag, r) + _first_save_check(tag, r, a) + _durable_check(tag, r)
-            + _throughput_check(tag, r) + _memory_check(tag, r) + _daemon_growth_check(tag, r, rb)
-            + _state_b_check(tag, rb, b) + _load_checks(row, r, a))
+    return (
+        _blocked_check(tag, r)
+        + _first_save_check(tag, r, a)
+        + _durable_check(tag, r)
+        + _throughput_check(tag, r)
+        + _memory_check(tag, r)
+        + _daemon_growth_check(tag, r, rb)
+        + _state_b_check(tag, rb, b)
+        + _load_checks(row, r, a)
+    )
 
 
 def evaluate_targets(all_results: Dict[str, StateResults]) -> List[Dict[str, Any]]:

@@ -19,8 +19,24 @@ from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
 __all__ = [
-    "CheckpointClient", "CheckpointError", "CheckpointManager", "CheckpointManagerOptions", "CheckpointSkipped",
-    "ClientOptions", "DaemonOptions", "DaemonUnavailableError", "PreparedComponent", "RNGState", "RankInfo",
-    "RetentionPolicy", "RootInUseError", "SaveHandle", "SharingPattern", "StateComponent", "Stateful", "Topology",
-    "UnsupportedStateError", "VerificationError",
+    "CheckpointClient",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointManagerOptions",
+    "CheckpointSkipped",
+    "ClientOptions",
+    "DaemonOptions",
+    "DaemonUnavailableError",
+    "PreparedComponent",
+    "RNGState",
+    "RankInfo",
+    "RetentionPolicy",
+    "RootInUseError",
+    "SaveHandle",
+    "SharingPattern",
+    "StateComponent",
+    "Stateful",
+    "Topology",
+    "UnsupportedStateError",
+    "VerificationError",
 ]

@@ -31,10 +31,21 @@ __all__ = ["FlatState", "flatten_state", "unflatten_state", "safetensors_dtype",
 
 # torch dtype attribute name -> safetensors dtype name; entries the running torch lacks are skipped.
 _DTYPE_NAMES: Tuple[Tuple[str, str], ...] = (
-    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"),
-    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
-    ("int64", "I64"), ("int32", "I32"), ("int16", "I16"), ("int8", "I8"),
-    ("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"),
+    ("float64", "F64"),
+    ("float32", "F32"),
+    ("float16", "F16"),
+    ("bfloat16", "BF16"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("int64", "I64"),
+    ("int32", "I32"),
+    ("int16", "I16"),
+    ("int8", "I8"),
+    ("uint64", "U64"),
+    ("uint32", "U32"),
+    ("uint16", "U16"),
+    ("uint8", "U8"),
+    ("bool", "BOOL"),
 )
 _TO_SAFETENSORS: Dict[torch.dtype, str] = {
     getattr(torch, attr): name for attr, name in _DTYPE_NAMES if isinstance(getattr(torch, attr, None), torch.dtype)
@@ -167,8 +178,7 @@ class _Encoder:
         if in_key:  # unreachable for real keys (dicts are unhashable); kept for safety
             raise self.fail(path, f"is a dict key of type {cls.__name__}")
         items = {
-            self.encode(key, _join(path, key), True): self.encode(item, _join(path, key))
-            for key, item in value.items()
+            self.encode(key, _join(path, key), True): self.encode(item, _join(path, key)) for key, item in value.items()
         }
         if cls is dict:
             return items
@@ -202,8 +212,12 @@ class _Encoder:
         view_key: Optional[Tuple[Any, ...]] = None
         if tensor.numel() > 0:
             view_key = (
-                tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype,
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
             )
             known = self._by_view.get(view_key)
             if known is not None:
@@ -282,4 +296,3 @@ def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor]) -> Any
         raise ValueError(f"malformed state skeleton: {type(exc).__name__}") from exc  # msgpack's FormatError: no text
     except Exception as exc:  # msgpack's own errors (truncated data, bad types) and TypeErrors
         raise ValueError(f"malformed state skeleton: {exc}") from exc
-

@@ -49,7 +49,9 @@ class StateComponent:
         elif self.process_group_name is not None:
             raise ValueError(f"component {self.key!r}: process_group_name applies only to PER_GROUP")
         if self.spread and self.sharing_pattern is not SharingPattern.REPLICATED:
-            raise ValueError(f"component {self.key!r}: spread applies only to REPLICATED, not {self.sharing_pattern.value}")
+            raise ValueError(
+                f"component {self.key!r}: spread applies only to REPLICATED, not {self.sharing_pattern.value}"
+            )
         if self.validate_replication and self.sharing_pattern is not SharingPattern.REPLICATED:
             raise ValueError(
                 f"component {self.key!r}: validate_replication applies only to REPLICATED, not {self.sharing_pattern.value}"

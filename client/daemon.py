@@ -55,7 +55,14 @@ def start_daemon(root: str, endpoint: str, daemon_args: DaemonArgs = ()) -> subp
     os.makedirs(runtime.runtime_dir(), mode=0o700, exist_ok=True)
     log_path = runtime.daemon_log_path(endpoint)
     command = [
-        sys.executable, "-m", "ckptd.service", "serve", "--root", root, "--endpoint", endpoint,
+        sys.executable,
+        "-m",
+        "ckptd.service",
+        "serve",
+        "--root",
+        root,
+        "--endpoint",
+        endpoint,
         *serve_argv(with_fallbacks(daemon_args, exit_when_idle=IDLE_EXIT_S)),
     ]
     with open(log_path, "ab") as log_file:
@@ -81,15 +88,21 @@ def connect(
     Returns the connection and the answering daemon's instance id."""
     connection = DaemonConnection(endpoint, on_notification)
     try:
-        return connection, ensure_serving(connection, root, may_start=may_start, wait_s=wait_s,
-                                          daemon_args=daemon_args, run=run)
+        return connection, ensure_serving(
+            connection, root, may_start=may_start, wait_s=wait_s, daemon_args=daemon_args, run=run
+        )
     except BaseException:
         connection.close()
         raise
 
 
 def ensure_serving(
-    connection: DaemonConnection, root: str, *, may_start: bool, wait_s: float, daemon_args: DaemonArgs = (),
+    connection: DaemonConnection,
+    root: str,
+    *,
+    may_start: bool,
+    wait_s: float,
+    daemon_args: DaemonArgs = (),
     run: Optional[RunIdentity] = None,
 ) -> str:
     """Say hello until a daemon answers (starting one if `may_start`); returns its instance id.
@@ -120,8 +133,14 @@ def ensure_serving(
                     f"{_exit_reason(runtime.daemon_log_path(connection.endpoint))}"
                 )
         if time.monotonic() > deadline:
-            hint = "start one with `ckptd serve --root ...`" if not may_start else "see the daemon log in " + runtime.runtime_dir()
-            raise DaemonUnavailableError(f"no ckptd daemon answered at {connection.endpoint} within {wait_s:g} s; {hint}")
+            hint = (
+                "start one with `ckptd serve --root ...`"
+                if not may_start
+                else "see the daemon log in " + runtime.runtime_dir()
+            )
+            raise DaemonUnavailableError(
+                f"no ckptd daemon answered at {connection.endpoint} within {wait_s:g} s; {hint}"
+            )
 
 
 def hello(connection: DaemonConnection, root: str, timeout: float, run: Optional[RunIdentity] = None) -> str:

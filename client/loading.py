@@ -23,8 +23,15 @@ from ckptd.proto.patterns import SharingPattern, place
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "committed_checkpoints", "hold_for_loading", "latest_checkpoint", "read_manifest", "read_scope", "read_scopes",
-    "select_scope", "select_scopes", "verify_file",
+    "committed_checkpoints",
+    "hold_for_loading",
+    "latest_checkpoint",
+    "read_manifest",
+    "read_scope",
+    "read_scopes",
+    "select_scope",
+    "select_scopes",
+    "verify_file",
 ]
 
 
@@ -99,7 +106,9 @@ def read_scopes(checkpoint_dir: str, scopes: Sequence[ScopeRecord], verify: bool
     tensors: Dict[str, torch.Tensor] = {}
     for scope in scopes:
         tensor_path = os.path.join(checkpoint_dir, scope.tensor_file.path)
-        tensors.update(_shard_tensors(tensor_path, scope.tensor_file, _map_checked(tensor_path, scope.tensor_file, verify)))
+        tensors.update(
+            _shard_tensors(tensor_path, scope.tensor_file, _map_checked(tensor_path, scope.tensor_file, verify))
+        )
     for scope in scopes[1:]:  # verified like every listed file, though only the first is decoded
         _map_checked(os.path.join(checkpoint_dir, scope.state_file.path), scope.state_file, verify).close()
     state_path = os.path.join(checkpoint_dir, scopes[0].state_file.path)
@@ -121,8 +130,10 @@ def _shard_tensors(path: str, record: FileRecord, mapped: mmap.mmap) -> Dict[str
             info = header[name]
             begin, end = info["data_offsets"]
             dtype, shape = torch_dtype(info["dtype"]), info["shape"]
-            if info["dtype"] != expected["dtype"] or list(shape) != list(expected["shape"]) or not (
-                0 <= begin <= end <= len(mapped) - start
+            if (
+                info["dtype"] != expected["dtype"]
+                or list(shape) != list(expected["shape"])
+                or not (0 <= begin <= end <= len(mapped) - start)
             ):
                 raise ValueError(f"tensor {name!r} does not match the manifest's index")
             if begin == end:

@@ -13,7 +13,12 @@ import torch.distributed as dist
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.loading import (
-    committed_checkpoints, hold_for_loading, latest_checkpoint, read_manifest, read_scopes, select_scopes,
+    committed_checkpoints,
+    hold_for_loading,
+    latest_checkpoint,
+    read_manifest,
+    read_scopes,
+    select_scopes,
 )
 from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
@@ -86,16 +91,22 @@ class CheckpointManager:
             warnings.warn(
                 "get_statefuls_for_save()/get_statefuls_for_load() are deprecated; implement "
                 "get_state_components() to choose a sharing pattern per component",
-                DeprecationWarning, stacklevel=2,
+                DeprecationWarning,
+                stacklevel=2,
             )
         if self.options.connect:
             components = self._prepare(self._components(for_save=True))  # a misdeclared provider fails here,
-            self.client  # noqa: B018 - before a daemon is started; connect before the first save
+            self.connect()  # before a daemon is started
             self._allocate(components)
 
     @property
     def client(self) -> CheckpointClient:
         """The connection to the node daemon (made on first use)."""
+        return self.connect()
+
+    def connect(self) -> CheckpointClient:
+        """Connect to the node daemon now, starting one if allowed (done at construction unless
+        `connect=False`); returns the connection. Raises DaemonUnavailableError or RootInUseError."""
         if self._client is None:
             self._client = CheckpointClient(self.root, self.rank_info, self.options)
         return self._client
@@ -113,7 +124,7 @@ class CheckpointManager:
         try:
             self.client.allocate_ahead(components)
         except Exception as exc:  # the state may not be ready this early; the first save reports real errors
-            log.info("staging memory will be allocated at the first save (%s)", exc)
+            log.warning("staging memory is not allocated ahead (%s); the first save allocates it", exc)
 
     def wait_staging_allocated(self, timeout: Optional[float] = None) -> bool:
         """Wait until the staging memory allocate_staging() started is ready; False on timeout.
@@ -178,8 +189,12 @@ class CheckpointManager:
                 log.warning("optional component %r is not in %s; leaving it as it is", comp.key, checkpoint_dir)
                 continue
             if record.pattern is not comp.sharing_pattern:
-                log.warning("component %r was saved as %s and is declared %s now; loading the saved layout",
-                            comp.key, record.pattern.value, comp.sharing_pattern.value)
+                log.warning(
+                    "component %r was saved as %s and is declared %s now; loading the saved layout",
+                    comp.key,
+                    record.pattern.value,
+                    comp.sharing_pattern.value,
+                )
             group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
             scopes = select_scopes(manifest, comp.key, record, self.rank_info, group_ranks)
             states.append((comp, read_scopes(checkpoint_dir, scopes, verify=self.verify)))
@@ -226,8 +241,10 @@ class CheckpointManager:
         if hasattr(self.provider, "get_state_components"):
             components = list(self.provider.get_state_components())
         else:
-            getter = self.provider.get_statefuls_for_save if for_save else getattr(
-                self.provider, "get_statefuls_for_load", self.provider.get_statefuls_for_save
+            getter = (
+                self.provider.get_statefuls_for_save
+                if for_save
+                else getattr(self.provider, "get_statefuls_for_load", self.provider.get_statefuls_for_save)
             )
             components = [StateComponent(k, s, SharingPattern.GLOBAL) for k, s in dict(getter()).items()]
         keys = [c.key for c in components]
@@ -249,7 +266,7 @@ class CheckpointManager:
                         f"component {comp.key!r} is PER_GROUP but the provider has no get_process_groups()"
                     )
                 groups = dict(getter())
-            group = groups.get(comp.process_group_name)
+            group = groups.get(comp.process_group_name or "")
             if group is None:
                 raise CheckpointError(
                     f"component {comp.key!r} names process group {comp.process_group_name!r}, which "

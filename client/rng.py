@@ -74,7 +74,13 @@ class RNGState:
                 part = state_dict["numpy"]
                 key = torch.as_tensor(part["key"]).cpu().numpy().astype(np.uint32)
                 np.random.set_state(
-                    (part["bit_generator"], key, int(part["pos"]), int(part["has_gauss"]), float(part["cached_gaussian"]))
+                    (
+                        part["bit_generator"],
+                        key,
+                        int(part["pos"]),
+                        int(part["has_gauss"]),
+                        float(part["cached_gaussian"]),
+                    )
                 )
 
         if "torch" in state_dict:
@@ -83,13 +89,17 @@ class RNGState:
         if "cuda" in state_dict:
             states: List[Any] = list(state_dict["cuda"])
             if not torch.cuda.is_available():
-                _log.warning("RNG state holds %d CUDA generator states but CUDA is not available; skipping them", len(states))
+                _log.warning(
+                    "RNG state holds %d CUDA generator states but CUDA is not available; skipping them", len(states)
+                )
             else:
                 count = torch.cuda.device_count()
                 if count != len(states):
                     _log.warning(
                         "RNG state holds %d CUDA generator states but %d devices are visible; restoring the first %d",
-                        len(states), count, min(count, len(states)),
+                        len(states),
+                        count,
+                        min(count, len(states)),
                     )
                 for index, cuda_state in enumerate(states[:count]):
                     torch.cuda.set_rng_state(_byte_tensor(cuda_state), index)

@@ -16,7 +16,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckptd.client.daemon import bye, connect, ensure_serving, hello, resolve_endpoint
 from ckptd.client.errors import CheckpointError
-from ckptd.disk.removal import fence_save
 from ckptd.client.snapshot import (
     PreparedComponent,
     StagedComponent,
@@ -27,9 +26,10 @@ from ckptd.client.snapshot import (
 from ckptd.client.staging import Lease, PoolBusyError, StagingPool, leases_of
 from ckptd.client.topology import RankInfo
 from ckptd.client.transport import DaemonRequestError
+from ckptd.disk.removal import fence_save
 from ckptd.proto import messages
 from ckptd.proto.config import DaemonArgs, DaemonOptions, serve_argv, with_fallbacks
-from ckptd.proto.formats import CKPTD_VERSION
+from ckptd.proto.formats import CKPTD_VERSION, TensorEntry
 from ckptd.proto.messages import SaveRequest
 from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.retention import RetentionPolicy
@@ -177,10 +177,17 @@ class CheckpointClient:
         self._may_start = options.auto_start and rank_info.local_rank == 0
         self._connect_timeout = options.connect_timeout
         self._daemon_args = _place_in_job(options.daemon_args, rank_info)
-        self._run = RunIdentity(rank_info.job_id, socket.gethostname(), os.getpid(), rank_info.rank, rank_info.started_at)
+        self._run = RunIdentity(
+            rank_info.job_id, socket.gethostname(), os.getpid(), rank_info.rank, rank_info.started_at
+        )
         self._connection, self._daemon_instance = connect(
-            self.root, self.endpoint, self._on_notification,
-            may_start=self._may_start, wait_s=self._connect_timeout, daemon_args=self._daemon_args, run=self._run,
+            self.root,
+            self.endpoint,
+            self._on_notification,
+            may_start=self._may_start,
+            wait_s=self._connect_timeout,
+            daemon_args=self._daemon_args,
+            run=self._run,
         )
         self._daemon_lost = False
         self._closing = threading.Event()
@@ -286,7 +293,8 @@ class CheckpointClient:
         for component in staged:
             if component.region is None:
                 continue
-            now, component.deferred = [], []
+            now: List[TensorEntry] = []
+            component.deferred = []
             for entry in component.entries:
                 later = component.flat.tensors[entry.name].data_ptr() in deferrable
                 (component.deferred if later else now).append(entry)
@@ -297,7 +305,9 @@ class CheckpointClient:
                 else:
                     event.synchronize()
 
-    def _hand_over(self, handle: SaveHandle, staged: List[StagedComponent], metrics: Optional[Mapping[str, float]]) -> None:
+    def _hand_over(
+        self, handle: SaveHandle, staged: List[StagedComponent], metrics: Optional[Mapping[str, float]]
+    ) -> None:
         """Finish the copies, then send the save request; raises CheckpointError if the daemon refuses
         it or does not answer in time (a save that nonetheless committed is returned, resolved)."""
         sent = False
@@ -308,10 +318,16 @@ class CheckpointClient:
                     if event is not None:
                         event.synchronize()
             request = SaveRequest(
-                root=self.root, step=handle.step, rank=self.rank_info.rank, pid=os.getpid(),
-                topology=self.rank_info.topology, parts=tuple(s.to_part() for s in staged), job=self.rank_info.job_id,
+                root=self.root,
+                step=handle.step,
+                rank=self.rank_info.rank,
+                pid=os.getpid(),
+                topology=self.rank_info.topology,
+                parts=tuple(s.to_part() for s in staged),
+                job=self.rank_info.job_id,
                 versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
-                metrics={k: float(v) for k, v in (metrics or {}).items()}, retention=self.retention,
+                metrics={k: float(v) for k, v in (metrics or {}).items()},
+                retention=self.retention,
                 expires_at=time.monotonic() + self.timeout,
             )
             self._lend(handle, staged)
@@ -381,7 +397,11 @@ class CheckpointClient:
             try:
                 self._hand_over(handle, staged, metrics)
             except Exception as exc:
-                error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging step {handle.step} failed: {exc!r}")
+                error = (
+                    exc
+                    if isinstance(exc, CheckpointError)
+                    else CheckpointError(f"staging step {handle.step} failed: {exc!r}")
+                )
                 handle._resolve(error=error)
                 log.error("%s", error)
             finally:
@@ -399,8 +419,14 @@ class CheckpointClient:
 
     def _send_skip(self, step: int, reason: str) -> None:
         body = SaveRequest(
-            root=self.root, step=step, rank=self.rank_info.rank, pid=os.getpid(), topology=self.rank_info.topology,
-            parts=(), job=self.rank_info.job_id, expires_at=time.monotonic() + self.timeout,
+            root=self.root,
+            step=step,
+            rank=self.rank_info.rank,
+            pid=os.getpid(),
+            topology=self.rank_info.topology,
+            parts=(),
+            job=self.rank_info.job_id,
+            expires_at=time.monotonic() + self.timeout,
         ).to_wire()
         body.update(skipped=True, reason=reason)
         try:
@@ -440,7 +466,9 @@ class CheckpointClient:
                 last_answer = time.monotonic()
                 continue
             try:
-                instance = hello(self._connection, self.root, min(2 * WATCH_INTERVAL_S, self.daemon_timeout / 2), self._run)
+                instance = hello(
+                    self._connection, self.root, min(2 * WATCH_INTERVAL_S, self.daemon_timeout / 2), self._run
+                )
             except CheckpointError:
                 silent = time.monotonic() - last_answer
                 if silent >= self.daemon_timeout:
@@ -479,15 +507,21 @@ class CheckpointClient:
         if path is not None:
             handle._resolve(path=path)
         else:
-            handle._resolve(error=CheckpointError(
-                f"checkpoint of step {handle.step} was not committed: {what}; the previous checkpoint is intact"
-            ))
+            handle._resolve(
+                error=CheckpointError(
+                    f"checkpoint of step {handle.step} was not committed: {what}; the previous checkpoint is intact"
+                )
+            )
 
     def _reconnect(self) -> None:
         """After losing the daemon: wait for one to answer again (local rank 0 restarts it if allowed)."""
         self._daemon_instance = ensure_serving(
-            self._connection, self.root, may_start=self._may_start, wait_s=self._connect_timeout,
-            daemon_args=self._daemon_args, run=self._run,
+            self._connection,
+            self.root,
+            may_start=self._may_start,
+            wait_s=self._connect_timeout,
+            daemon_args=self._daemon_args,
+            run=self._run,
         )
         self._daemon_lost = False
 

@@ -47,12 +47,20 @@ class StagedComponent:
         """The wire description of this component (call once every tensor is copied)."""
         comp = self.prepared.component
         return ComponentPart(
-            key=comp.key, pattern=comp.sharing_pattern, required=comp.required, writer=self.writer,
-            group_name=comp.process_group_name, group_ranks=tuple(self.prepared.group_ranks),
-            validate_replication=comp.validate_replication, spread=comp.spread, metadata=dict(comp.metadata or {}),
+            key=comp.key,
+            pattern=comp.sharing_pattern,
+            required=comp.required,
+            writer=self.writer,
+            group_name=comp.process_group_name,
+            group_ranks=tuple(self.prepared.group_ranks),
+            validate_replication=comp.validate_replication,
+            spread=comp.spread,
+            metadata=dict(comp.metadata or {}),
             region=self.region.name if self.region is not None else None,
-            lease=(self.region.lease or 0) if self.region is not None else 0, region_size=self.total,
-            tensors=tuple(self.entries), state=self.flat.skeleton if self.writer else None,
+            lease=(self.region.lease or 0) if self.region is not None else 0,
+            region_size=self.total,
+            tensors=tuple(self.entries),
+            state=self.flat.skeleton if self.writer else None,
             digests=self._digests() if comp.validate_replication else None,
         )
 
@@ -61,7 +69,8 @@ class StagedComponent:
         staged = {e.name: e for e in self.entries} if self.region is not None else {}
         digests = {
             name: content_digest(self.region.bytes_view(staged[name].offset, staged[name].nbytes))  # type: ignore[union-attr]
-            if name in staged else _tensor_digest(tensor)
+            if name in staged
+            else _tensor_digest(tensor)
             for name, tensor in self.flat.tensors.items()
         }
         digests[STATE_DIGEST_KEY] = content_digest(self.flat.skeleton)
@@ -76,8 +85,14 @@ def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> Li
     staged = []
     for prepared in components:
         comp = prepared.component
-        placement = place(comp.sharing_pattern, rank_info.rank, rank_info.topology, comp.process_group_name,
-                          prepared.group_ranks or None, spread=comp.spread)
+        placement = place(
+            comp.sharing_pattern,
+            rank_info.rank,
+            rank_info.topology,
+            comp.process_group_name,
+            prepared.group_ranks or None,
+            spread=comp.spread,
+        )
         writer = placement.writer_rank == rank_info.rank
         flat = flatten_state(comp.stateful.state_dict(), comp.key)
         entries: List[TensorEntry] = []
@@ -85,8 +100,9 @@ def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> Li
         if writer:
             mine = flat.tensors
             if comp.spread:
-                share = share_of_tensors(((n, t.numel() * t.element_size()) for n, t in flat.tensors.items()),
-                                         rank_info.topology.num_nodes)
+                share = share_of_tensors(
+                    ((n, t.numel() * t.element_size()) for n, t in flat.tensors.items()), rank_info.topology.num_nodes
+                )
                 mine = {n: t for n, t in flat.tensors.items() if share[n] == rank_info.node}
             entries, total = layout_tensors(
                 (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in mine.items()
@@ -144,8 +160,10 @@ def _contiguous_runs(entries: Sequence[TensorEntry]) -> List[Tuple[int, int]]:
     runs: List[Tuple[int, int]] = []
     start = 0
     for i in range(1, len(entries) + 1):
-        if i == len(entries) or entries[i].dtype != entries[i - 1].dtype or (
-            entries[i].offset != entries[i - 1].offset + entries[i - 1].nbytes
+        if (
+            i == len(entries)
+            or entries[i].dtype != entries[i - 1].dtype
+            or (entries[i].offset != entries[i - 1].offset + entries[i - 1].nbytes)
         ):
             runs.append((start, i))
             start = i

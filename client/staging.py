@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
-import itertools
 import threading
 import time
 import uuid
@@ -75,17 +75,17 @@ class StagingRegion:
 
     def tensor(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
         """A tensor view of the region where `entry` is staged."""
-        flat = self._bytes[entry.offset:entry.offset + entry.nbytes]
+        flat = self._bytes[entry.offset : entry.offset + entry.nbytes]
         return flat.view(dtype).view(entry.shape)
 
     def block(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor view of `nbytes` of the region starting at `offset`."""
-        return self._bytes[offset:offset + nbytes].view(dtype)
+        return self._bytes[offset : offset + nbytes].view(dtype)
 
     def bytes_view(self, offset: int, nbytes: int) -> memoryview:
         """Raw bytes of the region (for digests)."""
         assert self._map is not None
-        return memoryview(self._map)[offset:offset + nbytes]
+        return memoryview(self._map)[offset : offset + nbytes]
 
     def pin_for_cuda(self) -> None:
         """Page-lock the region once so device-to-host copies run asynchronously at full speed."""
@@ -207,7 +207,9 @@ class StagingPool:
                 if region is not None and region.lease == generation:
                     region.lease = None
                 elif region is not None:
-                    log.debug("ignored a stale release of %s (generation %s, held by %s)", name, generation, region.lease)
+                    log.debug(
+                        "ignored a stale release of %s (generation %s, held by %s)", name, generation, region.lease
+                    )
             self._cond.notify_all()
 
     def busy(self) -> bool:

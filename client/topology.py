@@ -48,10 +48,10 @@ def detect_rank_info() -> RankInfo:
         dist.all_gather_object(gathered, mine)
         topology = _topology_from_node_keys([(key, local) for key, local, _, _ in gathered])
         return RankInfo(rank, topology, job_id=gathered[0][2], started_at=gathered[0][3])
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world != "1":
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size != "1":
         raise CheckpointError(
-            f"WORLD_SIZE is {world}, but torch.distributed is not initialized: call "
+            f"WORLD_SIZE is {world_size}, but torch.distributed is not initialized: call "
             "torch.distributed.init_process_group(...) before creating the CheckpointManager, so that the "
             "ranks agree on the job's topology (a single process needs neither)"
         )

@@ -25,8 +25,9 @@ class FileProblem(Exception):
         self.reason = reason
 
 
-def map_listed_file(path: str, record: FileRecord, *, verify: bool = True,
-                    progress: Optional[Progress] = None) -> mmap.mmap:
+def map_listed_file(
+    path: str, record: FileRecord, *, verify: bool = True, progress: Optional[Progress] = None
+) -> mmap.mmap:
     """Map a listed file privately (copy-on-write, so views over it are writable without copying)
     after checking it is a regular file of the recorded size and, with `verify`, checksum; raises
     FileProblem saying what does not match."""
@@ -42,7 +43,9 @@ def map_listed_file(path: str, record: FileRecord, *, verify: bool = True,
         if not stat.S_ISREG(info.st_mode):
             raise FileProblem(path, "is not a regular file")
         if info.st_size != record.size:
-            raise FileProblem(path, f"holds {info.st_size} bytes, the manifest says {record.size} (truncated or altered)")
+            raise FileProblem(
+                path, f"holds {info.st_size} bytes, the manifest says {record.size} (truncated or altered)"
+            )
         if info.st_size == 0:
             raise FileProblem(path, "is empty")
         mapped = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_COPY)
@@ -66,7 +69,7 @@ def _checksum(mapped: mmap.mmap, progress: Optional[Progress]) -> str:
     checksum = Checksum()
     with memoryview(mapped) as view:
         for start in range(0, len(view), CHECK_CHUNK):
-            with view[start:start + CHECK_CHUNK] as chunk:
+            with view[start : start + CHECK_CHUNK] as chunk:
                 checksum.update(chunk)
                 if progress is not None:
                     progress(len(chunk))

@@ -21,11 +21,15 @@ def read_retention(root: str) -> Dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def write_retention(root: str, policy: RetentionPolicy, kept: Dict[int, List[str]],
-                    deleted: List[Tuple[int, str]]) -> None:
+def write_retention(
+    root: str, policy: RetentionPolicy, kept: Dict[int, List[str]], deleted: List[Tuple[int, str]]
+) -> None:
     """Replace the root's retention record (atomically and durably)."""
-    record = {"policy": policy.to_wire(), "kept": {str(step): reasons for step, reasons in sorted(kept.items())},
-              DELETED_KEY: [list(entry) for entry in deleted]}
+    record = {
+        "policy": policy.to_wire(),
+        "kept": {str(step): reasons for step, reasons in sorted(kept.items())},
+        DELETED_KEY: [list(entry) for entry in deleted],
+    }
     write_atomic(os.path.join(root, RETENTION_FILE), json.dumps(record, indent=1).encode())
 
 

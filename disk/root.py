@@ -63,8 +63,11 @@ def latest_checkpoint(root: str) -> Optional[str]:
         candidate = checkpoint_path(root, step)
         if has_manifest(candidate):
             return candidate
-        log.warning("%s/latest names %s, which has no manifest; looking for the newest committed one",
-                    root, layout.checkpoint_dir_name(step))
+        log.warning(
+            "%s/latest names %s, which has no manifest; looking for the newest committed one",
+            root,
+            layout.checkpoint_dir_name(step),
+        )
     for candidate in committed_checkpoints(root):
         if has_manifest(candidate):
             return candidate

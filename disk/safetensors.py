@@ -17,8 +17,9 @@ Header = Dict[str, Any]
 """Tensor name -> {"dtype", "shape", "data_offsets"} (and METADATA_KEY -> str map, if any)."""
 
 
-def encode_header(entries: Iterable[TensorEntry], metadata: Optional[Dict[str, str]] = None,
-                  alignment: int = HEADER_ALIGNMENT) -> bytes:
+def encode_header(
+    entries: Iterable[TensorEntry], metadata: Optional[Dict[str, str]] = None, alignment: int = HEADER_ALIGNMENT
+) -> bytes:
     """The length prefix plus JSON header for tensors laid out as `entries` describe, padded with
     spaces so that the data starts at a multiple of `alignment` (a page, by default: the daemon writes
     the body with O_DIRECT straight from page-aligned staging memory)."""
@@ -27,7 +28,9 @@ def encode_header(entries: Iterable[TensorEntry], metadata: Optional[Dict[str, s
         header[METADATA_KEY] = dict(metadata)
     for entry in entries:
         header[entry.name] = {
-            "dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [entry.offset, entry.offset + entry.nbytes],
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [entry.offset, entry.offset + entry.nbytes],
         }
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-(8 + len(body)) % alignment)
@@ -42,7 +45,7 @@ def decode_header(buffer: Any) -> Tuple[Header, int]:
     length = int.from_bytes(buffer[:8], "little")
     if length > len(buffer) - 8:
         raise ValueError(f"header length {length} exceeds the file")
-    header = json.loads(bytes(buffer[8:8 + length]))
+    header = json.loads(bytes(buffer[8 : 8 + length]))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     return header, 8 + length

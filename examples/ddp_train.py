@@ -41,10 +41,10 @@ from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from example_support import Recorder, Say, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 from torch import nn
 
 from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
-from example_support import Recorder, Say, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 256
 HIDDEN = 1024
@@ -129,8 +129,12 @@ class Trainer:
     def __init__(self, rank: int, world_size: int, total_steps: int, loader: str) -> None:
         torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         self.model = nn.Sequential(
-            nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1),
-            nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Dropout(0.1),
+            nn.Linear(DIM, HIDDEN),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.GELU(),
+            nn.Dropout(0.1),
             nn.Linear(HIDDEN, DIM),
         )  # about 1.6M parameters: 6 MB of weights, 19 MB with AdamW's moments
         self.ddp = nn.parallel.DistributedDataParallel(self.model)
@@ -196,15 +200,18 @@ def resume(manager: CheckpointManager, trainer: Trainer, say: Say) -> None:
     if other_world:
         trainer.reseed()
         say(f"saved with {saved_world} ranks, resuming with {world}: RNG state re-seeded per rank")
-    say(f"resumed at step {trainer.state.step} from {os.path.relpath(path)} "
-        f"(loss then {trainer.state.losses[-1]:.4f})")
+    say(f"resumed at step {trainer.state.step} from {os.path.relpath(path)} (loss then {trainer.state.losses[-1]:.4f})")
 
 
 def main() -> None:
     parser = example_parser("DDP training with asynchronous ckptd checkpoints.", root="./demo_checkpoints")
-    parser.add_argument("--loader", choices=("per-rank", "global"), default="per-rank",
-                        help="per-rank: a loader per rank (PER_RANK state); global: one loader slicing global "
-                             "batches across ranks (GLOBAL state, resumable at another world size)")
+    parser.add_argument(
+        "--loader",
+        choices=("per-rank", "global"),
+        default="per-rank",
+        help="per-rank: a loader per rank (PER_RANK state); global: one loader slicing global "
+        "batches across ranks (GLOBAL state, resumable at another world size)",
+    )
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -232,8 +239,10 @@ def main() -> None:
             notes = report(pending)  # earlier saves that committed (or failed) meanwhile
             pending.append(handle)
             mean_ms = sum(step_times) / len(step_times) * 1e3
-            say(f"step {step:3d}  loss {loss:.4f}  save blocked {blocked_ms:6.1f} ms  "
-                f"(train step {mean_ms:5.1f} ms)" + "".join(f"  | {n}" for n in notes))
+            say(
+                f"step {step:3d}  loss {loss:.4f}  save blocked {blocked_ms:6.1f} ms  "
+                f"(train step {mean_ms:5.1f} ms)" + "".join(f"  | {n}" for n in notes)
+            )
             step_times.clear()
         if step == args.crash_at:
             recorder.write()  # the steps so far; the resumed run records the rest

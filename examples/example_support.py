@@ -33,13 +33,21 @@ def example_parser(description: str, root: str, steps: int = 40, save_every: int
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default=root, help=f"checkpoint root (default {root})")
     parser.add_argument("--steps", type=int, default=steps, help=f"train until this step (default {steps})")
-    parser.add_argument("--save-every", type=int, default=save_every,
-                        help=f"checkpoint every N steps (default {save_every})")
-    parser.add_argument("--crash-at", type=int, metavar="STEP",
-                        help="SIGKILL every rank right after this step's save_checkpoint returned")
+    parser.add_argument(
+        "--save-every", type=int, default=save_every, help=f"checkpoint every N steps (default {save_every})"
+    )
+    parser.add_argument(
+        "--crash-at",
+        type=int,
+        metavar="STEP",
+        help="SIGKILL every rank right after this step's save_checkpoint returned",
+    )
     parser.add_argument("--resume", action="store_true", help="load the latest checkpoint first")
-    parser.add_argument("--record", metavar="FILE",
-                        help="each rank saves its losses and final state as FILE.rank<R>[.pt], for the resume tests")
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        help="each rank saves its losses and final state as FILE.rank<R>[.pt], for the resume tests",
+    )
     return parser
 
 
@@ -102,8 +110,9 @@ class Recorder:
         """Append `item` to the list under `key`."""
         self.record[key].append(item)
 
-    def write(self, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-              **fields: Any) -> None:
+    def write(
+        self, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None, **fields: Any
+    ) -> None:
         """Write the record: at the end of a run with copies of the final model and optimizer state
         and any further `fields`, or without them just before a simulated crash."""
         if self.path is None:

@@ -30,10 +30,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 from torch import nn
 
 from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
-from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 16
 HIDDEN = 64
@@ -51,7 +51,7 @@ class ShardedLoader:
     def __init__(self, shard: int, num_shards: int, size: int = 48, batch_size: int = 8, seed: int = 1234) -> None:
         g = torch.Generator().manual_seed(seed)
         self.inputs = torch.randn(size, DIM, generator=g)
-        self.targets = torch.tanh(self.inputs @ torch.randn(DIM, DIM, generator=g) / DIM ** 0.5)
+        self.targets = torch.tanh(self.inputs @ torch.randn(DIM, DIM, generator=g) / DIM**0.5)
         self.shard, self.num_shards, self.batch_size, self.seed = shard, num_shards, batch_size, seed
         self.epoch, self.position = 0, 0
 
@@ -60,22 +60,28 @@ class ShardedLoader:
         if (self.position + 1) * self.batch_size * self.num_shards > len(self.inputs):
             self.epoch, self.position = self.epoch + 1, 0
         order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = order[self.shard::self.num_shards]
-        index = mine[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        mine = order[self.shard :: self.num_shards]
+        index = mine[self.position * self.batch_size : (self.position + 1) * self.batch_size]
         self.position += 1
         return self.inputs[index], self.targets[index]
 
     def state_dict(self) -> Dict[str, Any]:
         """Where the loader stands, and which shard it reads."""
-        return {"seed": self.seed, "shard": self.shard, "num_shards": self.num_shards,
-                "epoch": self.epoch, "position": self.position}
+        return {
+            "seed": self.seed,
+            "shard": self.shard,
+            "num_shards": self.num_shards,
+            "epoch": self.epoch,
+            "position": self.position,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from a saved position of the same shard."""
         saved = (state["seed"], state["shard"], state["num_shards"])
         if saved != (self.seed, self.shard, self.num_shards):
-            raise ValueError(f"loader state of (seed, shard, shards) {saved} loaded into "
-                             f"{(self.seed, self.shard, self.num_shards)}")
+            raise ValueError(
+                f"loader state of (seed, shard, shards) {saved} loaded into {(self.seed, self.shard, self.num_shards)}"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
 
 
@@ -98,8 +104,13 @@ def build_stage(stage: int) -> nn.Sequential:
     """This stage's half of the model: the whole model is drawn from one seed, each stage keeps its part."""
     torch.manual_seed(0)
     layers = nn.Sequential(
-        nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Dropout(0.1), nn.Linear(HIDDEN, DIM),
+        nn.Linear(DIM, HIDDEN),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, DIM),
     )
     return layers[:3] if stage == 0 else layers[3:]
 
@@ -189,8 +200,9 @@ class HybridRank:
 
 
 def main() -> None:
-    args = example_parser("Data x pipeline parallel training with ckptd checkpoints.",
-                          root="./hybrid_checkpoints").parse_args()
+    args = example_parser(
+        "Data x pipeline parallel training with ckptd checkpoints.", root="./hybrid_checkpoints"
+    ).parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % STAGES or world < 2 * STAGES:

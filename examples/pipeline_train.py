@@ -23,10 +23,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 from torch import nn
 
 from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
-from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 16
 HIDDEN = 64
@@ -43,7 +43,7 @@ class ShuffledLoader:
     def __init__(self, size: int = 48, batch_size: int = 8, seed: int = 1234) -> None:
         g = torch.Generator().manual_seed(seed)
         self.inputs = torch.randn(size, DIM, generator=g)
-        self.targets = torch.tanh(self.inputs @ torch.randn(DIM, DIM, generator=g) / DIM ** 0.5)
+        self.targets = torch.tanh(self.inputs @ torch.randn(DIM, DIM, generator=g) / DIM**0.5)
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.position = 0, 0
 
@@ -52,7 +52,7 @@ class ShuffledLoader:
         if (self.position + 1) * self.batch_size > len(self.inputs):
             self.epoch, self.position = self.epoch + 1, 0
         order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        index = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        index = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
         self.position += 1
         return self.inputs[index], self.targets[index]
 
@@ -86,8 +86,13 @@ def build_stage(stage: int) -> nn.Sequential:
     """This stage's half of the model: the whole model is drawn from one seed, each stage keeps its part."""
     torch.manual_seed(0)
     layers = nn.Sequential(
-        nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Dropout(0.1), nn.Linear(HIDDEN, DIM),
+        nn.Linear(DIM, HIDDEN),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, DIM),
     )
     return layers[:3] if stage == 0 else layers[3:]
 
@@ -154,8 +159,9 @@ class PipelineStage:
 
 
 def main() -> None:
-    args = example_parser("Two-stage pipeline training with asynchronous ckptd checkpoints.",
-                          root="./pipeline_checkpoints").parse_args()
+    args = example_parser(
+        "Two-stage pipeline training with asynchronous ckptd checkpoints.", root="./pipeline_checkpoints"
+    ).parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if dist.get_world_size() != 2:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 from torch import nn
 
 from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
-from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 16
 HIDDEN = 64
@@ -38,7 +38,7 @@ class ShuffledLoader:
     def __init__(self, size: int = 48, batch_size: int = 8, seed: int = 1234) -> None:
         g = torch.Generator().manual_seed(seed)
         self.inputs = torch.randn(size, DIM, generator=g)
-        self.targets = torch.tanh(self.inputs @ torch.randn(DIM, DIM, generator=g) / DIM ** 0.5)
+        self.targets = torch.tanh(self.inputs @ torch.randn(DIM, DIM, generator=g) / DIM**0.5)
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.position = 0, 0
 
@@ -47,7 +47,7 @@ class ShuffledLoader:
         if (self.position + 1) * self.batch_size > len(self.inputs):
             self.epoch, self.position = self.epoch + 1, 0
         order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        index = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        index = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
         self.position += 1
         return self.inputs[index], self.targets[index]
 
@@ -83,7 +83,10 @@ class Trainer:
     def __init__(self, total_steps: int) -> None:
         torch.manual_seed(0)
         self.model = nn.Sequential(
-            nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1), nn.Linear(HIDDEN, DIM),
+            nn.Linear(DIM, HIDDEN),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            nn.Linear(HIDDEN, DIM),
         )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps)
@@ -114,8 +117,9 @@ class Trainer:
 
 
 def main() -> None:
-    args = example_parser("Single-device training with asynchronous ckptd checkpoints.",
-                          root="./single_device_checkpoints").parse_args()
+    args = example_parser(
+        "Single-device training with asynchronous ckptd checkpoints.", root="./single_device_checkpoints"
+    ).parse_args()
     say = rank0_say()  # a plain print: one process, no process group
     trainer = Trainer(args.steps)
     torch.manual_seed(1000)  # dropout's stream, after the weights are drawn

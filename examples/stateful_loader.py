@@ -31,12 +31,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ckptd.client import CheckpointManager, RNGState, SaveHandle, SharingPattern, StateComponent
-from example_support import Recorder, crash, example_parser, rank0_say, report  # options, --crash-at, --record
 
 DIM = 32
 HIDDEN = 128
@@ -83,7 +83,11 @@ class EpochLoader:
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.generator = torch.Generator()
         self.loader = StatefulDataLoader(
-            dataset, batch_size=BATCH, sampler=self.sampler, num_workers=NUM_WORKERS, generator=self.generator,
+            dataset,
+            batch_size=BATCH,
+            sampler=self.sampler,
+            num_workers=NUM_WORKERS,
+            generator=self.generator,
         )
         self.epoch = 0
         self._batches: Optional[Iterator[Any]] = None
@@ -164,8 +168,12 @@ class Trainer:
 
 
 def main() -> None:
-    args = example_parser("DDP training from a StatefulDataLoader with ckptd checkpoints.",
-                          root="./loader_checkpoints", steps=16, save_every=4).parse_args()
+    args = example_parser(
+        "DDP training from a StatefulDataLoader with ckptd checkpoints.",
+        root="./loader_checkpoints",
+        steps=16,
+        save_every=4,
+    ).parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     say = rank0_say()

@@ -8,6 +8,17 @@ from ckptd.proto.patterns import Placement, SharingPattern, is_writer, place
 from ckptd.proto.topology import Topology
 
 __all__ = [
-    "FORMAT_VERSION", "PROTOCOL_VERSION", "Manifest", "ManifestError", "Placement", "ProtocolError",
-    "SharingPattern", "TensorEntry", "Topology", "UnsafeNameError", "check_safe_name", "is_writer", "place",
+    "FORMAT_VERSION",
+    "PROTOCOL_VERSION",
+    "Manifest",
+    "ManifestError",
+    "Placement",
+    "ProtocolError",
+    "SharingPattern",
+    "TensorEntry",
+    "Topology",
+    "UnsafeNameError",
+    "check_safe_name",
+    "is_writer",
+    "place",
 ]

@@ -55,13 +55,20 @@ class NodeReport:
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a NODE_REPORT frame."""
         return {
-            "job": self.job, "step": self.step, "node": self.node, "topology": self.topology.to_wire(),
+            "job": self.job,
+            "step": self.step,
+            "node": self.node,
+            "topology": self.topology.to_wire(),
             "parts": [[rank, [p.to_wire() for p in parts]] for rank, parts in self.parts.items()],
             "files": [
                 [key, scope, _file_to_wire(f.tensor_file), _file_to_wire(f.state_file)]
-                for key, scopes in self.files.items() for scope, f in scopes.items()
+                for key, scopes in self.files.items()
+                for scope, f in scopes.items()
             ],
-            "versions": self.versions, "metrics": self.metrics, "started_at": self.started_at, "timings": self.timings,
+            "versions": self.versions,
+            "metrics": self.metrics,
+            "started_at": self.started_at,
+            "timings": self.timings,
             "retention": self.retention.to_wire() if self.retention else None,
         }
 
@@ -91,8 +98,9 @@ class NodeReport:
                 raise ProtocolError("invalid_request", f"{where}: files must be [key, scope, tensor file, state file]")
             key, scope, tensor_file, state_file = item
             try:
-                tensor_path, state_path = layout.shard_paths(layout.check_safe_name(key, "component key"),
-                                                             layout.check_safe_name(scope, "scope"))
+                tensor_path, state_path = layout.shard_paths(
+                    layout.check_safe_name(key, "component key"), layout.check_safe_name(scope, "scope")
+                )
             except ValueError as exc:
                 raise ProtocolError("invalid_name", f"{where}: {exc}") from None
             files.setdefault(key, {})[scope] = ScopeFiles(
@@ -107,11 +115,19 @@ class NodeReport:
             retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
         except ValueError as exc:
             raise ProtocolError("invalid_request", f"{where}: retention: {exc}") from None
-        return cls(retention=retention, job=job, step=step, node=node, topology=topology, parts=parts, files=files,
-                   versions={str(k): str(v) for k, v in versions.items()},
-                   metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                   started_at=float(started_at),
-                   timings={str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))})
+        return cls(
+            retention=retention,
+            job=job,
+            step=step,
+            node=node,
+            topology=topology,
+            parts=parts,
+            files=files,
+            versions={str(k): str(v) for k, v in versions.items()},
+            metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            started_at=float(started_at),
+            timings={str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))},
+        )
 
 
 def _node_of(topology: Topology, rank: int) -> int:

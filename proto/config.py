@@ -54,7 +54,7 @@ def flag(name: str) -> str:
 def scalar_type(hint: Any) -> type:
     """The value type of a resolved field annotation: `int` for `int` and for `Optional[int]`."""
     args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if typing.get_origin(hint) in _UNIONS and len(args) == 1:
+    if typing.get_origin(hint) in _UNIONS and len(args) == 1 and isinstance(args[0], type):
         return args[0]
     if isinstance(hint, type):
         return hint

@@ -77,9 +77,16 @@ class Manifest:
         """Serialized form: compact JSON (the C encoder; indented output takes 15x longer for a
         10,000-tensor index). `ckptd inspect` or `python -m json.tool` shows it readably."""
         data = {
-            "format_version": self.format_version, "step": self.step, "topology": self.topology.to_wire(),
-            "groups": self.groups, "versions": self.versions, "created_at": self.created_at,
-            "committed_at": self.committed_at, "timings": self.timings, "metrics": self.metrics, "job": self.job,
+            "format_version": self.format_version,
+            "step": self.step,
+            "topology": self.topology.to_wire(),
+            "groups": self.groups,
+            "versions": self.versions,
+            "created_at": self.created_at,
+            "committed_at": self.committed_at,
+            "timings": self.timings,
+            "metrics": self.metrics,
+            "job": self.job,
             "components": {key: _component_to_dict(c) for key, c in self.components.items()},
         }
         return json.dumps(data, separators=(",", ":"))
@@ -93,14 +100,19 @@ class Manifest:
             if version != FORMAT_VERSION:
                 raise ManifestError(f"manifest format version {version!r} is not supported (expected {FORMAT_VERSION})")
             components = {
-                check_safe_name(key, "component key"): _component_from_dict(raw) for key, raw in data["components"].items()
+                check_safe_name(key, "component key"): _component_from_dict(raw)
+                for key, raw in data["components"].items()
             }
             return cls(
-                step=int(data["step"]), topology=Topology.from_wire(data["topology"]),
+                step=int(data["step"]),
+                topology=Topology.from_wire(data["topology"]),
                 groups={k: [list(map(int, g)) for g in v] for k, v in data.get("groups", {}).items()},
-                components=components, versions=dict(data.get("versions", {})),
-                created_at=str(data["created_at"]), committed_at=str(data["committed_at"]),
-                timings=dict(data.get("timings", {})), metrics=dict(data.get("metrics", {})),
+                components=components,
+                versions=dict(data.get("versions", {})),
+                created_at=str(data["created_at"]),
+                committed_at=str(data["committed_at"]),
+                timings=dict(data.get("timings", {})),
+                metrics=dict(data.get("metrics", {})),
                 job=str(data.get("job", "")),
             )
         except ManifestError:
@@ -115,12 +127,20 @@ def _file_to_dict(record: FileRecord) -> Dict[str, Any]:
 
 def _component_to_dict(record: ComponentRecord) -> Dict[str, Any]:
     return {
-        "pattern": record.pattern.value, "required": record.required,
-        "validate_replication": record.validate_replication, "metadata": record.metadata,
-        "group_name": record.group_name, "spread": record.spread,
+        "pattern": record.pattern.value,
+        "required": record.required,
+        "validate_replication": record.validate_replication,
+        "metadata": record.metadata,
+        "group_name": record.group_name,
+        "spread": record.spread,
         "scopes": {
-            name: {"scope": s.scope, "writer_rank": s.writer_rank, "readers": s.readers,
-                   "tensor_file": _file_to_dict(s.tensor_file), "state_file": _file_to_dict(s.state_file)}
+            name: {
+                "scope": s.scope,
+                "writer_rank": s.writer_rank,
+                "readers": s.readers,
+                "tensor_file": _file_to_dict(s.tensor_file),
+                "state_file": _file_to_dict(s.state_file),
+            }
             for name, s in record.scopes.items()
         },
     }
@@ -133,19 +153,28 @@ def _file_from_dict(raw: Dict[str, Any]) -> FileRecord:
         raise ManifestError(f"manifest file entry {path!r} must be '<component>/<file>'")
     for part in parts:
         check_safe_name(part, "manifest file path component")
-    return FileRecord(path=path, size=int(raw["size"]), checksum=str(raw["checksum"]), tensors=dict(raw.get("tensors", {})))
+    return FileRecord(
+        path=path, size=int(raw["size"]), checksum=str(raw["checksum"]), tensors=dict(raw.get("tensors", {}))
+    )
 
 
 def _component_from_dict(raw: Dict[str, Any]) -> ComponentRecord:
     scopes = {
         name: ScopeRecord(
-            scope=name, writer_rank=int(s["writer_rank"]), readers=[int(r) for r in s["readers"]],
-            tensor_file=_file_from_dict(s["tensor_file"]), state_file=_file_from_dict(s["state_file"]),
+            scope=name,
+            writer_rank=int(s["writer_rank"]),
+            readers=[int(r) for r in s["readers"]],
+            tensor_file=_file_from_dict(s["tensor_file"]),
+            state_file=_file_from_dict(s["state_file"]),
         )
         for name, s in raw["scopes"].items()
     }
     return ComponentRecord(
-        pattern=SharingPattern(raw["pattern"]), required=bool(raw["required"]),
-        validate_replication=bool(raw["validate_replication"]), metadata=dict(raw.get("metadata", {})),
-        scopes=scopes, group_name=raw.get("group_name"), spread=raw.get("spread") is True,
+        pattern=SharingPattern(raw["pattern"]),
+        required=bool(raw["required"]),
+        validate_replication=bool(raw["validate_replication"]),
+        metadata=dict(raw.get("metadata", {})),
+        scopes=scopes,
+        group_name=raw.get("group_name"),
+        spread=raw.get("spread") is True,
     )

@@ -59,7 +59,10 @@ class Envelope:
 
 def encode(msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> bytes:
     """Pack one frame."""
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg_type, "id": msg_id, "body": body}, use_bin_type=True)
+    frame: bytes = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": msg_type, "id": msg_id, "body": body}, use_bin_type=True
+    )
+    return frame
 
 
 def decode(frame: bytes) -> Envelope:
@@ -95,7 +98,9 @@ def _field(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ProtocolError("invalid_request", f"{where}: field {name!r} must be {expected}, got {type(value).__name__}")
+        raise ProtocolError(
+            "invalid_request", f"{where}: field {name!r} must be {expected}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -115,8 +120,13 @@ class Hello:
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
         run = self.run
-        return {"pid": self.pid, "root": self.root, "run": None if run is None else {
-            "job": run.job, "host": run.host, "pid": run.pid, "rank": run.rank, "started_at": run.started_at}}
+        return {
+            "pid": self.pid,
+            "root": self.root,
+            "run": None
+            if run is None
+            else {"job": run.job, "host": run.host, "pid": run.pid, "rank": run.rank, "started_at": run.started_at},
+        }
 
     @classmethod
     def from_wire(cls, body: Dict[str, Any]) -> "Hello":
@@ -130,8 +140,10 @@ class Hello:
             raise ProtocolError("invalid_request", f"{where}: field 'run' must be map, got {type(raw).__name__}")
         where = "hello: run"
         run = RunIdentity(
-            job=_job_id(_field(raw, "job", str, where), where), host=_field(raw, "host", str, where)[:256],
-            pid=_field(raw, "pid", int, where), rank=_field(raw, "rank", int, where),
+            job=_job_id(_field(raw, "job", str, where), where),
+            host=_field(raw, "host", str, where)[:256],
+            pid=_field(raw, "pid", int, where),
+            rank=_field(raw, "rank", int, where),
             started_at=float(_field(raw, "started_at", (int, float), where)),
         )
         return cls(pid, root, run)
@@ -167,12 +179,21 @@ class ComponentPart:
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
         return {
-            "key": self.key, "pattern": self.pattern.value, "required": self.required, "writer": self.writer,
-            "group_name": self.group_name, "group_ranks": list(self.group_ranks),
-            "validate_replication": self.validate_replication, "spread": self.spread, "metadata": self.metadata,
-            "region": self.region, "lease": self.lease, "region_size": self.region_size,
+            "key": self.key,
+            "pattern": self.pattern.value,
+            "required": self.required,
+            "writer": self.writer,
+            "group_name": self.group_name,
+            "group_ranks": list(self.group_ranks),
+            "validate_replication": self.validate_replication,
+            "spread": self.spread,
+            "metadata": self.metadata,
+            "region": self.region,
+            "lease": self.lease,
+            "region_size": self.region_size,
             "tensors": self.tensors,
-            "state": self.state, "digests": self.digests,
+            "state": self.state,
+            "digests": self.digests,
         }
 
     @classmethod
@@ -188,7 +209,9 @@ class ComponentPart:
         try:
             pattern = SharingPattern(body.get("pattern"))
         except ValueError:
-            raise ProtocolError("invalid_request", f"{where}: unknown sharing pattern {body.get('pattern')!r}") from None
+            raise ProtocolError(
+                "invalid_request", f"{where}: unknown sharing pattern {body.get('pattern')!r}"
+            ) from None
         group_name = _optional(body, "group_name", str, where)
         if group_name is not None:
             try:
@@ -207,15 +230,22 @@ class ComponentPart:
         if type(spread) is not bool or (spread and pattern is not SharingPattern.REPLICATED):
             raise ProtocolError("invalid_request", f"{where}: spread must be a bool, and applies only to REPLICATED")
         metadata = _field(body, "metadata", dict, where)
-        if not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in metadata.items()):
+        if not all(
+            isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in metadata.items()
+        ):
             raise ProtocolError("invalid_request", f"{where}: metadata must map strings to str/int/float/bool/None")
         return cls(
-            key=key, pattern=pattern,
+            key=key,
+            pattern=pattern,
             required=bool(_field(body, "required", bool, where)),
             writer=bool(_field(body, "writer", bool, where)),
-            group_name=group_name, group_ranks=group_ranks,
+            group_name=group_name,
+            group_ranks=group_ranks,
             validate_replication=bool(_field(body, "validate_replication", bool, where)),
-            spread=spread, metadata=metadata, region=region, lease=_field(body, "lease", int, where),
+            spread=spread,
+            metadata=metadata,
+            region=region,
+            lease=_field(body, "lease", int, where),
             region_size=_field(body, "region_size", int, where),
             tensors=_tensor_entries(_field(body, "tensors", (list, tuple), where), where),
             state=_optional(body, "state", bytes, where),
@@ -226,14 +256,24 @@ class ComponentPart:
 def _tensor_entries(raw: Any, where: str) -> Tuple[TensorEntry, ...]:
     """Entries as sent: [name, dtype, shape, offset, nbytes] each; types checked here, layout by the daemon."""
     try:
-        entries = tuple(TensorEntry(name, dtype, tuple(shape), offset, nbytes) for name, dtype, shape, offset, nbytes in raw)
+        entries = tuple(
+            TensorEntry(name, dtype, tuple(shape), offset, nbytes) for name, dtype, shape, offset, nbytes in raw
+        )
     except (TypeError, ValueError):
-        raise ProtocolError("invalid_request", f"{where}: tensor entries must be [name, dtype, shape, offset, nbytes]") from None
+        raise ProtocolError(
+            "invalid_request", f"{where}: tensor entries must be [name, dtype, shape, offset, nbytes]"
+        ) from None
     for entry in entries:
         name, dtype, shape, offset, nbytes = entry
         if not (
-            type(name) is str and 0 < len(name) <= 1024 and "\0" not in name and dtype in SAFETENSORS_DTYPES
-            and type(offset) is int and type(nbytes) is int and offset >= 0 and nbytes >= 0
+            type(name) is str
+            and 0 < len(name) <= 1024
+            and "\0" not in name
+            and dtype in SAFETENSORS_DTYPES
+            and type(offset) is int
+            and type(nbytes) is int
+            and offset >= 0
+            and nbytes >= 0
             and all(type(d) is int and d >= 0 for d in shape)
         ):
             raise ProtocolError("invalid_request", f"{where}: malformed tensor entry {list(entry)!r:.200}")
@@ -271,10 +311,17 @@ class SaveRequest:
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
         return {
-            "root": self.root, "step": self.step, "rank": self.rank, "pid": self.pid, "job": self.job,
-            "topology": self.topology.to_wire(), "parts": [p.to_wire() for p in self.parts],
-            "versions": self.versions, "metrics": self.metrics,
-            "retention": self.retention.to_wire() if self.retention else None, "expires_at": self.expires_at,
+            "root": self.root,
+            "step": self.step,
+            "rank": self.rank,
+            "pid": self.pid,
+            "job": self.job,
+            "topology": self.topology.to_wire(),
+            "parts": [p.to_wire() for p in self.parts],
+            "versions": self.versions,
+            "metrics": self.metrics,
+            "retention": self.retention.to_wire() if self.retention else None,
+            "expires_at": self.expires_at,
         }
 
     @classmethod
@@ -307,9 +354,16 @@ class SaveRequest:
         except ValueError as exc:
             raise ProtocolError("invalid_request", f"{where}: retention: {exc}") from None
         return cls(
-            root=_field(body, "root", str, where), step=step, rank=rank, job=job,
-            pid=_field(body, "pid", int, where), topology=topology, parts=parts,
-            versions=versions, metrics=metrics, retention=retention,
+            root=_field(body, "root", str, where),
+            step=step,
+            rank=rank,
+            job=job,
+            pid=_field(body, "pid", int, where),
+            topology=topology,
+            parts=parts,
+            versions=versions,
+            metrics=metrics,
+            retention=retention,
             expires_at=float(_field(body, "expires_at", (int, float), where)),
         )
 
@@ -332,8 +386,11 @@ class Released:
         step, raw = body.get("step"), body.get("leases")
         if type(step) is not int or not isinstance(raw, list):
             return None
-        leases = tuple((lease[0], lease[1]) for lease in raw if isinstance(lease, list) and len(lease) == 2
-                       and isinstance(lease[0], str) and type(lease[1]) is int)
+        leases = tuple(
+            (lease[0], lease[1])
+            for lease in raw
+            if isinstance(lease, list) and len(lease) == 2 and isinstance(lease[0], str) and type(lease[1]) is int
+        )
         return cls(step, leases)
 
 

@@ -40,8 +40,7 @@ class RunIdentity:
 
     def describe(self) -> str:
         """Who the run is, for an error message."""
-        return (f"run {self.job} (rank {self.rank}, pid {self.pid} on host {self.host}, started "
-                f"{_utc(self.started_at)})")
+        return f"run {self.job} (rank {self.rank}, pid {self.pid} on host {self.host}, started {_utc(self.started_at)})"
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,24 @@ class RootClaim:
         try:
             data: Any = json.loads(text)
             run = RunIdentity(**data["run"])
-            claim = cls(run=run, pids=tuple(data["pids"]), boot_id=data["boot_id"], daemon_pid=data["daemon_pid"],
-                        renewed_at=float(data["renewed_at"]), renewals=data["renewals"])
+            claim = cls(
+                run=run,
+                pids=tuple(data["pids"]),
+                boot_id=data["boot_id"],
+                daemon_pid=data["daemon_pid"],
+                renewed_at=float(data["renewed_at"]),
+                renewals=data["renewals"],
+            )
         except (ValueError, TypeError, KeyError):
             return None
-        typed = (isinstance(run.job, str) and isinstance(run.host, str) and type(run.pid) is int
-                 and all(type(p) is int for p in claim.pids) and isinstance(claim.boot_id, str)
-                 and type(claim.renewals) is int)
+        typed = (
+            isinstance(run.job, str)
+            and isinstance(run.host, str)
+            and type(run.pid) is int
+            and all(type(p) is int for p in claim.pids)
+            and isinstance(claim.boot_id, str)
+            and type(claim.renewals) is int
+        )
         return claim if typed else None
 
 

@@ -39,8 +39,13 @@ class RetentionPolicy:
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a save request and the retention file."""
-        return {"keep_last": self.keep_last, "keep_every": self.keep_every, "keep_best": self.keep_best,
-                "best_metric": self.best_metric, "best_mode": self.best_mode}
+        return {
+            "keep_last": self.keep_last,
+            "keep_every": self.keep_every,
+            "keep_best": self.keep_best,
+            "best_metric": self.best_metric,
+            "best_mode": self.best_mode,
+        }
 
     @classmethod
     def from_wire(cls, raw: Any) -> "RetentionPolicy":
@@ -50,13 +55,14 @@ class RetentionPolicy:
         metric = raw.get("best_metric")
         if metric is not None and (not isinstance(metric, str) or not 0 < len(metric) <= 128):
             raise ValueError("best_metric must be a metric name")
-        return cls(**{k: raw.get(k) for k in ("keep_last", "keep_every", "keep_best")}, best_metric=metric,
-                   best_mode=raw.get("best_mode") or "min")
+        return cls(
+            **{k: raw.get(k) for k in ("keep_last", "keep_every", "keep_best")},
+            best_metric=metric,
+            best_mode=raw.get("best_mode") or "min",
+        )
 
 
-def kept_steps(
-    checkpoints: Sequence[Tuple[int, Mapping[str, float]]], policy: RetentionPolicy
-) -> Dict[int, List[str]]:
+def kept_steps(checkpoints: Sequence[Tuple[int, Mapping[str, float]]], policy: RetentionPolicy) -> Dict[int, List[str]]:
     """Step -> the reasons it is kept, for committed `checkpoints` given as (step, metrics). Steps
     missing from the result are to be deleted."""
     steps = sorted(step for step, _ in checkpoints)
@@ -70,18 +76,20 @@ def kept_steps(
     if steps:
         keep(steps[-1], "newest")
     if policy.keep_last is not None:
-        for step in steps[-policy.keep_last:]:
+        for step in steps[-policy.keep_last :]:
             keep(step, f"last {policy.keep_last}")
     if policy.keep_every is not None:
         for step in steps:
             if step % policy.keep_every == 0:
                 keep(step, f"every {policy.keep_every}")
     if policy.keep_best is not None and policy.best_metric is not None:
-        scored = [(metrics[policy.best_metric], step) for step, metrics in checkpoints
-                  if isinstance(metrics.get(policy.best_metric), (int, float))
-                  and math.isfinite(metrics[policy.best_metric])]
+        scored = [
+            (metrics[policy.best_metric], step)
+            for step, metrics in checkpoints
+            if isinstance(metrics.get(policy.best_metric), (int, float)) and math.isfinite(metrics[policy.best_metric])
+        ]
         scored.sort(key=lambda item: (item[0] if policy.best_mode == "min" else -item[0], -item[1]))
-        for _, step in scored[:policy.keep_best]:
+        for _, step in scored[: policy.keep_best]:
             keep(step, f"best {policy.keep_best} by {policy.best_metric} ({policy.best_mode})")
     return {step: kept[step] for step in sorted(kept)}
 
@@ -96,5 +104,8 @@ DELETED_REMEMBERED = 1024
 def deleted_checkpoints(record: Any) -> List[Tuple[int, str]]:
     """The (step, job) pairs a parsed retention file lists as deleted after they committed."""
     entries = record.get(DELETED_KEY, []) if isinstance(record, dict) else []
-    return [(e[0], e[1]) for e in entries if isinstance(e, list) and len(e) == 2
-            and type(e[0]) is int and isinstance(e[1], str)]
+    return [
+        (e[0], e[1])
+        for e in entries
+        if isinstance(e, list) and len(e) == 2 and type(e[0]) is int and isinstance(e[1], str)
+    ]

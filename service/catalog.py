@@ -60,17 +60,20 @@ def catalog(root: str) -> Catalog:
     latest = read_latest(root)
     retention = read_retention(root)
     kept = retention.get("kept", {}) if isinstance(retention.get("kept"), dict) else {}
-    checkpoints = [_entry(step, checkpoint_path(root, step), latest, kept.get(str(step), []))
-                   for step in checkpoint_steps(root)]
+    checkpoints = [
+        _entry(step, checkpoint_path(root, step), latest, kept.get(str(step), [])) for step in checkpoint_steps(root)
+    ]
     now = time.time()
-    found = [Leftover(path, leftover_kind(path), now - os.lstat(path).st_mtime, tree_size(path))
-             for path in leftovers(root)]
+    found = [
+        Leftover(path, leftover_kind(path), now - os.lstat(path).st_mtime, tree_size(path)) for path in leftovers(root)
+    ]
     return Catalog(root, checkpoints, found, latest, retention.get("policy"))
 
 
 def _entry(step: int, path: str, latest: Optional[int], kept_because: List[str]) -> CheckpointEntry:
-    entry = CheckpointEntry(step, path, latest=step == latest, kept_because=list(kept_because),
-                            size_bytes=tree_size(path))
+    entry = CheckpointEntry(
+        step, path, latest=step == latest, kept_because=list(kept_because), size_bytes=tree_size(path)
+    )
     try:
         manifest = read_manifest(path)
     except ManifestError as exc:

@@ -13,16 +13,23 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from ckptd.service import commands as commands_module
-from ckptd.service.curve import write_secret
-from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
-from ckptd.proto.manifest import ManifestError
-from ckptd.proto.config import (
-    CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV, NODE_RANK_ENV, NUM_NODES_ENV, ExitCode, flag, scalar_type,
-)
 from ckptd.disk.manifests import read_manifest
 from ckptd.disk.root import checkpoint_dirs
 from ckptd.disk.verify import verify_checkpoint
+from ckptd.proto.config import (
+    CLUSTER_SECRET_ENV,
+    ENDPOINT_ENV,
+    LEADER_ENV,
+    NODE_RANK_ENV,
+    NUM_NODES_ENV,
+    ExitCode,
+    flag,
+    scalar_type,
+)
+from ckptd.proto.manifest import ManifestError
+from ckptd.service import commands as commands_module
+from ckptd.service.curve import write_secret
+from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
 
 log = logging.getLogger("ckptd")
 
@@ -44,21 +51,30 @@ _SERVE_FLAGS: Dict[str, _Flag] = {
     "endpoint": _Flag("ZeroMQ endpoint to listen on", unset="per-user ipc:// socket for the root"),
     "node": _Flag("this node's index in the job; node 0's daemon commits", env=NODE_RANK_ENV),
     "num_nodes": _Flag("nodes in the job, one daemon each", env=NUM_NODES_ENV),
-    "leader": _Flag("node 0's commit leader: node 0 listens on PORT, the others connect to HOST:PORT; "
-                    "needed when --num-nodes > 1", env=LEADER_ENV, metavar="HOST:PORT"),
-    "cluster_secret": _Flag("secret shared by the job's daemons, from `ckptd keygen`; needed when --num-nodes > 1",
-                            env=CLUSTER_SECRET_ENV, metavar="FILE"),
+    "leader": _Flag(
+        "node 0's commit leader: node 0 listens on PORT, the others connect to HOST:PORT; needed when --num-nodes > 1",
+        env=LEADER_ENV,
+        metavar="HOST:PORT",
+    ),
+    "cluster_secret": _Flag(
+        "secret shared by the job's daemons, from `ckptd keygen`; needed when --num-nodes > 1",
+        env=CLUSTER_SECRET_ENV,
+        metavar="FILE",
+    ),
     "metrics_port": _Flag("serve Prometheus metrics at http://ADDRESS:PORT/metrics", unset="off", metavar="PORT"),
     "metrics_address": _Flag("address the metrics listen on; 0.0.0.0 for a cluster scraper"),
     "peer_timeout": _Flag("seconds without a heartbeat before another node's daemon counts as gone"),
-    "claim_ttl": _Flag("how long another host's claim on a shared root counts as a live run's after its last "
-                       "renewal", metavar="SECONDS"),
+    "claim_ttl": _Flag(
+        "how long another host's claim on a shared root counts as a live run's after its last renewal",
+        metavar="SECONDS",
+    ),
     "max_write_mbps": _Flag("cap on write bandwidth in MB/s", unset="no cap"),
     "save_timeout": _Flag("seconds a save may take from its first rank's hand-over to commit before it aborts"),
     "write_threads": _Flag("shard writer threads"),
     "nice": _Flag("CPU niceness to add, so training processes get the CPU first; 0 keeps it"),
-    "exit_when_idle": _Flag("exit once no client process is alive and nothing happened for SECONDS",
-                            unset="never", metavar="SECONDS"),
+    "exit_when_idle": _Flag(
+        "exit once no client process is alive and nothing happened for SECONDS", unset="never", metavar="SECONDS"
+    ),
 }
 """One entry per DaemonConfig field, in --help order."""
 
@@ -91,15 +107,22 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     """One flag per DaemonConfig field (`flag(name)`), typed and defaulted by the field."""
     config_fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
     if set(config_fields) != set(_SERVE_FLAGS):
-        raise RuntimeError(f"ckptd serve flags and DaemonConfig fields differ: {set(config_fields) ^ set(_SERVE_FLAGS)}")
+        raise RuntimeError(
+            f"ckptd serve flags and DaemonConfig fields differ: {set(config_fields) ^ set(_SERVE_FLAGS)}"
+        )
     hints = typing.get_type_hints(DaemonConfig)
     for name, spec in _SERVE_FLAGS.items():
         kind, default = scalar_type(hints[name]), config_fields[name].default
         if default is dataclasses.MISSING:
             serve.add_argument(flag(name), type=kind, required=True, metavar=spec.metavar, help=spec.help)
         else:
-            serve.add_argument(flag(name), type=kind, default=_env_default(spec.env, kind, default),
-                               metavar=spec.metavar, help=_help(spec, default))
+            serve.add_argument(
+                flag(name),
+                type=kind,
+                default=_env_default(spec.env, kind, default),
+                metavar=spec.metavar,
+                help=_help(spec, default),
+            )
 
 
 def daemon_config(args: argparse.Namespace) -> DaemonConfig:
@@ -117,11 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(serve)
     keygen = commands.add_parser("keygen", help="create the secret file that authenticates a job's daemons")
     keygen.add_argument("path", help="file to create (mode 0600; refuses to overwrite)")
-    verify = commands.add_parser("verify", help="check every file of a checkpoint (or of every checkpoint under a root)")
+    verify = commands.add_parser(
+        "verify", help="check every file of a checkpoint (or of every checkpoint under a root)"
+    )
     verify.add_argument("path", help="a checkpoint directory, or a checkpoint root")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
-    verify.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a progress bar on stderr (default: when stderr is a terminal)")
+    verify.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: when stderr is a terminal)",
+    )
     _add_operator_commands(commands)
     return parser
 
@@ -136,14 +165,20 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     gc = commands.add_parser("gc", help="remove leftovers of interrupted saves and apply retention")
     gc.add_argument("root", help="checkpoint root")
     gc.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-    gc.add_argument("--min-age", type=float, default=commands_module.GC_MIN_AGE_S, metavar="SECONDS",
-                    help="only remove leftovers untouched for this long: younger ones may be saves in flight "
-                         "(default 3600)")
+    gc.add_argument(
+        "--min-age",
+        type=float,
+        default=commands_module.GC_MIN_AGE_S,
+        metavar="SECONDS",
+        help="only remove leftovers untouched for this long: younger ones may be saves in flight (default 3600)",
+    )
     gc.add_argument("--keep-last", type=int, help="retention: keep the newest N (default: the daemon's last policy)")
     gc.add_argument("--keep-every", type=int, help="retention: keep every step divisible by N")
     gc.add_argument("--keep-best", type=int, help="retention: keep the N best by --best-metric")
     gc.add_argument("--best-metric", help="metric name passed to save_checkpoint(metrics=...)")
-    gc.add_argument("--best-mode", choices=("min", "max"), default="min", help="lower or higher is better (default min)")
+    gc.add_argument(
+        "--best-mode", choices=("min", "max"), default="min", help="lower or higher is better (default min)"
+    )
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     export = commands.add_parser("export", help="one component as consolidated safetensors files with an index")
     export.add_argument("path", help="a checkpoint directory")
@@ -173,8 +208,9 @@ class _ProgressBar:
         percent = min(100, self._done * 100 // self._total)
         if percent != self._shown:
             self._shown = percent
-            self._stream.write(f"\rverifying [{'#' * (percent // 4):<25}] {percent:3d}% "
-                               f"of {self._total / 2**20:.0f} MiB")
+            self._stream.write(
+                f"\rverifying [{'#' * (percent // 4):<25}] {percent:3d}% of {self._total / 2**20:.0f} MiB"
+            )
             self._stream.flush()
 
     def finish(self) -> None:
@@ -197,14 +233,22 @@ def verify(args: argparse.Namespace) -> int:
     if not directories:
         sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
         return ExitCode.ERROR
-    bar = _ProgressBar(sys.stderr, _listed_bytes(directories)) if args.progress or (
-        args.progress is None and sys.stderr.isatty()) else None
+    bar = (
+        _ProgressBar(sys.stderr, _listed_bytes(directories))
+        if args.progress or (args.progress is None and sys.stderr.isatty())
+        else None
+    )
     results = {directory: verify_checkpoint(directory, bar.advance if bar else None) for directory in directories}
     if bar:
         bar.finish()
     if args.json:
-        sys.stdout.write(json.dumps({d: [{"path": p.path, "reason": p.reason} for p in problems]
-                                     for d, problems in results.items()}, indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {d: [{"path": p.path, "reason": p.reason} for p in problems] for d, problems in results.items()},
+                indent=2,
+            )
+            + "\n"
+        )
     else:
         for directory, problems in results.items():
             sys.stdout.write(f"{'BAD' if problems else 'OK '} {directory}\n")
@@ -254,8 +298,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return verify(args)
     if args.command == "keygen":
         return keygen(args)
-    operator = {"ls": commands_module.ls, "inspect": commands_module.inspect, "gc": commands_module.gc,
-                "export": commands_module.export, "status": commands_module.status}.get(args.command)
+    operator = {
+        "ls": commands_module.ls,
+        "inspect": commands_module.inspect,
+        "gc": commands_module.gc,
+        "export": commands_module.export,
+        "status": commands_module.status,
+    }.get(args.command)
     return operator(args) if operator else ExitCode.USAGE
 
 

@@ -153,8 +153,11 @@ class ClusterLeader(_Endpoint):
     async def report(self, report: NodeReport) -> None:
         """A node (this one, or a follower over TCP) has every local rank's shards durable."""
         key = (report.job, report.step)
-        gone = sorted(n for n, p in self._peers.items() if not p.alive and n != report.node
-                      and n not in self._commit.reported_nodes().get(key, set()))
+        gone = sorted(
+            n
+            for n, p in self._peers.items()
+            if not p.alive and n != report.node and n not in self._commit.reported_nodes().get(key, set())
+        )
         if gone:
             await self._commit.abort(report.job, report.step, self._gone_reason(report.step, gone))
             return
@@ -197,7 +200,9 @@ class ClusterLeader(_Endpoint):
         if envelope.type in (cluster.NODE_HELLO, cluster.HEARTBEAT):
             node, instance = body.get("node"), body.get("instance")
             if type(node) is not int or not 0 < node < self._config.num_nodes or not isinstance(instance, str):
-                raise ProtocolError("invalid_request", f"node must be 1..{self._config.num_nodes - 1} and instance a string")
+                raise ProtocolError(
+                    "invalid_request", f"node must be 1..{self._config.num_nodes - 1} and instance a string"
+                )
             await self._seen(node, identity, instance)
             return messages.OK, {"instance": self.instance}
         if envelope.type == cluster.NODE_REPORT:
@@ -216,8 +221,10 @@ class ClusterLeader(_Endpoint):
     def _check_sender(self, identity: bytes, node: int) -> None:
         peer = self._peers.get(node)
         if peer is None or peer.identity != identity:
-            raise ProtocolError("invalid_request", f"a report for node {node} came from a connection that did not "
-                                "say hello as that node")
+            raise ProtocolError(
+                "invalid_request",
+                f"a report for node {node} came from a connection that did not say hello as that node",
+            )
 
     async def _seen(self, node: int, identity: bytes, instance: str) -> None:
         peer = self._peers.get(node)
@@ -249,8 +256,10 @@ class ClusterLeader(_Endpoint):
                 await self._commit.abort(job, step, reason or self._gone_reason(step, [node]))
 
     def _gone_reason(self, step: int, nodes: list) -> str:
-        return (f"step {step} aborted: the ckptd daemon of node(s) {nodes} stopped answering the commit leader "
-                f"(no heartbeat for {self._config.peer_timeout:g} s)")
+        return (
+            f"step {step} aborted: the ckptd daemon of node(s) {nodes} stopped answering the commit leader "
+            f"(no heartbeat for {self._config.peer_timeout:g} s)"
+        )
 
     async def _send(self, identity: bytes, msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> None:
         if self._socket is None:
@@ -280,7 +289,9 @@ class ClusterFollower(_Endpoint):
     def leader_endpoint(self) -> str:
         """The leader's TCP endpoint."""
         host = self._config.leader_host
-        return f"tcp://[{host}]:{self._config.leader_port}" if ":" in host else f"tcp://{host}:{self._config.leader_port}"
+        return (
+            f"tcp://[{host}]:{self._config.leader_port}" if ":" in host else f"tcp://{host}:{self._config.leader_port}"
+        )
 
     async def start(self) -> None:
         """Connect to the leader (ZeroMQ retries until it is up) and start the heartbeats."""
@@ -347,8 +358,10 @@ class ClusterFollower(_Endpoint):
         if self._leader_instance is not None and instance != self._leader_instance:
             log.warning("the commit leader restarted: aborting the saves it had not decided")
             for job, step in list(self._awaiting):
-                await self._resolve_locally((job, step), f"step {step} aborted: node 0's daemon (the commit leader) "
-                                            "restarted before it decided this save")
+                await self._resolve_locally(
+                    (job, step),
+                    f"step {step} aborted: node 0's daemon (the commit leader) restarted before it decided this save",
+                )
         self._leader_instance = instance
 
     async def _heartbeat_loop(self) -> None:
@@ -363,9 +376,11 @@ class ClusterFollower(_Endpoint):
                     await self._resolve_locally((job, step), self._leader_gone_reason(step))
 
     def _leader_gone_reason(self, step: int) -> str:
-        return (f"step {step} aborted: node 0's daemon (the commit leader) at {self.leader_endpoint} stopped "
-                f"answering (nothing for {self._config.peer_timeout:g} s); if it committed the save before it "
-                "stopped, the checkpoint is in the root")
+        return (
+            f"step {step} aborted: node 0's daemon (the commit leader) at {self.leader_endpoint} stopped "
+            f"answering (nothing for {self._config.peer_timeout:g} s); if it committed the save before it "
+            "stopped, the checkpoint is in the root"
+        )
 
     async def _resolve_locally(self, key: SaveKey, reason: str) -> None:
         self._awaiting.discard(key)

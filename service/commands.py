@@ -12,12 +12,12 @@ from typing import Any, Dict, List, Optional, TextIO
 import zmq
 
 from ckptd.disk import runtime
+from ckptd.disk.manifests import read_manifest
+from ckptd.disk.retention import saved_policy
 from ckptd.proto import layout, messages
 from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import Manifest, ManifestError
 from ckptd.proto.retention import RetentionPolicy
-from ckptd.disk.manifests import read_manifest
-from ckptd.disk.retention import saved_policy
 from ckptd.service.catalog import Catalog, catalog
 from ckptd.service.export import ExportError, export_component
 from ckptd.service.store import CheckpointStore
@@ -65,20 +65,30 @@ def ls(args: argparse.Namespace) -> int:
 
 def _render_catalog(found: Catalog) -> str:
     rows = [
-        [str(c.step), ("*" if c.latest else ""), c.committed_at or "-", human_bytes(c.size_bytes),
-         ",".join(c.components) if not c.problem else f"UNREADABLE: {c.problem}",
-         "; ".join(c.kept_because) or "-"]
+        [
+            str(c.step),
+            ("*" if c.latest else ""),
+            c.committed_at or "-",
+            human_bytes(c.size_bytes),
+            ",".join(c.components) if not c.problem else f"UNREADABLE: {c.problem}",
+            "; ".join(c.kept_because) or "-",
+        ]
         for c in found.checkpoints
     ]
-    text = [f"{found.root}: {len(found.checkpoints)} checkpoint(s), latest = "
-            f"{found.latest_step if found.latest_step is not None else 'none'}"]
+    text = [
+        f"{found.root}: {len(found.checkpoints)} checkpoint(s), latest = "
+        f"{found.latest_step if found.latest_step is not None else 'none'}"
+    ]
     if found.policy:
         shown = ", ".join(f"{k}={v}" for k, v in found.policy.items() if v is not None)
         text.append(f"retention policy: {shown}")
     text.append(_table(["step", "latest", "committed at (UTC)", "size", "components", "kept because"], rows))
     if found.leftovers:
         text.append("leftovers (removed by the node-0 daemon at start, or by `ckptd gc`):")
-        text += [f"  {l.path}  {l.kind}, {human_bytes(l.size_bytes)}, {l.age_s:.0f} s old" for l in found.leftovers]
+        text += [
+            f"  {left.path}  {left.kind}, {human_bytes(left.size_bytes)}, {left.age_s:.0f} s old"
+            for left in found.leftovers
+        ]
     return "\n".join(text)
 
 
@@ -103,8 +113,8 @@ def render_manifest(path: str, manifest: Manifest) -> str:
         f"  step {manifest.step}, format {manifest.format_version}, created {manifest.created_at}, "
         f"committed {manifest.committed_at}",
         f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(manifest.versions.items()))}",
-        f"  topology: {topo.describe()}; nodes: " + " | ".join(
-            f"node {i}: ranks {list(ranks)}" for i, ranks in enumerate(topo.nodes)),
+        f"  topology: {topo.describe()}; nodes: "
+        + " | ".join(f"node {i}: ranks {list(ranks)}" for i, ranks in enumerate(topo.nodes)),
     ]
     if manifest.groups:
         lines.append("  process groups: " + "; ".join(f"{name} = {groups}" for name, groups in manifest.groups.items()))
@@ -113,18 +123,29 @@ def render_manifest(path: str, manifest: Manifest) -> str:
     if manifest.timings:
         lines.append("  timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in manifest.timings.items()))
     for key, record in manifest.components.items():
-        extra = (" (spread across nodes)" if record.spread else "") + (
-            f" group {record.group_name!r}" if record.group_name else "") + (
-            ", replication validated" if record.validate_replication else "") + ("" if record.required else ", optional")
-        lines.append(f"  component {key!r}: {record.pattern.value}{extra}, {len(record.scopes)} cop{'y' if len(record.scopes) == 1 else 'ies'}")
+        extra = (
+            (" (spread across nodes)" if record.spread else "")
+            + (f" group {record.group_name!r}" if record.group_name else "")
+            + (", replication validated" if record.validate_replication else "")
+            + ("" if record.required else ", optional")
+        )
+        lines.append(
+            f"  component {key!r}: {record.pattern.value}{extra}, {len(record.scopes)} cop{'y' if len(record.scopes) == 1 else 'ies'}"
+        )
         for scope in record.scopes.values():
             dtypes: Dict[str, int] = {}
             for info in scope.tensor_file.tensors.values():
                 dtypes[str(info.get("dtype"))] = dtypes.get(str(info.get("dtype")), 0) + 1
-            lines.append(f"    {scope.scope}: written by rank {scope.writer_rank}, read by ranks {_ranks(scope.readers)}")
-            lines.append(f"      {scope.tensor_file.path}  {human_bytes(scope.tensor_file.size)}  xxh3 {scope.tensor_file.checksum}  "
-                         f"{len(scope.tensor_file.tensors)} tensors ({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items())) or 'none'})")
-            lines.append(f"      {scope.state_file.path}  {human_bytes(scope.state_file.size)}  xxh3 {scope.state_file.checksum}")
+            lines.append(
+                f"    {scope.scope}: written by rank {scope.writer_rank}, read by ranks {_ranks(scope.readers)}"
+            )
+            lines.append(
+                f"      {scope.tensor_file.path}  {human_bytes(scope.tensor_file.size)}  xxh3 {scope.tensor_file.checksum}  "
+                f"{len(scope.tensor_file.tensors)} tensors ({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items())) or 'none'})"
+            )
+            lines.append(
+                f"      {scope.state_file.path}  {human_bytes(scope.state_file.size)}  xxh3 {scope.state_file.checksum}"
+            )
     return "\n".join(lines)
 
 
@@ -147,16 +168,21 @@ def gc(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     store = CheckpointStore(args.root)
     now = time.time()
-    old = [l for l in catalog(args.root).leftovers if l.age_s >= args.min_age]
+    old = [left for left in catalog(args.root).leftovers if left.age_s >= args.min_age]
     doomed: List[int] = []
     if policy is not None:
         _, doomed = store.plan_retention(policy)
     if not args.dry_run:
         removed = set(store.remove_leftovers(min_age_s=args.min_age))
-        old = [l for l in old if l.path in removed]
+        old = [left for left in old if left.path in removed]
         doomed = store.apply_retention(policy) if policy is not None else []
-    report = {"dry_run": args.dry_run, "leftovers": [l.path for l in old], "deleted_steps": doomed,
-              "policy": policy.to_wire() if policy else None, "seconds": round(time.time() - now, 3)}
+    report = {
+        "dry_run": args.dry_run,
+        "leftovers": [left.path for left in old],
+        "deleted_steps": doomed,
+        "policy": policy.to_wire() if policy else None,
+        "seconds": round(time.time() - now, 3),
+    }
     if args.json:
         _emit_json(report)
         return ExitCode.OK
@@ -164,37 +190,56 @@ def gc(args: argparse.Namespace) -> int:
     for path in report["leftovers"]:
         sys.stdout.write(f"{verb} leftover {path}\n")
     for step in doomed:
-        sys.stdout.write(f"{'would delete' if args.dry_run else 'deleted'} {layout.checkpoint_dir_name(step)} (retention)\n")
+        sys.stdout.write(
+            f"{'would delete' if args.dry_run else 'deleted'} {layout.checkpoint_dir_name(step)} (retention)\n"
+        )
     if not report["leftovers"] and not doomed:
-        sys.stdout.write("nothing to remove" + ("" if policy else " (no retention policy: checkpoints are kept)") + "\n")
+        sys.stdout.write(
+            "nothing to remove" + ("" if policy else " (no retention policy: checkpoints are kept)") + "\n"
+        )
     return ExitCode.OK
 
 
 def _policy_from_args(args: argparse.Namespace) -> Optional[RetentionPolicy]:
     if args.keep_last is None and args.keep_every is None and args.keep_best is None:
         return None
-    return RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every, keep_best=args.keep_best,
-                           best_metric=args.best_metric, best_mode=args.best_mode)
+    return RetentionPolicy(
+        keep_last=args.keep_last,
+        keep_every=args.keep_every,
+        keep_best=args.keep_best,
+        best_metric=args.best_metric,
+        best_mode=args.best_mode,
+    )
 
 
 def export(args: argparse.Namespace) -> int:
     """`ckptd export PATH --component KEY --out DIR`: consolidated safetensors files plus an index."""
     try:
-        result = export_component(args.path, args.component, args.out, scope=args.scope, prefix=args.prefix,
-                                  max_shard_bytes=int(args.max_shard_gb * 10**9))
+        result = export_component(
+            args.path,
+            args.component,
+            args.out,
+            scope=args.scope,
+            prefix=args.prefix,
+            max_shard_bytes=int(args.max_shard_gb * 10**9),
+        )
     except (ExportError, ManifestError) as exc:
         return _fail("export", str(exc))
     if args.json:
-        _emit_json({"files": result.files, "index": result.index, "tensors": result.tensors, "bytes": result.total_bytes})
+        _emit_json(
+            {"files": result.files, "index": result.index, "tensors": result.tensors, "bytes": result.total_bytes}
+        )
     else:
-        sys.stdout.write(f"exported {result.tensors} tensors ({human_bytes(result.total_bytes)}) of "
-                         f"{args.component!r} into {len(result.files)} file(s) in {args.out}\n")
+        sys.stdout.write(
+            f"exported {result.tensors} tensors ({human_bytes(result.total_bytes)}) of "
+            f"{args.component!r} into {len(result.files)} file(s) in {args.out}\n"
+        )
     return ExitCode.OK
 
 
 def query_status(endpoint: str, timeout_s: float) -> Dict[str, Any]:
     """The daemon's status at `endpoint`; raises TimeoutError if it does not answer."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     try:
@@ -212,8 +257,9 @@ def query_status(endpoint: str, timeout_s: float) -> Dict[str, Any]:
 
 def status(args: argparse.Namespace) -> int:
     """`ckptd status`: the live daemon's saves in flight with progress, and its last commit."""
-    endpoint = args.endpoint or os.environ.get(ENDPOINT_ENV) or (
-        runtime.default_endpoint(args.root) if args.root else None)
+    endpoint = (
+        args.endpoint or os.environ.get(ENDPOINT_ENV) or (runtime.default_endpoint(args.root) if args.root else None)
+    )
     if endpoint is None:
         sys.stderr.write(f"ckptd status: give --endpoint or --root (or set {ENDPOINT_ENV})\n")
         return ExitCode.USAGE
@@ -226,8 +272,9 @@ def status(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(body)
         else:
-            sys.stdout.write(("\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else "")
-                             + render_status(body, previous) + "\n")
+            sys.stdout.write(
+                ("\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else "") + render_status(body, previous) + "\n"
+            )
         sys.stdout.flush()
         if not args.watch:
             return ExitCode.OK
@@ -239,9 +286,11 @@ def status(args: argparse.Namespace) -> int:
 
 def render_status(body: Dict[str, Any], previous: Dict[int, tuple]) -> str:
     """Progress bars for the saves in flight; `previous` (step -> (time, bytes)) gives throughput."""
-    lines = [f"ckptd {body.get('version')} pid {body.get('pid')} serving {body.get('root')} at {body.get('endpoint')}",
-             f"last committed step: {body.get('last_committed')}",
-             f"root owned by: {body.get('owner') or 'no live run'}"]
+    lines = [
+        f"ckptd {body.get('version')} pid {body.get('pid')} serving {body.get('root')} at {body.get('endpoint')}",
+        f"last committed step: {body.get('last_committed')}",
+        f"root owned by: {body.get('owner') or 'no live run'}",
+    ]
     saves = body.get("saves") or []
     if not saves:
         lines.append("no saves in flight")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import concurrent.futures
+import errno
 import logging
 import os
 import threading
@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Set
 
-from ckptd.proto import layout, messages
 from ckptd.disk.safetensors import encode_header
+from ckptd.proto import layout, messages
+from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.formats import check_tensor_layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
-from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.service.leader import Announce, CommitChannel, LocalCommitLeader, SaveKey
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.regions import MappedRegion, RegionError
@@ -78,6 +78,11 @@ class SaveSession:
         with self._progress:
             self.bytes_written += nbytes
 
+    def add_fsync(self, seconds: float) -> None:
+        """Record one component's fsync time (called by the writer threads; the longest counts)."""
+        with self._progress:
+            self.fsync_seconds = max(self.fsync_seconds, seconds)
+
 
 class NodeCoordinator:
     """Accepts save parts from this node's ranks and drives them to durable shards (DESIGN.md steps 1-3)."""
@@ -105,7 +110,8 @@ class NodeCoordinator:
         self._num_nodes = num_nodes
         self.metrics = metrics or DaemonMetrics()
         self.leader: CommitChannel = (
-            make_channel(self._on_outcome) if make_channel
+            make_channel(self._on_outcome)
+            if make_channel
             else LocalCommitLeader(store, executor, self._on_outcome, self.metrics)
         )
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
@@ -132,15 +138,24 @@ class NodeCoordinator:
             raise SaveRejected("aborted", f"checkpoint of step {step} was already aborted: {reason}")
         if os.path.realpath(request.root) != self._store.root:
             raise SaveRejected(
-                "wrong_root", f"this daemon serves {self._store.root!r}, not {request.root!r}; "
-                "point the client at the daemon for its root (CKPTD_ENDPOINT or the default endpoint)"
+                "wrong_root",
+                f"this daemon serves {self._store.root!r}, not {request.root!r}; "
+                "point the client at the daemon for its root (CKPTD_ENDPOINT or the default endpoint)",
             )
         if request.topology.node_of(request.rank) != self._node:
-            raise SaveRejected("wrong_node", f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}")
+            raise SaveRejected(
+                "wrong_node",
+                f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}",
+            )
         session = await self._session_for(request)
-        if time.monotonic() > request.expires_at:  # checked once its tmp directory exists: see disk/removal.py fence_save
-            raise SaveRejected("expired", f"rank {request.rank}'s part of step {step} arrived after the client "
-                               "stopped waiting for it (the daemon was stalled or overloaded)")
+        if (
+            time.monotonic() > request.expires_at
+        ):  # checked once its tmp directory exists: see disk/removal.py fence_save
+            raise SaveRejected(
+                "expired",
+                f"rank {request.rank}'s part of step {step} arrived after the client "
+                "stopped waiting for it (the daemon was stalled or overloaded)",
+            )
         if request.rank in session.ranks:
             raise SaveRejected("duplicate", f"rank {request.rank} already handed over its part of step {step}")
         regions = self._map_regions(request)
@@ -156,30 +171,47 @@ class NodeCoordinator:
         step = request.step
         session = self._sessions.get(step)
         if session is not None and session.request.job != request.job:
-            await self.leader.abort(session.request.job, step, f"superseded: a new run of the job (id {request.job}) "
-                                    f"saves step {step}; the run that started this save is gone")
+            await self.leader.abort(
+                session.request.job,
+                step,
+                f"superseded: a new run of the job (id {request.job}) "
+                f"saves step {step}; the run that started this save is gone",
+            )
             if self._sessions.get(step) is session:  # its writes are still finishing; it cleans up after them
                 del self._sessions[step]
             session = None
         if session is not None:
             if request.topology != session.request.topology:
-                raise SaveRejected("invalid_request", f"rank {request.rank} reports {request.topology.describe()}, "
-                                   f"earlier ranks reported {session.request.topology.describe()}")
+                raise SaveRejected(
+                    "invalid_request",
+                    f"rank {request.rank} reports {request.topology.describe()}, "
+                    f"earlier ranks reported {session.request.topology.describe()}",
+                )
             return session
         if self._store.is_committed(step):
-            raise SaveRejected("conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}")
+            raise SaveRejected(
+                "conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}"
+            )
         if request.topology.num_nodes != self._num_nodes:
-            raise SaveRejected("unsupported", f"this daemon was started for a job of {self._num_nodes} node(s) "
-                               f"(ckptd serve --num-nodes), but the job spans {request.topology.num_nodes}; start "
-                               "one daemon per node with the job's node count")
+            raise SaveRejected(
+                "unsupported",
+                f"this daemon was started for a job of {self._num_nodes} node(s) "
+                f"(ckptd serve --num-nodes), but the job spans {request.topology.num_nodes}; start "
+                "one daemon per node with the job's node count",
+            )
         if len(self._sessions) >= MAX_SAVES_IN_FLIGHT:
-            raise SaveRejected("busy", f"{len(self._sessions)} saves are already in flight on this node "
-                               f"(steps {sorted(self._sessions)}); wait for them to commit or time out")
+            raise SaveRejected(
+                "busy",
+                f"{len(self._sessions)} saves are already in flight on this node "
+                f"(steps {sorted(self._sessions)}); wait for them to commit or time out",
+            )
         try:
             return self._open_session(request)
         except OSError as exc:
-            raise SaveRejected("io_error", f"cannot create the directory for step {step} under "
-                               f"{self._store.root}: {exc.strerror or exc}") from None
+            raise SaveRejected(
+                "io_error",
+                f"cannot create the directory for step {step} under {self._store.root}: {exc.strerror or exc}",
+            ) from None
 
     def _open_session(self, request: SaveRequest) -> SaveSession:
         tmp_dir = self._store.create_tmp_dir(request.step, request.job)
@@ -200,8 +232,10 @@ class NodeCoordinator:
                 if part.writer and part.region is not None:
                     own = f"{layout.REGION_PREFIX}{os.getuid()}-{request.pid}-"
                     if not part.region.startswith(own):
-                        raise SaveRejected("bad_region", f"region {part.region!r} is not one of the sending client's "
-                                           f"own regions ({own}*)")
+                        raise SaveRejected(
+                            "bad_region",
+                            f"region {part.region!r} is not one of the sending client's own regions ({own}*)",
+                        )
                     if part.region in regions:
                         raise SaveRejected("invalid_request", f"region {part.region!r} is named by two components")
                     regions[part.region] = MappedRegion(part.region, part.region_size, owner_pid=request.pid)
@@ -218,13 +252,17 @@ class NodeCoordinator:
         if part.validate_replication and part.pattern is not SharingPattern.REPLICATED:
             raise SaveRejected("invalid_request", f"{where}: validate_replication applies only to REPLICATED")
         try:
-            placement = place(part.pattern, request.rank, request.topology, part.group_name, part.group_ranks,
-                              spread=part.spread)
+            placement = place(
+                part.pattern, request.rank, request.topology, part.group_name, part.group_ranks, spread=part.spread
+            )
         except ValueError as exc:
             raise SaveRejected("invalid_request", f"{where}: {exc}") from None
         if part.writer != (placement.writer_rank == request.rank):
-            raise SaveRejected("invalid_request", f"{where}: {part.pattern.value} is written by rank "
-                               f"{placement.writer_rank}, but the client claims writer={part.writer}")
+            raise SaveRejected(
+                "invalid_request",
+                f"{where}: {part.pattern.value} is written by rank "
+                f"{placement.writer_rank}, but the client claims writer={part.writer}",
+            )
         if part.validate_replication and part.digests is None:
             raise SaveRejected("invalid_request", f"{where}: validate_replication needs digests from every rank")
         if not part.writer:
@@ -250,11 +288,15 @@ class NodeCoordinator:
         started = time.monotonic()
         try:
             writers = [comp for comp in request.parts if comp.writer]
-            scopes = [place(c.pattern, request.rank, request.topology, c.group_name, c.group_ranks, spread=c.spread).scope
-                      for c in writers]
+            scopes = [
+                place(c.pattern, request.rank, request.topology, c.group_name, c.group_ranks, spread=c.spread).scope
+                for c in writers
+            ]
             results = await asyncio.gather(
-                *(loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
-                  for comp, scope in zip(writers, scopes)),
+                *(
+                    loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
+                    for comp, scope in zip(writers, scopes)
+                ),
                 return_exceptions=True,
             )
             for comp, scope, result in zip(writers, scopes, results):
@@ -264,8 +306,10 @@ class NodeCoordinator:
                     session.files.setdefault(comp.key, {})[scope] = result
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "")
-            error = (f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc}"
-                     f"{f' [{code}]' if code else ''} ({exc.filename or session.tmp_dir})")
+            error = (
+                f"writing step {session.step} for rank {request.rank} failed: {exc.strerror or exc}"
+                f"{f' [{code}]' if code else ''} ({exc.filename or session.tmp_dir})"
+            )
             log.error(error)
         except Exception as exc:
             error = f"writing step {session.step} for rank {request.rank} failed: {exc!r}"
@@ -277,10 +321,17 @@ class NodeCoordinator:
             _close_all(part.regions)
             self.metrics.staged_bytes_mapped.dec(sum(r.size for r in part.regions.values()))
             part.durable = error is None
-            if error is None:
-                log.info("event=rank_durable step=%d rank=%d bytes=%d seconds=%.3f", session.step, request.rank,
-                         sum(p.region_size for p in request.parts if p.writer), seconds)
-            leases = tuple((c.region, c.lease) for c in request.parts if c.region is not None and c.region in part.regions)
+            if error is None and session.outcome is None:  # an aborted save's writes stop early
+                log.info(
+                    "event=rank_durable step=%d rank=%d bytes=%d seconds=%.3f",
+                    session.step,
+                    request.rank,
+                    sum(p.region_size for p in request.parts if p.writer),
+                    seconds,
+                )
+            leases = tuple(
+                (c.region, c.lease) for c in request.parts if c.region is not None and c.region in part.regions
+            )
             await self._notify(part.identity, messages.RELEASED, messages.Released(session.step, leases).to_wire())
         if error is not None:
             await self.leader.abort(request.job, session.step, error)
@@ -302,6 +353,7 @@ class NodeCoordinator:
         header = encode_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
         region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]
         body = region.view(body_bytes) if region is not None else memoryview(b"")
+
         def done_with(offset: int, length: int) -> None:
             session.add_written(length)
             self.metrics.bytes_written.inc(length)
@@ -313,7 +365,7 @@ class NodeCoordinator:
         finally:
             body.release()
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
-        session.fsync_seconds = max(session.fsync_seconds, written.fsync_s + state.fsync_s)
+        session.add_fsync(written.fsync_s + state.fsync_s)
         index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}
         return ScopeFiles(
             FileRecord(tensor_rel, written.size, written.checksum, index),
@@ -323,16 +375,23 @@ class NodeCoordinator:
     @staticmethod
     def _ready_to_report(session: SaveSession) -> bool:
         return (
-            session.outcome is None and not session.reported and set(session.ranks) == session.expected
+            session.outcome is None
+            and not session.reported
+            and set(session.ranks) == session.expected
             and all(p.durable for p in session.ranks.values())
         )
 
     def _report(self, session: SaveSession) -> NodeReport:
-        request = session.request
+        request = session.ranks[min(session.ranks)].request  # the lowest local rank's (rank 0's on node 0)
         return NodeReport(
-            step=session.step, node=self._node, topology=request.topology,
-            parts={rank: p.request.parts for rank, p in session.ranks.items()}, files=session.files,
-            versions=request.versions, metrics=request.metrics, started_at=session.started_at,
+            step=session.step,
+            node=self._node,
+            topology=request.topology,
+            parts={rank: p.request.parts for rank, p in session.ranks.items()},
+            files=session.files,
+            versions=request.versions,
+            metrics=request.metrics,
+            started_at=session.started_at,
             retention=request.retention,
             timings={
                 "handoff_s": round(session.last_part_at - session.started_at, 6),
@@ -390,8 +449,13 @@ class NodeCoordinator:
         self.metrics.observe_phase("handoff", session.last_part_at - session.started_at)
         self.metrics.observe_phase("write", session.write_seconds)
         self.metrics.observe_phase("fsync", session.fsync_seconds)
-        log.info("event=committed step=%d bytes=%d seconds=%.3f path=%s", session.step, session.bytes_written,
-                 time.time() - session.started_at, outcome.path)
+        log.info(
+            "event=committed step=%d bytes=%d seconds=%.3f path=%s",
+            session.step,
+            session.bytes_written,
+            time.time() - session.started_at,
+            outcome.path,
+        )
 
     def _close_session(self, session: SaveSession) -> None:
         if self._sessions.get(session.step) is session:

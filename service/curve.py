@@ -60,15 +60,20 @@ def load_secret(path: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise ClusterSecretError(f"cannot open the cluster secret {path}: {exc.strerror}; "
-                                 "create one with `ckptd keygen PATH`") from None
+        raise ClusterSecretError(
+            f"cannot open the cluster secret {path}: {exc.strerror}; create one with `ckptd keygen PATH`"
+        ) from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-            raise ClusterSecretError(f"cluster secret {path} must belong to this user and be readable by it alone "
-                                     f"(mode {stat.S_IMODE(info.st_mode):o}); run `chmod 600 {path}`")
+            raise ClusterSecretError(
+                f"cluster secret {path} must belong to this user and be readable by it alone "
+                f"(mode {stat.S_IMODE(info.st_mode):o}); run `chmod 600 {path}`"
+            )
         secret = f.read(4096).strip()
     if len(secret) < SECRET_BYTES:
-        raise ClusterSecretError(f"cluster secret {path} holds {len(secret)} bytes; it needs at least {SECRET_BYTES} "
-                                 "(create one with `ckptd keygen PATH`)")
+        raise ClusterSecretError(
+            f"cluster secret {path} holds {len(secret)} bytes; it needs at least {SECRET_BYTES} "
+            "(create one with `ckptd keygen PATH`)"
+        )
     return secret

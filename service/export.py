@@ -48,8 +48,13 @@ class ExportResult:
 
 
 def export_component(
-    checkpoint_dir: str, component: str, out_dir: str, *, scope: Optional[str] = None,
-    prefix: str = "model", max_shard_bytes: int = 5 * 10**9,
+    checkpoint_dir: str,
+    component: str,
+    out_dir: str,
+    *,
+    scope: Optional[str] = None,
+    prefix: str = "model",
+    max_shard_bytes: int = 5 * 10**9,
 ) -> ExportResult:
     """Write `component`'s tensors from `checkpoint_dir` into `out_dir` (created; must be empty)."""
     manifest = read_manifest(checkpoint_dir)
@@ -64,8 +69,11 @@ def export_component(
         raise ExportError(f"{out_dir} is not empty; export into a new or empty directory")
     os.makedirs(out_dir, exist_ok=True)
     shards = _plan_shards(tensors, max_shard_bytes)
-    names = ([f"{prefix}.safetensors"] if len(shards) == 1 else
-             [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        [f"{prefix}.safetensors"]
+        if len(shards) == 1
+        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, shard in zip(names, shards):
         _write_safetensors(os.path.join(out_dir, name), shard)
     index = None
@@ -107,7 +115,9 @@ def _source_tensors(checkpoint_dir: str, scopes: Sequence[ScopeRecord]) -> List[
             if name in tensors:
                 raise ExportError(f"tensor {name!r} appears in more than one copy being exported")
             begin, end = info["data_offsets"]
-            tensors[name] = SourceTensor(name, info["dtype"], list(info["shape"]), path, data_start + begin, end - begin)
+            tensors[name] = SourceTensor(
+                name, info["dtype"], list(info["shape"]), path, data_start + begin, end - begin
+            )
     return sorted(tensors.values(), key=lambda t: t.name)
 
 

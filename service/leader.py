@@ -58,7 +58,10 @@ class LocalCommitLeader:
     so two commits never race on the root's directory entries, `latest` or the retention pass."""
 
     def __init__(
-        self, store: CheckpointStore, executor: concurrent.futures.Executor, announce: Announce,
+        self,
+        store: CheckpointStore,
+        executor: concurrent.futures.Executor,
+        announce: Announce,
         metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         self._store = store
@@ -171,8 +174,9 @@ class LocalCommitLeader:
 
 
 def build_manifest(reports: List[NodeReport]) -> Manifest:
-    """Check every rank's parts against each other and describe the checkpoint; raises CommitRejected."""
-    first = reports[0]
+    """Check every rank's parts against each other and describe the checkpoint; raises CommitRejected.
+    The metrics and versions recorded are rank 0's (node 0 reports its lowest rank's)."""
+    first = min(reports, key=lambda report: report.node)
     parts_by_rank: Dict[int, Dict[str, ComponentPart]] = {}
     for report in reports:
         for rank, parts in report.parts.items():
@@ -184,8 +188,8 @@ def build_manifest(reports: List[NodeReport]) -> Manifest:
     _check_replication(parts_by_rank)
     files: Dict[str, Dict[str, ScopeFiles]] = {}
     for report in reports:
-        for key, scopes in report.files.items():
-            files.setdefault(key, {}).update(scopes)
+        for key, scope_files in report.files.items():
+            files.setdefault(key, {}).update(scope_files)
 
     components: Dict[str, ComponentRecord] = {}
     for key, spec in reference.items():
@@ -205,8 +209,12 @@ def build_manifest(reports: List[NodeReport]) -> Manifest:
             _check_shares(key, scopes, parts_by_rank[reference_rank][key])
         components[key] = ComponentRecord(
             spread=spec.spread,
-            pattern=spec.pattern, required=spec.required, validate_replication=spec.validate_replication,
-            metadata=dict(spec.metadata), scopes=scopes, group_name=spec.group_name,
+            pattern=spec.pattern,
+            required=spec.required,
+            validate_replication=spec.validate_replication,
+            metadata=dict(spec.metadata),
+            scopes=scopes,
+            group_name=spec.group_name,
         )
     now = datetime.datetime.now(datetime.timezone.utc)
     started = min(r.started_at for r in reports)
@@ -216,10 +224,16 @@ def build_manifest(reports: List[NodeReport]) -> Manifest:
             timings[name] = max(timings.get(name, 0.0), value)
     timings["total_s"] = round(time.time() - started, 6)
     return Manifest(
-        step=first.step, topology=first.topology, groups=groups, components=components,
-        versions=first.versions, metrics=first.metrics,
+        step=first.step,
+        topology=first.topology,
+        groups=groups,
+        components=components,
+        versions=first.versions,
+        metrics=first.metrics,
         created_at=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
-        committed_at=now.isoformat(), timings=timings, job=first.job,
+        committed_at=now.isoformat(),
+        timings=timings,
+        job=first.job,
     )
 
 
@@ -234,7 +248,10 @@ def _check_same_components(parts_by_rank: Dict[int, Dict[str, ComponentPart]], r
         for key, part in parts.items():
             ref = reference[key]
             if (part.pattern, part.group_name, part.validate_replication, part.spread) != (
-                ref.pattern, ref.group_name, ref.validate_replication, ref.spread
+                ref.pattern,
+                ref.group_name,
+                ref.validate_replication,
+                ref.spread,
             ):
                 raise CommitRejected(
                     f"component {key!r}: rank {rank} declares {part.pattern.value} (group {part.group_name!r}, "

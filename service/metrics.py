@@ -20,18 +20,28 @@ class DaemonMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.saves_started = Counter("ckptd_saves_started", "Saves this node began (first rank handed over)", registry=r)
+        self.saves_started = Counter(
+            "ckptd_saves_started", "Saves this node began (first rank handed over)", registry=r
+        )
         self.saves_committed = Counter("ckptd_saves_committed", "Saves committed", registry=r)
         self.saves_aborted = Counter("ckptd_saves_aborted", "Saves aborted", registry=r)
         self.bytes_written = Counter("ckptd_bytes_written", "Tensor bytes this node wrote to disk", registry=r)
-        self.phase_seconds = Histogram("ckptd_save_phase_seconds", "Seconds per save phase: handoff (first to last "
-                                       "rank's hand-over), write, fsync, commit", ["phase"], buckets=PHASE_BUCKETS,
-                                       registry=r)
+        self.phase_seconds = Histogram(
+            "ckptd_save_phase_seconds",
+            "Seconds per save phase: handoff (first to last rank's hand-over), write, fsync, commit",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
         self.saves_in_flight = Gauge("ckptd_saves_in_flight", "Saves in flight on this node", registry=r)
-        self.staged_bytes_mapped = Gauge("ckptd_staged_bytes_mapped", "Bytes of clients' staging regions the daemon "
-                                         "holds mapped (pool occupancy)", registry=r)
-        self.last_committed_step = Gauge("ckptd_last_committed_step", "Step of the newest committed checkpoint",
-                                         registry=r)
+        self.staged_bytes_mapped = Gauge(
+            "ckptd_staged_bytes_mapped",
+            "Bytes of clients' staging regions the daemon holds mapped (pool occupancy)",
+            registry=r,
+        )
+        self.last_committed_step = Gauge(
+            "ckptd_last_committed_step", "Step of the newest committed checkpoint", registry=r
+        )
         for phase in PHASES:
             self.phase_seconds.labels(phase)
 

@@ -19,7 +19,12 @@ from typing import Dict, Optional
 
 from ckptd.disk.claims import read_claim, remove_claim, write_claim
 from ckptd.proto.ownership import (
-    CLAIM_RENEW_S, CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RootClaim, RunIdentity,
+    CLAIM_RENEW_S,
+    CLAIM_TTL_S,
+    ROOT_CLAIM_PENDING,
+    ROOT_IN_USE,
+    RootClaim,
+    RunIdentity,
     root_in_use_message,
 )
 from ckptd.service.regions import pid_alive
@@ -164,8 +169,14 @@ class RootOwnership:
         assert owner is not None
         self._renewals += 1
         self._renewed_at = time.time()
-        claim = RootClaim(owner.run, tuple(sorted(set(owner.members.values()))), self.boot_id, os.getpid(),
-                          self._renewed_at, self._renewals)
+        claim = RootClaim(
+            owner.run,
+            tuple(sorted(set(owner.members.values()))),
+            self.boot_id,
+            os.getpid(),
+            self._renewed_at,
+            self._renewals,
+        )
         try:
             await asyncio.to_thread(write_claim, self.root, claim)
         except OSError as exc:
@@ -180,4 +191,3 @@ class RootOwnership:
             await asyncio.to_thread(remove_claim, self.root, owner.run.job)
         except OSError as exc:
             log.warning("cannot remove the root claim in %s: %s", self.root, exc)
-

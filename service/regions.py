@@ -89,7 +89,7 @@ def sweep_orphaned_regions() -> list[str]:
     Region names are `ckptd-<uid>-<pid>-<token>`, so the owner is known without any state.
     """
     prefix = f"{REGION_PREFIX}{os.getuid()}-"
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
@@ -97,7 +97,7 @@ def sweep_orphaned_regions() -> list[str]:
     for name in names:
         if not name.startswith(prefix):
             continue
-        pid = name[len(prefix):].split("-", 1)[0]
+        pid = name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))

@@ -19,11 +19,11 @@ import zmq.asyncio
 
 from ckptd.disk import runtime
 from ckptd.proto import messages
+from ckptd.proto.cluster import parse_address
+from ckptd.proto.config import CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import ProtocolError, SaveRequest
 from ckptd.proto.ownership import CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
-from ckptd.proto.cluster import parse_address
-from ckptd.proto.config import CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator, SaveRejected
 from ckptd.service.curve import ClusterSecretError, load_secret
@@ -91,8 +91,15 @@ class DaemonConfig:
             secret = load_secret(self.cluster_secret)
         except (ValueError, ClusterSecretError) as exc:
             raise DaemonConfigError(str(exc)) from None
-        return ClusterConfig(self.node, self.num_nodes, host, port, secret, peer_timeout=self.peer_timeout,
-                             heartbeat_s=min(1.0, self.peer_timeout / 4))
+        return ClusterConfig(
+            self.node,
+            self.num_nodes,
+            host,
+            port,
+            secret,
+            peer_timeout=self.peer_timeout,
+            heartbeat_s=min(1.0, self.peer_timeout / 4),
+        )
 
     def resolved_endpoint(self) -> str:
         """The endpoint to bind: the configured one, or the per-user default for the root."""
@@ -160,8 +167,14 @@ class DaemonServer:
         self.cluster = config.cluster()
         self.metrics = DaemonMetrics()
         self.coordinator = NodeCoordinator(
-            self.store, config.node, self._executor, throttle, self._send, config.save_timeout,
-            num_nodes=config.num_nodes, make_channel=self._commit_channel if self.cluster else None,
+            self.store,
+            config.node,
+            self._executor,
+            throttle,
+            self._send,
+            config.save_timeout,
+            num_nodes=config.num_nodes,
+            make_channel=self._commit_channel if self.cluster else None,
             metrics=self.metrics,
         )
         self.ownership = RootOwnership(self.store.root, keeps_claim=config.node == 0, claim_ttl=config.claim_ttl)
@@ -202,7 +215,9 @@ class DaemonServer:
                     loop.add_signal_handler(sig, self.stop)
                 except (NotImplementedError, RuntimeError):
                     pass
-            log.info("ckptd %s serving root %s on %s (pid %d)", CKPTD_VERSION, self.store.root, self.endpoint, os.getpid())
+            log.info(
+                "ckptd %s serving root %s on %s (pid %d)", CKPTD_VERSION, self.store.root, self.endpoint, os.getpid()
+            )
             receiver = loop.create_task(self._receive_loop())
             watcher = loop.create_task(self._idle_watch())
             await self._stopping.wait()
@@ -221,7 +236,9 @@ class DaemonServer:
             return
         owner = self.ownership.live_claim_at_start()
         if owner is not None:
-            log.warning("not cleaning leftovers in %s: another live run owns it (%s)", self.store.root, owner.describe())
+            log.warning(
+                "not cleaning leftovers in %s: another live run owns it (%s)", self.store.root, owner.describe()
+            )
             return
         self.store.remove_leftovers()
         self.store.repair_latest()
@@ -233,7 +250,7 @@ class DaemonServer:
 
     def _bind(self) -> zmq.asyncio.Socket:
         if self.endpoint.startswith("ipc://"):
-            directory = os.path.dirname(self.endpoint[len("ipc://"):])
+            directory = os.path.dirname(self.endpoint[len("ipc://") :])
             os.makedirs(directory, mode=0o700, exist_ok=True)
         socket = self._ctx.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 1000)
@@ -248,10 +265,12 @@ class DaemonServer:
         except zmq.ZMQError as exc:
             socket.close(0)
             error = DaemonError if exc.errno == errno.EADDRINUSE else DaemonConfigError
-            raise error(f"cannot listen on {self.endpoint}: {exc}; choose another endpoint "
-                        f"({ENDPOINT_ENV}, or a shorter XDG_RUNTIME_DIR for the default one)") from None
+            raise error(
+                f"cannot listen on {self.endpoint}: {exc}; choose another endpoint "
+                f"({ENDPOINT_ENV}, or a shorter XDG_RUNTIME_DIR for the default one)"
+            ) from None
         if self.endpoint.startswith("ipc://"):
-            os.chmod(self.endpoint[len("ipc://"):], 0o600)
+            os.chmod(self.endpoint[len("ipc://") :], 0o600)
         return socket
 
     async def _drain(self) -> None:
@@ -266,7 +285,7 @@ class DaemonServer:
         self._executor.shutdown(wait=True)
         if self.endpoint.startswith("ipc://"):
             try:
-                os.unlink(self.endpoint[len("ipc://"):])
+                os.unlink(self.endpoint[len("ipc://") :])
             except FileNotFoundError:
                 pass
         self._lock.release()
@@ -320,16 +339,24 @@ class DaemonServer:
         except (ProtocolError, OwnershipRefused) as exc:
             log.warning("refused a hello: %s", exc)
             return messages.ERROR, messages.error_body(exc.code, str(exc))
-        return messages.OK, {"pid": os.getpid(), "instance": self.instance, "root": self.store.root,
-                             "protocol": messages.PROTOCOL_VERSION, "version": CKPTD_VERSION}
+        return messages.OK, {
+            "pid": os.getpid(),
+            "instance": self.instance,
+            "root": self.store.root,
+            "protocol": messages.PROTOCOL_VERSION,
+            "version": CKPTD_VERSION,
+        }
 
     async def _save(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         try:
             request = SaveRequest.from_wire(body)
             stopping = self._stopping is not None and self._stopping.is_set()
             if stopping and not self.coordinator.holds(request.job, request.step):
-                raise SaveRejected("shutting_down", f"the daemon is shutting down and takes no new save (step "
-                                   f"{request.step}); the saves it holds finish first")
+                raise SaveRejected(
+                    "shutting_down",
+                    f"the daemon is shutting down and takes no new save (step "
+                    f"{request.step}); the saves it holds finish first",
+                )
             self._clients[request.pid] = time.monotonic()
             run = RunIdentity(request.job, self.ownership.host, request.pid, request.rank, time.time())
             try:
@@ -338,16 +365,31 @@ class DaemonServer:
                 raise SaveRejected(exc.code, str(exc)) from None
             if body.get("skipped"):
                 reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"
-                await self.coordinator.abort(request.job, request.step, f"rank {request.rank} skipped step {request.step}: {reason}")
+                await self.coordinator.abort(
+                    request.job, request.step, f"rank {request.rank} skipped step {request.step}: {reason}"
+                )
                 return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
             await self.coordinator.accept(identity, request)
         except (ProtocolError, SaveRejected) as exc:
             code = exc.code
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")
-            if (type(step) is int and type(rank) is int and isinstance(job, str)
-                    and code not in ("aborted", "conflict", "duplicate", "wrong_root", "busy", "shutting_down", ROOT_IN_USE,
-                                  ROOT_CLAIM_PENDING)):
+            if (
+                type(step) is int
+                and type(rank) is int
+                and isinstance(job, str)
+                and code
+                not in (
+                    "aborted",
+                    "conflict",
+                    "duplicate",
+                    "wrong_root",
+                    "busy",
+                    "shutting_down",
+                    ROOT_IN_USE,
+                    ROOT_CLAIM_PENDING,
+                )
+            ):
                 await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
             return messages.ERROR, messages.error_body(code, str(exc))
         return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
@@ -363,14 +405,20 @@ class DaemonServer:
     def status(self) -> Dict[str, Any]:
         """Saves in flight and the last commit, for `ckptd status`."""
         return {
-            "pid": os.getpid(), "root": self.store.root, "endpoint": self.endpoint, "version": CKPTD_VERSION,
+            "pid": os.getpid(),
+            "root": self.store.root,
+            "endpoint": self.endpoint,
+            "version": CKPTD_VERSION,
             "last_committed": self.coordinator.last_committed,
             "owner": None if self.ownership.owner is None else self.ownership.owner.describe(),
             "saves": [
                 {
-                    "step": s.step, "ranks_received": sorted(s.ranks), "ranks_expected": sorted(s.expected),
+                    "step": s.step,
+                    "ranks_received": sorted(s.ranks),
+                    "ranks_expected": sorted(s.expected),
                     "ranks_durable": sorted(r for r, p in s.ranks.items() if p.durable),
-                    "bytes_written": s.bytes_written, "bytes_expected": s.bytes_expected,
+                    "bytes_written": s.bytes_written,
+                    "bytes_expected": s.bytes_expected,
                     "seconds": round(time.time() - s.started_at, 3),
                 }
                 for s in self.coordinator.sessions()

@@ -68,7 +68,7 @@ def write_file(path: str, pieces: Iterable[memoryview | bytes], throttle: Thrott
         for piece in pieces:
             view = memoryview(piece).cast("B")
             for start in range(0, len(view), step):
-                chunk = view[start:start + step]
+                chunk = view[start : start + step]
                 throttle.consume(len(chunk))
                 checksum.update(chunk)
                 _write_all(fd, chunk)
@@ -130,7 +130,7 @@ def _write_buffered(
     _write_all(fd, memoryview(header))
     step = throttle.chunk_bytes
     for start in range(0, len(body), step):
-        chunk = body[start:start + step]
+        chunk = body[start : start + step]
         throttle.consume(len(chunk))
         checksum.update(chunk)
         _write_all(fd, chunk)
@@ -144,13 +144,15 @@ def _write_direct(
     an aligned bounce buffer; the page-aligned bulk of the body is written straight from the region."""
     checksum.update(header)
     with mmap.mmap(-1, max(len(header), DIRECT_ALIGNMENT)) as bounce:
-        bounce[:len(header)] = header
-        _pwrite_all(fd, memoryview(bounce)[:len(header)], 0)
+        bounce[: len(header)] = header
+        _pwrite_all(fd, memoryview(bounce)[: len(header)], 0)
         offset = len(header)
         bulk = len(body) - len(body) % DIRECT_ALIGNMENT
-        step = min(DIRECT_CHUNK_BYTES, max(DIRECT_ALIGNMENT, throttle.chunk_bytes // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT))
+        step = min(
+            DIRECT_CHUNK_BYTES, max(DIRECT_ALIGNMENT, throttle.chunk_bytes // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT)
+        )
         for start in range(0, bulk, step):
-            chunk = body[start:min(start + step, bulk)]
+            chunk = body[start : min(start + step, bulk)]
             throttle.consume(len(chunk))
             checksum.update(chunk)
             _pwrite_all(fd, chunk, offset + start)
@@ -158,8 +160,8 @@ def _write_direct(
         tail = body[bulk:]
         if len(tail):
             checksum.update(tail)
-            bounce[:len(tail)] = tail
-            bounce[len(tail):DIRECT_ALIGNMENT] = bytes(DIRECT_ALIGNMENT - len(tail))
+            bounce[: len(tail)] = tail
+            bounce[len(tail) : DIRECT_ALIGNMENT] = bytes(DIRECT_ALIGNMENT - len(tail))
             _pwrite_all(fd, memoryview(bounce)[:DIRECT_ALIGNMENT], offset + bulk)
             os.ftruncate(fd, offset + len(body))
             done_with(bulk, len(tail))

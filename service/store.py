@@ -7,7 +7,8 @@ import os
 import uuid
 from typing import Dict, List, Optional, Tuple
 
-from ckptd.disk import removal, root as root_dir
+from ckptd.disk import removal
+from ckptd.disk import root as root_dir
 from ckptd.disk.durable import fsync_dir, makedirs_durable, write_atomic
 from ckptd.disk.manifests import read_manifest
 from ckptd.disk.retention import read_retention, write_retention
@@ -85,8 +86,12 @@ class CheckpointStore:
             fsync_dir(self.root)
             self.advance_latest(max(steps))
         except OSError as exc:
-            log.error("step(s) %s are committed, but updating the root failed (%s); `latest` is repaired at "
-                      "the next commit or daemon start", steps, exc)
+            log.error(
+                "step(s) %s are committed, but updating the root failed (%s); `latest` is repaired at "
+                "the next commit or daemon start",
+                steps,
+                exc,
+            )
 
     def advance_latest(self, step: int) -> None:
         """Point `latest` at `step` unless it already names a newer checkpoint (it never moves back)."""
@@ -99,8 +104,11 @@ class CheckpointStore:
         rename and the pointer update leaves it one behind); returns that step."""
         steps = self.committed_steps()[::-1]
         if steps and self.latest_step() != steps[0]:
-            log.warning("latest pointed at %s; the newest committed checkpoint is step %d: repairing",
-                        self.latest_step(), steps[0])
+            log.warning(
+                "latest pointed at %s; the newest committed checkpoint is step %d: repairing",
+                self.latest_step(),
+                steps[0],
+            )
             root_dir.write_latest(self.root, steps[0])
         return steps[0] if steps else None
 
@@ -151,8 +159,9 @@ class CheckpointStore:
         try:
             return read_manifest(self.final_path(step))
         except (ManifestError, OSError) as exc:
-            log.warning("retention: cannot read the manifest of step %d (%s); treating it as having no metrics",
-                        step, exc)
+            log.warning(
+                "retention: cannot read the manifest of step %d (%s); treating it as having no metrics", step, exc
+            )
             return None
 
     def _job_of(self, step: int) -> str:

@@ -10,14 +10,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers, fidelity_cases and workers import as plain modules
 
-from helpers import Daemon, start_daemon  # noqa: E402
+from helpers import Daemon, start_daemon
 
-from ckptd.client import CheckpointClient, RankInfo, Topology  # noqa: E402
+from ckptd.client import CheckpointClient, RankInfo, Topology
 
 
 def pytest_addoption(parser: Any) -> None:
     parser.addoption("--run-slow", action="store_true", help="run the long stress variants")
-    parser.addoption("--run-slurm", action="store_true", help="run the cluster-script tests (installs Slurm; ./dev test-slurm)")
+    parser.addoption(
+        "--run-slurm", action="store_true", help="run the cluster-script tests (installs Slurm; ./dev test-slurm)"
+    )
 
 
 def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
@@ -38,8 +40,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: List[Daemon] = []
 
     def factory(*extra: str, root: Optional[Path] = None, wait: bool = True, endpoint: Optional[str] = None) -> Daemon:
-        daemon = start_daemon(root or tmp_path / "ckpt", tmp_path / f"daemon{len(started)}.log", *extra, wait=wait,
-                              endpoint=endpoint)
+        daemon = start_daemon(
+            root or tmp_path / "ckpt", tmp_path / f"daemon{len(started)}.log", *extra, wait=wait, endpoint=endpoint
+        )
         started.append(daemon)
         return daemon
 
@@ -63,8 +66,9 @@ def client_factory(daemon: Daemon) -> Iterator[Callable[..., CheckpointClient]]:
     def factory(rank: int = 0, world_size: int = 1, **options: Any) -> CheckpointClient:
         options.setdefault("auto_start", False)
         options.setdefault("timeout", 60.0)
-        client = CheckpointClient(str(daemon.root), RankInfo(rank, Topology.single_node(world_size)),
-                                  endpoint=daemon.endpoint, **options)
+        client = CheckpointClient(
+            str(daemon.root), RankInfo(rank, Topology.single_node(world_size)), endpoint=daemon.endpoint, **options
+        )
         clients.append(client)
         return client
 

@@ -28,8 +28,17 @@ def _nested_dict_int_keys() -> Any:
 
 
 def _mixed_keys() -> Any:
-    return {1: "int", "1": "str", 2: "two", None: "none", 1.5: "float",
-            (1, "a"): "tuple", (): "empty tuple", False: "bool", b"k": "bytes"}
+    return {
+        1: "int",
+        "1": "str",
+        2: "two",
+        None: "none",
+        1.5: "float",
+        (1, "a"): "tuple",
+        (): "empty tuple",
+        False: "bool",
+        b"k": "bytes",
+    }
 
 
 def _tuples() -> Any:

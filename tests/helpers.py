@@ -51,7 +51,8 @@ def start_daemon(root: Path, log_path: Path, *extra: str, endpoint: Optional[str
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "ckptd.service", "serve", "--root", str(root), "--endpoint", endpoint, *extra],
-            stdout=log_file, stderr=subprocess.STDOUT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     daemon = Daemon(root, endpoint, process, log_path)
     if wait:
@@ -81,15 +82,31 @@ class Holder:
         self.value = state_dict
 
 
-def torchrun(script: Path, nproc: int, *args: str, timeout: float = 240, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def torchrun(
+    script: Path, nproc: int, *args: str, timeout: float = 240, env: Optional[dict] = None
+) -> subprocess.CompletedProcess:
     """Run `script` under torchrun (standalone rendezvous, gloo) and fail with its output if it fails."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *args,
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     if result.returncode != 0:
-        raise AssertionError(f"torchrun {script.name} {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun {script.name} {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 

@@ -17,8 +17,8 @@ import torch
 
 from ckptd.client.errors import CheckpointError
 from ckptd.client.loading import committed_checkpoints, read_manifest, read_scopes
-from ckptd.proto import layout
 from ckptd.disk.verify import verify_checkpoint
+from ckptd.proto import layout
 
 
 @dataclass
@@ -65,7 +65,9 @@ def content_problems(checkpoint_dir: str, step: int) -> List[str]:
                     wrong = value.numel() and not bool(torch.all(value == step))
                     if wrong:
                         found = sorted({int(v) for v in value.flatten()[:: max(1, value.numel() // 64)].tolist()})
-                        problems.append(f"{checkpoint_dir}: {key}/{scope_name}{where} holds steps {found[:6]}, not {step}")
+                        problems.append(
+                            f"{checkpoint_dir}: {key}/{scope_name}{where} holds steps {found[:6]}, not {step}"
+                        )
                 elif value != step:
                     problems.append(f"{checkpoint_dir}: {key}/{scope_name}{where} = {value!r}, not {step}")
     return problems

@@ -76,8 +76,10 @@ else:
 def fuse_problem() -> str | None:
     """Why powerfs cannot mount here (None when it can): what is missing and how to install it."""
     if _FUSE_IMPORT_ERROR is not None:
-        return (f"powerfs cannot load mfusepy on libfuse3 ({_FUSE_IMPORT_ERROR}): pip install mfusepy "
-                "(the project's test extra) and, as root, apt-get install fuse3 (./dev test does both)")
+        return (
+            f"powerfs cannot load mfusepy on libfuse3 ({_FUSE_IMPORT_ERROR}): pip install mfusepy "
+            "(the project's test extra) and, as root, apt-get install fuse3 (./dev test does both)"
+        )
     if shutil.which("fusermount3") is None:
         return "powerfs needs fusermount3: as root, apt-get install fuse3 (./dev test installs it)"
     if not os.path.exists("/dev/fuse"):
@@ -97,21 +99,22 @@ class OpenFile:
     ino: int
 
 
-class PowerFS(mfusepy.Operations if mfusepy is not None else object):  # type: ignore[misc]
+class PowerFS(mfusepy.Operations if mfusepy is not None else object):
     """Pass-through to a backing directory; feeds every change to a DurabilityModel; cuts the power
     when a trigger fires or the control directory asks."""
 
     use_ns = True
 
-    def __init__(self, backing: str, control: str, seed: int, survivor_mode: str,
-                 triggers: list[Trigger], trace: str | None) -> None:
+    def __init__(
+        self, backing: str, control: str, seed: int, survivor_mode: str, triggers: list[Trigger], trace: str | None
+    ) -> None:
         self.backing = os.path.realpath(backing)
         self.control = control
         self.survivor_mode = survivor_mode
         self.model = DurabilityModel.scan(self.backing)
         self._rng = random.Random(seed)
         self._triggers = triggers
-        self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - open while mounted
+        self._trace = open(trace, "a", buffering=1) if trace else None
         self._lock = threading.Lock()
         self._ops = 0
         self._off = False
@@ -331,8 +334,10 @@ class PowerFS(mfusepy.Operations if mfusepy is not None else object):  # type: i
             info = os.fstat(self._files[fh].fd)
         else:
             info = os.lstat(self._real(path))
-        attrs = {key: getattr(info, key) for key in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size",
-                                                      "st_blocks", "st_blksize", "st_rdev")}
+        attrs = {
+            key: getattr(info, key)
+            for key in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize", "st_rdev")
+        }
         attrs.update(st_atime=info.st_atime_ns, st_mtime=info.st_mtime_ns, st_ctime=info.st_ctime_ns)
         return attrs
 
@@ -360,8 +365,21 @@ class PowerFS(mfusepy.Operations if mfusepy is not None else object):  # type: i
     def statfs(self, path: str) -> dict[str, int]:
         self._check_power()
         info = os.statvfs(self.backing)
-        return {key: getattr(info, key) for key in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
-                                                     "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
+        return {
+            key: getattr(info, key)
+            for key in (
+                "f_bsize",
+                "f_frsize",
+                "f_blocks",
+                "f_bfree",
+                "f_bavail",
+                "f_files",
+                "f_ffree",
+                "f_favail",
+                "f_flag",
+                "f_namemax",
+            )
+        }
 
 
 def _backing_flags(flags: int) -> int:
@@ -412,14 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     filesystem = PowerFS(args.backing, args.control, args.seed, args.survivor_mode, triggers, args.trace)
     # hard_remove: an unlinked open file stays nameless (no .fuse_hidden renames in the trace); no
     # direct_io, so the page cache serves mmap and reads.
-    mfusepy.FUSE(filesystem, args.mountpoint, foreground=True, debug=args.debug, fsname="powerfs",
-                 hard_remove=True)
+    mfusepy.FUSE(filesystem, args.mountpoint, foreground=True, debug=args.debug, fsname="powerfs", hard_remove=True)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------
 # Driving powerfs from a test.
 # ----------------------------------------------------------------------------------------------------
+
 
 class PowerMount:
     """A powerfs process serving `backing` at `mountpoint`: start it, arm triggers, cut the power,
@@ -444,8 +462,18 @@ class PowerMount:
         os.makedirs(self.control, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), self.backing, self.mountpoint, "--control", self.control,
-                 *self.options], stdout=log_file, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    self.backing,
+                    self.mountpoint,
+                    "--control",
+                    self.control,
+                    *self.options,
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while not (os.path.exists(os.path.join(self.control, "ready")) and is_mounted(self.mountpoint)):
             if self.process.poll() is not None or time.monotonic() > deadline:

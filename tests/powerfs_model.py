@@ -77,13 +77,13 @@ class DataOp:
         """Apply this change to `content`."""
         if self.data is None:
             if self.offset < len(content):
-                del content[self.offset:]
+                del content[self.offset :]
             else:
                 content.extend(bytes(self.offset - len(content)))
             return
         if self.offset > len(content):
             content.extend(bytes(self.offset - len(content)))
-        content[self.offset:self.offset + len(self.data)] = self.data
+        content[self.offset : self.offset + len(self.data)] = self.data
 
 
 @dataclass
@@ -193,7 +193,7 @@ class DurabilityModel:
         while position < len(data):
             start = offset + position
             end = min(offset + len(data), (start // PAGE + 1) * PAGE)
-            node.pending_data.append(DataOp(start, bytes(data[position:position + end - start])))
+            node.pending_data.append(DataOp(start, bytes(data[position : position + end - start])))
             position += end - start
 
     def truncate(self, ino: int, length: int) -> None:
@@ -219,8 +219,11 @@ class DurabilityModel:
         subset of its pending pages and truncates; "drop": nothing; "keep": everything)."""
         if mode not in SURVIVOR_MODES:
             raise ValueError(f"survivor mode must be one of {SURVIVOR_MODES}, not {mode!r}")
-        kept = {ino: _choose_prefix(rng, len(node.pending_entries), mode)
-                for ino, node in self.inodes.items() if node.kind == "dir"}
+        kept = {
+            ino: _choose_prefix(rng, len(node.pending_entries), mode)
+            for ino, node in self.inodes.items()
+            if node.kind == "dir"
+        }
         self._keep_renames_whole(kept)
         contents: dict[int, bytes] = {}
 
@@ -236,7 +239,7 @@ class DurabilityModel:
         def tree(ino: int, seen: frozenset) -> Tree:
             node = self.inodes[ino]
             entries = dict(node.durable_entries)
-            for op in node.pending_entries[:kept[ino]]:
+            for op in node.pending_entries[: kept[ino]]:
                 op.apply(entries)
             result: Tree = {}
             for name, child in sorted(entries.items()):

@@ -19,13 +19,14 @@ from helpers import Daemon
 from ckptd.disk import runtime
 
 
-def test_default_socket_directory_is_private(daemon_factory: Callable[..., Daemon], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_socket_directory_is_private(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     root = tmp_path / "ckpt"
     endpoint = runtime.default_endpoint(str(root))
     daemon = daemon_factory(root=root, endpoint=endpoint)
-    socket_path = Path(endpoint[len("ipc://"):])
+    socket_path = Path(endpoint[len("ipc://") :])
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
     assert daemon.process.poll() is None
@@ -44,8 +45,9 @@ OTHER_USER = textwrap.dedent("""
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a process as another user needs root")
-def test_other_users_get_no_answer_even_through_a_reachable_socket(daemon_factory: Callable[..., Daemon],
-                                                                  tmp_path: Path) -> None:
+def test_other_users_get_no_answer_even_through_a_reachable_socket(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
     shared = Path(tempfile.mkdtemp(prefix="ckptd-shared-", dir="/tmp"))  # outside pytest's private tmp
     try:
         os.chmod(shared, 0o777)
@@ -57,8 +59,12 @@ def test_other_users_get_no_answer_even_through_a_reachable_socket(daemon_factor
         os.chmod(script, 0o644)
         result = subprocess.run([sys.executable, str(script), endpoint], capture_output=True, text=True, timeout=60)
         assert result.stdout.split() == ["REACHABLE", "NO", "ANSWER"], result.stdout + result.stderr
-        mine = subprocess.run([sys.executable, "-c", OTHER_USER.replace("os.setgid(65534); os.setuid(65534)", "pass"),
-                               endpoint], capture_output=True, text=True, timeout=60)
+        mine = subprocess.run(
+            [sys.executable, "-c", OTHER_USER.replace("os.setgid(65534); os.setuid(65534)", "pass"), endpoint],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert mine.stdout.split() == ["REACHABLE", "ANSWERED"], mine.stdout + mine.stderr
     finally:
         shutil.rmtree(shared, ignore_errors=True)

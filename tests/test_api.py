@@ -38,8 +38,8 @@ def test_component_rules() -> None:
     with pytest.raises(UnsafeNameError):
         StateComponent("m", Holder({}), SharingPattern.PER_GROUP, process_group_name="../g")
     with pytest.raises(TypeError, match="state_dict"):
-        StateComponent("m", object(), SharingPattern.GLOBAL)  # type: ignore[arg-type]
-    component = StateComponent("m", Holder({}), "REPLICATED", validate_replication=True)  # type: ignore[arg-type]
+        StateComponent("m", object(), SharingPattern.GLOBAL)
+    component = StateComponent("m", Holder({}), "REPLICATED", validate_replication=True)
     assert component.sharing_pattern is SharingPattern.REPLICATED
 
 
@@ -56,8 +56,13 @@ class LegacyProvider:
 
 def test_legacy_provider_still_works_as_global_with_a_warning(daemon: Daemon) -> None:
     with pytest.warns(DeprecationWarning, match="get_state_components"):
-        manager = CheckpointManager(LegacyProvider({"step": 3, "w": torch.ones(2)}), str(daemon.root),
-                                    endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE)
+        manager = CheckpointManager(
+            LegacyProvider({"step": 3, "w": torch.ones(2)}),
+            str(daemon.root),
+            endpoint=daemon.endpoint,
+            auto_start=False,
+            rank_info=SINGLE,
+        )
     with manager:
         path = manager.save_checkpoint(3).wait(30)
     fresh = LegacyProvider({})
@@ -84,7 +89,7 @@ def test_per_group_without_its_process_group_fails_before_a_daemon_starts(tmp_pa
     for groups, message in ((None, "no get_process_groups"), ({"data": object()}, r"'stage'.*has \['data'\]")):
         with pytest.raises(CheckpointError, match=message):
             CheckpointManager(GroupProvider(groups), str(tmp_path / "ckpt"), endpoint=endpoint, rank_info=SINGLE)
-    assert not os.path.exists(endpoint[len("ipc://"):])  # auto_start never got to start one
+    assert not os.path.exists(endpoint[len("ipc://") :])  # auto_start never got to start one
 
 
 class Provider:
@@ -101,22 +106,36 @@ def test_missing_components_required_error_optional_warning(daemon: Daemon, capl
         m.save_checkpoint(1).wait(30)
     extra_optional = StateComponent("ema", Holder("untouched"), SharingPattern.GLOBAL, required=False)
     model = Holder(None)
-    loader = CheckpointManager(Provider([StateComponent("model", model, SharingPattern.GLOBAL), extra_optional]),
-                               str(daemon.root), rank_info=SINGLE, connect=False)
+    loader = CheckpointManager(
+        Provider([StateComponent("model", model, SharingPattern.GLOBAL), extra_optional]),
+        str(daemon.root),
+        rank_info=SINGLE,
+        connect=False,
+    )
     with caplog.at_level(logging.WARNING):
         loader.load_checkpoint()
     assert "optional component 'ema'" in caplog.text and extra_optional.stateful.value == "untouched"
     assert torch.equal(model.value["w"], torch.zeros(3))
-    required = CheckpointManager(Provider([StateComponent("ema", Holder(None), SharingPattern.GLOBAL)]),
-                                 str(daemon.root), rank_info=SINGLE, connect=False)
+    required = CheckpointManager(
+        Provider([StateComponent("ema", Holder(None), SharingPattern.GLOBAL)]),
+        str(daemon.root),
+        rank_info=SINGLE,
+        connect=False,
+    )
     with pytest.raises(CheckpointError, match="required component 'ema' is not in"):
         required.load_checkpoint()
 
 
 def test_per_rank_state_refuses_a_different_topology(daemon: Daemon, tmp_path: Path) -> None:
-    provider = Provider([StateComponent("rng", Holder({"seed": 1}), SharingPattern.PER_RANK),
-                         StateComponent("model", Holder({"w": torch.ones(2)}), SharingPattern.GLOBAL)])
-    with CheckpointManager(provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE) as m:
+    provider = Provider(
+        [
+            StateComponent("rng", Holder({"seed": 1}), SharingPattern.PER_RANK),
+            StateComponent("model", Holder({"w": torch.ones(2)}), SharingPattern.GLOBAL),
+        ]
+    )
+    with CheckpointManager(
+        provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as m:
         m.save_checkpoint(1).wait(30)
     two_ranks = RankInfo(0, Topology.single_node(2))
     global_only = Provider([StateComponent("model", Holder(None), SharingPattern.GLOBAL)])
@@ -136,7 +155,9 @@ def test_no_checkpoint_yet_is_a_clear_error(tmp_path: Path) -> None:
 def test_load_restores_into_the_existing_tensors(daemon: Daemon) -> None:
     model = torch.nn.Linear(64, 32)
     provider = Provider([StateComponent("model", model, SharingPattern.GLOBAL)])
-    with CheckpointManager(provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE) as m:
+    with CheckpointManager(
+        provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as m:
         m.save_checkpoint(1).wait(30)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     addresses = {name: p.data_ptr() for name, p in model.named_parameters()}

@@ -23,12 +23,33 @@ from ckptd.proto.topology import Topology
 
 def save_body(daemon: Daemon, key: str = "model", **overrides: Any) -> Dict[str, Any]:
     part = {
-        "key": key, "pattern": "GLOBAL", "required": True, "writer": True, "group_name": None, "group_ranks": [],
-        "validate_replication": False, "metadata": {}, "region": None, "lease": 1, "region_size": 0,
-        "tensors": [], "state": msgpack.packb({"a": 1}), "digests": None,
+        "key": key,
+        "pattern": "GLOBAL",
+        "required": True,
+        "writer": True,
+        "group_name": None,
+        "group_ranks": [],
+        "validate_replication": False,
+        "metadata": {},
+        "region": None,
+        "lease": 1,
+        "region_size": 0,
+        "tensors": [],
+        "state": msgpack.packb({"a": 1}),
+        "digests": None,
     }
-    body = {"root": str(daemon.root), "step": 1, "rank": 0, "pid": os.getpid(), "job": "raw", "topology": {"nodes": [[0]]},
-            "parts": [part], "versions": {}, "metrics": {}, "expires_at": time.monotonic() + 600}
+    body = {
+        "root": str(daemon.root),
+        "step": 1,
+        "rank": 0,
+        "pid": os.getpid(),
+        "job": "raw",
+        "topology": {"nodes": [[0]]},
+        "parts": [part],
+        "versions": {},
+        "metrics": {},
+        "expires_at": time.monotonic() + 600,
+    }
     body.update(overrides)
     return body
 
@@ -53,43 +74,140 @@ async def raw_socket(daemon: Daemon) -> Any:
 CASES: List[Any] = [
     ("not msgpack", lambda d: b"\xc1\xff garbage", "bad_message", "not valid msgpack"),
     ("not a map", lambda d: msgpack.packb([1, 2, 3]), "bad_message", "must be a msgpack map"),
-    ("unknown version", lambda d: msgpack.packb({"v": 99, "type": "save", "id": 1, "body": {}}),
-     "unsupported_version", "protocol version 99"),
+    (
+        "unknown version",
+        lambda d: msgpack.packb({"v": 99, "type": "save", "id": 1, "body": {}}),
+        "unsupported_version",
+        "protocol version 99",
+    ),
     ("unknown type", lambda d: messages.encode("explode", {}, 1), "unknown_type", "unknown message type 'explode'"),
     ("hostile key", lambda d: messages.encode("save", save_body(d, key="../../x"), 1), "invalid_name", "'../../x'"),
-    ("absolute key", lambda d: messages.encode("save", save_body(d, key="/etc/passwd"), 1), "invalid_name", "/etc/passwd"),
+    (
+        "absolute key",
+        lambda d: messages.encode("save", save_body(d, key="/etc/passwd"), 1),
+        "invalid_name",
+        "/etc/passwd",
+    ),
     ("wrong field type", lambda d: messages.encode("save", save_body(d, step="one"), 1), "invalid_request", "'step'"),
     ("foreign root", lambda d: messages.encode("save", save_body(d, root="/tmp"), 1), "wrong_root", "not '/tmp'"),
-    ("region outside shm", lambda d: messages.encode("save", save_body(d, parts=[{
-        **save_body(d)["parts"][0], "region": "../../etc/shadow", "region_size": 8,
-        "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "invalid_name", "not a ckptd shared-memory region"),
-    ("missing region", lambda d: messages.encode("save", save_body(d, parts=[{
-        **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-{os.getpid()}-gone", "region_size": 8,
-        "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "bad_region", "cannot open"),
-    ("another client's region", lambda d: messages.encode("save", save_body(d, parts=[{
-        **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-1-abc", "region_size": 8,
-        "tensors": [["t", "F32", [2], 0, 8]]}]), 1), "bad_region", "not one of the sending client's own regions"),
-    ("tensor outside its region", lambda d: messages.encode("save", save_body(d, parts=[{
-        **save_body(d)["parts"][0], "region": f"ckptd-{os.getuid()}-{os.getpid()}-x", "region_size": 8,
-        "tensors": [["t", "F32", [4], 0, 16]]}]), 1), "invalid_request", "region holds 8"),
+    (
+        "region outside shm",
+        lambda d: messages.encode(
+            "save",
+            save_body(
+                d,
+                parts=[
+                    {
+                        **save_body(d)["parts"][0],
+                        "region": "../../etc/shadow",
+                        "region_size": 8,
+                        "tensors": [["t", "F32", [2], 0, 8]],
+                    }
+                ],
+            ),
+            1,
+        ),
+        "invalid_name",
+        "not a ckptd shared-memory region",
+    ),
+    (
+        "missing region",
+        lambda d: messages.encode(
+            "save",
+            save_body(
+                d,
+                parts=[
+                    {
+                        **save_body(d)["parts"][0],
+                        "region": f"ckptd-{os.getuid()}-{os.getpid()}-gone",
+                        "region_size": 8,
+                        "tensors": [["t", "F32", [2], 0, 8]],
+                    }
+                ],
+            ),
+            1,
+        ),
+        "bad_region",
+        "cannot open",
+    ),
+    (
+        "another client's region",
+        lambda d: messages.encode(
+            "save",
+            save_body(
+                d,
+                parts=[
+                    {
+                        **save_body(d)["parts"][0],
+                        "region": f"ckptd-{os.getuid()}-1-abc",
+                        "region_size": 8,
+                        "tensors": [["t", "F32", [2], 0, 8]],
+                    }
+                ],
+            ),
+            1,
+        ),
+        "bad_region",
+        "not one of the sending client's own regions",
+    ),
+    (
+        "tensor outside its region",
+        lambda d: messages.encode(
+            "save",
+            save_body(
+                d,
+                parts=[
+                    {
+                        **save_body(d)["parts"][0],
+                        "region": f"ckptd-{os.getuid()}-{os.getpid()}-x",
+                        "region_size": 8,
+                        "tensors": [["t", "F32", [4], 0, 16]],
+                    }
+                ],
+            ),
+            1,
+        ),
+        "invalid_request",
+        "region holds 8",
+    ),
     ("rank outside world", lambda d: messages.encode("save", save_body(d, rank=5), 1), "invalid_request", "rank 5"),
-    ("no lease", lambda d: messages.encode("save", save_body(d, parts=[{**save_body(d)["parts"][0], "lease": None}]), 1),
-     "invalid_request", "'lease'"),
-    ("expired part", lambda d: messages.encode("save", save_body(d, expires_at=time.monotonic() - 1), 1), "expired",
-     "after the client stopped waiting"),
+    (
+        "no lease",
+        lambda d: messages.encode("save", save_body(d, parts=[{**save_body(d)["parts"][0], "lease": None}]), 1),
+        "invalid_request",
+        "'lease'",
+    ),
+    (
+        "expired part",
+        lambda d: messages.encode("save", save_body(d, expires_at=time.monotonic() - 1), 1),
+        "expired",
+        "after the client stopped waiting",
+    ),
     ("hello without pid", lambda d: messages.encode("hello", {"root": str(d.root)}, 1), "invalid_request", "'pid'"),
-    ("hello with a malformed run", lambda d: messages.encode("hello", {"pid": 1, "root": str(d.root), "run": {
-        "job": "", "host": "h", "pid": 1, "rank": 0, "started_at": 0.0}}, 1), "invalid_request", "job id"),
-    ("hello with a run missing fields", lambda d: messages.encode("hello", {"pid": 1, "root": str(d.root),
-                                                                           "run": {"job": "j"}}, 1),
-     "invalid_request", "'host'"),
+    (
+        "hello with a malformed run",
+        lambda d: messages.encode(
+            "hello",
+            {"pid": 1, "root": str(d.root), "run": {"job": "", "host": "h", "pid": 1, "rank": 0, "started_at": 0.0}},
+            1,
+        ),
+        "invalid_request",
+        "job id",
+    ),
+    (
+        "hello with a run missing fields",
+        lambda d: messages.encode("hello", {"pid": 1, "root": str(d.root), "run": {"job": "j"}}, 1),
+        "invalid_request",
+        "'host'",
+    ),
 ]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("name,frame,code,fragment", CASES, ids=[c[0] for c in CASES])
-async def test_bad_frame_gets_a_specific_error(daemon: Daemon, raw_socket: zmq.asyncio.Socket,
-                                               name: str, frame: Any, code: str, fragment: str) -> None:
+async def test_bad_frame_gets_a_specific_error(
+    daemon: Daemon, raw_socket: zmq.asyncio.Socket, name: str, frame: Any, code: str, fragment: str
+) -> None:
     reply = await exchange(raw_socket, frame(daemon))
     assert reply.type == messages.ERROR, reply
     assert reply.body["code"] == code, reply.body
@@ -103,8 +221,13 @@ async def test_daemon_keeps_serving_good_saves_after_bad_input(daemon: Daemon, r
     for _, frame, _, _ in CASES:
         assert (await exchange(raw_socket, frame(daemon))).type == messages.ERROR
     # the same run as the raw frames: the bad frames claimed the root for it, as any frame of a run does
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="raw"),
-                              endpoint=daemon.endpoint, auto_start=False, timeout=30)
+    client = CheckpointClient(
+        str(daemon.root),
+        RankInfo(0, Topology.single_node(1), job_id="raw"),
+        endpoint=daemon.endpoint,
+        auto_start=False,
+        timeout=30,
+    )
     try:
         state = {"w": torch.randn(16)}
         component = PreparedComponent(StateComponent("model", Holder(state), SharingPattern.GLOBAL))

@@ -22,7 +22,9 @@ REPO = HERE.parent
 BENCH = REPO / "bench" / "bench_save.py"
 RUN_CUDA = REPO / "bench" / "run_cuda.sh"
 
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available: the no-CUDA error cannot happen")
+needs_no_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CUDA is available: the no-CUDA error cannot happen"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -50,9 +52,24 @@ def test_device_cuda_without_cuda_fails_at_once(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--device", "cuda", "--scale", "0.001", "--repeats", "1",
-         "--dir", str(work), "--json", str(json_path)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            str(BENCH),
+            "--device",
+            "cuda",
+            "--scale",
+            "0.001",
+            "--repeats",
+            "1",
+            "--dir",
+            str(work),
+            "--json",
+            str(json_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     _assert_clear_cuda_error(proc)
     assert not json_path.exists()
@@ -63,12 +80,32 @@ def test_device_cuda_without_cuda_fails_at_once(tmp_path: Path) -> None:
 def test_row_process_with_device_cuda_without_cuda_reports_an_error(tmp_path: Path) -> None:
     bench = _smoke_module()._bench_module()
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--row", "memcpy", "--state", "A", "--device", "cuda", "--scale", "0.001",
-         "--repeats", "1", "--dir", str(tmp_path / "row")],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            str(BENCH),
+            "--row",
+            "memcpy",
+            "--state",
+            "A",
+            "--device",
+            "cuda",
+            "--scale",
+            "0.001",
+            "--repeats",
+            "1",
+            "--dir",
+            str(tmp_path / "row"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
-    results = [json.loads(line[len(bench.RESULT_MARK):]) for line in proc.stdout.splitlines()
-               if line.startswith(bench.RESULT_MARK)]
+    results = [
+        json.loads(line[len(bench.RESULT_MARK) :])
+        for line in proc.stdout.splitlines()
+        if line.startswith(bench.RESULT_MARK)
+    ]
     assert len(results) == 1, proc.stdout + proc.stderr
     assert results[0]["status"] == "error" and "CUDA is not available" in results[0]["reason"], results
 
@@ -78,8 +115,9 @@ def test_run_cuda_script_without_cuda_fails_at_once(tmp_path: Path) -> None:
     assert os.access(RUN_CUDA, os.X_OK), f"{RUN_CUDA} is not executable"
     json_path = tmp_path / "cuda.json"
     # From another directory: the script finds the repository itself; --json overrides its default.
-    proc = subprocess.run([str(RUN_CUDA), "--json", str(json_path)], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [str(RUN_CUDA), "--json", str(json_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     _assert_clear_cuda_error(proc)
     assert not json_path.exists()
 

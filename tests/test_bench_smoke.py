@@ -45,9 +45,25 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
     bench = _bench_module()
     json_path = tmp_path / "results.json"
     command = [
-        sys.executable, str(BENCH), "--scale", "0.001", "--repeats", "1", "--jobs", "2", "--settle", "0.2",
-        "--dir", str(tmp_path), "--json", str(json_path), "--no-disk-probe", "--retries", "0",
-        "--drop-caches", "never",  # fadvise only: a test must not drop the whole machine's page cache
+        sys.executable,
+        str(BENCH),
+        "--scale",
+        "0.001",
+        "--repeats",
+        "1",
+        "--jobs",
+        "2",
+        "--settle",
+        "0.2",
+        "--dir",
+        str(tmp_path),
+        "--json",
+        str(json_path),
+        "--no-disk-probe",
+        "--retries",
+        "0",
+        "--drop-caches",
+        "never",  # fadvise only: a test must not drop the whole machine's page cache
         *extra,
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -84,7 +100,13 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
                 continue
             assert result["status"] == "ok", result
             where = f"{state}/{row}"
-            for key in ("blocked_first_s", "blocked_warm_s", "trainer_peak_rss_mb", "trainer_base_rss_mb", "state_bytes"):
+            for key in (
+                "blocked_first_s",
+                "blocked_warm_s",
+                "trainer_peak_rss_mb",
+                "trainer_base_rss_mb",
+                "state_bytes",
+            ):
                 assert _is_number(result.get(key)), (where, key, result.get(key))
             assert result["state_bytes"] > 0
             if row != "memcpy":

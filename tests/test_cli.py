@@ -16,12 +16,19 @@ from helpers import Daemon, Holder, wait_for
 from safetensors.torch import load_file
 
 from ckptd.client import (
-    CheckpointClient, CheckpointManager, PreparedComponent, RetentionPolicy, SharingPattern, StateComponent,
+    CheckpointClient,
+    CheckpointManager,
+    PreparedComponent,
+    RetentionPolicy,
+    SharingPattern,
+    StateComponent,
 )
 
 
 def ckptd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckptd.service", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptd.service", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Trainer:
@@ -60,8 +67,9 @@ def slow_manager(daemon: Daemon) -> CheckpointManager:
 def saved(daemon: Daemon) -> Trainer:
     """Steps 1-3 committed under a keep-last-2 policy with a val_loss metric."""
     trainer = Trainer()
-    with CheckpointManager(trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           retention=RetentionPolicy(keep_last=2)) as manager:
+    with CheckpointManager(
+        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, retention=RetentionPolicy(keep_last=2)
+    ) as manager:
         for step in (1, 2, 3):
             trainer.step()
             manager.save_checkpoint(step, metrics={"val_loss": 1.0 / step}).wait(60)
@@ -155,8 +163,14 @@ def test_export_of_a_per_rank_component_needs_a_scope(
     daemon: Daemon, client_factory: Callable[..., CheckpointClient], tmp_path: Path
 ) -> None:
     handles = [
-        client_factory(rank, 2).save(1, [PreparedComponent(StateComponent(
-            "counter", Holder({"seen": torch.full((3,), rank)}), SharingPattern.PER_RANK))])
+        client_factory(rank, 2).save(
+            1,
+            [
+                PreparedComponent(
+                    StateComponent("counter", Holder({"seen": torch.full((3,), rank)}), SharingPattern.PER_RANK)
+                )
+            ],
+        )
         for rank in (0, 1)
     ]
     path = handles[0].wait(60)

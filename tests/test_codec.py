@@ -19,7 +19,7 @@ from ckptd.client.rng import RNGState
 from ckptd.proto.formats import SAFETENSORS_DTYPES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity_cases import FIDELITY_CASES, assert_state_equal  # noqa: E402
+from fidelity_cases import FIDELITY_CASES, assert_state_equal
 
 
 def roundtrip(state, component="c"):
@@ -197,8 +197,15 @@ def test_tensor_names_readable_and_unique():
     flat = flatten_state(FIDELITY_CASES["adamw"](), "optim")
     assert {"state/0/exp_avg", "state/0/exp_avg_sq", "state/0/step", "state/1/exp_avg"} <= set(flat.tensors)
 
-    state = {1: torch.ones(1), "1": torch.ones(2), "1#2": torch.ones(3), "__metadata__": torch.ones(4),
-             "a\x00b": torch.ones(5), "": torch.ones(6), ("t", 2): [torch.ones(7)]}
+    state = {
+        1: torch.ones(1),
+        "1": torch.ones(2),
+        "1#2": torch.ones(3),
+        "__metadata__": torch.ones(4),
+        "a\x00b": torch.ones(5),
+        "": torch.ones(6),
+        ("t", 2): [torch.ones(7)],
+    }
     flat, out = roundtrip(state)
     names = list(flat.tensors)
     assert names[:3] == ["1", "1#2", "1#2#2"]
@@ -221,11 +228,25 @@ def test_unflatten_errors():
 
 
 def test_dtype_mapping():
-    expected = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                torch.uint8: "U8", torch.bool: "BOOL"}
-    for attr, name in [("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
-                       ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")]:
+    expected = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+    for attr, name in [
+        ("float8_e4m3fn", "F8_E4M3"),
+        ("float8_e5m2", "F8_E5M2"),
+        ("uint16", "U16"),
+        ("uint32", "U32"),
+        ("uint64", "U64"),
+    ]:
         if hasattr(torch, attr):
             expected[getattr(torch, attr)] = name
     for dtype, name in expected.items():

@@ -14,7 +14,14 @@ import pytest
 import torch
 from helpers import Daemon, Holder, wait_for
 
-from ckptd.client import CheckpointClient, CheckpointError, CheckpointSkipped, PreparedComponent, SharingPattern, StateComponent
+from ckptd.client import (
+    CheckpointClient,
+    CheckpointError,
+    CheckpointSkipped,
+    PreparedComponent,
+    SharingPattern,
+    StateComponent,
+)
 from ckptd.client.loading import latest_checkpoint, read_manifest, read_scope, select_scope
 from ckptd.client.topology import RankInfo
 from ckptd.proto.topology import Topology
@@ -53,8 +60,9 @@ def test_commit_waits_for_every_rank(daemon: Daemon, client_factory: Callable[..
 
 def test_snapshot_is_taken_at_save_time(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     daemon = daemon_factory("--max-write-mbps", "2")  # 4 MB takes ~2 s to write
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint,
-                              auto_start=False, timeout=60)
+    client = CheckpointClient(
+        str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint, auto_start=False, timeout=60
+    )
     try:
         weights = torch.arange(1_000_000, dtype=torch.float32)
         nested = {"w": weights, "meta": {"epoch": 1}}
@@ -89,8 +97,9 @@ def test_busy_pool_waits_or_skips(daemon_factory: Callable[..., Daemon]) -> None
     finally:
         waiter.close()
 
-    skipper = CheckpointClient(str(daemon.root), info, endpoint=daemon.endpoint, auto_start=False, timeout=60,
-                               when_busy="skip")
+    skipper = CheckpointClient(
+        str(daemon.root), info, endpoint=daemon.endpoint, auto_start=False, timeout=60, when_busy="skip"
+    )
     try:
         in_flight = skipper.save(3, replicated(big))
         skipped = skipper.save(4, replicated(big))
@@ -104,7 +113,9 @@ def test_busy_pool_waits_or_skips(daemon_factory: Callable[..., Daemon]) -> None
     assert latest_checkpoint(str(daemon.root)).endswith("step_00000003")
 
 
-def test_duplicate_and_committed_steps_are_refused(daemon: Daemon, client_factory: Callable[..., CheckpointClient]) -> None:
+def test_duplicate_and_committed_steps_are_refused(
+    daemon: Daemon, client_factory: Callable[..., CheckpointClient]
+) -> None:
     client = client_factory()
     client.save(1, components(a={"v": 1})).wait(30)
     with pytest.raises(CheckpointError, match="already committed"):
@@ -114,8 +125,9 @@ def test_duplicate_and_committed_steps_are_refused(daemon: Daemon, client_factor
 
 def test_missing_rank_aborts_after_timeout(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("--save-timeout", "1")
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(2)), endpoint=daemon.endpoint,
-                              auto_start=False, timeout=30)
+    client = CheckpointClient(
+        str(daemon.root), RankInfo(0, Topology.single_node(2)), endpoint=daemon.endpoint, auto_start=False, timeout=30
+    )
     try:
         handle = client.save(7, components(a={"t": torch.ones(3)}))
         with pytest.raises(CheckpointError, match=r"rank\(s\) \[1\] did not hand over"):
@@ -126,8 +138,9 @@ def test_missing_rank_aborts_after_timeout(daemon_factory: Callable[..., Daemon]
     assert final_dirs(daemon.root) == []
 
 
-def test_unusable_root_is_refused_quickly_and_the_daemon_recovers(daemon: Daemon,
-                                                                  client_factory: Callable[..., CheckpointClient]) -> None:
+def test_unusable_root_is_refused_quickly_and_the_daemon_recovers(
+    daemon: Daemon, client_factory: Callable[..., CheckpointClient]
+) -> None:
     client = client_factory()
     shutil.rmtree(daemon.root)
     daemon.root.write_text("a file where the checkpoint root should be")
@@ -157,12 +170,18 @@ time.sleep(600)
 
 def test_a_restarted_job_supersedes_the_dead_runs_unfinished_save(daemon: Daemon) -> None:
     def client(rank: int, job: str) -> CheckpointClient:
-        return CheckpointClient(str(daemon.root), RankInfo(rank, Topology.single_node(2), job_id=job),
-                                endpoint=daemon.endpoint, auto_start=False, timeout=30)
+        return CheckpointClient(
+            str(daemon.root),
+            RankInfo(rank, Topology.single_node(2), job_id=job),
+            endpoint=daemon.endpoint,
+            auto_start=False,
+            timeout=30,
+        )
 
     # run-1's rank 0 hands over its part of step 5 and is killed; its rank 1 crashed before saving
-    dead_run = subprocess.Popen([sys.executable, "-c", DEAD_RUN, str(daemon.root), daemon.endpoint],
-                                stdout=subprocess.PIPE, text=True)
+    dead_run = subprocess.Popen(
+        [sys.executable, "-c", DEAD_RUN, str(daemon.root), daemon.endpoint], stdout=subprocess.PIPE, text=True
+    )
     assert dead_run.stdout is not None and dead_run.stdout.readline().strip() == "handed over"
     dead_run.kill()
     dead_run.wait()
@@ -194,8 +213,9 @@ def test_a_restarted_job_supersedes_the_dead_runs_unfinished_save(daemon: Daemon
     assert torch.equal(read_scope(path, scope)["t"], torch.zeros(2))  # run-2's bytes, not the dead run's
 
 
-def test_staging_regions_are_reused_and_grow_without_leaking(daemon: Daemon,
-                                                              client_factory: Callable[..., CheckpointClient]) -> None:
+def test_staging_regions_are_reused_and_grow_without_leaking(
+    daemon: Daemon, client_factory: Callable[..., CheckpointClient]
+) -> None:
     client = client_factory()
     state = {"w": torch.ones(1000)}
     client.save(1, components(model=state)).wait(30)
@@ -210,3 +230,14 @@ def test_staging_regions_are_reused_and_grow_without_leaking(daemon: Daemon,
     assert client._pool.staged_bytes() >= 20_000_000
     client.close()
     assert not os.path.exists(f"/dev/shm/{second}")
+
+
+def test_the_manifest_records_rank_0s_metrics_whichever_rank_hands_over_first(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    rank0, rank1 = client_factory(rank=0, world_size=2), client_factory(rank=1, world_size=2)
+    # save() returns once the daemon has taken the part: rank 1's arrives first
+    late = rank1.save(1, components(a={"t": torch.ones(2)}), metrics={"loss": 1.0, "only_rank1": 1.0})
+    path = rank0.save(1, components(a={"t": torch.ones(2)}), metrics={"loss": 0.5}).wait(30)
+    assert late.wait(30) == path
+    assert read_manifest(path).metrics == {"loss": 0.5}

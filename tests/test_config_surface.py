@@ -17,8 +17,16 @@ import torch
 from helpers import Holder, short_endpoint
 
 from ckptd.client import (
-    CheckpointClient, CheckpointManager, CheckpointManagerOptions, ClientOptions, DaemonOptions, RankInfo,
-    RetentionPolicy, SharingPattern, StateComponent, Topology,
+    CheckpointClient,
+    CheckpointManager,
+    CheckpointManagerOptions,
+    ClientOptions,
+    DaemonOptions,
+    RankInfo,
+    RetentionPolicy,
+    SharingPattern,
+    StateComponent,
+    Topology,
 )
 from ckptd.client import daemon as client_daemon
 from ckptd.client import manager as manager_module
@@ -91,7 +99,8 @@ def test_serve_flags_still_read_their_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(config.LEADER_ENV, "node0:7000")
     monkeypatch.setenv(config.CLUSTER_SECRET_ENV, "/etc/ckptd.secret")
     assert parse_serve("--root", ROOT) == DaemonConfig(
-        root=ROOT, node=2, num_nodes=3, leader="node0:7000", cluster_secret="/etc/ckptd.secret")
+        root=ROOT, node=2, num_nodes=3, leader="node0:7000", cluster_secret="/etc/ckptd.secret"
+    )
     assert parse_serve("--root", ROOT, "--node", "1", "--leader", "other:1").node == 1
     assert parse_serve("--root", ROOT, "--node", "1", "--leader", "other:1").leader == "other:1"
     monkeypatch.setenv(config.NODE_RANK_ENV, "not-a-number")
@@ -115,7 +124,7 @@ def test_daemon_options_round_trip_through_the_cli() -> None:
 
 def test_daemon_options_refuse_values_of_the_wrong_type() -> None:
     with pytest.raises(TypeError, match="write_threads must be int"):
-        DaemonOptions(write_threads="4")  # type: ignore[arg-type]
+        DaemonOptions(write_threads="4")
     with pytest.raises(TypeError, match="daemon_args must be DaemonOptions or a sequence of strings"):
         serve_argv("--nice 0")
 
@@ -127,17 +136,20 @@ def test_the_client_fills_in_what_the_options_leave_to_it() -> None:
     assert parse_serve("--root", ROOT, *serve_argv(strings)).exit_when_idle == 1.0  # the caller's come last
 
 
-@pytest.mark.parametrize("daemon_args", [DaemonOptions(max_write_mbps=4.0), ["--max-write-mbps", "4"]],
-                         ids=["options", "strings"])
-def test_an_auto_started_daemon_gets_the_options(daemon_args: Any, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "daemon_args", [DaemonOptions(max_write_mbps=4.0), ["--max-write-mbps", "4"]], ids=["options", "strings"]
+)
+def test_an_auto_started_daemon_gets_the_options(
+    daemon_args: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     started: List[List[str]] = []
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setattr(client_daemon.subprocess, "Popen", lambda command, **_: started.append(command) or _Exited())
     client_daemon.start_daemon(ROOT, "ipc:///tmp/x.sock", daemon_args)
     serve = started[0].index("serve")
-    assert parse_serve(*started[0][serve + 1:]) == DaemonConfig(
-        root=ROOT, endpoint="ipc:///tmp/x.sock", exit_when_idle=client_daemon.IDLE_EXIT_S, max_write_mbps=4.0)
+    assert parse_serve(*started[0][serve + 1 :]) == DaemonConfig(
+        root=ROOT, endpoint="ipc:///tmp/x.sock", exit_when_idle=client_daemon.IDLE_EXIT_S, max_write_mbps=4.0
+    )
 
 
 class _Exited:
@@ -148,13 +160,18 @@ class _Connected(Exception):
     """Raised by the stand-in for connect(), with what the client asked of it."""
 
 
-@pytest.mark.parametrize("daemon_args,expected", [
-    (DaemonOptions(max_write_mbps=4.0), DaemonOptions(node=1, num_nodes=2, max_write_mbps=4.0)),
-    (DaemonOptions(node=0), DaemonOptions(node=0, num_nodes=2)),
-    (["--max-write-mbps", "4"], ("--node", "1", "--num-nodes", "2", "--max-write-mbps", "4")),
-], ids=["options", "options-own-node", "strings"])
-def test_a_multi_node_client_tells_its_daemon_its_place(daemon_args: Any, expected: Any, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "daemon_args,expected",
+    [
+        (DaemonOptions(max_write_mbps=4.0), DaemonOptions(node=1, num_nodes=2, max_write_mbps=4.0)),
+        (DaemonOptions(node=0), DaemonOptions(node=0, num_nodes=2)),
+        (["--max-write-mbps", "4"], ("--node", "1", "--num-nodes", "2", "--max-write-mbps", "4")),
+    ],
+    ids=["options", "options-own-node", "strings"],
+)
+def test_a_multi_node_client_tells_its_daemon_its_place(
+    daemon_args: Any, expected: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def connect(*_: Any, daemon_args: Any, **__: Any) -> Any:
         raise _Connected(daemon_args)
 
@@ -166,9 +183,15 @@ def test_a_multi_node_client_tells_its_daemon_its_place(daemon_args: Any, expect
 
 
 MANAGER_SETTINGS: Dict[str, Any] = dict(
-    endpoint="ipc:///tmp/elsewhere.sock", auto_start=False, when_busy="skip", timeout=5.0, connect_timeout=7.0,
-    daemon_args=DaemonOptions(nice=0, max_write_mbps=8.0), retention=RetentionPolicy(keep_last=2),
-    daemon_timeout=3.0, verify=False,
+    endpoint="ipc:///tmp/elsewhere.sock",
+    auto_start=False,
+    when_busy="skip",
+    timeout=5.0,
+    connect_timeout=7.0,
+    daemon_args=DaemonOptions(nice=0, max_write_mbps=8.0),
+    retention=RetentionPolicy(keep_last=2),
+    daemon_timeout=3.0,
+    verify=False,
 )
 """A value other than the default for every CheckpointManagerOptions field but `connect`."""
 
@@ -179,11 +202,12 @@ def test_the_manager_takes_options_or_keywords_alike(tmp_path: Path, monkeypatch
     monkeypatch.setattr(manager_module, "CheckpointClient", lambda root, rank_info, options: given.append(options))
     rank = RankInfo(0, Topology.single_node(1), job_id="options")
     by_keywords = CheckpointManager(Provider(), str(tmp_path), rank_info=rank, connect=False, **MANAGER_SETTINGS)
-    by_options = CheckpointManager(Provider(), str(tmp_path), CheckpointManagerOptions(connect=False, **MANAGER_SETTINGS),
-                                   rank_info=rank)
+    by_options = CheckpointManager(
+        Provider(), str(tmp_path), CheckpointManagerOptions(connect=False, **MANAGER_SETTINGS), rank_info=rank
+    )
     assert by_keywords.options == by_options.options == CheckpointManagerOptions(connect=False, **MANAGER_SETTINGS)
     assert by_keywords.verify is by_options.verify is False
-    by_keywords.client, by_options.client  # noqa: B018 - hands the options to the client
+    by_keywords.connect(), by_options.connect()  # hands the options to the client
     assert given == [by_keywords.options, by_options.options]
     overridden = CheckpointManager(Provider(), str(tmp_path), by_options.options, rank_info=rank, when_busy="wait")
     assert overridden.options == dataclasses.replace(by_options.options, when_busy="wait")
@@ -195,12 +219,15 @@ def test_string_daemon_args_are_kept_as_given() -> None:
     assert options.daemon_args == ("--exit-when-idle", "1")
 
 
-@pytest.mark.parametrize("setting,message", [
-    ({"when_busy": "later"}, "when_busy must be 'wait' or 'skip', not 'later'"),
-    ({"daemon_timeout": 0}, "daemon_timeout must be positive, not 0"),
-], ids=["when_busy", "daemon_timeout"])
-def test_settings_are_checked_once_before_any_connection(setting: Dict[str, Any], message: str,
-                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"when_busy": "later"}, "when_busy must be 'wait' or 'skip', not 'later'"),
+        ({"daemon_timeout": 0}, "daemon_timeout must be positive, not 0"),
+    ],
+    ids=["when_busy", "daemon_timeout"],
+)
+def test_settings_are_checked_once_before_any_connection(setting: Dict[str, Any], message: str, tmp_path: Path) -> None:
     rank = RankInfo(0, Topology.single_node(1), job_id="checked")
     builders = [
         lambda: ClientOptions(**setting),
@@ -215,15 +242,19 @@ def test_settings_are_checked_once_before_any_connection(setting: Dict[str, Any]
 
 def test_an_unknown_setting_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="when_bussy"):
-        CheckpointManager(Provider(), str(tmp_path), rank_info=RankInfo(0, Topology.single_node(1)), connect=False,
-                          when_bussy="skip")
+        CheckpointManager(
+            Provider(), str(tmp_path), rank_info=RankInfo(0, Topology.single_node(1)), connect=False, when_bussy="skip"
+        )
 
 
 def test_exit_codes_are_the_proto_ones_in_the_cli_and_the_client() -> None:
     assert cli.ExitCode is client_daemon.ExitCode is config.ExitCode
     for module in (cli, client_daemon, saving_module, manager_module):
-        copies = {name: value for name, value in vars(module).items()
-                  if "EXIT" in name and isinstance(value, int) and not isinstance(value, ExitCode)}
+        copies = {
+            name: value
+            for name, value in vars(module).items()
+            if "EXIT" in name and isinstance(value, int) and not isinstance(value, ExitCode)
+        }
         assert copies == {}, f"{module.__name__} defines its own exit codes: {copies}"
 
 

@@ -23,7 +23,9 @@ def test_second_daemon_for_the_same_root_exits_with_a_clear_error(daemon_factory
     assert first.process.poll() is None
 
 
-def test_restart_removes_leftovers_of_an_interrupted_save(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+def test_restart_removes_leftovers_of_an_interrupted_save(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
     root = tmp_path / "ckpt"
     leftover = root / ".tmp-step_00000009-deadbeef" / "model"
     leftover.mkdir(parents=True)
@@ -54,14 +56,18 @@ def test_auto_started_daemon_finishes_the_save_after_the_trainer_exits_then_idle
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 0, result.stderr
     assert "handed over False" in result.stdout
     lock = Path(env["XDG_RUNTIME_DIR"]) / "ckptd" / f"{runtime.root_token(str(root))}.lock"
     daemon_pid = int(lock.read_text())
     assert wait_for(lambda: (root / "latest").exists(), timeout=60), "the save never committed"
     assert (root / "latest").read_text().strip() == "step_00000001"
-    assert wait_for(lambda: not pid_alive(daemon_pid) or _zombie(daemon_pid), timeout=30), "daemon did not exit when idle"
+    assert wait_for(lambda: not pid_alive(daemon_pid) or _zombie(daemon_pid), timeout=30), (
+        "daemon did not exit when idle"
+    )
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ckptd-{os.getuid()}-") and _owner_gone(n)]
 
 

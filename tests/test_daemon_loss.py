@@ -25,13 +25,22 @@ def model(value: float) -> list[PreparedComponent]:
 
 
 @pytest.mark.parametrize("restart_at_once", [False, True], ids=["stays-dead", "restarted"])
-def test_killed_daemon_fails_the_handle_and_the_next_save_commits(daemon_factory: Callable[..., Daemon],
-                                                                  restart_at_once: bool) -> None:
+def test_killed_daemon_fails_the_handle_and_the_next_save_commits(
+    daemon_factory: Callable[..., Daemon], restart_at_once: bool
+) -> None:
     daemon = daemon_factory("--max-write-mbps", "2")
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint,
-                              auto_start=False, timeout=60, connect_timeout=30)
+    client = CheckpointClient(
+        str(daemon.root),
+        RankInfo(0, Topology.single_node(1)),
+        endpoint=daemon.endpoint,
+        auto_start=False,
+        timeout=60,
+        connect_timeout=30,
+    )
     try:
-        client.save(1, [PreparedComponent(StateComponent("model", Holder({"w": torch.ones(4)}), SharingPattern.GLOBAL))]).wait(30)
+        client.save(
+            1, [PreparedComponent(StateComponent("model", Holder({"w": torch.ones(4)}), SharingPattern.GLOBAL))]
+        ).wait(30)
         handle = client.save(2, model(2.0))
         assert wait_for(lambda: any(daemon.root.glob(".tmp-*/model/global.safetensors")), timeout=10)
         os.kill(daemon.process.pid, signal.SIGKILL)
@@ -39,7 +48,9 @@ def test_killed_daemon_fails_the_handle_and_the_next_save_commits(daemon_factory
         started = time.monotonic()
         if restart_at_once:
             daemon = daemon_factory(root=daemon.root, endpoint=daemon.endpoint)
-        with pytest.raises(CheckpointError, match="step 2 was not committed: the ckptd daemon .* (stopped answering|was restarted)"):
+        with pytest.raises(
+            CheckpointError, match="step 2 was not committed: the ckptd daemon .* (stopped answering|was restarted)"
+        ):
             handle.wait(60)
         assert time.monotonic() - started < 30
         assert latest_checkpoint(str(daemon.root)).endswith("step_00000001")

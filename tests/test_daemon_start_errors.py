@@ -90,7 +90,7 @@ def refused(root: Path, log_path: Path, *args: str, endpoint: Optional[str] = No
     assert "Traceback" not in log, log
     assert snapshot(root) == before, f"the daemon changed the root; log:\n{log}"
     if endpoint.startswith("ipc://"):
-        assert not os.path.exists(endpoint[len("ipc://"):]), "the daemon left its ipc socket behind"
+        assert not os.path.exists(endpoint[len("ipc://") :]), "the daemon left its ipc socket behind"
     return status, log
 
 
@@ -104,12 +104,16 @@ def test_an_endpoint_in_use_is_refused_with_status_3(root: Path, tmp_path: Path)
         endpoint = f"tcp://127.0.0.1:{port}"
         status, log = refused(root, tmp_path / "daemon.log", endpoint=endpoint)
     assert status == ExitCode.ALREADY_SERVED, log
-    assert logged_error(log, re.escape(f"cannot listen on {endpoint}: Address already in use") + ".*"
-                        + re.escape(ENDPOINT_ADVICE)), log
+    assert logged_error(
+        log, re.escape(f"cannot listen on {endpoint}: Address already in use") + ".*" + re.escape(ENDPOINT_ADVICE)
+    ), log
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://nonsense", "ipc:///tmp/" + "x" * 120 + ".sock"],
-                         ids=["malformed tcp address", "ipc path over 107 bytes"])
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp://nonsense", "ipc:///tmp/" + "x" * 120 + ".sock"],
+    ids=["malformed tcp address", "ipc path over 107 bytes"],
+)
 def test_an_endpoint_that_cannot_be_bound_is_refused_with_status_2(root: Path, tmp_path: Path, endpoint: str) -> None:
     status, log = refused(root, tmp_path / "daemon.log", endpoint=endpoint)
     assert status == ExitCode.USAGE, log
@@ -118,15 +122,26 @@ def test_an_endpoint_that_cannot_be_bound_is_refused_with_status_2(root: Path, t
 
 def test_a_node_outside_the_job_is_refused_with_status_2(root: Path, tmp_path: Path, secret: Path) -> None:
     with held_port() as port:
-        status, log = refused(root, tmp_path / "daemon.log", "--node", "3", "--num-nodes", "2",
-                              "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret))
+        status, log = refused(
+            root,
+            tmp_path / "daemon.log",
+            "--node",
+            "3",
+            "--num-nodes",
+            "2",
+            "--leader",
+            f"127.0.0.1:{port}",
+            "--cluster-secret",
+            str(secret),
+        )
     assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape("node 3 is not in a job of 2 node(s)")), log
 
 
 def test_a_leader_address_without_a_port_is_refused_with_status_2(root: Path, tmp_path: Path, secret: Path) -> None:
-    status, log = refused(root, tmp_path / "daemon.log", "--num-nodes", "2", "--leader", "bad-address",
-                          "--cluster-secret", str(secret))
+    status, log = refused(
+        root, tmp_path / "daemon.log", "--num-nodes", "2", "--leader", "bad-address", "--cluster-secret", str(secret)
+    )
     assert status == ExitCode.USAGE, log
     assert logged_error(log, re.escape("leader address 'bad-address' must be HOST:PORT with a port in 1-65535")), log
 
@@ -134,11 +149,23 @@ def test_a_leader_address_without_a_port_is_refused_with_status_2(root: Path, tm
 def test_a_missing_cluster_secret_is_refused_with_status_2(root: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such.secret"
     with held_port() as port:
-        status, log = refused(root, tmp_path / "daemon.log", "--num-nodes", "2", "--leader", f"127.0.0.1:{port}",
-                              "--cluster-secret", str(missing))
+        status, log = refused(
+            root,
+            tmp_path / "daemon.log",
+            "--num-nodes",
+            "2",
+            "--leader",
+            f"127.0.0.1:{port}",
+            "--cluster-secret",
+            str(missing),
+        )
     assert status == ExitCode.USAGE, log
-    assert logged_error(log, re.escape(f"cannot open the cluster secret {missing}: No such file or directory; "
-                                       "create one with `ckptd keygen PATH`")), log
+    assert logged_error(
+        log,
+        re.escape(
+            f"cannot open the cluster secret {missing}: No such file or directory; create one with `ckptd keygen PATH`"
+        ),
+    ), log
     assert not missing.exists()
 
 
@@ -149,11 +176,21 @@ def test_a_metrics_port_in_use_is_refused_with_status_2(root: Path, tmp_path: Pa
     assert logged_error(log, re.escape(f"cannot serve metrics on port {port}: ") + ".*Address already in use"), log
 
 
-def test_a_leader_port_in_use_stops_the_commit_channel_with_status_3(root: Path, tmp_path: Path,
-                                                                     secret: Path) -> None:
+def test_a_leader_port_in_use_stops_the_commit_channel_with_status_3(root: Path, tmp_path: Path, secret: Path) -> None:
     with held_port() as port:
-        status, log = refused(root, tmp_path / "daemon.log", "--node", "0", "--num-nodes", "2",
-                              "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret))
+        status, log = refused(
+            root,
+            tmp_path / "daemon.log",
+            "--node",
+            "0",
+            "--num-nodes",
+            "2",
+            "--leader",
+            f"127.0.0.1:{port}",
+            "--cluster-secret",
+            str(secret),
+        )
     assert status == ExitCode.ALREADY_SERVED, log
-    assert logged_error(log, re.escape("cannot start the commit channel between nodes: ")
-                        + ".*Address already in use"), log
+    assert logged_error(
+        log, re.escape("cannot start the commit channel between nodes: ") + ".*Address already in use"
+    ), log

@@ -31,29 +31,41 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def state(megabytes: int) -> list[PreparedComponent]:
-    return [PreparedComponent(StateComponent("model", Holder({"w": torch.ones(megabytes * 2**18)}), SharingPattern.REPLICATED))]
+    return [
+        PreparedComponent(
+            StateComponent("model", Holder({"w": torch.ones(megabytes * 2**18)}), SharingPattern.REPLICATED)
+        )
+    ]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_disk_full_fails_every_rank_and_keeps_the_previous_checkpoint(small_disk: Path,
-                                                                       daemon_factory: Callable[..., Daemon]) -> None:
+def test_disk_full_fails_every_rank_and_keeps_the_previous_checkpoint(
+    small_disk: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
     root = small_disk / "ckpt"
     daemon = daemon_factory(root=root)
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (9 * 2**20))
-    ranks = [CheckpointClient(str(root), RankInfo(r, Topology.single_node(2)), endpoint=daemon.endpoint,
-                              auto_start=False, timeout=30) for r in range(2)]
+    ranks = [
+        CheckpointClient(
+            str(root), RankInfo(r, Topology.single_node(2)), endpoint=daemon.endpoint, auto_start=False, timeout=30
+        )
+        for r in range(2)
+    ]
     try:
         first = [c.save(1, state(1)) for c in ranks]
         assert first[0].wait(30) == first[1].wait(30)
         second = [c.save(2, state(8)) for c in ranks]
         for handle in second:
-            with pytest.raises(CheckpointError, match=r"step 2 .*No space left on device \[ENOSPC\] .*ckpt/\.tmp-step_00000002"):
+            with pytest.raises(
+                CheckpointError, match=r"step 2 .*No space left on device \[ENOSPC\] .*ckpt/\.tmp-step_00000002"
+            ):
                 handle.wait(30)
         # the aborted save's directory goes once the last rank's write has failed too
         # (and the claim of the run, which is still live)
-        assert wait_for(lambda: sorted(p.name for p in root.iterdir()) == [CLAIM_FILE, "latest", "step_00000001"],
-                        timeout=30)
+        assert wait_for(
+            lambda: sorted(p.name for p in root.iterdir()) == [CLAIM_FILE, "latest", "step_00000001"], timeout=30
+        )
         assert latest_checkpoint(str(root)).endswith("step_00000001")
         for record in read_manifest(str(root / "step_00000001")).files():
             verify_file(str(root / "step_00000001"), record)

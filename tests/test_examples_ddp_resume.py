@@ -23,8 +23,8 @@ import torch
 from helpers import wait_for
 
 from ckptd.client import RankInfo, Topology
-from ckptd.disk.runtime import daemon_lock_path, daemon_log_path, default_endpoint
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes
+from ckptd.disk.runtime import daemon_lock_path, daemon_log_path, default_endpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DDP_TRAIN = EXAMPLES / "ddp_train.py"
@@ -81,12 +81,25 @@ class Job:
 
 def start_job(base: Path, name: str, script: Path, nproc: int, *args: str) -> Job:
     """Launch `script` on `nproc` ranks under torchrun, one thread per rank."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *args,
+    ]
     log = base / f"{name}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            start_new_session=True,
+        )
     return Job(process, log)
 
 
@@ -188,34 +201,81 @@ class ScenarioRun:
 
     def start(self) -> None:
         """The uninterrupted job and the one that crashes at N/2, side by side."""
-        self.jobs["reference"] = start_job(self.base, "reference", self.plan.script, 2,
-                                           "--root", str(self.reference_root),
-                                           "--record", str(self.base / "reference"), *self.plan.args())
-        self.jobs["crash"] = start_job(self.base, "crash", self.plan.script, 2, "--root", str(self.root),
-                                       "--record", str(self.base / "crashed"), "--crash-at", str(self.plan.crash_at),
-                                       *self.plan.args())
+        self.jobs["reference"] = start_job(
+            self.base,
+            "reference",
+            self.plan.script,
+            2,
+            "--root",
+            str(self.reference_root),
+            "--record",
+            str(self.base / "reference"),
+            *self.plan.args(),
+        )
+        self.jobs["crash"] = start_job(
+            self.base,
+            "crash",
+            self.plan.script,
+            2,
+            "--root",
+            str(self.root),
+            "--record",
+            str(self.base / "crashed"),
+            "--crash-at",
+            str(self.plan.crash_at),
+            *self.plan.args(),
+        )
 
     def resume(self) -> None:
         """Once the crash is over and its last save committed: resume it on 2 ranks, and a copy on 1."""
         crashed(self.jobs["crash"])
         # the save of step N/2 was handed over before the SIGKILL: the daemon commits it on its own
         latest, expected = self.root / "latest", f"step_{self.plan.crash_at:08d}"
-        assert wait_for(lambda: latest.is_file() and latest.read_text().strip() == expected, timeout=60), \
-            sorted(p.name for p in self.root.iterdir())
+        assert wait_for(lambda: latest.is_file() and latest.read_text().strip() == expected, timeout=60), sorted(
+            p.name for p in self.root.iterdir()
+        )
         shutil.copytree(self.root, self.at_crash)
-        self.jobs["resumed"] = start_job(self.base, "resumed", self.plan.script, 2, "--root", str(self.root),
-                                         "--record", str(self.base / "resumed"), "--resume", *self.plan.args())
+        self.jobs["resumed"] = start_job(
+            self.base,
+            "resumed",
+            self.plan.script,
+            2,
+            "--root",
+            str(self.root),
+            "--record",
+            str(self.base / "resumed"),
+            "--resume",
+            *self.plan.args(),
+        )
         if self.one_rank:
-            self.jobs["one_rank"] = start_job(self.base, "one_rank", self.plan.script, 1, "--root", str(self.at_crash),
-                                              "--record", str(self.base / "one"), "--resume", *self.plan.args())
+            self.jobs["one_rank"] = start_job(
+                self.base,
+                "one_rank",
+                self.plan.script,
+                1,
+                "--root",
+                str(self.at_crash),
+                "--record",
+                str(self.base / "one"),
+                "--resume",
+                *self.plan.args(),
+            )
 
     def finish(self) -> Scenario:
         """Wait for the 2-rank jobs (the 1-rank one is judged by its test) and read their records."""
         resume_output = succeeded(self.jobs["resumed"])
         succeeded(self.jobs["reference"])
         reference, crashed_run, resumed = (records(self.base / name, 2) for name in ("reference", "crashed", "resumed"))
-        return Scenario(self.plan, self.base, reference, crashed_run, resumed, resume_output, self.at_crash,
-                        self.jobs.get("one_rank"))
+        return Scenario(
+            self.plan,
+            self.base,
+            reference,
+            crashed_run,
+            resumed,
+            resume_output,
+            self.at_crash,
+            self.jobs.get("one_rank"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +284,10 @@ def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Sc
     auto-started are stopped at the end."""
     daemons = AutoStartedDaemons()
     plans = {"ddp_per_rank": DDP_PLANS["per-rank"], "ddp_global": DDP_PLANS["global"], "stateful_loader": LOADER_PLAN}
-    runs = {name: ScenarioRun(tmp_path_factory.mktemp(name), plan, daemons, one_rank=name.startswith("ddp"))
-            for name, plan in plans.items()}
+    runs = {
+        name: ScenarioRun(tmp_path_factory.mktemp(name), plan, daemons, one_rank=name.startswith("ddp"))
+        for name, plan in plans.items()
+    }
     try:
         for run in runs.values():
             run.start()
@@ -285,8 +347,10 @@ def test_ddp_per_rank_loader_refuses_to_resume_on_another_world_size(scenarios: 
     assert job is not None
     output = job.finish()
     assert job.process.returncode != 0, output
-    assert ("component 'data' is PER_RANK and was saved with world size 2 on 1 node(s) (ranks per node: 2), "
-            "but this job has world size 1 on 1 node(s)") in output, output[-6000:]
+    assert (
+        "component 'data' is PER_RANK and was saved with world size 2 on 1 node(s) (ranks per node: 2), "
+        "but this job has world size 1 on 1 node(s)"
+    ) in output, output[-6000:]
 
 
 def test_stateful_loader_resume_matches_an_uninterrupted_run(scenarios: Dict[str, Scenario]) -> None:
@@ -313,5 +377,6 @@ def test_stateful_loader_checkpoint_holds_each_workers_state(scenarios: Dict[str
         for worker in workers.values():
             generator = worker["dataset_state"]["torch_rng"]
             assert isinstance(generator, torch.Tensor) and generator.dtype == torch.uint8
-        assert not torch.equal(workers["worker_0"]["dataset_state"]["torch_rng"],
-                               workers["worker_1"]["dataset_state"]["torch_rng"])
+        assert not torch.equal(
+            workers["worker_0"]["dataset_state"]["torch_rng"], workers["worker_1"]["dataset_state"]["torch_rng"]
+        )

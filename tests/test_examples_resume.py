@@ -22,8 +22,8 @@ import torch
 from helpers import wait_for
 
 from ckptd.client.daemon import resolve_endpoint
-from ckptd.disk.runtime import daemon_lock_path, daemon_log_path
 from ckptd.client.loading import read_manifest
+from ckptd.disk.runtime import daemon_lock_path, daemon_log_path
 from ckptd.proto.layout import checkpoint_dir_name
 from ckptd.proto.patterns import SharingPattern
 
@@ -58,24 +58,42 @@ class Example:
         return max(self.nproc, 1)
 
 
-SINGLE = Example("single_device.py", 0, {
-    **{key: (SharingPattern.GLOBAL, _same_scope(1)) for key in ("model", "optimizer", "scheduler", "data", "progress")},
-    "rng": (SharingPattern.PER_RANK, _per_rank(1)),
-}, {})
-PIPELINE = Example("pipeline_train.py", 2, {
-    **{key: (SharingPattern.PER_RANK, _per_rank(2)) for key in ("model", "optimizer", "rng")},
-    "scheduler": (SharingPattern.REPLICATED, _same_scope(2)),
-    **{key: (SharingPattern.GLOBAL, _same_scope(2)) for key in ("data", "progress")},
-}, {})
+SINGLE = Example(
+    "single_device.py",
+    0,
+    {
+        **{
+            key: (SharingPattern.GLOBAL, _same_scope(1))
+            for key in ("model", "optimizer", "scheduler", "data", "progress")
+        },
+        "rng": (SharingPattern.PER_RANK, _per_rank(1)),
+    },
+    {},
+)
+PIPELINE = Example(
+    "pipeline_train.py",
+    2,
+    {
+        **{key: (SharingPattern.PER_RANK, _per_rank(2)) for key in ("model", "optimizer", "rng")},
+        "scheduler": (SharingPattern.REPLICATED, _same_scope(2)),
+        **{key: (SharingPattern.GLOBAL, _same_scope(2)) for key in ("data", "progress")},
+    },
+    {},
+)
 STAGE_SCOPES: Scopes = {"group-stage-00000": (0, [0, 2]), "group-stage-00001": (1, [1, 3])}
-HYBRID = Example("hybrid_dp_pp.py", 4, {
-    "model": (SharingPattern.PER_GROUP, STAGE_SCOPES),
-    "optimizer": (SharingPattern.PER_GROUP, STAGE_SCOPES),
-    "data": (SharingPattern.PER_GROUP, {"group-replica-00000": (0, [0, 1]), "group-replica-00002": (2, [2, 3])}),
-    "scheduler": (SharingPattern.REPLICATED, _same_scope(4)),
-    "rng": (SharingPattern.PER_RANK, _per_rank(4)),
-    "progress": (SharingPattern.GLOBAL, _same_scope(4)),
-}, {"stage": [[0, 2], [1, 3]], "replica": [[0, 1], [2, 3]]})
+HYBRID = Example(
+    "hybrid_dp_pp.py",
+    4,
+    {
+        "model": (SharingPattern.PER_GROUP, STAGE_SCOPES),
+        "optimizer": (SharingPattern.PER_GROUP, STAGE_SCOPES),
+        "data": (SharingPattern.PER_GROUP, {"group-replica-00000": (0, [0, 1]), "group-replica-00002": (2, [2, 3])}),
+        "scheduler": (SharingPattern.REPLICATED, _same_scope(4)),
+        "rng": (SharingPattern.PER_RANK, _per_rank(4)),
+        "progress": (SharingPattern.GLOBAL, _same_scope(4)),
+    },
+    {"stage": [[0, 2], [1, 3]], "replica": [[0, 1], [2, 3]]},
+)
 
 
 @dataclass
@@ -174,16 +192,18 @@ def run_three(example: Example, base: Path, full_root: Path, crash_root: Path) -
     launched: List[subprocess.Popen] = []
     try:
         launched.append(launch(example, full_root, logs["full"], "--record", str(base / "full")))
-        launched.append(launch(example, crash_root, logs["crash"], "--crash-at", str(HALF),
-                               "--record", str(base / "crash")))
+        launched.append(
+            launch(example, crash_root, logs["crash"], "--crash-at", str(HALF), "--record", str(base / "crash"))
+        )
         assert finish(launched[0], logs["full"]) == 0, tail(logs["full"])
         assert_killed(example, finish(launched[1], logs["crash"]), logs["crash"])
         assert not list(base.glob("crash.rank*.pt")), "the crashing run got to the end"
 
         half = checkpoint_dir_name(HALF)  # handed over right before the kill: the daemon commits it anyway
         latest = crash_root / "latest"
-        assert wait_for(lambda: latest.exists() and latest.read_text().strip() == half, timeout=60), \
+        assert wait_for(lambda: latest.exists() and latest.read_text().strip() == half, timeout=60), (
             f"{tail(logs['crash'])}\ndaemon log:\n{daemon_log(crash_root)}"
+        )
         assert sorted(p.name for p in crash_root.glob("step_*")) == [checkpoint_dir_name(s) for s in (2, 4)]
 
         launched.append(launch(example, crash_root, logs["resume"], "--resume", "--record", str(base / "resume")))
@@ -266,8 +286,10 @@ def test_the_manifest_shows_the_declared_patterns(runs: Runs) -> None:
     manifest = read_manifest(str(runs.crash_root / checkpoint_dir_name(HALF)))
     assert manifest.step == HALF and manifest.topology.world_size == runs.example.world
     assert manifest.groups == runs.example.groups
-    found = {key: (record.pattern, {name: (s.writer_rank, s.readers) for name, s in record.scopes.items()})
-             for key, record in manifest.components.items()}
+    found = {
+        key: (record.pattern, {name: (s.writer_rank, s.readers) for name, s in record.scopes.items()})
+        for key, record in manifest.components.items()
+    }
     assert found == runs.example.patterns
 
 

@@ -24,15 +24,20 @@ from helpers import Daemon, Holder, short_endpoint, wait_for
 from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.loading import committed_checkpoints
 from ckptd.client.topology import RankInfo
-from ckptd.proto.topology import Topology
 from ckptd.disk.verify import verify_checkpoint
+from ckptd.proto.topology import Topology
 
 
 def components(step: int) -> list[PreparedComponent]:
     return [
-        PreparedComponent(StateComponent("model", Holder({"w": torch.full((500_000,), float(step))}), SharingPattern.GLOBAL)),
-        PreparedComponent(StateComponent("optim", Holder({"m": torch.full((300_000,), -float(step)), "s": step}),
-                                         SharingPattern.PER_RANK)),
+        PreparedComponent(
+            StateComponent("model", Holder({"w": torch.full((500_000,), float(step))}), SharingPattern.GLOBAL)
+        ),
+        PreparedComponent(
+            StateComponent(
+                "optim", Holder({"m": torch.full((300_000,), -float(step)), "s": step}), SharingPattern.PER_RANK
+            )
+        ),
         PreparedComponent(StateComponent("meta", Holder({"step": step}), SharingPattern.GLOBAL)),
     ]
 
@@ -51,15 +56,24 @@ def check_invariants(root: Path, recovered: bool = True) -> None:
         assert latest == os.path.basename(final[0])
 
 
-@pytest.mark.parametrize("trials", [pytest.param(8, id="bounded"), pytest.param(200, id="long", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "trials", [pytest.param(8, id="bounded"), pytest.param(200, id="long", marks=pytest.mark.slow)]
+)
 def test_daemon_killed_at_random_moments_never_breaks_a_committed_checkpoint(
-        daemon_factory: Callable[..., Daemon], tmp_path: Path, trials: int) -> None:
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, trials: int
+) -> None:
     rng = random.Random(1234)
     endpoint = short_endpoint()
     root = tmp_path / "ckpt"
     daemon = daemon_factory("--max-write-mbps", "40", root=root, endpoint=endpoint)
-    client = CheckpointClient(str(root), RankInfo(0, Topology.single_node(1)), endpoint=endpoint,
-                              auto_start=False, timeout=60, connect_timeout=30)
+    client = CheckpointClient(
+        str(root),
+        RankInfo(0, Topology.single_node(1)),
+        endpoint=endpoint,
+        auto_start=False,
+        timeout=60,
+        connect_timeout=30,
+    )
     killed_during = {"committed": 0, "lost": 0}
     try:
         step = 0
@@ -114,9 +128,15 @@ TRAINER = textwrap.dedent("""
 def run_trainers(tmp_path: Path, daemon: Daemon, modes: list[str]) -> list[subprocess.Popen]:
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
-    return [subprocess.Popen([sys.executable, str(script), str(daemon.root), daemon.endpoint, str(rank),
-                              str(len(modes)), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for rank, mode in enumerate(modes)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), str(daemon.root), daemon.endpoint, str(rank), str(len(modes)), mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, mode in enumerate(modes)
+    ]
 
 
 def test_trainer_killed_after_handing_over_still_commits(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
@@ -126,11 +146,14 @@ def test_trainer_killed_after_handing_over_still_commits(daemon_factory: Callabl
     out, err = ranks[1].communicate(timeout=60)
     assert out.startswith("COMMITTED"), out + err
     assert verify_checkpoint(str(daemon.root / "step_00000001")) == []
-    assert wait_for(lambda: not [n for n in os.listdir("/dev/shm") if n.startswith(f"ckptd-{os.getuid()}-{ranks[0].pid}-")])
+    assert wait_for(
+        lambda: not [n for n in os.listdir("/dev/shm") if n.startswith(f"ckptd-{os.getuid()}-{ranks[0].pid}-")]
+    )
 
 
-def test_rank_killed_before_handing_over_aborts_every_other_rank(daemon_factory: Callable[..., Daemon],
-                                                                 tmp_path: Path) -> None:
+def test_rank_killed_before_handing_over_aborts_every_other_rank(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
     daemon = daemon_factory("--save-timeout", "2")
     ranks = run_trainers(tmp_path, daemon, ["wait", "die-before", "wait"])
     assert ranks[1].wait(60) == -signal.SIGKILL

@@ -26,8 +26,9 @@ class Provider:
 
 
 def manager(daemon: Daemon, provider: Any) -> CheckpointManager:
-    return CheckpointManager(provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                             rank_info=SINGLE, timeout=60)
+    return CheckpointManager(
+        provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE, timeout=60
+    )
 
 
 @pytest.mark.parametrize("pattern", [SharingPattern.GLOBAL, SharingPattern.PER_RANK])
@@ -85,8 +86,11 @@ def test_unsupported_value_fails_in_the_save_call_naming_the_path(daemon: Daemon
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging, device-to-host copies)")
 def test_cuda_tensors_stage_through_pinned_regions(daemon: Daemon) -> None:
-    state = {"w": torch.randn(256, 256, device="cuda"), "half": torch.randn(64, device="cuda").half(),
-             "cpu": torch.arange(5)}
+    state = {
+        "w": torch.randn(256, 256, device="cuda"),
+        "half": torch.randn(64, device="cuda").half(),
+        "cpu": torch.arange(5),
+    }
     with manager(daemon, Provider({"model": Holder(state)})) as saver:
         saver.save_checkpoint(1).wait(60)
     fresh = Holder(None)
@@ -111,6 +115,7 @@ def test_rng_streams_continue_exactly_after_save_and_load(daemon: Daemon) -> Non
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    CheckpointManager(Provider({"rng": RNGState()}, SharingPattern.PER_RANK), str(daemon.root), rank_info=SINGLE,
-                      connect=False).load_checkpoint()
+    CheckpointManager(
+        Provider({"rng": RNGState()}, SharingPattern.PER_RANK), str(daemon.root), rank_info=SINGLE, connect=False
+    ).load_checkpoint()
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected

@@ -22,20 +22,50 @@ from ckptd.client.topology import RankInfo
 from ckptd.proto import messages
 from ckptd.proto.topology import Topology
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=40),
-                    st.binary(max_size=64))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=6),
-                                                        st.dictionaries(st.text(max_size=12), inner, max_size=6)),
-                      max_leaves=30)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.text(max_size=40),
+    st.binary(max_size=64),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=12), inner, max_size=6)),
+    max_leaves=30,
+)
 
 
 def valid_save(step: int, rank: int, root: str) -> Dict[str, Any]:
-    part = {"key": "model", "pattern": "GLOBAL", "required": True, "writer": rank == 0, "group_name": None,
-            "group_ranks": [], "validate_replication": False, "metadata": {}, "region": None, "lease": 1,
-            "region_size": 0, "tensors": [], "state": msgpack.packb({"a": 1}) if rank == 0 else None, "digests": None}
-    return {"root": root, "step": step, "rank": rank, "pid": os.getpid(), "job": "fuzz",
-            "topology": {"nodes": [[0, 1]]}, "parts": [part], "versions": {}, "metrics": {},
-            "expires_at": time.monotonic() + 600}
+    part = {
+        "key": "model",
+        "pattern": "GLOBAL",
+        "required": True,
+        "writer": rank == 0,
+        "group_name": None,
+        "group_ranks": [],
+        "validate_replication": False,
+        "metadata": {},
+        "region": None,
+        "lease": 1,
+        "region_size": 0,
+        "tensors": [],
+        "state": msgpack.packb({"a": 1}) if rank == 0 else None,
+        "digests": None,
+    }
+    return {
+        "root": root,
+        "step": step,
+        "rank": rank,
+        "pid": os.getpid(),
+        "job": "fuzz",
+        "topology": {"nodes": [[0, 1]]},
+        "parts": [part],
+        "versions": {},
+        "metrics": {},
+        "expires_at": time.monotonic() + 600,
+    }
 
 
 @st.composite
@@ -46,9 +76,15 @@ def frames(draw: Callable[..., Any], root: str) -> bytes:
     if kind == "value":
         return msgpack.packb(draw(values), use_bin_type=True)
     if kind == "envelope":
-        return msgpack.packb({"v": draw(st.one_of(st.just(1), scalars)), "type": draw(st.one_of(
-            st.sampled_from(["hello", "save", "status", "released", "x"]), scalars)),
-            "id": draw(st.one_of(st.integers(0, 2**40), scalars)), "body": draw(values)}, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "v": draw(st.one_of(st.just(1), scalars)),
+                "type": draw(st.one_of(st.sampled_from(["hello", "save", "status", "released", "x"]), scalars)),
+                "id": draw(st.one_of(st.integers(0, 2**40), scalars)),
+                "body": draw(values),
+            },
+            use_bin_type=True,
+        )
     body = valid_save(draw(st.integers(0, 3)), draw(st.integers(0, 1)), root)
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.sampled_from(["top", "part", "tensors"]))
@@ -62,10 +98,19 @@ def frames(draw: Callable[..., Any], root: str) -> bytes:
             key = draw(st.sampled_from(sorted(body["parts"][0])))
             body["parts"][0][key] = draw(values)
         else:
-            body["parts"][0].update(region=f"ckptd-{os.getuid()}-{os.getpid()}-x", region_size=draw(st.integers(0, 2**63)),
-                                    tensors=[[draw(st.text(max_size=8)), draw(st.sampled_from(["F32", "U8", "Q9"])),
-                                              draw(st.lists(st.integers(-2, 2**40), max_size=3)),
-                                              draw(st.integers(-5, 2**40)), draw(st.integers(-5, 2**40))]])
+            body["parts"][0].update(
+                region=f"ckptd-{os.getuid()}-{os.getpid()}-x",
+                region_size=draw(st.integers(0, 2**63)),
+                tensors=[
+                    [
+                        draw(st.text(max_size=8)),
+                        draw(st.sampled_from(["F32", "U8", "Q9"])),
+                        draw(st.lists(st.integers(-2, 2**40), max_size=3)),
+                        draw(st.integers(-5, 2**40)),
+                        draw(st.integers(-5, 2**40)),
+                    ]
+                ],
+            )
     return messages.encode(messages.SAVE, body, draw(st.integers(1, 2**31)))
 
 
@@ -74,10 +119,12 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-@pytest.mark.parametrize("examples", [pytest.param(2000, id="bounded"),
-                                      pytest.param(20000, id="long", marks=pytest.mark.slow)])
-def test_fuzzed_frames_get_errors_and_the_daemon_keeps_serving(daemon_factory: Callable[..., Daemon],
-                                                               examples: int) -> None:
+@pytest.mark.parametrize(
+    "examples", [pytest.param(2000, id="bounded"), pytest.param(20000, id="long", marks=pytest.mark.slow)]
+)
+def test_fuzzed_frames_get_errors_and_the_daemon_keeps_serving(
+    daemon_factory: Callable[..., Daemon], examples: int
+) -> None:
     daemon = daemon_factory("--save-timeout", "1")
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
@@ -86,16 +133,26 @@ def test_fuzzed_frames_get_errors_and_the_daemon_keeps_serving(daemon_factory: C
     replies = {"error": 0, "other": 0}
     rss_before = rss_kb(daemon.process.pid)
 
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(frame=frames(str(daemon.root)))
     def send(frame: bytes) -> None:
         socket.send(frame)
         assert socket.poll(10_000), "the daemon stopped answering"
         reply = messages.decode(socket.recv())
         replies["error" if reply.type == messages.ERROR else "other"] += 1
-        assert reply.type in (messages.ERROR, messages.OK, messages.ACCEPTED, messages.ABORTED, messages.RELEASED,
-                              messages.COMMITTED)
+        assert reply.type in (
+            messages.ERROR,
+            messages.OK,
+            messages.ACCEPTED,
+            messages.ABORTED,
+            messages.RELEASED,
+            messages.COMMITTED,
+        )
 
     try:
         send()
@@ -104,8 +161,13 @@ def test_fuzzed_frames_get_errors_and_the_daemon_keeps_serving(daemon_factory: C
         context.term()
     assert replies["error"] > examples // 2
     assert daemon.process.poll() is None
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="fuzz"),
-                              endpoint=daemon.endpoint, auto_start=False, timeout=30)
+    client = CheckpointClient(
+        str(daemon.root),
+        RankInfo(0, Topology.single_node(1), job_id="fuzz"),
+        endpoint=daemon.endpoint,
+        auto_start=False,
+        timeout=30,
+    )
     try:
         component = PreparedComponent(StateComponent("model", Holder({"w": torch.ones(8)}), SharingPattern.GLOBAL))
         assert client.save(100, [component]).wait(30).endswith("step_00000100")

@@ -72,8 +72,16 @@ def plant_symlink(d: Path) -> str:
     return "model/global.safetensors"
 
 
-DAMAGE: List[Callable[[Path], str]] = [truncate, flip_byte, flip_state_byte, edit_manifest, break_manifest,
-                                       delete_manifest, delete_listed_file, plant_symlink]
+DAMAGE: List[Callable[[Path], str]] = [
+    truncate,
+    flip_byte,
+    flip_state_byte,
+    edit_manifest,
+    break_manifest,
+    delete_manifest,
+    delete_listed_file,
+    plant_symlink,
+]
 
 
 class Provider:
@@ -82,18 +90,23 @@ class Provider:
         self.extra = Holder({"note": f"saved with {value}"})
 
     def get_state_components(self) -> List[StateComponent]:
-        return [StateComponent("model", self.model, SharingPattern.GLOBAL),
-                StateComponent("extra", self.extra, SharingPattern.PER_RANK)]
+        return [
+            StateComponent("model", self.model, SharingPattern.GLOBAL),
+            StateComponent("extra", self.extra, SharingPattern.PER_RANK),
+        ]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])
-def test_damaged_checkpoint_is_refused_and_load_falls_back(daemon: Daemon, damage: Callable[[Path], str],
-                                                           caplog: pytest.LogCaptureFixture) -> None:
-    with CheckpointManager(Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as manager:
+def test_damaged_checkpoint_is_refused_and_load_falls_back(
+    daemon: Daemon, damage: Callable[[Path], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with CheckpointManager(
+        Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as manager:
         good = manager.save_checkpoint(1).wait(30)
-    with CheckpointManager(Provider(2.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as manager:
+    with CheckpointManager(
+        Provider(2.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as manager:
         bad = Path(manager.save_checkpoint(2).wait(30))
     named = damage(bad)
 
@@ -114,14 +127,16 @@ def test_ckptd_verify_names_each_bad_file_and_sets_the_exit_code(daemon: Daemon)
     import subprocess
     import sys
 
-    with CheckpointManager(Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as manager:
+    with CheckpointManager(
+        Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as manager:
         manager.save_checkpoint(1).wait(30)
         second = Path(manager.save_checkpoint(2).wait(30))
 
     def verify(path: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ckptd.service", "verify", str(path)],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "ckptd.service", "verify", str(path)], capture_output=True, text=True, timeout=60
+        )
 
     result = verify(daemon.root)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -149,17 +164,24 @@ def test_a_planted_pickle_is_never_executed(daemon: Daemon, tmp_path: Path) -> N
         def __reduce__(self):  # what unpickling would run
             return (os.system, (f"touch {sentinel}",))
 
-    with CheckpointManager(Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as manager:
+    with CheckpointManager(
+        Provider(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as manager:
         directory = Path(manager.save_checkpoint(1).wait(30))
     payload = pickle.dumps({"w": Exploit()})
     manifest = json.loads((directory / "checkpoint_manifest.json").read_text())
-    for rel, scope in (("model/global.msgpack", manifest["components"]["model"]["scopes"]["global"]["state_file"]),
-                       ("model/global.safetensors", manifest["components"]["model"]["scopes"]["global"]["tensor_file"])):
-        (directory / rel).write_bytes(payload if rel.endswith("msgpack") else len(payload).to_bytes(8, "little") + payload)
+    for rel, scope in (
+        ("model/global.msgpack", manifest["components"]["model"]["scopes"]["global"]["state_file"]),
+        ("model/global.safetensors", manifest["components"]["model"]["scopes"]["global"]["tensor_file"]),
+    ):
+        (directory / rel).write_bytes(
+            payload if rel.endswith("msgpack") else len(payload).to_bytes(8, "little") + payload
+        )
         data = (directory / rel).read_bytes()
         scope.update(size=len(data), checksum=f"xxh3_64:{xxhash.xxh3_64(data).hexdigest()}")  # checksums match
     (directory / "checkpoint_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(VerificationError):
-        CheckpointManager(Provider(0.0), str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint(str(directory))
+        CheckpointManager(Provider(0.0), str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint(
+            str(directory)
+        )
     assert not sentinel.exists()

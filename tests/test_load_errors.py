@@ -83,17 +83,21 @@ def linear(value: float) -> torch.nn.Linear:
 def two_components(value: float) -> Provider:
     """'model' (a module) then 'extra' (tensor and non-tensor state), both GLOBAL: model/global.* and
     extra/global.* in the checkpoint. The tests damage 'extra', so 'model' has been read before it fails."""
-    return Provider([
-        StateComponent("model", linear(value), SharingPattern.GLOBAL),
-        StateComponent("extra", Holder({"t": torch.full((64,), value), "note": f"saved with {value}"}),
-                       SharingPattern.GLOBAL),
-    ])
+    return Provider(
+        [
+            StateComponent("model", linear(value), SharingPattern.GLOBAL),
+            StateComponent(
+                "extra", Holder({"t": torch.full((64,), value), "note": f"saved with {value}"}), SharingPattern.GLOBAL
+            ),
+        ]
+    )
 
 
 def save_one(daemon: Daemon) -> Path:
     """Commit step 1 of `two_components(1.0)` as a single-rank job; returns its directory."""
-    with CheckpointManager(two_components(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as saver:
+    with CheckpointManager(
+        two_components(1.0), str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as saver:
         return Path(saver.save_checkpoint(1).wait(30))
 
 
@@ -149,7 +153,7 @@ def run_bounded(call: Callable[[], object], unblock: Callable[[], None] | None =
     def target() -> None:
         try:
             call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=target, name="bounded-call", daemon=True)
@@ -164,14 +168,18 @@ def run_bounded(call: Callable[[], object], unblock: Callable[[], None] | None =
             ending = "and is still blocked"
         else:
             ending = f"and then ended with {outcome[0]!r}" if outcome else "and then returned"
-        pytest.fail(f"the call was still running after {LIMIT_S} s (it blocked; the test unblocked it {ending})"
-                    if unblock is not None else f"the call was still running after {LIMIT_S} s")
+        pytest.fail(
+            f"the call was still running after {LIMIT_S} s (it blocked; the test unblocked it {ending})"
+            if unblock is not None
+            else f"the call was still running after {LIMIT_S} s"
+        )
     assert time.monotonic() - started < LIMIT_S
     return outcome[0] if outcome else None
 
 
-def expect_error(call: Callable[[], object], kind: type[BaseException], pattern: str,
-                 unblock: Callable[[], None] | None = None) -> BaseException:
+def expect_error(
+    call: Callable[[], object], kind: type[BaseException], pattern: str, unblock: Callable[[], None] | None = None
+) -> BaseException:
     """`call` raises exactly `kind` (not a subclass), with a message matching `pattern`, within LIMIT_S."""
     raised = run_bounded(call, unblock)
     with pytest.raises(kind, match=pattern) as caught:
@@ -202,8 +210,9 @@ def checksum_of(data: bytes, recorded: str) -> str:
     return digest
 
 
-def load_fails(daemon: Daemon, checkpoint: Path, kind: type[BaseException], pattern: str,
-               unblock: Callable[[], None] | None = None) -> BaseException:
+def load_fails(
+    daemon: Daemon, checkpoint: Path, kind: type[BaseException], pattern: str, unblock: Callable[[], None] | None = None
+) -> BaseException:
     """Load `checkpoint` by path into a fresh provider (values -1.0); the load must fail as expected,
     restore nothing and leave every file under the root as it was."""
     fresh = two_components(-1.0)
@@ -235,8 +244,13 @@ def test_a_listed_shard_that_is_not_a_regular_file_is_refused(daemon: Daemon, re
         fd = os.open(shard, os.O_WRONLY | os.O_NONBLOCK)
         os.close(fd)
 
-    load_fails(daemon, checkpoint, VerificationError, re.escape("extra/global.safetensors is not a regular file"),
-               unblock if replacement == "fifo" else None)
+    load_fails(
+        daemon,
+        checkpoint,
+        VerificationError,
+        re.escape("extra/global.safetensors is not a regular file"),
+        unblock if replacement == "fifo" else None,
+    )
 
 
 # --- "VerificationError: ... is empty" -------------------------------------------------------------
@@ -273,17 +287,23 @@ def _truncated(original: bytes) -> bytes:
 
 
 def _dangling_tensor_reference(original: bytes) -> bytes:
-    return msgpack.packb({"t": msgpack.ExtType(EXT_TENSOR_REF, msgpack.packb("no-such-tensor")), "note": "x"},
-                         use_bin_type=True)
+    return msgpack.packb(
+        {"t": msgpack.ExtType(EXT_TENSOR_REF, msgpack.packb("no-such-tensor")), "note": "x"}, use_bin_type=True
+    )
 
 
-@pytest.mark.parametrize("replace, cause", [
-    (_not_msgpack, r"\S"),
-    (_truncated, r"\S"),
-    (_dangling_tensor_reference, re.escape("skeleton references tensor 'no-such-tensor'")),
-], ids=["not msgpack", "truncated msgpack", "unknown tensor"])
-def test_a_state_file_that_cannot_be_decoded_is_refused(daemon: Daemon, replace: Callable[[bytes], bytes],
-                                                        cause: str) -> None:
+@pytest.mark.parametrize(
+    "replace, cause",
+    [
+        (_not_msgpack, r"\S"),
+        (_truncated, r"\S"),
+        (_dangling_tensor_reference, re.escape("skeleton references tensor 'no-such-tensor'")),
+    ],
+    ids=["not msgpack", "truncated msgpack", "unknown tensor"],
+)
+def test_a_state_file_that_cannot_be_decoded_is_refused(
+    daemon: Daemon, replace: Callable[[bytes], bytes], cause: str
+) -> None:
     """A component's .msgpack state file replaced by bytes that are not a valid state skeleton, with the
     manifest's size and checksum updated to match, so that only decoding can fail: `... cannot be
     decoded: <why>`, the reason after the colon not empty."""
@@ -327,33 +347,53 @@ def per_group_checkpoint(daemon: Daemon, client_factory: Callable[..., Checkpoin
         writer = min(PAIRS[rank])
         components = [
             PreparedComponent(StateComponent("model", linear(1.0), SharingPattern.GLOBAL)),
-            PreparedComponent(StateComponent("stage", Holder({"w": torch.full((16,), float(writer)), "writer": writer}),
-                                             SharingPattern.PER_GROUP, process_group_name="stage"), PAIRS[rank]),
+            PreparedComponent(
+                StateComponent(
+                    "stage",
+                    Holder({"w": torch.full((16,), float(writer)), "writer": writer}),
+                    SharingPattern.PER_GROUP,
+                    process_group_name="stage",
+                ),
+                PAIRS[rank],
+            ),
         ]
         handles.append(client_factory(rank, 4).save(1, components))
     paths = {handle.wait(60) for handle in handles}
     assert len(paths) == 1
     checkpoint = Path(paths.pop())
-    assert sorted(read_manifest(str(checkpoint)).components["stage"].scopes) == ["group-stage-00000", "group-stage-00002"]
+    assert sorted(read_manifest(str(checkpoint)).components["stage"].scopes) == [
+        "group-stage-00000",
+        "group-stage-00002",
+    ]
     return checkpoint
 
 
-def per_group_load_fails(daemon: Daemon, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, rank: int,
-                         group: Sequence[int], pattern: str) -> None:
+def per_group_load_fails(
+    daemon: Daemon, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, rank: int, group: Sequence[int], pattern: str
+) -> None:
     """Load as `rank` of the saved 4-rank topology, declaring 'stage' over `group`. The manager resolves
     a group's ranks with torch.distributed, which in-process ranks do not have, so that one lookup is
     replaced (process_group_ranks reads a FakeGroup); the rest is CheckpointManager.load_checkpoint.
     The error is a plain CheckpointError (not a VerificationError), so load_checkpoint() without a path
     raises it too instead of skipping to an older checkpoint."""
     monkeypatch.setattr(manager_module, "process_group_ranks", lambda g: tuple(g.ranks))
-    fresh = Provider([
-        StateComponent("model", linear(-1.0), SharingPattern.GLOBAL),
-        StateComponent("stage", Holder({"w": torch.full((16,), -1.0), "writer": -1}), SharingPattern.PER_GROUP,
-                       process_group_name="stage"),
-    ], groups={"stage": FakeGroup(tuple(group))})
+    fresh = Provider(
+        [
+            StateComponent("model", linear(-1.0), SharingPattern.GLOBAL),
+            StateComponent(
+                "stage",
+                Holder({"w": torch.full((16,), -1.0), "writer": -1}),
+                SharingPattern.PER_GROUP,
+                process_group_name="stage",
+            ),
+        ],
+        groups={"stage": FakeGroup(tuple(group))},
+    )
     before = values_of(fresh)
     files = tree(daemon.root)
-    loader = CheckpointManager(fresh, str(daemon.root), rank_info=RankInfo(rank, Topology.single_node(4)), connect=False)
+    loader = CheckpointManager(
+        fresh, str(daemon.root), rank_info=RankInfo(rank, Topology.single_node(4)), connect=False
+    )
     expect_error(lambda: loader.load_checkpoint(str(checkpoint)), CheckpointError, pattern)
     expect_error(loader.load_checkpoint, CheckpointError, pattern)
     assert_nothing_restored(fresh, before)
@@ -365,9 +405,14 @@ def test_a_rank_outside_its_per_group_process_group_is_refused(
 ) -> None:
     """Rank 2 declares 'stage' with a process group that does not contain it ({0, 1}):
     `component 'stage': rank 2 is not a member of process group 'stage' (ranks [0, 1])`."""
-    per_group_load_fails(daemon, per_group_checkpoint, monkeypatch, rank=2, group=(0, 1),
-                         pattern=re.escape("component 'stage': rank 2 is not a member of process group 'stage' "
-                                           "(ranks [0, 1])"))
+    per_group_load_fails(
+        daemon,
+        per_group_checkpoint,
+        monkeypatch,
+        rank=2,
+        group=(0, 1),
+        pattern=re.escape("component 'stage': rank 2 is not a member of process group 'stage' (ranks [0, 1])"),
+    )
 
 
 def test_a_per_group_scope_the_checkpoint_has_no_copy_for_is_refused(
@@ -376,9 +421,17 @@ def test_a_per_group_scope_the_checkpoint_has_no_copy_for_is_refused(
     """Rank 1 declares 'stage' over {1, 3} (same topology, other grouping), so it reads copy
     group-stage-00001, which was never saved: `component 'stage' has no copy for rank 1
     (group-stage-00001); saved copies: ['group-stage-00000', 'group-stage-00002']`."""
-    per_group_load_fails(daemon, per_group_checkpoint, monkeypatch, rank=1, group=(1, 3),
-                         pattern=re.escape("component 'stage' has no copy for rank 1 (group-stage-00001); saved "
-                                           "copies: ['group-stage-00000', 'group-stage-00002']"))
+    per_group_load_fails(
+        daemon,
+        per_group_checkpoint,
+        monkeypatch,
+        rank=1,
+        group=(1, 3),
+        pattern=re.escape(
+            "component 'stage' has no copy for rank 1 (group-stage-00001); saved "
+            "copies: ['group-stage-00000', 'group-stage-00002']"
+        ),
+    )
 
 
 # --- Saving: UnsupportedStateError, the tensor-subclass form ---------------------------------------
@@ -395,11 +448,15 @@ def test_a_tensor_subclass_is_refused_at_save_naming_its_path(daemon: Daemon) ->
     state = Holder({"layers": [{"w": torch.ones(2).as_subclass(MyTensor)}], "step": 3})
     assert type(state.value["layers"][0]["w"]) is MyTensor
     provider = Provider([StateComponent("model", state, SharingPattern.GLOBAL)])
-    with CheckpointManager(provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as saver:
+    with CheckpointManager(
+        provider, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as saver:
         files = tree(daemon.root)
-        error = expect_error(lambda: saver.save_checkpoint(1), UnsupportedStateError,
-                             r"component 'model': value at layers/0/w is a tensor subclass \S*MyTensor\b")
+        error = expect_error(
+            lambda: saver.save_checkpoint(1),
+            UnsupportedStateError,
+            r"component 'model': value at layers/0/w is a tensor subclass \S*MyTensor\b",
+        )
         assert "plain torch.Tensor" in str(error)
         assert tree(daemon.root) == files, "a refused save wrote to the root"
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
 import pytest
-
 from helpers import Daemon
 from invariants import check_root
 
@@ -44,20 +43,37 @@ def memory_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_ten_thousand_saves_keep_both_processes_flat(daemon_factory: Callable[..., Daemon], tmp_path: Path,
-                                                     memory_root: Path) -> None:
+def test_ten_thousand_saves_keep_both_processes_flat(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, memory_root: Path
+) -> None:
     daemon = daemon_factory(root=memory_root)
     samples_path = tmp_path / "trainer.jsonl"
-    trainer = subprocess.Popen([sys.executable, str(WORKER), str(daemon.root), daemon.endpoint, str(SAVES),
-                                str(SAMPLE_EVERY), str(samples_path)], stderr=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            str(WORKER),
+            str(daemon.root),
+            daemon.endpoint,
+            str(SAVES),
+            str(SAMPLE_EVERY),
+            str(samples_path),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     daemon_samples: List[Dict[str, int]] = []
     seen = 0
     while trainer.poll() is None:
         lines = samples_path.read_text().splitlines() if samples_path.exists() else []
         if len(lines) > seen:  # sample the daemon whenever the trainer sampled itself
             seen = len(lines)
-            daemon_samples.append({"step": json.loads(lines[-1])["step"], "rss_kib": resident_kib(daemon.process.pid),
-                                   "fds": open_fds(daemon.process.pid)})
+            daemon_samples.append(
+                {
+                    "step": json.loads(lines[-1])["step"],
+                    "rss_kib": resident_kib(daemon.process.pid),
+                    "fds": open_fds(daemon.process.pid),
+                }
+            )
         time.sleep(0.05)
     stderr = trainer.stderr.read() if trainer.stderr else ""
     assert trainer.returncode == 0, stderr[-4000:]
@@ -68,9 +84,13 @@ def test_ten_thousand_saves_keep_both_processes_flat(daemon_factory: Callable[..
         measured = [s for s in samples if s["step"] >= WARM_UP]
         assert len(measured) >= 5, (name, samples)
         growth = measured[-1]["rss_kib"] - measured[0]["rss_kib"]
-        assert growth <= MAX_GROWTH_KIB, f"{name} resident memory grew {growth} KiB over {SAVES - WARM_UP} saves: {samples}"
+        assert growth <= MAX_GROWTH_KIB, (
+            f"{name} resident memory grew {growth} KiB over {SAVES - WARM_UP} saves: {samples}"
+        )
         # a sample may catch a save's files open; a leak of one per thousand saves would still show
-        assert max(s["fds"] for s in measured) - min(s["fds"] for s in measured) <= MAX_FD_SPREAD, f"{name} open fds: {samples}"
+        assert max(s["fds"] for s in measured) - min(s["fds"] for s in measured) <= MAX_FD_SPREAD, (
+            f"{name} open fds: {samples}"
+        )
 
     report = check_root(daemon.root)
     assert not report.problems, report.problems

@@ -10,7 +10,14 @@ from typing import Callable, Dict, List
 import torch
 from helpers import Daemon, Holder, wait_for
 
-from ckptd.client import CheckpointClient, CheckpointError, CheckpointManager, PreparedComponent, SharingPattern, StateComponent
+from ckptd.client import (
+    CheckpointClient,
+    CheckpointError,
+    CheckpointManager,
+    PreparedComponent,
+    SharingPattern,
+    StateComponent,
+)
 from ckptd.client.topology import RankInfo
 from ckptd.proto.topology import Topology
 
@@ -63,8 +70,9 @@ def test_metrics_count_saves_bytes_phases_and_aborts(daemon_factory: Callable[..
     assert after['ckptd_save_phase_seconds_sum{phase="write"}'] > 0.5
 
     # Rank 1 of 2 never hands over: the save times out and is counted as aborted.
-    lonely = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(2)), endpoint=daemon.endpoint,
-                              auto_start=False)
+    lonely = CheckpointClient(
+        str(daemon.root), RankInfo(0, Topology.single_node(2)), endpoint=daemon.endpoint, auto_start=False
+    )
     try:
         aborted = lonely.save(2, [PreparedComponent(StateComponent("x", Holder({"v": 1}), SharingPattern.PER_RANK))])
         try:

@@ -4,8 +4,8 @@ TCP), two torchrun launches (--nnodes 2, static rendezvous on 127.0.0.1), 2 rank
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,13 +22,13 @@ from helpers import Daemon, Holder, short_endpoint, start_daemon, wait_for
 
 from ckptd.client import CheckpointError, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.errors import DaemonUnavailableError
-from ckptd.client.saving import CheckpointClient
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes, verify_file
+from ckptd.client.saving import CheckpointClient
 from ckptd.client.topology import RankInfo
 from ckptd.disk.runtime import daemon_lock_path
+from ckptd.proto import cluster, messages
 from ckptd.proto.ownership import CLAIM_FILE
 from ckptd.proto.topology import Topology
-from ckptd.proto import cluster, messages
 from ckptd.service.curve import CurveKeys, load_secret
 
 WORKER = Path(__file__).parent / "workers" / "train_job.py"
@@ -64,33 +64,62 @@ def start_cluster(base: Path, per_node_args: Sequence[Sequence[str]] = ((), ()))
     nodes = Cluster(root, secret, port, [])
     try:
         for node, extra in enumerate(per_node_args):
-            nodes.daemons.append(start_daemon(
-                root, base / f"daemon-node{node}.log", "--node", str(node), "--num-nodes", str(NODES),
-                "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret), "--peer-timeout", "3", *extra,
-            ))
+            nodes.daemons.append(
+                start_daemon(
+                    root,
+                    base / f"daemon-node{node}.log",
+                    "--node",
+                    str(node),
+                    "--num-nodes",
+                    str(NODES),
+                    "--leader",
+                    f"127.0.0.1:{port}",
+                    "--cluster-secret",
+                    str(secret),
+                    "--peer-timeout",
+                    "3",
+                    *extra,
+                )
+            )
     except BaseException:
         nodes.stop()
         raise
     return nodes
 
 
-def torchrun_nodes(mode: str, root: Path, out: Path, endpoints: Sequence[str], *extra: str,
-                   env: Sequence[Dict[str, str]] = ({}, {})) -> List[subprocess.Popen]:
+def torchrun_nodes(
+    mode: str, root: Path, out: Path, endpoints: Sequence[str], *extra: str, env: Sequence[Dict[str, str]] = ({}, {})
+) -> List[subprocess.Popen]:
     """Launch the worker on every simulated node (as a cluster job script would), without waiting.
     `endpoints`: each node's daemon (none: the worker auto-starts one); `env`: extra env per node."""
     master_port = free_port()
     processes = []
     for node in range(NODES):
         command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nnodes={NODES}", f"--node-rank={node}",
-            f"--nproc-per-node={PER_NODE}", "--master-addr=127.0.0.1", f"--master-port={master_port}",
-            str(WORKER), mode, "--root", str(root), "--out", str(out), *extra,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={NODES}",
+            f"--node-rank={node}",
+            f"--nproc-per-node={PER_NODE}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={master_port}",
+            str(WORKER),
+            mode,
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            *extra,
         ]
         if endpoints:
             command += ["--endpoint", endpoints[node]]
         log = open(out / f"torchrun-{mode}-node{node}.log", "wb")
-        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1", **env[node]}))
+        processes.append(
+            subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **env[node]}
+            )
+        )
     return processes
 
 
@@ -153,10 +182,14 @@ def test_two_node_files_follow_the_dedup_table(two_node_checkpoints: Dict[str, A
     assert (root / "latest").read_text().strip() == "step_00000004"
     assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
     expected_scopes = {
-        "model": {"share-00000", "share-00001"}, "optimizer": {"global"}, "scheduler": {"global"},
-        "trainer": {"global"}, "dataloader": {f"rank-{r:05d}" for r in range(WORLD)},
+        "model": {"share-00000", "share-00001"},
+        "optimizer": {"global"},
+        "scheduler": {"global"},
+        "trainer": {"global"},
+        "dataloader": {f"rank-{r:05d}" for r in range(WORLD)},
         "rng": {f"rank-{r:05d}" for r in range(WORLD)},
-        "pair_state": {"group-pair-00000", "group-pair-00001"}, "node_cache": {"node-00000", "node-00001"},
+        "pair_state": {"group-pair-00000", "group-pair-00001"},
+        "node_cache": {"node-00000", "node-00001"},
     }
     for step in (3, 4):
         directory = root / f"step_{step:08d}"
@@ -213,7 +246,9 @@ def test_daemons_auto_started_on_each_node_commit_together(tmp_path: Path) -> No
     assert wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in pids), timeout=30)
 
 
-def test_auto_start_without_cluster_settings_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_start_without_cluster_settings_says_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("CKPTD_LEADER", "CKPTD_CLUSTER_SECRET", "CKPTD_NUM_NODES", "CKPTD_NODE_RANK"):
         monkeypatch.delenv(name, raising=False)
     two_nodes = RankInfo(0, Topology(((0,), (1,))), job_id="job")
@@ -230,8 +265,9 @@ def test_losing_a_node_daemon_mid_save_fails_every_rank_and_keeps_the_previous(t
     nodes = start_cluster(tmp_path, per_node_args=throttled)
     try:
         processes = torchrun_nodes("lose-node", nodes.root, out, [d.endpoint for d in nodes.daemons])
-        assert wait_for(lambda: len(list(out.glob("handed_over_rank*"))) == WORLD, timeout=180), \
-            _log(out, "lose-node", 0) + _log(out, "lose-node", 1)
+        assert wait_for(lambda: len(list(out.glob("handed_over_rank*"))) == WORLD, timeout=180), _log(
+            out, "lose-node", 0
+        ) + _log(out, "lose-node", 1)
         nodes.daemons[lost].process.send_signal(signal.SIGKILL)
         wait_all(processes, out, "lose-node")
     finally:
@@ -266,8 +302,18 @@ def test_only_daemons_holding_the_secret_can_talk_to_the_leader(tmp_path: Path) 
     nodes = start_cluster(tmp_path, per_node_args=((),))  # the leader alone; node 1 never comes
     leader = f"tcp://127.0.0.1:{nodes.leader_port}"
     keys = CurveKeys.derive(load_secret(str(nodes.secret)))
-    report = {"job": "intruder", "step": 5, "node": 1, "topology": {"nodes": [[0], [1]]}, "parts": [], "files": [],
-              "versions": {}, "metrics": {}, "started_at": 0.0, "timings": {}}
+    report = {
+        "job": "intruder",
+        "step": 5,
+        "node": 1,
+        "topology": {"nodes": [[0], [1]]},
+        "parts": [],
+        "files": [],
+        "versions": {},
+        "metrics": {},
+        "started_at": 0.0,
+        "timings": {},
+    }
     ctx = zmq.Context()
     try:
         plain = ctx.socket(zmq.DEALER)
@@ -300,19 +346,53 @@ def test_only_daemons_holding_the_secret_can_talk_to_the_leader(tmp_path: Path) 
 
 def test_a_multi_node_daemon_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ckptd.service", "serve", "--root", str(tmp_path / "ckpt"), "--endpoint",
-         f"ipc://{tmp_path}/d.sock", "--node", "1", "--num-nodes", "2", "--leader", "127.0.0.1:1"],
-        capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")},
+        [
+            sys.executable,
+            "-m",
+            "ckptd.service",
+            "serve",
+            "--root",
+            str(tmp_path / "ckpt"),
+            "--endpoint",
+            f"ipc://{tmp_path}/d.sock",
+            "--node",
+            "1",
+            "--num-nodes",
+            "2",
+            "--leader",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")},
     )
     assert result.returncode == 2 and "--cluster-secret" in result.stderr
     loose = tmp_path / "loose.secret"
     loose.write_text("x" * 64)
     loose.chmod(0o644)
     result = subprocess.run(
-        [sys.executable, "-m", "ckptd.service", "serve", "--root", str(tmp_path / "ckpt"), "--endpoint",
-         f"ipc://{tmp_path}/d.sock", "--node", "1", "--num-nodes", "2", "--leader", "127.0.0.1:1",
-         "--cluster-secret", str(loose)],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "ckptd.service",
+            "serve",
+            "--root",
+            str(tmp_path / "ckpt"),
+            "--endpoint",
+            f"ipc://{tmp_path}/d.sock",
+            "--node",
+            "1",
+            "--num-nodes",
+            "2",
+            "--leader",
+            "127.0.0.1:1",
+            "--cluster-secret",
+            str(loose),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "chmod 600" in result.stderr
 
@@ -323,8 +403,17 @@ def _restart_node(nodes: Cluster, base: Path, node: int, extra: Sequence[str]) -
     old.process.send_signal(signal.SIGKILL)
     old.process.wait()
     nodes.daemons[node] = start_daemon(
-        nodes.root, base / f"daemon-node{node}-again.log", "--node", str(node), "--num-nodes", str(NODES),
-        "--leader", f"127.0.0.1:{nodes.leader_port}", "--cluster-secret", str(nodes.secret), *extra,
+        nodes.root,
+        base / f"daemon-node{node}-again.log",
+        "--node",
+        str(node),
+        "--num-nodes",
+        str(NODES),
+        "--leader",
+        f"127.0.0.1:{nodes.leader_port}",
+        "--cluster-secret",
+        str(nodes.secret),
+        *extra,
         endpoint=old.endpoint,
     )
 
@@ -339,8 +428,17 @@ def test_a_node_daemon_restarted_mid_save_aborts_the_save_on_every_node(tmp_path
     fast = ("--peer-timeout", "10")
     nodes = start_cluster(tmp_path, per_node_args=[slow if node == restarted else fast for node in range(NODES)])
     topology = Topology(((0,), (1,)))
-    ranks = [CheckpointClient(str(nodes.root), RankInfo(r, topology, job_id="restarts"), endpoint=nodes.daemons[r].endpoint,
-                              auto_start=False, timeout=30, daemon_timeout=5) for r in range(NODES)]
+    ranks = [
+        CheckpointClient(
+            str(nodes.root),
+            RankInfo(r, topology, job_id="restarts"),
+            endpoint=nodes.daemons[r].endpoint,
+            auto_start=False,
+            timeout=30,
+            daemon_timeout=5,
+        )
+        for r in range(NODES)
+    ]
     try:
         first = [c.save(1, _tensor_state(1.0, 16)) for c in ranks]
         assert first[0].wait(30) == first[1].wait(30)
@@ -348,8 +446,11 @@ def test_a_node_daemon_restarted_mid_save_aborts_the_save_on_every_node(tmp_path
         assert wait_for(lambda: any(nodes.root.glob(".tmp-step_00000002-*/*/*.safetensors")), timeout=10)
         started = time.monotonic()
         _restart_node(nodes, tmp_path, restarted, slow)
-        expected = ("node 1's daemon restarted while the save was in flight" if restarted == 1 else
-                    "step 2 aborted: node 0's daemon (the commit leader) restarted before it decided this save")
+        expected = (
+            "node 1's daemon restarted while the save was in flight"
+            if restarted == 1
+            else "step 2 aborted: node 0's daemon (the commit leader) restarted before it decided this save"
+        )
         with pytest.raises(CheckpointError, match=re.escape(expected)):
             second[1 - restarted].wait(30)
         with pytest.raises(CheckpointError, match="step 2 was not committed: the ckptd daemon .* was restarted"):
@@ -367,4 +468,6 @@ def test_a_node_daemon_restarted_mid_save_aborts_the_save_on_every_node(tmp_path
 
 def _tensor_state(value: float, numel: int) -> List[PreparedComponent]:
     """One PER_NODE component (every node writes its own copy) of `numel` floats."""
-    return [PreparedComponent(StateComponent("model", Holder({"w": torch.full((numel,), value)}), SharingPattern.PER_NODE))]
+    return [
+        PreparedComponent(StateComponent("model", Holder({"w": torch.full((numel,), value)}), SharingPattern.PER_NODE))
+    ]

@@ -57,9 +57,14 @@ def test_files_on_disk_follow_the_dedup_table(four_rank_checkpoints: Dict[str, A
     root = four_rank_checkpoints["root"]
     assert (root / "latest").read_text().strip() == "step_00000004"
     expected_scopes = {
-        "model": {"global"}, "optimizer": {"global"}, "scheduler": {"global"}, "trainer": {"global"},
-        "dataloader": {f"rank-{r:05d}" for r in range(4)}, "rng": {f"rank-{r:05d}" for r in range(4)},
-        "pair_state": {"group-pair-00000", "group-pair-00002"}, "node_cache": {"node-00000"},
+        "model": {"global"},
+        "optimizer": {"global"},
+        "scheduler": {"global"},
+        "trainer": {"global"},
+        "dataloader": {f"rank-{r:05d}" for r in range(4)},
+        "rng": {f"rank-{r:05d}" for r in range(4)},
+        "pair_state": {"group-pair-00000", "group-pair-00002"},
+        "node_cache": {"node-00000"},
     }
     for step in (3, 4):
         directory = root / f"step_{step:08d}"

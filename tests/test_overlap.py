@@ -26,8 +26,10 @@ class Trainer:
         self.step()
 
     def get_state_components(self) -> List[StateComponent]:
-        return [StateComponent("model", self.model, SharingPattern.GLOBAL),
-                StateComponent("optimizer", self.optimizer, SharingPattern.GLOBAL)]
+        return [
+            StateComponent("model", self.model, SharingPattern.GLOBAL),
+            StateComponent("optimizer", self.optimizer, SharingPattern.GLOBAL),
+        ]
 
     def forward_backward(self) -> None:
         self.optimizer.zero_grad()
@@ -48,12 +50,12 @@ def test_overlap_checkpoint_never_mixes_two_steps(daemon: Daemon) -> None:
     expected_model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     expected_momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
     seen_by_later_hook: List[bool] = []
-    with CheckpointManager(trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as manager:
+    with CheckpointManager(
+        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as manager:
         handle = manager.save_checkpoint(1, overlap=True)
         # registered after ckptd's hook, so it runs after it: the copy must be finished by then
-        probe = register_optimizer_step_pre_hook(
-            lambda *_: seen_by_later_hook.append(handle.staged()))
+        probe = register_optimizer_step_pre_hook(lambda *_: seen_by_later_hook.append(handle.staged()))
         try:
             trainer.step()  # forward changes BatchNorm statistics, step changes weights and momentum
         finally:
@@ -71,8 +73,9 @@ def test_overlap_checkpoint_never_mixes_two_steps(daemon: Daemon) -> None:
 
 def test_overlap_returns_before_the_parameter_copy_and_wait_staged_blocks(daemon: Daemon) -> None:
     trainer = Trainer()
-    with CheckpointManager(trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           rank_info=SINGLE) as manager:
+    with CheckpointManager(
+        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
+    ) as manager:
         manager.save_checkpoint(1).wait(60)  # warm the staging pool
         handle = manager.save_checkpoint(2, overlap=True)
         # 16.8M parameters plus momentum (134 MB) are still being copied when the call returns

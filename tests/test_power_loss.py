@@ -28,6 +28,11 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from helpers import Daemon, Holder, start_daemon, wait_until_serving
+from invariants import check_root
+from powerfs import PowerMount, fuse_problem
+from powerfs_model import ROOT_INO, DurabilityModel, Symlink, Trigger
+
 from ckptd.client import (
     CheckpointClient,
     CheckpointError,
@@ -38,10 +43,6 @@ from ckptd.client import (
 )
 from ckptd.client.topology import RankInfo
 from ckptd.proto.topology import Topology
-from helpers import Daemon, Holder, start_daemon, wait_until_serving
-from invariants import check_root
-from powerfs import PowerMount, fuse_problem
-from powerfs_model import ROOT_INO, DurabilityModel, Symlink, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ MountFactory = Callable[..., PowerMount]
 # ----------------------------------------------------------------------------------------------------
 # The durability model, without FUSE.
 # ----------------------------------------------------------------------------------------------------
+
 
 def crashes(model: DurabilityModel, seeds: int = 60) -> list[dict]:
     """The survivor trees of `seeds` random cuts of one model state."""
@@ -76,8 +78,11 @@ def test_model_splits_writes_into_pages_that_survive_independently() -> None:
     ino = model.create("/f", "file")
     model.fsync(ROOT_INO)
     model.write(ino, 100, b"x" * 9000)  # touches pages 0, 1 and 2
-    assert [(op.offset, len(op.data or b"")) for op in model.inodes[ino].pending_data] == [(100, 3996), (4096, 4096),
-                                                                                          (8192, 908)]
+    assert [(op.offset, len(op.data or b"")) for op in model.inodes[ino].pending_data] == [
+        (100, 3996),
+        (4096, 4096),
+        (8192, 908),
+    ]
     torn = [tree["f"] for tree in crashes(model, 200)]
     assert any(0 < content.count(b"x") < 9000 for content in torn), "no cut tore the write"
     assert b"" in torn
@@ -181,6 +186,7 @@ def test_trigger_fires_at_the_nth_match() -> None:
 # The real mount.
 # ----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[MountFactory]:
     """Start powerfs mounts (fails, never skips, where FUSE is missing); all unmounted at teardown."""
@@ -260,10 +266,14 @@ def test_mount_fails_every_operation_with_eio_after_a_cut(mounts: MountFactory, 
     fd = os.open(root / "open", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         assert powerfs.cut()["when"] == "command"
-        for name, operation in [("write", lambda: os.write(fd, b"x")), ("fsync", lambda: os.fsync(fd)),
-                                ("stat", lambda: os.stat(root / "never-looked-up")),
-                                ("open", lambda: os.open(root / "open", os.O_RDONLY)),
-                                ("mkdir", lambda: os.mkdir(root / "d")), ("listdir", lambda: os.listdir(root))]:
+        for name, operation in [
+            ("write", lambda: os.write(fd, b"x")),
+            ("fsync", lambda: os.fsync(fd)),
+            ("stat", lambda: os.stat(root / "never-looked-up")),
+            ("open", lambda: os.open(root / "open", os.O_RDONLY)),
+            ("mkdir", lambda: os.mkdir(root / "d")),
+            ("listdir", lambda: os.listdir(root)),
+        ]:
             with pytest.raises(OSError) as caught:
                 operation()
             assert caught.value.errno == errno.EIO, f"{name} after the cut: {caught.value!r}"
@@ -274,8 +284,15 @@ def test_mount_fails_every_operation_with_eio_after_a_cut(mounts: MountFactory, 
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_mount_cuts_before_or_after_a_matching_operation(mounts: MountFactory, tmp_path: Path, when: str) -> None:
-    powerfs = mounts(tmp_path / "backing", "--survivor-mode", "keep", f"--cut-{when}", r"^rename .* -> /b$",
-                     "--trace", str(tmp_path / "trace"))
+    powerfs = mounts(
+        tmp_path / "backing",
+        "--survivor-mode",
+        "keep",
+        f"--cut-{when}",
+        r"^rename .* -> /b$",
+        "--trace",
+        str(tmp_path / "trace"),
+    )
     root = Path(powerfs.mountpoint)
     write_synced(root / "a", b"x")
     if when == "before":
@@ -293,7 +310,9 @@ def test_mount_cuts_before_or_after_a_matching_operation(mounts: MountFactory, t
     assert trace == ["create /a", "write /a", "fsync /a", "rename /a -> /b"]
 
 
-def test_mount_cuts_after_k_operations_armed_through_the_control_directory(mounts: MountFactory, tmp_path: Path) -> None:
+def test_mount_cuts_after_k_operations_armed_through_the_control_directory(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
     powerfs = mounts(tmp_path / "backing", "--survivor-mode", "keep")
     root = Path(powerfs.mountpoint)
     (root / "before-arming").mkdir()
@@ -342,7 +361,10 @@ NAMED_POINTS: list[tuple[str, dict[str, Any]]] = [
     ("tmp directory created", {"after": r"^mkdir .*" + TMP_DIR + "$"}),
     ("shard written, not fsynced", {"before": r"^fsync .*\.safetensors$"}),
     ("component directory fsync", {"before": r"^fsyncdir .*" + TMP_DIR + "/[^/]+$"}),
-    ("manifest written, before its rename", {"before": r"^rename .*" + MANIFEST_TMP + r" -> .*/checkpoint_manifest\.json$"}),
+    (
+        "manifest written, before its rename",
+        {"before": r"^rename .*" + MANIFEST_TMP + r" -> .*/checkpoint_manifest\.json$"},
+    ),
     ("manifest renamed, before the tmp directory's fsync", {"after": r"^rename .*" + MANIFEST_TMP + " -> "}),
     ("directory renamed, before the parent's fsync", {"after": r"^rename .*" + TMP_DIR + r" -> .*/step_\d+$"}),
     ("latest written, before its rename", {"before": r"^rename .*/latest(\.[^/]*)?\.tmp -> .*/latest$"}),
@@ -355,10 +377,16 @@ NAMED_POINTS: list[tuple[str, dict[str, Any]]] = [
 def components(step: int) -> list[PreparedComponent]:
     """State tagged with its step: every tensor element and every "step" value equals `step`."""
     return [
-        PreparedComponent(StateComponent("model", Holder({"w": torch.full((65_536,), float(step)), "step": step}),
-                                         SharingPattern.GLOBAL)),
-        PreparedComponent(StateComponent("optim", Holder({"m": torch.full((4_096,), float(step)), "step": step}),
-                                         SharingPattern.PER_RANK)),
+        PreparedComponent(
+            StateComponent(
+                "model", Holder({"w": torch.full((65_536,), float(step)), "step": step}), SharingPattern.GLOBAL
+            )
+        ),
+        PreparedComponent(
+            StateComponent(
+                "optim", Holder({"m": torch.full((4_096,), float(step)), "step": step}), SharingPattern.PER_RANK
+            )
+        ),
     ]
 
 
@@ -392,9 +420,15 @@ class Cluster:
         self.daemon: Daemon = start_daemon(self.root, log_path, wait=False)
         try:
             wait_until_serving(self.daemon)
-            self.client = CheckpointClient(str(self.root), RankInfo(0, Topology.single_node(1)),
-                                           endpoint=self.daemon.endpoint, auto_start=False, timeout=30,
-                                           daemon_timeout=1.0, retention=RetentionPolicy(keep_last=2))
+            self.client = CheckpointClient(
+                str(self.root),
+                RankInfo(0, Topology.single_node(1)),
+                endpoint=self.daemon.endpoint,
+                auto_start=False,
+                timeout=30,
+                daemon_timeout=1.0,
+                retention=RetentionPolicy(keep_last=2),
+            )
         except BaseException:
             self.daemon.process.kill()
             self.daemon.process.wait()
@@ -441,7 +475,9 @@ def survivor_problems(root: Path, chain: Chain) -> list[str]:
     problems = list(report.problems)
     if chain.acknowledged is not None and chain.acknowledged not in report.committed:
         problems.append(f"step {chain.acknowledged} was reported committed before the cut but did not survive")
-    problems += [f"step {step} was reported failed but is committed" for step in sorted(chain.refused & set(report.committed))]
+    problems += [
+        f"step {step} was reported failed but is committed" for step in sorted(chain.refused & set(report.committed))
+    ]
     return problems
 
 
@@ -505,8 +541,9 @@ def cut_points(rng: random.Random, count: int, save_ops: int) -> list[tuple[str,
     return points
 
 
-def run_trial(mounts: MountFactory, tmp_path: Path, chain: Chain, index: int, point: tuple[str, dict[str, Any]],
-              seed: int) -> Trial:
+def run_trial(
+    mounts: MountFactory, tmp_path: Path, chain: Chain, index: int, point: tuple[str, dict[str, Any]], seed: int
+) -> Trial:
     """Mount the last survivor, recover, commit a save, arm the cut, save until the power goes, check."""
     trial = Trial(point[0])
     powerfs = mounts(chain.backing, "--seed", str(seed))
@@ -528,10 +565,13 @@ def run_trial(mounts: MountFactory, tmp_path: Path, chain: Chain, index: int, po
     return trial
 
 
-@pytest.mark.parametrize("cuts", [pytest.param(20, id="bounded"),
-                                  pytest.param(110, id="long", marks=[pytest.mark.slow, pytest.mark.timeout(1800)])])
-def test_power_cut_at_random_points_never_breaks_a_committed_checkpoint(mounts: MountFactory, tmp_path: Path,
-                                                                         cuts: int) -> None:
+@pytest.mark.parametrize(
+    "cuts",
+    [pytest.param(20, id="bounded"), pytest.param(110, id="long", marks=[pytest.mark.slow, pytest.mark.timeout(1800)])],
+)
+def test_power_cut_at_random_points_never_breaks_a_committed_checkpoint(
+    mounts: MountFactory, tmp_path: Path, cuts: int
+) -> None:
     rng = random.Random(4321)
     chain, save_ops = traced_save_ops(mounts, tmp_path)
     assert save_ops > 20, f"the traced save made only {save_ops} operations"
@@ -547,14 +587,17 @@ def test_power_cut_at_random_points_never_breaks_a_committed_checkpoint(mounts: 
         last = recovery_problems(final, chain)
     finally:
         final.power_off()
-    failed = [f"cut {i} aimed at {t.point!r}, landed {t.landed!r}: {t.problems}" for i, t in enumerate(trials) if t.problems]
+    failed = [
+        f"cut {i} aimed at {t.point!r}, landed {t.landed!r}: {t.problems}" for i, t in enumerate(trials) if t.problems
+    ]
     assert not failed and not last, "\n".join(failed + [f"after the last cut: {last}"])
     missed = [t.point for t in trials if t.landed.startswith("command") and not t.point.startswith("after operation")]
     assert not missed, f"named points the saves never reached: {missed}"
 
 
-def test_root_created_by_the_daemon_survives_a_power_cut_after_a_committed_save(mounts: MountFactory,
-                                                                                 tmp_path: Path) -> None:
+def test_root_created_by_the_daemon_survives_a_power_cut_after_a_committed_save(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
     """The daemon creates a missing root; once a save in it is reported committed, a power cut must not
     take the root (and the checkpoint) away: the root's own directory entry must be durable too."""
     powerfs = mounts(tmp_path / "backing", "--survivor-mode", "drop")

@@ -6,23 +6,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckptd.proto import Manifest, ManifestError, ProtocolError, SharingPattern, Topology, is_writer, place
-from ckptd.proto import messages
 from ckptd.disk.safetensors import encode_header
+from ckptd.proto import Manifest, ManifestError, ProtocolError, SharingPattern, Topology, is_writer, messages, place
 from ckptd.proto.formats import TensorEntry, check_tensor_layout, layout_tensors
 from ckptd.proto.layout import checkpoint_dir_name, parse_checkpoint_dir_name
 
 TWO_NODES = Topology.uniform(4, 2)  # node 0: ranks 0,1; node 1: ranks 2,3
 
 
-@pytest.mark.parametrize("pattern,group,expected", [
-    (SharingPattern.GLOBAL, None, {0: ("global", 0), 1: ("global", 0), 2: ("global", 0), 3: ("global", 0)}),
-    (SharingPattern.REPLICATED, None, {r: ("global", 0) for r in range(4)}),
-    (SharingPattern.PER_RANK, None, {r: (f"rank-{r:05d}", r) for r in range(4)}),
-    (SharingPattern.PER_NODE, None, {0: ("node-00000", 0), 1: ("node-00000", 0), 2: ("node-00001", 2), 3: ("node-00001", 2)}),
-    (SharingPattern.PER_GROUP, {0: [0, 2], 2: [0, 2], 1: [1, 3], 3: [1, 3]},
-     {0: ("group-g-00000", 0), 2: ("group-g-00000", 0), 1: ("group-g-00001", 1), 3: ("group-g-00001", 1)}),
-])
+@pytest.mark.parametrize(
+    "pattern,group,expected",
+    [
+        (SharingPattern.GLOBAL, None, {0: ("global", 0), 1: ("global", 0), 2: ("global", 0), 3: ("global", 0)}),
+        (SharingPattern.REPLICATED, None, {r: ("global", 0) for r in range(4)}),
+        (SharingPattern.PER_RANK, None, {r: (f"rank-{r:05d}", r) for r in range(4)}),
+        (
+            SharingPattern.PER_NODE,
+            None,
+            {0: ("node-00000", 0), 1: ("node-00000", 0), 2: ("node-00001", 2), 3: ("node-00001", 2)},
+        ),
+        (
+            SharingPattern.PER_GROUP,
+            {0: [0, 2], 2: [0, 2], 1: [1, 3], 3: [1, 3]},
+            {0: ("group-g-00000", 0), 2: ("group-g-00000", 0), 1: ("group-g-00001", 1), 3: ("group-g-00001", 1)},
+        ),
+    ],
+)
 def test_dedup_table(pattern: SharingPattern, group: dict | None, expected: dict) -> None:
     for rank, (scope, writer) in expected.items():
         ranks = group[rank] if group else None
@@ -45,8 +54,13 @@ def test_topology_checks() -> None:
 
 
 def test_layout_is_aligned_and_readable_by_safetensors(tmp_path) -> None:
-    tensors = {"flag": torch.tensor([True, False, True]), "w": torch.randn(3, 5), "h": torch.randn(7).half(),
-               "i": torch.arange(4, dtype=torch.int64), "e": torch.zeros(0, 2)}
+    tensors = {
+        "flag": torch.tensor([True, False, True]),
+        "w": torch.randn(3, 5),
+        "h": torch.randn(7).half(),
+        "i": torch.arange(4, dtype=torch.int64),
+        "e": torch.zeros(0, 2),
+    }
     names = {"flag": "BOOL", "w": "F32", "h": "F16", "i": "I64", "e": "F32"}
     entries, total = layout_tensors((k, names[k], tuple(t.shape)) for k, t in tensors.items())
     assert [e.name for e in entries][0] == "i"  # widest dtype first keeps every tensor aligned
@@ -54,7 +68,7 @@ def test_layout_is_aligned_and_readable_by_safetensors(tmp_path) -> None:
     body = bytearray(total)
     for entry in entries:
         raw = tensors[entry.name].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-        body[entry.offset:entry.offset + entry.nbytes] = raw
+        body[entry.offset : entry.offset + entry.nbytes] = raw
     path = tmp_path / "x.safetensors"
     path.write_bytes(encode_header(entries, {"format": "pt"}) + bytes(body))
     loaded = load_file(str(path))
@@ -73,8 +87,15 @@ def test_tensor_layout_checks() -> None:
 
 
 def test_messages_round_trip_and_reject_garbage() -> None:
-    part = messages.ComponentPart(key="model", pattern=SharingPattern.GLOBAL, writer=True, region="ckptd-0-1-a",
-                                  region_size=8, tensors=(TensorEntry("w", "F32", (2,), 0, 8),), state=b"\x80")
+    part = messages.ComponentPart(
+        key="model",
+        pattern=SharingPattern.GLOBAL,
+        writer=True,
+        region="ckptd-0-1-a",
+        region_size=8,
+        tensors=(TensorEntry("w", "F32", (2,), 0, 8),),
+        state=b"\x80",
+    )
     request = messages.SaveRequest(root="/r", step=3, rank=0, pid=1, topology=Topology.single_node(1), parts=(part,))
     decoded = messages.decode(messages.encode(messages.SAVE, request.to_wire(), 5))
     assert decoded.id == 5 and messages.SaveRequest.from_wire(decoded.body) == request

@@ -21,8 +21,11 @@ def test_keep_rules_combine_and_always_keep_the_newest() -> None:
     checkpoints = [(s, {"loss": v}) for s, v in metrics.items()] + [(7, {})]
     kept = kept_steps(checkpoints, RetentionPolicy(keep_last=2, keep_every=3, keep_best=2, best_metric="loss"))
     assert kept == {
-        2: ["best 2 by loss (min)"], 3: ["every 3"], 5: ["best 2 by loss (min)"],
-        6: ["last 2", "every 3"], 7: ["newest", "last 2"],
+        2: ["best 2 by loss (min)"],
+        3: ["every 3"],
+        5: ["best 2 by loss (min)"],
+        6: ["last 2", "every 3"],
+        7: ["newest", "last 2"],
     }
     best_max = kept_steps(checkpoints, RetentionPolicy(keep_best=1, best_metric="loss", best_mode="max"))
     assert set(best_max) == {6, 7}  # NaN and a missing metric never rank
@@ -30,15 +33,18 @@ def test_keep_rules_combine_and_always_keep_the_newest() -> None:
     assert kept_steps([], RetentionPolicy(keep_last=1)) == {}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"keep_last": 0}, "keep_last must be a positive integer"),
-    ({"keep_every": 2.5}, "keep_every must be a positive integer"),
-    ({"keep_best": 2}, "keep_best and best_metric go together"),
-    ({"keep_best": 1, "best_metric": "loss", "best_mode": "lowest"}, "best_mode must be 'min' or 'max'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"keep_last": 0}, "keep_last must be a positive integer"),
+        ({"keep_every": 2.5}, "keep_every must be a positive integer"),
+        ({"keep_best": 2}, "keep_best and best_metric go together"),
+        ({"keep_best": 1, "best_metric": "loss", "best_mode": "lowest"}, "best_mode must be 'min' or 'max'"),
+    ],
+)
 def test_bad_policies_say_what_is_wrong(kwargs: Dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        RetentionPolicy(**kwargs)  # type: ignore[arg-type]
+        RetentionPolicy(**kwargs)
 
 
 def _steps(root: Path) -> List[int]:
@@ -54,8 +60,9 @@ def test_the_daemon_keeps_what_the_policy_says_after_each_commit(daemon: Daemon)
 
     policy = RetentionPolicy(keep_last=2, keep_every=4, keep_best=1, best_metric="val_loss")
     losses = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.6, 5: 0.4, 6: 0.3, 7: 0.8}
-    with CheckpointManager(Trainer(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                           retention=policy) as manager:
+    with CheckpointManager(
+        Trainer(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False, retention=policy
+    ) as manager:
         seen = []
         for step, loss in losses.items():
             state.value["w"].fill_(step)

@@ -41,8 +41,15 @@ class Provider:
 
 
 def manager(daemon: Daemon, job: str, **options: Any) -> CheckpointManager:
-    return CheckpointManager(Provider(), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-                             rank_info=RankInfo(0, Topology.single_node(1), job_id=job), timeout=30, **options)
+    return CheckpointManager(
+        Provider(),
+        str(daemon.root),
+        endpoint=daemon.endpoint,
+        auto_start=False,
+        rank_info=RankInfo(0, Topology.single_node(1), job_id=job),
+        timeout=30,
+        **options,
+    )
 
 
 def refused(daemon: Daemon, job: str, match: str) -> RootInUseError:
@@ -63,10 +70,27 @@ class TaggedTrainer:
         self.events = work / "events-rank0.jsonl"
         self.stop_file = work / "stop"
         self.process = subprocess.Popen(
-            [sys.executable, str(TRAINER), "--root", str(daemon.root), "--endpoint", daemon.endpoint,
-             "--log-dir", str(work), "--stop-file", str(self.stop_file), "--pause-file", str(work / "pause"),
-             "--model-mb", "1", "--keep-last", "100"],
-            stdout=open(work / "out.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [
+                sys.executable,
+                str(TRAINER),
+                "--root",
+                str(daemon.root),
+                "--endpoint",
+                daemon.endpoint,
+                "--log-dir",
+                str(work),
+                "--stop-file",
+                str(self.stop_file),
+                "--pause-file",
+                str(work / "pause"),
+                "--model-mb",
+                "1",
+                "--keep-last",
+                "100",
+            ],
+            stdout=open(work / "out.log", "wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
 
     def read(self) -> List[Dict[str, Any]]:
@@ -95,7 +119,9 @@ def test_a_second_live_job_is_refused_at_construction_naming_the_first(daemon: D
         first.wait_committed(3)
         error = refused(daemon, "job-2", "is in use by another live run")
         message = str(error)
-        assert f"run {first.job()} (rank 0, pid {first.process.pid} on host {socket.gethostname()}, started 20" in message
+        assert (
+            f"run {first.job()} (rank 0, pid {first.process.pid} on host {socket.gethostname()}, started 20" in message
+        )
         assert "Give this run its own root, or stop that run first" in message
         seen = len(first.committed())
         first.wait_committed(seen + 3)  # the first job never noticed
@@ -163,8 +189,9 @@ class ForeignClaim:
         self._thread.join()
 
 
-def test_a_live_run_on_another_host_keeps_the_shared_root(daemon_factory: Callable[..., Daemon],
-                                                          tmp_path: Path) -> None:
+def test_a_live_run_on_another_host_keeps_the_shared_root(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
     root = tmp_path / "ckpt"
     root.mkdir()
     in_flight = root / (layout.tmp_dir_name(9, "abc") + "/model")
@@ -188,8 +215,9 @@ def test_a_live_run_on_another_host_keeps_the_shared_root(daemon_factory: Callab
     assert claim_now is None or claim_now.run.job == "here"
 
 
-def test_a_stale_claim_of_another_host_does_not_hold_the_root(daemon_factory: Callable[..., Daemon],
-                                                              tmp_path: Path) -> None:
+def test_a_stale_claim_of_another_host_does_not_hold_the_root(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
     root = tmp_path / "ckpt"
     root.mkdir()
     claim = ForeignClaim(root)

@@ -23,11 +23,11 @@ from helpers import Daemon, Holder, short_endpoint, wait_for
 from invariants import check_root
 
 from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, SharingPattern, StateComponent
-from ckptd.disk.removal import fence_save
 from ckptd.client.topology import RankInfo
+from ckptd.disk.durable import write_atomic
+from ckptd.disk.removal import fence_save
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
-from ckptd.disk.durable import write_atomic
 
 MODEL_ELEMENTS = 2_000_000  # 8 MB: two seconds of writing at 4 MB/s
 
@@ -35,10 +35,14 @@ MODEL_ELEMENTS = 2_000_000  # 8 MB: two seconds of writing at 4 MB/s
 def tagged(step: int, rank: int, model_elements: int = 1000) -> List[PreparedComponent]:
     """A rank's state at `step`: every tensor holds `step`."""
     return [
-        PreparedComponent(StateComponent("model", Holder({"w": torch.full((model_elements,), float(step))}),
-                                         SharingPattern.GLOBAL)),
-        PreparedComponent(StateComponent("data", Holder({"x": torch.full((500 + rank,), float(step)), "step": step}),
-                                         SharingPattern.PER_RANK)),
+        PreparedComponent(
+            StateComponent("model", Holder({"w": torch.full((model_elements,), float(step))}), SharingPattern.GLOBAL)
+        ),
+        PreparedComponent(
+            StateComponent(
+                "data", Holder({"x": torch.full((500 + rank,), float(step)), "step": step}), SharingPattern.PER_RANK
+            )
+        ),
         PreparedComponent(StateComponent("meta", Holder({"step": step}), SharingPattern.GLOBAL)),
     ]
 
@@ -48,10 +52,16 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., CheckpointClient]]:
     """Ranks of one job as in-process clients (real sockets, real shared memory), closed at the end."""
     clients: List[CheckpointClient] = []
 
-    def factory(daemon: Daemon, rank: int = 0, world_size: int = 1, job: str = "job", **options: object) -> CheckpointClient:
+    def factory(
+        daemon: Daemon, rank: int = 0, world_size: int = 1, job: str = "job", **options: object
+    ) -> CheckpointClient:
         options = {"auto_start": False, "timeout": 60.0, "connect_timeout": 30.0, **options}
-        client = CheckpointClient(str(daemon.root), RankInfo(rank, Topology.single_node(world_size), job_id=job),
-                                  endpoint=daemon.endpoint, **options)  # type: ignore[arg-type]
+        client = CheckpointClient(
+            str(daemon.root),
+            RankInfo(rank, Topology.single_node(world_size), job_id=job),
+            endpoint=daemon.endpoint,
+            **options,
+        )
         clients.append(client)
         return client
 
@@ -67,7 +77,8 @@ def assert_clean(root: Path) -> List[int]:
 
 
 def test_a_restarted_daemon_never_shares_a_region_between_two_saves(
-        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient], tmp_path: Path) -> None:
+    daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient], tmp_path: Path
+) -> None:
     """The daemon that held step 1 is killed; step 2 goes to its successor, which writes it slowly.
     Settling the lost step 1 must not free the regions step 2 now holds: step 3 waits for them."""
     root, endpoint = tmp_path / "ckpt", short_endpoint()
@@ -94,15 +105,18 @@ def test_a_restarted_daemon_never_shares_a_region_between_two_saves(
 
 
 def test_saves_ready_at_once_commit_one_at_a_time_in_step_order(
-        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]
+) -> None:
     """Twelve saves become ready within milliseconds (rank 1 writes nothing and hands over last): each
     commits, `latest` ends at the newest, and retention keeps exactly the last three."""
     daemon = daemon_factory()
     retention = RetentionPolicy(keep_last=3)
     rank0 = make_client(daemon, 0, 2, retention=retention)
     rank1 = make_client(daemon, 1, 2, retention=retention)
-    global_only = [(step, [c for c in tagged(step, 0) if c.component.sharing_pattern is SharingPattern.GLOBAL])
-                   for step in range(1, 13)]
+    global_only = [
+        (step, [c for c in tagged(step, 0) if c.component.sharing_pattern is SharingPattern.GLOBAL])
+        for step in range(1, 13)
+    ]
     handles = [rank0.save(step, state) for step, state in global_only]
     assert wait_for(lambda: daemon.log().count("event=rank_durable") == 12, timeout=30), daemon.log()
     handles += [rank1.save(step, state) for step, state in global_only]
@@ -142,7 +156,8 @@ def test_concurrent_atomic_writes_of_one_path_never_collide(tmp_path: Path) -> N
 
 
 def test_a_directory_with_its_final_name_is_reported_committed(
-        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]
+) -> None:
     """Updating `latest` fails after the rename (here `latest` is a directory): the checkpoint is
     committed all the same, the trainer is told so, and the daemon goes on committing."""
     daemon = daemon_factory()
@@ -158,7 +173,8 @@ def test_a_directory_with_its_final_name_is_reported_committed(
 
 
 def test_a_daemon_stalled_past_the_limit_never_commits_the_save_it_held(
-        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]
+) -> None:
     """SIGSTOP in the middle of writing step 1, longer than daemon_timeout: the trainer is told step 1
     is not committed and reuses its staging memory for step 2 at once. When the daemon resumes, it
     reads step 2's bytes where step 1's were, so step 1 must never commit; step 2 does."""
@@ -178,7 +194,8 @@ def test_a_daemon_stalled_past_the_limit_never_commits_the_save_it_held(
 
 
 def test_a_hand_over_the_daemon_reads_too_late_is_refused(
-        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]
+) -> None:
     """The daemon is stalled before it reads step 1's hand-over; the client stops waiting after
     `timeout` and reuses the regions for step 2. The resumed daemon must refuse the stale part."""
     daemon = daemon_factory("--max-write-mbps", "4")
@@ -197,7 +214,8 @@ def test_a_hand_over_the_daemon_reads_too_late_is_refused(
 
 
 def test_a_save_retention_deleted_before_its_trainer_heard_is_settled_committed(
-        daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], make_client: Callable[..., CheckpointClient]
+) -> None:
     """Saves that commit together go through one retention pass before their outcomes are announced;
     a daemon killed in between leaves a trainer to settle a save that committed and is already gone.
     The retention file's record of what it deleted says so (found by the 300-trial torture run)."""

@@ -36,8 +36,9 @@ def model(value: float) -> List[PreparedComponent]:
 def client_of(daemon: Daemon, **options: object) -> Iterator[CheckpointClient]:
     """One rank's client of `daemon`, closed at the end."""
     options = {"auto_start": False, "timeout": 60.0, **options}
-    client = CheckpointClient(str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="errors"),
-                              endpoint=daemon.endpoint, **options)  # type: ignore[arg-type]
+    client = CheckpointClient(
+        str(daemon.root), RankInfo(0, Topology.single_node(1), job_id="errors"), endpoint=daemon.endpoint, **options
+    )
     try:
         yield client
     finally:
@@ -64,8 +65,10 @@ def test_staging_memory_still_held_after_timeout_is_a_clear_error(daemon: Daemon
         os.kill(daemon.process.pid, signal.SIGSTOP)  # the daemon cannot release step 1's memory
         started = time.monotonic()
         try:
-            with pytest.raises(CheckpointError, match="staging regions still busy after 1 s: the daemon has not "
-                                                      "finished writing the previous save"):
+            with pytest.raises(
+                CheckpointError,
+                match="staging regions still busy after 1 s: the daemon has not finished writing the previous save",
+            ):
                 client.save(2, model(2.0))
         finally:
             os.kill(daemon.process.pid, signal.SIGCONT)
@@ -86,7 +89,12 @@ def test_waiting_less_than_a_save_takes_says_so_and_the_save_goes_on(daemon_fact
 
 def test_the_saved_topology_of_an_empty_root_is_a_clear_error(tmp_path: Path) -> None:
     provider = type("Provider", (), {"get_state_components": lambda self: []})()
-    manager = CheckpointManager(provider, str(tmp_path / "ckpt"), connect=False, auto_start=False,
-                                rank_info=RankInfo(0, Topology.single_node(1), job_id="errors"))
+    manager = CheckpointManager(
+        provider,
+        str(tmp_path / "ckpt"),
+        connect=False,
+        auto_start=False,
+        rank_info=RankInfo(0, Topology.single_node(1), job_id="errors"),
+    )
     with pytest.raises(CheckpointError, match=f"no committed checkpoint under {tmp_path / 'ckpt'}"):
         manager.saved_topology()

@@ -33,9 +33,9 @@ from ckptd.client import (
     Topology,
 )
 from ckptd.client.loading import read_manifest, read_scope, select_scope
+from ckptd.disk.verify import verify_checkpoint
 from ckptd.proto.layout import checkpoint_dir_name
 from ckptd.service.coordinator import MAX_SAVES_IN_FLIGHT
-from ckptd.disk.verify import verify_checkpoint
 
 JOB = "save-refusals"
 """The one job id every client of a test uses (the daemon admits one live run per root)."""
@@ -46,8 +46,9 @@ PROMPT_S = 5.0
 TWO_RANKS = Topology.single_node(2)
 
 
-def model(value: float, numel: int = SMALL, pattern: SharingPattern = SharingPattern.GLOBAL,
-          key: str = "model") -> List[PreparedComponent]:
+def model(
+    value: float, numel: int = SMALL, pattern: SharingPattern = SharingPattern.GLOBAL, key: str = "model"
+) -> List[PreparedComponent]:
     """One component `key` holding a tensor full of `value`."""
     return [PreparedComponent(StateComponent(key, Holder({"w": torch.full((numel,), value)}), pattern))]
 
@@ -60,8 +61,9 @@ def rank_of(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[..., Che
 
     def factory(daemon: Daemon, rank: int, topology: Topology, **options: Any) -> CheckpointClient:
         options = {"auto_start": False, "timeout": 30.0, **options}
-        client = CheckpointClient(str(daemon.root), RankInfo(rank, topology, job_id=JOB), endpoint=daemon.endpoint,
-                                  **options)
+        client = CheckpointClient(
+            str(daemon.root), RankInfo(rank, topology, job_id=JOB), endpoint=daemon.endpoint, **options
+        )
         clients.append(client)
         return client
 
@@ -100,12 +102,14 @@ def assert_never_committed(root: Path, *steps: int) -> None:
     for step in steps:
         assert not (root / checkpoint_dir_name(step)).is_dir(), f"step {step} has a final directory"
     leftovers = [f".tmp-{checkpoint_dir_name(step)}-*" for step in steps]
-    assert wait_for(lambda: not any(any(root.glob(pattern)) for pattern in leftovers), timeout=10), \
-        sorted(p.name for p in root.iterdir())
+    assert wait_for(lambda: not any(any(root.glob(pattern)) for pattern in leftovers), timeout=10), sorted(
+        p.name for p in root.iterdir()
+    )
 
 
 def test_too_many_saves_in_flight_is_refused_after_waiting_and_skipped_with_skip(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `... saves are already in flight on this node (steps [...]); wait for them to commit or time out`."""
     daemon = daemon_factory("--save-timeout", "60")
     rank0, rank1 = rank_of(daemon, 0, TWO_RANKS), rank_of(daemon, 1, TWO_RANKS)
@@ -115,13 +119,17 @@ def test_too_many_saves_in_flight_is_refused_after_waiting_and_skipped_with_skip
     assert not any(handle.done() for handle in in_flight)
 
     waiter = rank_of(daemon, 0, TWO_RANKS, timeout=1.0)
-    busy = re.escape(f"{MAX_SAVES_IN_FLIGHT} saves are already in flight on this node (steps {held}); "
-                     "wait for them to commit or time out")
+    busy = re.escape(
+        f"{MAX_SAVES_IN_FLIGHT} saves are already in flight on this node (steps {held}); "
+        "wait for them to commit or time out"
+    )
     started = time.monotonic()
     with pytest.raises(CheckpointError, match=rf"the daemon refused rank 0's part of step 18: {busy}"):
         waiter.save(18, model(18.0))
     waited = time.monotonic() - started
-    assert 0.5 <= waited < PROMPT_S, f"the refusal came after {waited:.2f} s; the client should ask again until its 1 s timeout"
+    assert 0.5 <= waited < PROMPT_S, (
+        f"the refusal came after {waited:.2f} s; the client should ask again until its 1 s timeout"
+    )
 
     skipper = rank_of(daemon, 0, TWO_RANKS, when_busy="skip")
     started = time.monotonic()
@@ -140,7 +148,8 @@ def test_too_many_saves_in_flight_is_refused_after_waiting_and_skipped_with_skip
 
 
 def test_a_daemon_shutting_down_refuses_new_saves_and_finishes_the_ones_it_holds(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `the daemon is shutting down and takes no new save (step ...); the saves it holds finish first`."""
     daemon = daemon_factory("--save-timeout", "20")
     rank0, rank1 = rank_of(daemon, 0, TWO_RANKS), rank_of(daemon, 1, TWO_RANKS)
@@ -154,14 +163,20 @@ def test_a_daemon_shutting_down_refuses_new_saves_and_finishes_the_ones_it_holds
     assert daemon.process.poll() is None, "the daemon must drain the save it holds before it exits"
 
     started = time.monotonic()
-    with pytest.raises(CheckpointError, match=r"the daemon refused rank 0's part of step 3: the daemon is shutting "
-                                              r"down and takes no new save \(step 3\); the saves it holds finish first"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"the daemon refused rank 0's part of step 3: the daemon is shutting "
+        r"down and takes no new save \(step 3\); the saves it holds finish first",
+    ):
         waiter.save(3, model(3.0))
     assert time.monotonic() - started < PROMPT_S
     started = time.monotonic()
     skipped = skipper.save(4, model(4.0))
-    with pytest.raises(CheckpointSkipped, match=r"save of step 4 skipped: the daemon is shutting down and takes no "
-                                                r"new save \(step 4\)"):
+    with pytest.raises(
+        CheckpointSkipped,
+        match=r"save of step 4 skipped: the daemon is shutting down and takes no "
+        r"new save \(step 4\)",
+    ):
         skipped.wait(PROMPT_S)
     assert time.monotonic() - started < PROMPT_S
     for client in (waiter, skipper):
@@ -180,23 +195,28 @@ def test_a_daemon_shutting_down_refuses_new_saves_and_finishes_the_ones_it_holds
 
 
 def test_a_job_spanning_more_nodes_than_the_daemon_was_started_for_is_refused(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `this daemon was started for a job of ... node(s) (ckptd serve --num-nodes), but the job spans ...`."""
     daemon = daemon_factory()
     commit_step_one(rank_of(daemon, 0, Topology.single_node(1)))
     two_nodes = rank_of(daemon, 0, Topology(((0,), (1,))))
     started = time.monotonic()
-    with pytest.raises(CheckpointError, match=r"the daemon refused rank 0's part of step 2: this daemon was started for "
-                                              r"a job of 1 node\(s\) \(ckptd serve --num-nodes\), but the job spans 2; "
-                                              r"start one daemon per node"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"the daemon refused rank 0's part of step 2: this daemon was started for "
+        r"a job of 1 node\(s\) \(ckptd serve --num-nodes\), but the job spans 2; "
+        r"start one daemon per node",
+    ):
         two_nodes.save(2, model(2.0))
     assert time.monotonic() - started < PROMPT_S
     assert_previous_intact(daemon.root)
     assert_never_committed(daemon.root, 2)
 
 
-def test_a_rank_of_another_node_is_refused(daemon_factory: Callable[..., Daemon], tmp_path: Path,
-                                          rank_of: Callable[..., CheckpointClient]) -> None:
+def test_a_rank_of_another_node_is_refused(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `rank ... belongs to node ..., this daemon serves node ...`: rank 1 of a two-node job (one rank
     per node) reaches node 0's daemon."""
     secret = tmp_path / "cluster.secret"
@@ -204,27 +224,35 @@ def test_a_rank_of_another_node_is_refused(daemon_factory: Callable[..., Daemon]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    daemon = daemon_factory("--node", "0", "--num-nodes", "2", "--leader", f"127.0.0.1:{port}",
-                            "--cluster-secret", str(secret))
+    daemon = daemon_factory(
+        "--node", "0", "--num-nodes", "2", "--leader", f"127.0.0.1:{port}", "--cluster-secret", str(secret)
+    )
     stray = rank_of(daemon, 1, Topology(((0,), (1,))))
     started = time.monotonic()
-    with pytest.raises(CheckpointError, match=r"the daemon refused rank 1's part of step 2: rank 1 belongs to node 1, "
-                                              r"this daemon serves node 0"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"the daemon refused rank 1's part of step 2: rank 1 belongs to node 1, "
+        r"this daemon serves node 0",
+    ):
         stray.save(2, model(2.0))
     assert time.monotonic() - started < PROMPT_S
     assert_never_committed(daemon.root, 2)
 
 
 def test_a_write_slower_than_the_save_timeout_aborts_the_step(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `step ... did not finish writing and committing within ... s`."""
     daemon = daemon_factory("--max-write-mbps", "1", "--save-timeout", "2")
     rank0 = rank_of(daemon, 0, Topology.single_node(1))
     commit_step_one(rank0)  # a few KB: milliseconds at 1 MB/s
     started = time.monotonic()
     slow = rank0.save(2, model(2.0, numel=1_250_000))  # every rank hands over 5 MB: about 5 s of writing
-    with pytest.raises(CheckpointError, match=r"checkpoint of step 2 aborted: step 2 did not finish writing and "
-                                              r"committing within 2 s"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint of step 2 aborted: step 2 did not finish writing and "
+        r"committing within 2 s",
+    ):
         slow.wait(15)
     aborted = time.monotonic() - started
     assert 1.5 <= aborted < 2 + PROMPT_S, f"aborted after {aborted:.2f} s, the daemon's --save-timeout is 2 s"
@@ -234,31 +262,47 @@ def test_a_write_slower_than_the_save_timeout_aborts_the_step(
 
 def grouped(members: Tuple[int, ...]) -> List[PreparedComponent]:
     """A PER_GROUP component over process group 'pp', which this rank says holds `members`."""
-    component = StateComponent("stage", Holder({"w": torch.ones(SMALL)}), SharingPattern.PER_GROUP,
-                               process_group_name="pp")
+    component = StateComponent(
+        "stage", Holder({"w": torch.ones(SMALL)}), SharingPattern.PER_GROUP, process_group_name="pp"
+    )
     return [PreparedComponent(component, group_ranks=members)]
 
 
 DISAGREEMENTS = [
     pytest.param(
-        lambda: model(2.0), lambda: model(2.0) + model(2.0, pattern=SharingPattern.PER_RANK, key="extra"),
-        re.escape("ranks disagree on the components of this checkpoint: rank 0 has ['model'], rank 1 has "
-                  "['extra', 'model']"), id="component keys"),
+        lambda: model(2.0),
+        lambda: model(2.0) + model(2.0, pattern=SharingPattern.PER_RANK, key="extra"),
+        re.escape(
+            "ranks disagree on the components of this checkpoint: rank 0 has ['model'], rank 1 has ['extra', 'model']"
+        ),
+        id="component keys",
+    ),
     pytest.param(
-        lambda: model(2.0, pattern=SharingPattern.GLOBAL), lambda: model(2.0, pattern=SharingPattern.REPLICATED),
-        re.escape("component 'model': rank 1 declares REPLICATED (group None, validate_replication=False) but rank 0 "
-                  "declares GLOBAL (group None, validate_replication=False)"), id="patterns"),
+        lambda: model(2.0, pattern=SharingPattern.GLOBAL),
+        lambda: model(2.0, pattern=SharingPattern.REPLICATED),
+        re.escape(
+            "component 'model': rank 1 declares REPLICATED (group None, validate_replication=False) but rank 0 "
+            "declares GLOBAL (group None, validate_replication=False)"
+        ),
+        id="patterns",
+    ),
     pytest.param(
-        lambda: grouped((0, 1)), lambda: grouped((1,)),
-        r"component 'stage': rank \d says group 'pp' is \[[01, ]+\], but rank \d reports", id="group members"),
+        lambda: grouped((0, 1)),
+        lambda: grouped((1,)),
+        r"component 'stage': rank \d says group 'pp' is \[[01, ]+\], but rank \d reports",
+        id="group members",
+    ),
 ]
 
 
 @pytest.mark.parametrize("declared_by_rank0,declared_by_rank1,reason", DISAGREEMENTS)
 def test_ranks_that_disagree_on_a_step_abort_it_on_every_rank(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient],
-        declared_by_rank0: Callable[[], List[PreparedComponent]],
-        declared_by_rank1: Callable[[], List[PreparedComponent]], reason: str) -> None:
+    daemon_factory: Callable[..., Daemon],
+    rank_of: Callable[..., CheckpointClient],
+    declared_by_rank0: Callable[[], List[PreparedComponent]],
+    declared_by_rank1: Callable[[], List[PreparedComponent]],
+    reason: str,
+) -> None:
     """Doc: `ranks disagree on the components of this checkpoint: ...`, `component '...': rank ... declares
     ... but rank ... declares ...` and `component '...': rank ... says group '...' is [...], but rank ...
     reports ...`: every rank's handle fails with the reason."""
@@ -277,7 +321,8 @@ def test_ranks_that_disagree_on_a_step_abort_it_on_every_rank(
 
 
 def test_a_failing_commit_rename_aborts_the_step_naming_the_os_error(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `committing step ... failed: ...`. A file appears at the step's final name after the save
     is accepted (the daemon refuses a step whose final name exists when its first part arrives), so
     the rename of the finished directory onto it fails."""
@@ -300,19 +345,24 @@ def test_a_failing_commit_rename_aborts_the_step_naming_the_os_error(
 
 
 def test_an_invalid_part_from_one_rank_aborts_the_other_ranks_saves(
-        daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]) -> None:
+    daemon_factory: Callable[..., Daemon], rank_of: Callable[..., CheckpointClient]
+) -> None:
     """Doc: `checkpoint of step ... aborted: rank ... sent an invalid part: ...` (the other ranks' message)."""
     daemon = daemon_factory()
     rank0, rank1 = rank_of(daemon, 0, TWO_RANKS), rank_of(daemon, 1, TWO_RANKS)
     commit_step_one(rank0, rank1)
     confused = rank_of(daemon, 1, Topology.single_node(3))  # rank 1, but it believes the job has 3 ranks
     valid = rank0.save(2, model(2.0))
-    mismatch = re.escape("rank 1 reports world size 3 on 1 node(s) (ranks per node: 3), earlier ranks reported "
-                         "world size 2 on 1 node(s) (ranks per node: 2)")
+    mismatch = re.escape(
+        "rank 1 reports world size 3 on 1 node(s) (ranks per node: 3), earlier ranks reported "
+        "world size 2 on 1 node(s) (ranks per node: 2)"
+    )
     started = time.monotonic()
     with pytest.raises(CheckpointError, match=rf"the daemon refused rank 1's part of step 2: {mismatch}"):
         confused.save(2, model(2.0))
-    with pytest.raises(CheckpointError, match=rf"checkpoint of step 2 aborted: rank 1 sent an invalid part: {mismatch}"):
+    with pytest.raises(
+        CheckpointError, match=rf"checkpoint of step 2 aborted: rank 1 sent an invalid part: {mismatch}"
+    ):
         valid.wait(PROMPT_S)
     assert time.monotonic() - started < PROMPT_S
     assert_previous_intact(daemon.root)

@@ -17,7 +17,7 @@ from ckptd.service.shard_writer import Throttle, write_shard
 
 def page_aligned(data: bytes) -> mmap.mmap:
     region = mmap.mmap(-1, max(len(data), 1))
-    region[:len(data)] = data
+    region[: len(data)] = data
     return region
 
 

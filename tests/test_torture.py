@@ -46,11 +46,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from ckptd.client.loading import hold_for_loading
-from ckptd.proto import layout
-from ckptd.disk.verify import verify_checkpoint
 from helpers import Daemon, short_endpoint, start_daemon, wait_for
 from invariants import check_root, content_problems
+
+from ckptd.client.loading import hold_for_loading
+from ckptd.disk.verify import verify_checkpoint
+from ckptd.proto import layout
 
 TRAINER = Path(__file__).parent / "workers" / "tagged_trainer.py"
 KINDS = ("daemon-kill", "daemon-and-trainer-kill", "trainer-kill", "stall-short", "stall-long", "daemon-term")
@@ -124,11 +125,19 @@ class TrainerJob:
         self.world = world
         self.output = output
         self.args = args
-        launcher = [sys.executable] if world == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+        launcher = (
+            [sys.executable]
+            if world == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+        )
         with open(output, "ab") as out:
-            self.process = subprocess.Popen([*launcher, str(TRAINER), *args], stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            self.process = subprocess.Popen(
+                [*launcher, str(TRAINER), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
 
     def ranks(self) -> list[int]:
         """The pids of this job's rank processes that still run (torchrun itself excluded)."""
@@ -138,7 +147,10 @@ class TrainerJob:
         for entry in os.listdir("/proc"):
             if entry.isdigit() and int(entry) != self.process.pid and running(int(entry)):
                 command = argv(int(entry))
-                if str(TRAINER) in command and command[command.index(str(TRAINER)) + 1:][: len(self.args)] == self.args:
+                if (
+                    str(TRAINER) in command
+                    and command[command.index(str(TRAINER)) + 1 :][: len(self.args)] == self.args
+                ):
                     found.append(int(entry))
         return found
 
@@ -215,8 +227,9 @@ class Torture:
 
     def start_daemon(self) -> None:
         """Start `ckptd serve` on the private endpoint (its log accumulates in one file)."""
-        self.daemon = start_daemon(self.root, self.base / "daemon.log", "--save-timeout", str(SAVE_TIMEOUT_S),
-                                   endpoint=self.endpoint)
+        self.daemon = start_daemon(
+            self.root, self.base / "daemon.log", "--save-timeout", str(SAVE_TIMEOUT_S), endpoint=self.endpoint
+        )
 
     def kill_daemon(self) -> None:
         """SIGKILL the daemon and reap it."""
@@ -252,9 +265,22 @@ class Torture:
 
     def trainer_args(self, load_only: bool = False) -> list[str]:
         """The trainer's command line."""
-        args = ["--root", str(self.root), "--endpoint", self.endpoint, "--log-dir", str(self.logs),
-                "--model-mb", str(MODEL_MB[self.world]), "--timeout", str(SAVE_TIMEOUT_S),
-                "--daemon-timeout", str(DAEMON_TIMEOUT_S), "--keep-last", "3"]
+        args = [
+            "--root",
+            str(self.root),
+            "--endpoint",
+            self.endpoint,
+            "--log-dir",
+            str(self.logs),
+            "--model-mb",
+            str(MODEL_MB[self.world]),
+            "--timeout",
+            str(SAVE_TIMEOUT_S),
+            "--daemon-timeout",
+            str(DAEMON_TIMEOUT_S),
+            "--keep-last",
+            "3",
+        ]
         if load_only:
             return [*args, "--load-only"]
         return [*args, "--stop-file", str(self.stop_file), "--pause-file", str(self.pause_file)]
@@ -264,8 +290,11 @@ class Torture:
         and is about to save."""
         self.incarnations += 1
         incarnation = self.incarnations
-        self.trainer = TrainerJob(self.world, [*self.trainer_args(), "--incarnation", str(incarnation)],
-                                  self.logs / f"trainer{incarnation}.out")
+        self.trainer = TrainerJob(
+            self.world,
+            [*self.trainer_args(), "--incarnation", str(incarnation)],
+            self.logs / f"trainer{incarnation}.out",
+        )
         started: set[int] = set()
 
         def all_started(events: list[dict[str, Any]]) -> bool:
@@ -273,8 +302,10 @@ class Torture:
             return len(started) == self.world or self.trainer is None or self.trainer.process.poll() is not None
 
         if not self.wait_events(all_started, START_WITHIN_S) or len(started) < self.world:
-            self.problem(f"trainer incarnation {incarnation} did not start within {START_WITHIN_S} s (ranks started: "
-                         f"{sorted(started)}, status {self.trainer.process.poll()}):\n{self.trainer.tail()}")
+            self.problem(
+                f"trainer incarnation {incarnation} did not start within {START_WITHIN_S} s (ranks started: "
+                f"{sorted(started)}, status {self.trainer.process.poll()}):\n{self.trainer.tail()}"
+            )
 
     def kill_trainer(self) -> None:
         """SIGKILL every rank of the trainer."""
@@ -317,11 +348,15 @@ class Torture:
             elif kind == "failed":
                 self.failed.append((self.where, event))
             if kind == "fatal":
-                self.problem(f"{who} died of {event['type']}: {event['message']!r}\n{event.get('traceback', '')[-1500:]}")
+                self.problem(
+                    f"{who} died of {event['type']}: {event['message']!r}\n{event.get('traceback', '')[-1500:]}"
+                )
             elif kind in ("save_error", "failed", "load_error"):
                 if not event["checkpoint_error"]:
-                    self.problem(f"{who} got {event['type']} (not a CheckpointError) at step {event.get('step')}: "
-                                 f"{event['message']!r}")
+                    self.problem(
+                        f"{who} got {event['type']} (not a CheckpointError) at step {event.get('step')}: "
+                        f"{event['message']!r}"
+                    )
                 if not str(event["message"]).strip():
                     self.problem(f"{who} got {event['type']} without a reason at step {event.get('step')}")
                 if kind == "load_error":
@@ -329,7 +364,9 @@ class Torture:
             elif kind == "unresolved":
                 self.problem(f"{who}: the handle of step {event['step']} did not resolve within {event['waited_s']} s")
             elif kind == "loaded" and not event["content_ok"]:
-                self.problem(f"{who} loaded {event['path']} (step {event['step']}) holding other steps: {event['wrong']}")
+                self.problem(
+                    f"{who} loaded {event['path']} (step {event['step']}) holding other steps: {event['wrong']}"
+                )
         return events
 
     def wait_events(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float) -> bool:
@@ -378,6 +415,7 @@ class Torture:
     def leftovers(self) -> None:
         """Once the trainer has stopped, every save has committed or aborted: no tmp directory may stay
         (an aborted save's is removed; DESIGN.md, Commit protocol)."""
+
         def tmp_dirs() -> list[str]:
             return sorted(n for n in os.listdir(self.root) if n.startswith(layout.TMP_PREFIX))
 
@@ -430,7 +468,7 @@ class Torture:
             try:
                 found = [f"{p.path}: {p.reason}" for p in verify_checkpoint(str(directory))]
                 found = found or content_problems(str(directory), step)
-            except Exception as exc:  # noqa: BLE001 - judged below, once we know it was not deleted meanwhile
+            except Exception as exc:
                 found = [f"{directory} cannot be checked: {exc!r}"]
             still_there = directory.is_dir()
         for text in found if still_there else []:
@@ -445,8 +483,10 @@ class Torture:
             key = (event["rank"], event["step"])
             if event["step"] in committed and len(self.saved_by.get(key, ())) == 1:
                 self.where = where
-                self.problem(f"rank {event['rank']}'s handle of step {event['step']} failed "
-                             f"({event['message']!r}), yet the daemon committed step {event['step']}")
+                self.problem(
+                    f"rank {event['rank']}'s handle of step {event['step']} failed "
+                    f"({event['message']!r}), yet the daemon committed step {event['step']}"
+                )
 
     # the trial loop
 
@@ -462,8 +502,10 @@ class Torture:
             return bool(first) and latest is not None and latest >= min(first)
 
         if not self.wait_events(committed, COMMIT_WITHIN_S):
-            self.problem(f"no save staged after the fault committed within {COMMIT_WITHIN_S} s "
-                         f"(first staged: {first[:1]}, latest {self.latest_step()})")
+            self.problem(
+                f"no save staged after the fault committed within {COMMIT_WITHIN_S} s "
+                f"(first staged: {first[:1]}, latest {self.latest_step()})"
+            )
 
     def pause(self, token: str) -> bool:
         """Ask every rank to pause after resolving its saves; True once all have."""
@@ -494,8 +536,11 @@ class Torture:
         elif trial.kind == "trainer-kill":
             self.kill_trainer()
         elif trial.kind == "daemon-and-trainer-kill":
-            first, second = (self.kill_daemon, self.kill_trainer) if trial.kill_daemon_first else (
-                self.kill_trainer, self.kill_daemon)
+            first, second = (
+                (self.kill_daemon, self.kill_trainer)
+                if trial.kill_daemon_first
+                else (self.kill_trainer, self.kill_daemon)
+            )
             first()
             second()
             self.frozen_check("killed")
@@ -543,8 +588,10 @@ class Torture:
 
         started = time.monotonic()
         if not self.wait_events(enough, COMMIT_WITHIN_S):
-            self.problem(f"only {len(commits)} steps committed in the clean phase within {COMMIT_WITHIN_S} s "
-                         f"(latest {before} -> {self.latest_step()})")
+            self.problem(
+                f"only {len(commits)} steps committed in the clean phase within {COMMIT_WITHIN_S} s "
+                f"(latest {before} -> {self.latest_step()})"
+            )
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))
         self.stop_trainer()
         self.settle()
@@ -579,8 +626,10 @@ class Torture:
             return
         stopped = {e["rank"] for e in self.check_events() if e["event"] == "stopped"}
         if status != 0 or len(stopped) != self.world:
-            self.problem(f"the trainer stopped with status {status}, ranks {sorted(stopped)} closed cleanly:\n"
-                         f"{self.trainer.tail()}")
+            self.problem(
+                f"the trainer stopped with status {status}, ranks {sorted(stopped)} closed cleanly:\n"
+                f"{self.trainer.tail()}"
+            )
 
     def fresh_load(self) -> None:
         """`CheckpointManager(provider, root, connect=False).load_checkpoint()` in a fresh process gives
@@ -595,8 +644,10 @@ class Torture:
         loaded = [e for e in self.check_events() if e["event"] == "loaded" and e.get("fresh")]
         steps = {e["step"] for e in loaded}
         if status != 0 or len(loaded) != self.world or steps != {self.latest_step()}:
-            self.problem(f"the fresh-process load failed (status {status}, loaded steps {sorted(steps)}, "
-                         f"latest {self.latest_step()}):\n{job.tail()}")
+            self.problem(
+                f"the fresh-process load failed (status {status}, loaded steps {sorted(steps)}, "
+                f"latest {self.latest_step()}):\n{job.tail()}"
+            )
 
     def shutdown(self) -> None:
         """Stop and reap every process this run started (also when the test failed)."""
@@ -606,7 +657,7 @@ class Torture:
             if self.daemon.process.poll() is None:
                 os.kill(self.daemon.process.pid, signal.SIGCONT)
             self.daemon.stop()
-        Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)  # left behind by a SIGKILLed daemon
+        Path(self.endpoint[len("ipc://") :]).unlink(missing_ok=True)  # left behind by a SIGKILLed daemon
 
     def daemon_tracebacks(self) -> None:
         """A daemon that logged a traceback hit an unexpected error, whatever the trainers saw."""
@@ -614,7 +665,7 @@ class Torture:
         at = log.find("Traceback")
         if at >= 0:
             self.where = "daemon log"
-            self.problem(f"the daemon logged a traceback:\n{log[at:at + 2000]}")
+            self.problem(f"the daemon logged a traceback:\n{log[at : at + 2000]}")
 
 
 def torture_seed() -> int:
@@ -623,12 +674,15 @@ def torture_seed() -> int:
     return int(value) if value else random.SystemRandom().randrange(2**32)
 
 
-@pytest.mark.parametrize(("world", "trials"), [
-    pytest.param(1, 14, id="1rank-bounded"),
-    pytest.param(2, 6, id="2ranks-bounded"),
-    pytest.param(1, 150, id="1rank-long", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
-    pytest.param(2, 150, id="2ranks-long", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
-])
+@pytest.mark.parametrize(
+    ("world", "trials"),
+    [
+        pytest.param(1, 14, id="1rank-bounded"),
+        pytest.param(2, 6, id="2ranks-bounded"),
+        pytest.param(1, 150, id="1rank-long", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
+        pytest.param(2, 150, id="2ranks-long", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
+    ],
+)
 def test_torture(tmp_path: Path, world: int, trials: int) -> None:
     seed = torture_seed()
     plan = schedule(random.Random(seed), trials)
@@ -639,7 +693,7 @@ def test_torture(tmp_path: Path, world: int, trials: int) -> None:
         for trial in plan:
             run.run_trial(trial)
         run.clean_phase()
-    except Exception as exc:  # noqa: BLE001 - reported with every problem found before it
+    except Exception as exc:
         run.problem(f"the run stopped early: {exc!r}\n{traceback.format_exc()[-3000:]}")
     finally:
         run.shutdown()
@@ -651,8 +705,11 @@ def test_torture(tmp_path: Path, world: int, trials: int) -> None:
     redirected = (run.base / "daemon.log").read_text(errors="replace").count("takes no new save")
     if counts.get("failed", 0) + counts.get("save_error", 0) + redirected == 0:
         run.where = "summary"
-        run.problem(f"no save failed or was redirected in {trials} faults: the faults never hit a save in flight "
-                    f"({counts})")
-    summary = (f"seed {seed} (CKPTD_TORTURE_SEED={seed} replays the schedule), {world} rank(s), {trials} trials "
-               f"({', '.join(t.kind for t in plan)}), trainer incarnations {run.incarnations}, events {counts}")
+        run.problem(
+            f"no save failed or was redirected in {trials} faults: the faults never hit a save in flight ({counts})"
+        )
+    summary = (
+        f"seed {seed} (CKPTD_TORTURE_SEED={seed} replays the schedule), {world} rank(s), {trials} trials "
+        f"({', '.join(t.kind for t in plan)}), trainer incarnations {run.incarnations}, events {counts}"
+    )
     assert not run.problems, f"{len(run.problems)} problem(s); {summary}:\n" + "\n".join(run.problems)

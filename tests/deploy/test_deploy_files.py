@@ -69,8 +69,8 @@ def run_wrapper(*args: str, env: Dict[str, str], timeout: float = 240) -> subpro
 
 # --- shell scripts -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", [WRAPPER, SBATCH_SCRIPT, REPO / "dev", REPO / ".ci" / "run"],
-                         ids=lambda p: p.name)
+
+@pytest.mark.parametrize("script", [WRAPPER, SBATCH_SCRIPT, REPO / "dev", REPO / ".ci" / "run"], ids=lambda p: p.name)
 def test_shell_scripts_parse(script: Path) -> None:
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -79,8 +79,9 @@ def test_shell_scripts_parse(script: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shell_scripts_pass_shellcheck() -> None:
-    result = subprocess.run(["shellcheck", "-S", "warning", str(WRAPPER), str(SBATCH_SCRIPT)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["shellcheck", "-S", "warning", str(WRAPPER), str(SBATCH_SCRIPT)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -94,15 +95,30 @@ def test_sbatch_header_asks_for_one_task_per_node() -> None:
 
 # --- the launcher wrapper ----------------------------------------------------------------------
 
+
 def test_wrapper_runs_torchrun_with_its_own_daemon_and_stops_it(tmp_path: Path, runtime_dir: Path) -> None:
     root, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
-    result = run_wrapper("--root", str(root), "--python", PYTHON, "--",
-                         "--nproc-per-node", "2", str(WORKER), "save", "--root", str(root), "--out", str(out),
-                         env=wrapper_env(runtime_dir))
+    result = run_wrapper(
+        "--root",
+        str(root),
+        "--python",
+        PYTHON,
+        "--",
+        "--nproc-per-node",
+        "2",
+        str(WORKER),
+        "save",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        env=wrapper_env(runtime_dir),
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    started = re.search(r"started the ckptd daemon \(pid (\d+)\) for (\S+) as node 0 of 1 on (ipc://\S+) \(log (\S+)\)",
-                        result.stderr)
+    started = re.search(
+        r"started the ckptd daemon \(pid (\d+)\) for (\S+) as node 0 of 1 on (ipc://\S+) \(log (\S+)\)", result.stderr
+    )
     assert started, result.stderr
     pid, endpoint, log = int(started.group(1)), started.group(3), Path(started.group(4))
     assert endpoint.startswith(f"ipc://{runtime_dir}/ckptd/"), endpoint
@@ -120,7 +136,7 @@ def test_wrapper_runs_torchrun_with_its_own_daemon_and_stops_it(tmp_path: Path, 
     assert "stopping the ckptd daemon" in result.stderr
     assert not Path(f"/proc/{pid}").exists() or pid_is_not_ckptd(pid), f"daemon {pid} still running"
     assert not serving(root), serving(root)
-    assert not Path(endpoint[len("ipc://"):]).exists(), "the daemon removes its socket"
+    assert not Path(endpoint[len("ipc://") :]).exists(), "the daemon removes its socket"
     assert os.stat(runtime_dir / "ckptd").st_mode & 0o777 == 0o700
 
 
@@ -131,16 +147,26 @@ def pid_is_not_ckptd(pid: int) -> bool:
         return True
 
 
-def test_wrapper_uses_a_daemon_already_answering_and_returns_torchrun_status(
-        tmp_path: Path, runtime_dir: Path) -> None:
+def test_wrapper_uses_a_daemon_already_answering_and_returns_torchrun_status(tmp_path: Path, runtime_dir: Path) -> None:
     root = tmp_path / "ckpt"
     daemon = start_daemon(root, tmp_path / "daemon.log")
     try:
-        result = run_wrapper("--root", str(root), "--python", PYTHON, "--", "--nproc-per-node", "1",
-                             "--no-python", "false", env=wrapper_env(runtime_dir, CKPTD_ENDPOINT=daemon.endpoint))
+        result = run_wrapper(
+            "--root",
+            str(root),
+            "--python",
+            PYTHON,
+            "--",
+            "--nproc-per-node",
+            "1",
+            "--no-python",
+            "false",
+            env=wrapper_env(runtime_dir, CKPTD_ENDPOINT=daemon.endpoint),
+        )
         assert result.returncode == 1, result.stderr[-4000:]
-        assert f"using the ckptd daemon (pid {daemon.process.pid}) already answering at {daemon.endpoint}" \
-            in result.stderr, result.stderr
+        assert (
+            f"using the ckptd daemon (pid {daemon.process.pid}) already answering at {daemon.endpoint}" in result.stderr
+        ), result.stderr
         assert "started the ckptd daemon" not in result.stderr and "stopping" not in result.stderr
         assert daemon.process.poll() is None, "the wrapper leaves a daemon it did not start running"
         wait_until_serving(daemon, timeout=5)
@@ -150,8 +176,18 @@ def test_wrapper_uses_a_daemon_already_answering_and_returns_torchrun_status(
 
 def test_wrapper_stops_the_daemon_it_started_when_training_fails(tmp_path: Path, runtime_dir: Path) -> None:
     root = tmp_path / "ckpt"
-    result = run_wrapper("--root", str(root), "--python", PYTHON, "--", "--nproc-per-node", "1",
-                         "--no-python", "false", env=wrapper_env(runtime_dir))
+    result = run_wrapper(
+        "--root",
+        str(root),
+        "--python",
+        PYTHON,
+        "--",
+        "--nproc-per-node",
+        "1",
+        "--no-python",
+        "false",
+        env=wrapper_env(runtime_dir),
+    )
     assert result.returncode == 1, result.stderr[-4000:]
     assert "torchrun exited with status 1" in result.stderr and "stopping the ckptd daemon" in result.stderr
     assert not serving(root), serving(root)
@@ -160,12 +196,32 @@ def test_wrapper_stops_the_daemon_it_started_when_training_fails(tmp_path: Path,
 def test_wrapper_passes_sigterm_to_torchrun_then_stops_the_daemon(tmp_path: Path, runtime_dir: Path) -> None:
     """What Slurm does on scancel or at the time limit: SIGTERM to the job step's processes."""
     root = tmp_path / "ckpt"
-    process = subprocess.Popen([str(WRAPPER), "--root", str(root), "--python", PYTHON, "--", "--nproc-per-node", "1",
-                                "--no-python", "sleep", "300"], env=wrapper_env(runtime_dir),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            str(WRAPPER),
+            "--root",
+            str(root),
+            "--python",
+            PYTHON,
+            "--",
+            "--nproc-per-node",
+            "1",
+            "--no-python",
+            "sleep",
+            "300",
+        ],
+        env=wrapper_env(runtime_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        assert wait_for(lambda: any(read_cmdline(p) == b"sleep\x00300\x00" for p in os.listdir("/proc") if p.isdigit()),
-                        timeout=60, interval=0.2), "training never started"
+        assert wait_for(
+            lambda: any(read_cmdline(p) == b"sleep\x00300\x00" for p in os.listdir("/proc") if p.isdigit()),
+            timeout=60,
+            interval=0.2,
+        ), "training never started"
         process.terminate()  # the wrapper only: it forwards the signal to torchrun itself
         output, _ = process.communicate(timeout=60)
     finally:
@@ -187,27 +243,69 @@ def test_wrapper_fails_clearly_when_the_daemon_refuses_to_start(tmp_path: Path, 
     secret = tmp_path / "cluster.secret"
     subprocess.run([PYTHON, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
     secret.chmod(0o644)  # the daemon refuses a secret others can read
-    result = run_wrapper("--root", str(tmp_path / "ckpt"), "--python", PYTHON, "--nnodes", "2", "--node-rank", "1",
-                         "--leader", f"127.0.0.1:{free_port()}", "--cluster-secret", str(secret), "--",
-                         "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:1", "--no-python", "true",
-                         env=wrapper_env(runtime_dir), timeout=60)
+    result = run_wrapper(
+        "--root",
+        str(tmp_path / "ckpt"),
+        "--python",
+        PYTHON,
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--leader",
+        f"127.0.0.1:{free_port()}",
+        "--cluster-secret",
+        str(secret),
+        "--",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-endpoint",
+        "127.0.0.1:1",
+        "--no-python",
+        "true",
+        env=wrapper_env(runtime_dir),
+        timeout=60,
+    )
     assert result.returncode == 1, result.stderr
     assert "the ckptd daemon exited with status 2 before it answered; its log ends with:" in result.stderr
     assert "chmod 600" in result.stderr, result.stderr  # the daemon's own reason, from its log
     assert "ckptd-torchrun: running" not in result.stderr, "torchrun must not start without a daemon"
 
 
-@pytest.mark.parametrize("args, message", [
-    ((), "--root DIR is required"),
-    (("--root", "/tmp/x", "--", "--nnodes", "2", "train.py"), "give --nnodes to ckptd-torchrun"),
-    (("--root", "/tmp/x", "--", "--node_rank=1", "train.py"), "give --node_rank to ckptd-torchrun"),
-    (("--root", "/tmp/x", "--nnodes", "2", "--node-rank", "2", "--", "train.py"), "node rank 2 is not in a job of 2"),
-    (("--root", "/tmp/x", "--nnodes", "2", "--", "train.py"), "needs --leader HOST:PORT"),
-    (("--root", "/tmp/x", "--nnodes", "2", "--leader", "h:1", "--cluster-secret", "/etc/hostname", "--",
-      "--rdzv-backend", "c10d", "--rdzv-endpoint", "h:2", "train.py"), "use the static rendezvous"),
-    (("--root", "/tmp/x"), "nothing to run"),
-    (("--bogus",), "unknown option --bogus"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "--root DIR is required"),
+        (("--root", "/tmp/x", "--", "--nnodes", "2", "train.py"), "give --nnodes to ckptd-torchrun"),
+        (("--root", "/tmp/x", "--", "--node_rank=1", "train.py"), "give --node_rank to ckptd-torchrun"),
+        (
+            ("--root", "/tmp/x", "--nnodes", "2", "--node-rank", "2", "--", "train.py"),
+            "node rank 2 is not in a job of 2",
+        ),
+        (("--root", "/tmp/x", "--nnodes", "2", "--", "train.py"), "needs --leader HOST:PORT"),
+        (
+            (
+                "--root",
+                "/tmp/x",
+                "--nnodes",
+                "2",
+                "--leader",
+                "h:1",
+                "--cluster-secret",
+                "/etc/hostname",
+                "--",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "h:2",
+                "train.py",
+            ),
+            "use the static rendezvous",
+        ),
+        (("--root", "/tmp/x"), "nothing to run"),
+        (("--bogus",), "unknown option --bogus"),
+    ],
+)
 def test_wrapper_refuses_bad_arguments(args: Tuple[str, ...], message: str, runtime_dir: Path) -> None:
     result = run_wrapper(*args, env=wrapper_env(runtime_dir), timeout=30)
     assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -226,10 +324,12 @@ def test_wrapper_takes_node_rank_and_count_from_slurm(runtime_dir: Path) -> None
 
 # --- systemd unit ------------------------------------------------------------------------------
 
+
 def read_unit() -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser(strict=False, delimiters=("=",), comment_prefixes=("#", ";"),
-                                          empty_lines_in_values=False)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser = configparser.RawConfigParser(
+        strict=False, delimiters=("=",), comment_prefixes=("#", ";"), empty_lines_in_values=False
+    )
+    parser.optionxform = str  # systemd keys are case-sensitive
     parser.read_string(UNIT.read_text())
     return parser
 
@@ -262,18 +362,28 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     """systemd's own parser: no unknown or invalid settings; %f and %t expand to the root and /run."""
     root = tmp_path / "ckpt"
     root.mkdir()
-    escaped = subprocess.run(["systemd-escape", "--path", str(root)], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    escaped = subprocess.run(
+        ["systemd-escape", "--path", str(root)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     ckptd = shutil.which("ckptd", path=str(Path(PYTHON).parent)) or shutil.which("ckptd")
     assert ckptd, "the ckptd console script"
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={ckptd}", UNIT.read_text(), flags=re.M)
     instance = tmp_path / f"ckptd@{escaped}.service"
     instance.write_text(text)
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(instance)], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "SYSTEMD_LOG_LEVEL": "debug"}, cwd=tmp_path)
-    problems = [line for line in result.stderr.splitlines()
-                if re.search(r"Unknown (key|section)|[Ii]nvalid|Failed to|[Mm]issing|not executable|Ignoring", line)
-                and str(instance.name) in line]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "debug"},
+        cwd=tmp_path,
+    )
+    problems = [
+        line
+        for line in result.stderr.splitlines()
+        if re.search(r"Unknown (key|section)|[Ii]nvalid|Failed to|[Mm]issing|not executable|Ignoring", line)
+        and str(instance.name) in line
+    ]
     assert result.returncode == 0 and not problems, result.stdout[-3000:] + result.stderr[-3000:]
     command = re.search(r"Command Line: (.*)", result.stdout + result.stderr)
     if command:  # systemd's debug dump of the loaded unit shows ExecStart with the specifiers expanded
@@ -282,6 +392,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
+
 
 def load_manifests() -> Dict[str, List[Dict[str, Any]]]:
     return {path.name: [d for d in yaml.safe_load_all(path.read_text()) if d] for path in MANIFESTS}
@@ -343,14 +454,15 @@ def test_kubernetes_pod_shares_what_the_daemon_needs(name: str, spec: Dict[str, 
     sidecar_env, trainer_env = env_of(sidecar), env_of(trainer)
     endpoint = sidecar_env["CKPTD_ENDPOINT"]
     assert endpoint.startswith("ipc://") and trainer_env["CKPTD_ENDPOINT"] == endpoint
-    socket_dir = os.path.dirname(endpoint[len("ipc://"):])
+    socket_dir = os.path.dirname(endpoint[len("ipc://") :])
     assert mounts_of(sidecar).get(socket_dir) and mounts_of(sidecar)[socket_dir] == mounts_of(trainer).get(socket_dir)
     assert "emptyDir" in volumes[mounts_of(sidecar)[socket_dir]]
 
     root = sidecar_env["CKPTD_ROOT"]
     assert trainer_env["CKPTD_ROOT"] == root
-    checkpoint_mounts = [(path, volume) for path, volume in mounts_of(sidecar).items()
-                         if "persistentVolumeClaim" in volumes[volume]]
+    checkpoint_mounts = [
+        (path, volume) for path, volume in mounts_of(sidecar).items() if "persistentVolumeClaim" in volumes[volume]
+    ]
     assert len(checkpoint_mounts) == 1
     path, volume = checkpoint_mounts[0]
     assert root.startswith(path + "/") and mounts_of(trainer).get(path) == volume, "same checkpoint volume, same path"
@@ -364,20 +476,24 @@ def test_kubernetes_multinode_settings_agree() -> None:
     sidecar, trainer = split_containers(spec)
     env = env_of(sidecar)
     nodes = int(env["CKPTD_NUM_NODES"])
-    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == nodes
+    assert (
+        job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == nodes
+    )
     assert service["spec"]["clusterIP"] == "None" and spec["subdomain"] == service["metadata"]["name"]
     assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
     host, port = env["CKPTD_LEADER"].rsplit(":", 1)
     assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}", "pod 0 of the Indexed Job leads"
     assert int(port) in {p["port"] for p in service["spec"]["ports"]}
     trainer_command = " ".join(trainer["command"])
-    assert f"--nnodes {nodes}" in trainer_command and "--node-rank \"$JOB_COMPLETION_INDEX\"" in trainer_command
+    assert f"--nnodes {nodes}" in trainer_command and '--node-rank "$JOB_COMPLETION_INDEX"' in trainer_command
     assert f"--rdzv-endpoint {host}:" in trainer_command
     assert '--node "$JOB_COMPLETION_INDEX"' in " ".join(sidecar["command"])
     secret_volume = next(v for v in spec["volumes"] if "secret" in v)
     assert secret_volume["secret"]["defaultMode"] in (0o400, 0o600)
     secret_mount = next(m for m in sidecar["volumeMounts"] if m["name"] == secret_volume["name"])
-    assert secret_mount.get("readOnly") is True and env["CKPTD_SECRET_SOURCE"].startswith(secret_mount["mountPath"] + "/")
+    assert secret_mount.get("readOnly") is True and env["CKPTD_SECRET_SOURCE"].startswith(
+        secret_mount["mountPath"] + "/"
+    )
     assert not any(m["name"] == secret_volume["name"] for m in trainer["volumeMounts"]), "only the daemon reads it"
 
 
@@ -416,8 +532,9 @@ def test_kubernetes_sidecar_command_starts_ckptd(name: str, spec: Dict[str, Any]
         if "CKPTD_LEADER" in env:
             env["CKPTD_LEADER"] = f"127.0.0.1:{free_port()}"
         if "CKPTD_SECRET_SOURCE" in env:
-            subprocess.run([PYTHON, "-m", "ckptd.service", "keygen", str(tmp_path / "s")], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [PYTHON, "-m", "ckptd.service", "keygen", str(tmp_path / "s")], check=True, capture_output=True
+            )
             fake_secret_volume(Path(os.path.dirname(env["CKPTD_SECRET_SOURCE"])), (tmp_path / "s").read_bytes())
         env.update(JOB_COMPLETION_INDEX="0", PATH=f"{Path(PYTHON).parent}:{os.environ['PATH']}")
         command = [k8s_expand(word, env) for word in sidecar["command"]]
@@ -435,10 +552,29 @@ def test_kubernetes_sidecar_command_starts_ckptd(name: str, spec: Dict[str, Any]
             copied = Path(env["CKPTD_CLUSTER_SECRET"])
             assert copied.stat().st_mode & 0o777 == 0o600 and not copied.is_symlink()
             # Why the copy: ckptd refuses the Secret volume's file itself (a symlink, group-readable).
-            direct = subprocess.run([PYTHON, "-m", "ckptd.service", "serve", "--root", str(base / "x"), "--endpoint",
-                                     f"ipc://{base}/x.sock", "--node", "0", "--num-nodes", "2", "--leader",
-                                     env["CKPTD_LEADER"], "--cluster-secret", env["CKPTD_SECRET_SOURCE"]],
-                                    capture_output=True, text=True, timeout=30)
+            direct = subprocess.run(
+                [
+                    PYTHON,
+                    "-m",
+                    "ckptd.service",
+                    "serve",
+                    "--root",
+                    str(base / "x"),
+                    "--endpoint",
+                    f"ipc://{base}/x.sock",
+                    "--node",
+                    "0",
+                    "--num-nodes",
+                    "2",
+                    "--leader",
+                    env["CKPTD_LEADER"],
+                    "--cluster-secret",
+                    env["CKPTD_SECRET_SOURCE"],
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert direct.returncode == 2 and "cluster secret" in direct.stderr, direct.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -29,8 +29,17 @@ SBATCH_SCRIPT = REPO / "deploy" / "slurm" / "ckptd-train.sbatch"
 EXAMPLE = REPO / "examples" / "ddp_train.py"
 PYTHON = sys.executable
 SLURM_PACKAGES = ["slurm-wlm", "munge"]
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-                "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def free_port() -> int:
@@ -39,8 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(*command: str, env: Dict[str, str] | None = None, timeout: float = 60, check: bool = True,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(
+    *command: str, env: Dict[str, str] | None = None, timeout: float = 60, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -174,8 +184,10 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A one-node Slurm cluster on this machine, torn down (with its munged) at the end."""
     if os.geteuid() != 0:
-        pytest.fail("the Slurm test runs as root: it installs slurm-wlm and munge with apt-get and runs "
-                    "slurmctld and slurmd as root (./dev test-slurm as root)")
+        pytest.fail(
+            "the Slurm test runs as root: it installs slurm-wlm and munge with apt-get and runs "
+            "slurmctld and slurmd as root (./dev test-slurm as root)"
+        )
     ensure_slurm_installed()
     # Not under pytest's 0700 tmp folders: munged wants every directory above its socket searchable.
     base = Path(tempfile.mkdtemp(prefix="ckptd-slurm-", dir="/tmp"))
@@ -194,9 +206,16 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         key = base / "munge" / "munge.key"
         run("mungekey", "--create", f"--keyfile={key}")
         key.chmod(0o600)
-        cluster.start("munged", "munged", "--foreground", f"--key-file={key}", f"--socket={base}/munge/munge.sock",
-                      f"--pid-file={base}/munge/munged.pid", f"--log-file={base}/log/munged.log",
-                      f"--seed-file={base}/munge/munged.seed")
+        cluster.start(
+            "munged",
+            "munged",
+            "--foreground",
+            f"--key-file={key}",
+            f"--socket={base}/munge/munge.sock",
+            f"--pid-file={base}/munge/munged.pid",
+            f"--log-file={base}/log/munged.log",
+            f"--seed-file={base}/munge/munged.seed",
+        )
         deadline = time.monotonic() + 20
         while not (base / "munge" / "munge.sock").exists():
             assert time.monotonic() < deadline and cluster.processes[0].poll() is None, cluster.logs()
@@ -218,12 +237,31 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 def test_sbatch_job_commits_checkpoints_and_stops_its_daemon(slurm_cluster: SlurmCluster) -> None:
     work = slurm_cluster.base / "work"
     root = work / "checkpoints"
-    env = {**slurm_cluster.env, "CKPTD_ROOT": str(root), "NPROC_PER_NODE": "2", "CKPTD_PYTHON": PYTHON,
-           "CKPTD_LOG_DIR": str(work), "OMP_NUM_THREADS": "1"}
+    env = {
+        **slurm_cluster.env,
+        "CKPTD_ROOT": str(root),
+        "NPROC_PER_NODE": "2",
+        "CKPTD_PYTHON": PYTHON,
+        "CKPTD_LOG_DIR": str(work),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("CKPTD_ENDPOINT", None)
-    submitted = run("sbatch", "--parsable", "--nodes=1", f"--output={work}/job-%j.out", str(SBATCH_SCRIPT),
-                    str(EXAMPLE), "--root", str(root), "--steps", "10", "--save-every", "5",
-                    env=env, cwd=REPO)  # submitted from the checkout: the script finds deploy/ckptd-torchrun there
+    submitted = run(
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        f"--output={work}/job-%j.out",
+        str(SBATCH_SCRIPT),
+        str(EXAMPLE),
+        "--root",
+        str(root),
+        "--steps",
+        "10",
+        "--save-every",
+        "5",
+        env=env,
+        cwd=REPO,
+    )  # submitted from the checkout: the script finds deploy/ckptd-torchrun there
     job_id = submitted.stdout.strip().split(";")[0]
     info = slurm_cluster.wait_for_job(job_id, timeout=420)
     output = (work / f"job-{job_id}.out").read_text(errors="replace")
@@ -283,20 +321,44 @@ def test_sbatch_script_on_two_simulated_nodes(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     job_id = str(4242 + os.getpid() % 1000)
     env = {
-        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(tmp_path),
-        "FAKE_SLURM_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_ID": job_id, "SLURM_NNODES": "2",
-        "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_ON_NODE": "2",
-        "CKPTD_ROOT": str(root), "NPROC_PER_NODE": "1", "CKPTD_PYTHON": PYTHON, "CKPTD_LOG_DIR": str(tmp_path),
-        "MASTER_PORT": str(free_port()), "CKPTD_LEADER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(tmp_path),
+        "FAKE_SLURM_LOG": str(tmp_path / "srun.log"),
+        "SLURM_JOB_ID": job_id,
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_CPUS_ON_NODE": "2",
+        "CKPTD_ROOT": str(root),
+        "NPROC_PER_NODE": "1",
+        "CKPTD_PYTHON": PYTHON,
+        "CKPTD_LOG_DIR": str(tmp_path),
+        "MASTER_PORT": str(free_port()),
+        "CKPTD_LEADER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
     }
     env.pop("CKPTD_ENDPOINT", None)
-    result = subprocess.run(["bash", str(SBATCH_SCRIPT), str(EXAMPLE), "--root", str(root), "--steps", "6",
-                             "--save-every", "3"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500)
-    tasks = "\n".join(f"--- node {n}\n{(tmp_path / f'task{n}.out').read_text(errors='replace')[-4000:]}"
-                      for n in range(2) if (tmp_path / f"task{n}.out").exists())
+    result = subprocess.run(
+        ["bash", str(SBATCH_SCRIPT), str(EXAMPLE), "--root", str(root), "--steps", "6", "--save-every", "3"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    tasks = "\n".join(
+        f"--- node {n}\n{(tmp_path / f'task{n}.out').read_text(errors='replace')[-4000:]}"
+        for n in range(2)
+        if (tmp_path / f"task{n}.out").exists()
+    )
     logs = [tmp_path / f"ckptd-{job_id}-node{n}.log" for n in range(2)]
-    details = result.stdout + result.stderr + tasks + "".join(
-        f"\n--- {p.name}\n{p.read_text(errors='replace')}" for p in logs if p.exists())
+    details = (
+        result.stdout
+        + result.stderr
+        + tasks
+        + "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')}" for p in logs if p.exists())
+    )
     assert result.returncode == 0, details
 
     assert (root / "latest").read_text().strip() == "step_00000006", details

@@ -52,9 +52,15 @@ def open_fds(pid: int) -> int:
 def main() -> None:
     root, endpoint, saves, sample_every, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     provider = Provider()
-    manager = CheckpointManager(provider, root, endpoint=endpoint, auto_start=False, timeout=60,
-                                rank_info=RankInfo(0, Topology.single_node(1), job_id="long-run"),
-                                retention=RetentionPolicy(keep_last=3))
+    manager = CheckpointManager(
+        provider,
+        root,
+        endpoint=endpoint,
+        auto_start=False,
+        timeout=60,
+        rank_info=RankInfo(0, Topology.single_node(1), job_id="long-run"),
+        retention=RetentionPolicy(keep_last=3),
+    )
     failures = 0
     last_error = ""
     with open(out, "w") as samples:
@@ -67,8 +73,13 @@ def main() -> None:
                 failures += 1
                 last_error = str(exc)
             if step % sample_every == 0:
-                record = {"step": step, "rss_kib": resident_kib(os.getpid()), "fds": open_fds(os.getpid()),
-                          "failures": failures, "last_error": last_error}
+                record = {
+                    "step": step,
+                    "rss_kib": resident_kib(os.getpid()),
+                    "fds": open_fds(os.getpid()),
+                    "failures": failures,
+                    "last_error": last_error,
+                }
                 samples.write(json.dumps(record) + "\n")
                 samples.flush()
     manager.close()

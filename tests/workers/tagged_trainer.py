@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from ckptd.client import (
     CheckpointError,
     CheckpointManager,
@@ -73,8 +74,13 @@ class EventLog:
 
     def failure(self, event: str, exc: BaseException, **fields: Any) -> None:
         """Record an exception: its type, whether it is a CheckpointError, and its message."""
-        self.write(event, type=type(exc).__name__, checkpoint_error=isinstance(exc, CheckpointError),
-                   message=str(exc), **fields)
+        self.write(
+            event,
+            type=type(exc).__name__,
+            checkpoint_error=isinstance(exc, CheckpointError),
+            message=str(exc),
+            **fields,
+        )
 
     def close(self) -> None:
         """Close the file."""
@@ -139,8 +145,9 @@ class Trainer:
         self.optim: TaggedState | None = None
         self.shard: TaggedState | None = None
         if world > 1:
-            self.optim = TaggedState({**float_tensors(model_mb / 2, 2, "moment"),
-                                      "count": torch.zeros(16, dtype=torch.int64)})
+            self.optim = TaggedState(
+                {**float_tensors(model_mb / 2, 2, "moment"), "count": torch.zeros(16, dtype=torch.int64)}
+            )
             shard = float_tensors(model_mb / 4, 1, f"rank{rank}_shard")  # a different name on every rank
             shard["rows"] = torch.zeros(3 + rank, 5 + 2 * rank, dtype=torch.int64)  # and a different shape
             self.shard = TaggedState(shard)
@@ -151,8 +158,10 @@ class Trainer:
 
     def get_state_components(self) -> list[StateComponent]:
         """GLOBAL model and step counter; at several ranks also REPLICATED optimizer state and PER_RANK shard."""
-        components = [StateComponent("model", self.model, SharingPattern.GLOBAL),
-                      StateComponent("trainer", self.counter, SharingPattern.GLOBAL)]
+        components = [
+            StateComponent("model", self.model, SharingPattern.GLOBAL),
+            StateComponent("trainer", self.counter, SharingPattern.GLOBAL),
+        ]
         if self.optim is not None and self.shard is not None:
             components += [
                 StateComponent("optim", self.optim, SharingPattern.REPLICATED, validate_replication=True),
@@ -255,8 +264,9 @@ def load_latest(manager: CheckpointManager, trainer: Trainer, journal: EventLog)
     return loaded[0] if loaded is not None else None
 
 
-def load_and_record(manager: CheckpointManager, trainer: Trainer, journal: EventLog,
-                    **extra: Any) -> tuple[int, list[str]] | None:
+def load_and_record(
+    manager: CheckpointManager, trainer: Trainer, journal: EventLog, **extra: Any
+) -> tuple[int, list[str]] | None:
     """Load the newest committed checkpoint and record the step it holds and where its content is
     wrong; None (recorded as a load error) when nothing loads."""
     try:
@@ -307,13 +317,20 @@ def train(args: argparse.Namespace, rank: int, world: int, journal: EventLog) ->
     trainer = Trainer(rank, world, args.model_mb)
     options: dict[str, Any] = {"daemon_timeout": args.daemon_timeout} if args.daemon_timeout > 0 else {}
     manager = CheckpointManager(
-        trainer, args.root, endpoint=args.endpoint, auto_start=False, connect=False, timeout=args.timeout,
-        retention=RetentionPolicy(keep_last=args.keep_last), **options,
+        trainer,
+        args.root,
+        endpoint=args.endpoint,
+        auto_start=False,
+        connect=False,
+        timeout=args.timeout,
+        retention=RetentionPolicy(keep_last=args.keep_last),
+        **options,
     )
     loaded = load_latest(manager, trainer, journal)
     step = first_step(manager, loaded)
-    journal.write("start", step=step, world=world, resumed_from=loaded, incarnation=args.incarnation,
-                  job=manager.rank_info.job_id)
+    journal.write(
+        "start", step=step, world=world, resumed_from=loaded, incarnation=args.incarnation, job=manager.rank_info.job_id
+    )
     saver = Saver(manager, journal)
     stop_file, pause_file = Path(args.stop_file), Path(args.pause_file)
     rng = random.Random(os.getpid())
@@ -353,8 +370,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pause-file", default="")
     parser.add_argument("--model-mb", type=float, default=32.0)
     parser.add_argument("--timeout", type=float, default=20.0, help="CheckpointManager timeout")
-    parser.add_argument("--daemon-timeout", type=float, default=3.0,
-                        help="CheckpointManager daemon_timeout; 0 leaves it out (a client without the option)")
+    parser.add_argument(
+        "--daemon-timeout",
+        type=float,
+        default=3.0,
+        help="CheckpointManager daemon_timeout; 0 leaves it out (a client without the option)",
+    )
     parser.add_argument("--keep-last", type=int, default=3)
     parser.add_argument("--step-ms", type=float, nargs=2, default=(20.0, 50.0), help="sleep range per step")
     parser.add_argument("--load-only", action="store_true")
@@ -376,7 +397,7 @@ def main() -> int:
         else:
             train(args, rank, world, journal)
             status = 0
-    except BaseException as exc:  # noqa: BLE001 - the test must see every exception, whatever its type
+    except BaseException as exc:
         journal.failure("fatal", exc, traceback=traceback.format_exc())
         return EXIT_FATAL
     if dist.is_initialized():

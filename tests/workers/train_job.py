@@ -33,9 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fidelity_cases import assert_state_equal  # noqa: E402
+from fidelity_cases import assert_state_equal
 
-from ckptd.client import CheckpointError, CheckpointManager, RNGState, SharingPattern, StateComponent  # noqa: E402
+from ckptd.client import CheckpointError, CheckpointManager, RNGState, SharingPattern, StateComponent
 
 
 class CountingLoader:
@@ -50,11 +50,21 @@ class CountingLoader:
         return torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"rank": self.rank, "seed": self.seed, "position": self.position, "epoch": self.epoch,
-                "order": tuple(range(self.position))}
+        return {
+            "rank": self.rank,
+            "seed": self.seed,
+            "position": self.position,
+            "epoch": self.epoch,
+            "order": tuple(range(self.position)),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.rank, self.seed, self.position, self.epoch = state["rank"], state["seed"], state["position"], state["epoch"]
+        self.rank, self.seed, self.position, self.epoch = (
+            state["rank"],
+            state["seed"],
+            state["position"],
+            state["epoch"],
+        )
 
 
 class Holder:
@@ -90,12 +100,16 @@ class Trainer:
         first = members[mine][0]
         self.pair_state = Holder({"members": members[mine], "table": torch.full((3, 2), float(first) + init_seed)})
         self.extra: Dict[str, Any] = {}
-        self.node_state = Holder({"hostname_hash": 12345 + init_seed, "cache": torch.arange(5, dtype=torch.int64) * init_seed})
+        self.node_state = Holder(
+            {"hostname_hash": 12345 + init_seed, "cache": torch.arange(5, dtype=torch.int64) * init_seed}
+        )
         self.trainer_state = Holder({"step": 0, "lr_history": [], "best_loss": float("inf")})
 
     def get_state_components(self) -> List[StateComponent]:
         return [
-            StateComponent("model", self.model, SharingPattern.REPLICATED, validate_replication=True, spread=self.spread),
+            StateComponent(
+                "model", self.model, SharingPattern.REPLICATED, validate_replication=True, spread=self.spread
+            ),
             StateComponent("optimizer", self.optimizer, SharingPattern.REPLICATED, validate_replication=True),
             StateComponent("scheduler", self.scheduler, SharingPattern.GLOBAL),
             StateComponent("dataloader", self.loader, SharingPattern.PER_RANK),
@@ -128,8 +142,11 @@ class Trainer:
 
 
 def rng_draws() -> Dict[str, Any]:
-    return {"python": [random.random() for _ in range(3)], "numpy": np.random.rand(3).tolist(),
-            "torch": torch.rand(3).tolist()}
+    return {
+        "python": [random.random() for _ in range(3)],
+        "numpy": np.random.rand(3).tolist(),
+        "torch": torch.rand(3).tolist(),
+    }
 
 
 def run_save(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
@@ -227,7 +244,9 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"save": run_save, "load": run_load, "diverge": run_diverge, "lose-node": run_lose_node}[args.mode](args, rank, world)
+    result = {"save": run_save, "load": run_load, "diverge": run_diverge, "lose-node": run_lose_node}[args.mode](
+        args, rank, world
+    )
     dist.barrier()
     dist.destroy_process_group()
     (Path(args.out) / f"{args.mode}_rank{rank}.json").write_text(json.dumps(result))
