@@ -3,6 +3,7 @@
 from ckptd.client.components import StateComponent, Stateful
 from ckptd.client.errors import (
     CheckpointError,
+    CheckpointSkipped,
     DaemonUnavailableError,
     RootInUseError,
     UnsupportedStateError,
@@ -10,7 +11,7 @@ from ckptd.client.errors import (
 )
 from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.client.rng import RNGState
-from ckptd.client.saving import CheckpointClient, CheckpointSkipped, ClientOptions, SaveHandle
+from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo
 from ckptd.proto.config import DaemonOptions

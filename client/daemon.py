@@ -9,12 +9,13 @@ import sys
 import time
 from typing import Optional, Tuple
 
-from ckptd.client.errors import DaemonUnavailableError, RootInUseError
-from ckptd.client.transport import DaemonConnection, DaemonRequestError, NotificationHandler
+from ckptd.client.errors import DaemonRequestError, DaemonUnavailableError, RootInUseError
+from ckptd.client.transport import DaemonConnection, NotificationHandler
 from ckptd.disk import runtime
 from ckptd.proto import messages
 from ckptd.proto.config import ENDPOINT_ENV, DaemonArgs, ExitCode, serve_argv, with_fallbacks
-from ckptd.proto.ownership import ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
+from ckptd.proto.errors import ErrorCode
+from ckptd.proto.ownership import RunIdentity
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def ensure_serving(
         except DaemonUnavailableError:
             pass
         except DaemonRequestError as exc:
-            if exc.code != ROOT_CLAIM_PENDING or time.monotonic() > deadline:
+            if exc.code != ErrorCode.ROOT_CLAIM_PENDING or time.monotonic() > deadline:
                 raise
             log.info("%s", exc)
             time.sleep(CLAIM_POLL_S)
@@ -150,7 +151,7 @@ def hello(connection: DaemonConnection, root: str, timeout: float, run: Optional
     try:
         reply = connection.request(messages.HELLO, body, timeout=timeout)
     except DaemonRequestError as exc:
-        if exc.code == ROOT_IN_USE:
+        if exc.code == ErrorCode.ROOT_IN_USE:
             raise RootInUseError(str(exc)) from None
         raise
     return str(reply.body.get("instance", ""))

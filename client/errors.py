@@ -1,4 +1,4 @@
-"""Exception types the client raises."""
+"""Exception types the client raises (every one a CheckpointError)."""
 
 
 class CheckpointError(Exception):
@@ -19,3 +19,19 @@ class VerificationError(CheckpointError):
 
 class RootInUseError(CheckpointError):
     """Another live run of a job owns the checkpoint root; the message names it (run id, host, pid, start)."""
+
+
+class CheckpointSkipped(CheckpointError):
+    """The save was skipped because the previous one still held the staging pool (policy 'skip')."""
+
+
+class PoolBusyError(CheckpointError):
+    """The staging pool still holds the previous save and the policy says skip."""
+
+
+class DaemonRequestError(CheckpointError):
+    """The daemon answered a request with an error; `code` is its reason as sent (an ErrorCode value)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -15,7 +15,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckptd.client.daemon import bye, connect, ensure_serving, hello, resolve_endpoint
-from ckptd.client.errors import CheckpointError
+from ckptd.client.errors import CheckpointError, CheckpointSkipped, DaemonRequestError, PoolBusyError
 from ckptd.client.snapshot import (
     PreparedComponent,
     StagedComponent,
@@ -23,12 +23,12 @@ from ckptd.client.snapshot import (
     snapshot,
     step_only_tensor_addresses,
 )
-from ckptd.client.staging import Lease, PoolBusyError, StagingPool, leases_of
+from ckptd.client.staging import Lease, StagingPool, leases_of
 from ckptd.client.topology import RankInfo
-from ckptd.client.transport import DaemonRequestError
 from ckptd.disk.removal import fence_save
 from ckptd.proto import messages
 from ckptd.proto.config import DaemonArgs, DaemonOptions, serve_argv, with_fallbacks
+from ckptd.proto.errors import ErrorCode
 from ckptd.proto.formats import CKPTD_VERSION, TensorEntry
 from ckptd.proto.messages import SaveRequest
 from ckptd.proto.ownership import RunIdentity
@@ -37,9 +37,7 @@ from ckptd.proto.retention import RetentionPolicy
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 1.0
-ABORTED_CODE = "aborted"
-"""The daemon's refusal of a part of a step it has already aborted (service/coordinator.py)."""
-NOT_NOW_CODES = ("busy", "shutting_down")
+NOT_NOW_CODES = (ErrorCode.BUSY, ErrorCode.SHUTTING_DOWN)
 """The daemon's refusals of a part it cannot take now (too many saves in flight; draining before it
 exits): the "wait" policy asks again, the "skip" policy skips the save."""
 DAEMON_TIMEOUT_S = 10.0
@@ -81,10 +79,6 @@ class ClientOptions:
             raise ValueError(f"daemon_timeout must be positive, not {self.daemon_timeout!r}")
         if not isinstance(self.daemon_args, DaemonOptions):
             object.__setattr__(self, "daemon_args", tuple(serve_argv(self.daemon_args)))
-
-
-class CheckpointSkipped(CheckpointError):
-    """The save was skipped because the previous one still held the staging pool (policy 'skip')."""
 
 
 class SaveHandle:
@@ -217,7 +211,7 @@ class CheckpointClient:
             staged = snapshot(components, self.rank_info)
             self._reserve(staged)
         except PoolBusyError as exc:
-            self._send_skip(step, str(exc))
+            self.skip(step, str(exc))
             handle._resolve(error=CheckpointSkipped(f"save of step {step} skipped: {exc}"))
             log.warning("save of step %d skipped: %s", step, exc)
             return handle
@@ -339,11 +333,11 @@ class CheckpointClient:
                 self._lent.update((lease, instance) for lease in handle._leases if lease in self._lent)
         except DaemonRequestError as exc:  # refused: the daemon holds none of it
             self._take_back(handle._leases)
-            if exc.code == ABORTED_CODE:  # another rank's failure aborted the step: that is its outcome
+            if exc.code == ErrorCode.ABORTED:  # another rank's failure aborted the step: that is its outcome
                 handle._resolve(error=CheckpointError(f"checkpoint of step {handle.step} aborted: {exc}"))
                 return
             if exc.code in NOT_NOW_CODES and self.when_busy == "skip":
-                self._send_skip(handle.step, str(exc))
+                self.skip(handle.step, str(exc))
                 handle._resolve(error=CheckpointSkipped(f"save of step {handle.step} skipped: {exc}"))
                 log.warning("save of step %d skipped: %s", handle.step, exc)
                 return
@@ -417,7 +411,9 @@ class CheckpointClient:
         for handle in pending:
             handle._staged.wait()
 
-    def _send_skip(self, step: int, reason: str) -> None:
+    def skip(self, step: int, reason: str) -> None:
+        """Tell the daemon this rank skips checkpoint `step`: it aborts the step, and every rank's
+        handle of it fails with `reason` (a checkpoint needs every rank)."""
         body = SaveRequest(
             root=self.root,
             step=step,
@@ -427,8 +423,8 @@ class CheckpointClient:
             parts=(),
             job=self.rank_info.job_id,
             expires_at=time.monotonic() + self.timeout,
+            skip_reason=reason[:1024],
         ).to_wire()
-        body.update(skipped=True, reason=reason)
         try:
             self._connection.request(messages.SAVE, body, timeout=self.timeout)
         except CheckpointError as exc:
@@ -524,6 +520,11 @@ class CheckpointClient:
             run=self._run,
         )
         self._daemon_lost = False
+
+    @property
+    def staging(self) -> StagingPool:
+        """This rank's staging memory: its regions by name and the bytes staged in them."""
+        return self._pool
 
     def in_flight(self) -> List[SaveHandle]:
         """Handles of saves not yet committed or failed."""

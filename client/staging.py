@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ckptd.client.errors import CheckpointError
+from ckptd.client.errors import CheckpointError, PoolBusyError
 from ckptd.proto.formats import TensorEntry
 from ckptd.proto.layout import REGION_PREFIX
 
@@ -115,10 +115,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-class PoolBusyError(CheckpointError):
-    """The staging pool still holds the previous save and the policy says skip."""
 
 
 class StagingPool:

@@ -13,20 +13,12 @@ from typing import Any, Callable, Dict, Optional
 import zmq
 import zmq.asyncio
 
-from ckptd.client.errors import CheckpointError, DaemonUnavailableError
+from ckptd.client.errors import DaemonRequestError, DaemonUnavailableError
 from ckptd.proto import messages
 
 log = logging.getLogger(__name__)
 
 NotificationHandler = Callable[[messages.Envelope], None]
-
-
-class DaemonRequestError(CheckpointError):
-    """The daemon answered a request with an error; `code` is its machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class DaemonConnection:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from ckptd.proto import layout
+from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.manifest import FileRecord
-from ckptd.proto.messages import ComponentPart, ProtocolError, _field
+from ckptd.proto.messages import ComponentPart, _field
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
@@ -80,29 +81,31 @@ class NodeReport:
         try:
             topology = Topology.from_wire(body.get("topology"))
         except ValueError as exc:
-            raise ProtocolError("invalid_request", f"{where}: {exc}") from None
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
         node = _field(body, "node", int, where)
         step = _field(body, "step", int, where)
         if not 0 <= node < topology.num_nodes or step < 0:
-            raise ProtocolError("invalid_request", f"{where}: node {node} or step {step} out of range")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: node {node} or step {step} out of range")
         parts: Dict[int, Tuple[ComponentPart, ...]] = {}
         for item in _field(body, "parts", list, where):
             if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], list)):
-                raise ProtocolError("invalid_request", f"{where}: parts must be [rank, [part, ...]] pairs")
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: parts must be [rank, [part, ...]] pairs")
             if _node_of(topology, item[0]) != node:
-                raise ProtocolError("invalid_request", f"{where}: rank {item[0]} is not on node {node}")
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: rank {item[0]} is not on node {node}")
             parts[item[0]] = tuple(ComponentPart.from_wire(p) for p in item[1])
         files: Dict[str, Dict[str, ScopeFiles]] = {}
         for item in _field(body, "files", list, where):
             if not (isinstance(item, list) and len(item) == 4):
-                raise ProtocolError("invalid_request", f"{where}: files must be [key, scope, tensor file, state file]")
+                raise ProtocolError(
+                    ErrorCode.INVALID_REQUEST, f"{where}: files must be [key, scope, tensor file, state file]"
+                )
             key, scope, tensor_file, state_file = item
             try:
                 tensor_path, state_path = layout.shard_paths(
                     layout.check_safe_name(key, "component key"), layout.check_safe_name(scope, "scope")
                 )
             except ValueError as exc:
-                raise ProtocolError("invalid_name", f"{where}: {exc}") from None
+                raise ProtocolError(ErrorCode.INVALID_NAME, f"{where}: {exc}") from None
             files.setdefault(key, {})[scope] = ScopeFiles(
                 _file_from_wire(tensor_file, tensor_path, where), _file_from_wire(state_file, state_path, where)
             )
@@ -114,7 +117,7 @@ class NodeReport:
         try:
             retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
         except ValueError as exc:
-            raise ProtocolError("invalid_request", f"{where}: retention: {exc}") from None
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: retention: {exc}") from None
         return cls(
             retention=retention,
             job=job,
@@ -143,12 +146,12 @@ def _file_to_wire(record: FileRecord) -> Dict[str, Any]:
 
 def _file_from_wire(raw: Any, path: str, where: str) -> FileRecord:
     if not isinstance(raw, dict):
-        raise ProtocolError("invalid_request", f"{where}: a file record must be a map")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: a file record must be a map")
     size = _field(raw, "size", int, where)
     checksum = _field(raw, "checksum", str, where)
     tensors = _field(raw, "tensors", dict, where)
     if size < 0 or len(checksum) > 128:
-        raise ProtocolError("invalid_request", f"{where}: file {path}: bad size or checksum")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: file {path}: bad size or checksum")
     return FileRecord(path, size, checksum, tensors)
 
 

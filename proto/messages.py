@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import msgpack
 
+from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
 from ckptd.proto.layout import REGION_PREFIX, check_safe_name
 from ckptd.proto.ownership import RunIdentity
@@ -39,15 +40,6 @@ COMMITTED = "committed"
 ABORTED = "aborted"
 
 
-class ProtocolError(Exception):
-    """A frame the receiver cannot accept; `code` is a stable machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class Envelope:
     """A decoded frame."""
@@ -68,29 +60,31 @@ def encode(msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> bytes:
 def decode(frame: bytes) -> Envelope:
     """Unpack and check one frame's envelope; raises ProtocolError naming what is wrong."""
     if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError("bad_message", f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"
+        )
     try:
         data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError("bad_message", f"frame is not valid msgpack: {exc}") from None
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"frame is not valid msgpack: {exc}") from None
     if not isinstance(data, dict):
-        raise ProtocolError("bad_message", "frame must be a msgpack map with keys v, type, id, body")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame must be a msgpack map with keys v, type, id, body")
     version = data.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            "unsupported_version",
+            ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
             "run the same ckptd version in the trainer and the daemon",
         )
     msg_type, msg_id, body = data.get("type"), data.get("id", 0), data.get("body", {})
     if not isinstance(msg_type, str) or type(msg_id) is not int or not isinstance(body, dict):
-        raise ProtocolError("bad_message", "frame needs a string 'type', an integer 'id' and a map 'body'")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame needs a string 'type', an integer 'id' and a map 'body'")
     return Envelope(msg_type, msg_id, body)
 
 
-def error_body(code: str, message: str) -> Dict[str, Any]:
+def error_body(code: ErrorCode, message: str) -> Dict[str, Any]:
     """Body of an ERROR reply."""
-    return {"code": code, "message": message}
+    return {"code": code.value, "message": message}
 
 
 def _field(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
@@ -99,7 +93,7 @@ def _field(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
     if not ok:
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise ProtocolError(
-            "invalid_request", f"{where}: field {name!r} must be {expected}, got {type(value).__name__}"
+            ErrorCode.INVALID_REQUEST, f"{where}: field {name!r} must be {expected}, got {type(value).__name__}"
         )
     return value
 
@@ -137,7 +131,9 @@ class Hello:
         if raw is None:
             return cls(pid, root)
         if not isinstance(raw, dict):
-            raise ProtocolError("invalid_request", f"{where}: field 'run' must be map, got {type(raw).__name__}")
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"{where}: field 'run' must be map, got {type(raw).__name__}"
+            )
         where = "hello: run"
         run = RunIdentity(
             job=_job_id(_field(raw, "job", str, where), where),
@@ -151,7 +147,7 @@ class Hello:
 
 def _job_id(job: str, where: str) -> str:
     if not 0 < len(job) <= 128 or "\0" in job:
-        raise ProtocolError("invalid_request", f"{where}: job id must be 1-128 characters without NUL")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: job id must be 1-128 characters without NUL")
     return job
 
 
@@ -200,40 +196,46 @@ class ComponentPart:
     def from_wire(cls, body: Any) -> "ComponentPart":
         """Checked inverse of `to_wire`."""
         if not isinstance(body, dict):
-            raise ProtocolError("invalid_request", "each component part must be a map")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "each component part must be a map")
         try:
             key = check_safe_name(body.get("key"), "component key")
         except ValueError as exc:
-            raise ProtocolError("invalid_name", str(exc)) from None
+            raise ProtocolError(ErrorCode.INVALID_NAME, str(exc)) from None
         where = f"component {key!r}"
         try:
             pattern = SharingPattern(body.get("pattern"))
         except ValueError:
             raise ProtocolError(
-                "invalid_request", f"{where}: unknown sharing pattern {body.get('pattern')!r}"
+                ErrorCode.INVALID_REQUEST, f"{where}: unknown sharing pattern {body.get('pattern')!r}"
             ) from None
         group_name = _optional(body, "group_name", str, where)
         if group_name is not None:
             try:
                 check_safe_name(group_name, "process group name")
             except ValueError as exc:
-                raise ProtocolError("invalid_name", f"{where}: {exc}") from None
+                raise ProtocolError(ErrorCode.INVALID_NAME, f"{where}: {exc}") from None
         group_ranks = tuple(_field(body, "group_ranks", list, where))
         if not all(type(r) is int and r >= 0 for r in group_ranks):
-            raise ProtocolError("invalid_request", f"{where}: group_ranks must be non-negative integers")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: group_ranks must be non-negative integers")
         if pattern is SharingPattern.PER_GROUP and (group_name is None or not group_ranks):
-            raise ProtocolError("invalid_request", f"{where}: PER_GROUP needs group_name and group_ranks")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: PER_GROUP needs group_name and group_ranks")
         region = _optional(body, "region", str, where)
         if region is not None and (not region.startswith(REGION_PREFIX) or "/" in region or "\0" in region):
-            raise ProtocolError("invalid_name", f"{where}: region name {region!r} is not a ckptd shared-memory region")
+            raise ProtocolError(
+                ErrorCode.INVALID_NAME, f"{where}: region name {region!r} is not a ckptd shared-memory region"
+            )
         spread = body.get("spread", False)
         if type(spread) is not bool or (spread and pattern is not SharingPattern.REPLICATED):
-            raise ProtocolError("invalid_request", f"{where}: spread must be a bool, and applies only to REPLICATED")
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"{where}: spread must be a bool, and applies only to REPLICATED"
+            )
         metadata = _field(body, "metadata", dict, where)
         if not all(
             isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in metadata.items()
         ):
-            raise ProtocolError("invalid_request", f"{where}: metadata must map strings to str/int/float/bool/None")
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"{where}: metadata must map strings to str/int/float/bool/None"
+            )
         return cls(
             key=key,
             pattern=pattern,
@@ -261,7 +263,7 @@ def _tensor_entries(raw: Any, where: str) -> Tuple[TensorEntry, ...]:
         )
     except (TypeError, ValueError):
         raise ProtocolError(
-            "invalid_request", f"{where}: tensor entries must be [name, dtype, shape, offset, nbytes]"
+            ErrorCode.INVALID_REQUEST, f"{where}: tensor entries must be [name, dtype, shape, offset, nbytes]"
         ) from None
     for entry in entries:
         name, dtype, shape, offset, nbytes = entry
@@ -276,7 +278,7 @@ def _tensor_entries(raw: Any, where: str) -> Tuple[TensorEntry, ...]:
             and nbytes >= 0
             and all(type(d) is int and d >= 0 for d in shape)
         ):
-            raise ProtocolError("invalid_request", f"{where}: malformed tensor entry {list(entry)!r:.200}")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: malformed tensor entry {list(entry)!r:.200}")
     return entries
 
 
@@ -284,7 +286,7 @@ def _digests(raw: Any, where: str) -> Optional[Dict[str, str]]:
     if raw is None:
         return None
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
-        raise ProtocolError("invalid_request", f"{where}: digests must map tensor names to strings")
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: digests must map tensor names to strings")
     return raw
 
 
@@ -307,6 +309,9 @@ class SaveRequest:
     expires_at: float = 0.0
     """CLOCK_MONOTONIC time (shared by the processes of one node) after which the daemon must refuse
     this part: the client stops waiting for the hand-over then and settles the save itself."""
+    skip_reason: Optional[str] = None
+    """Set when the rank skips this step instead of handing over a part (no parts): the daemon
+    aborts the step for every rank with this reason."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
@@ -322,6 +327,7 @@ class SaveRequest:
             "metrics": self.metrics,
             "retention": self.retention.to_wire() if self.retention else None,
             "expires_at": self.expires_at,
+            "skip_reason": self.skip_reason,
         }
 
     @classmethod
@@ -331,28 +337,28 @@ class SaveRequest:
         step = _field(body, "step", int, where)
         rank = _field(body, "rank", int, where)
         if step < 0 or rank < 0:
-            raise ProtocolError("invalid_request", f"{where}: step and rank must be non-negative")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: step and rank must be non-negative")
         try:
             topology = Topology.from_wire(body.get("topology"))
         except ValueError as exc:
-            raise ProtocolError("invalid_request", f"{where}: {exc}") from None
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
         if rank >= topology.world_size:
-            raise ProtocolError("invalid_request", f"{where}: rank {rank} outside {topology.describe()}")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: rank {rank} outside {topology.describe()}")
         parts = tuple(ComponentPart.from_wire(p) for p in _field(body, "parts", list, where))
         keys = [p.key for p in parts]
         if len(set(keys)) != len(keys):
-            raise ProtocolError("invalid_request", f"{where}: duplicate component keys in {keys}")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: duplicate component keys in {keys}")
         versions = _field(body, "versions", dict, where)
         metrics = _field(body, "metrics", dict, where)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):
-            raise ProtocolError("invalid_request", f"{where}: versions must map strings to strings")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: versions must map strings to strings")
         if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
-            raise ProtocolError("invalid_request", f"{where}: metrics must map strings to numbers")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: metrics must map strings to numbers")
         job = _job_id(_field(body, "job", str, where), where)
         try:
             retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
         except ValueError as exc:
-            raise ProtocolError("invalid_request", f"{where}: retention: {exc}") from None
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: retention: {exc}") from None
         return cls(
             root=_field(body, "root", str, where),
             step=step,
@@ -365,6 +371,7 @@ class SaveRequest:
             metrics=metrics,
             retention=retention,
             expires_at=float(_field(body, "expires_at", (int, float), where)),
+            skip_reason=_optional(body, "skip_reason", str, where),
         )
 
 

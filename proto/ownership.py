@@ -20,11 +20,6 @@ CLAIM_RENEW_S = 2.0
 CLAIM_TTL_S = 15.0
 """A claim from another host not renewed for this long is a dead run's."""
 
-ROOT_IN_USE = "root_in_use"
-"""Error code: another live run owns the root."""
-ROOT_CLAIM_PENDING = "root_claim_pending"
-"""Error code: another host's recent claim is being watched to see whether its run is alive; ask again."""
-
 
 @dataclass(frozen=True)
 class RunIdentity:

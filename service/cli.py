@@ -29,7 +29,8 @@ from ckptd.proto.config import (
 from ckptd.proto.manifest import ManifestError
 from ckptd.service import commands as commands_module
 from ckptd.service.curve import write_secret
-from ckptd.service.server import DaemonConfig, DaemonConfigError, DaemonError, DaemonServer
+from ckptd.service.errors import DaemonConfigError, DaemonError
+from ckptd.service.server import DaemonConfig, DaemonServer
 
 log = logging.getLogger("ckptd")
 

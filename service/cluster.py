@@ -26,7 +26,8 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from ckptd.proto import cluster, messages
 from ckptd.proto.cluster import NodeReport
-from ckptd.proto.messages import Outcome, ProtocolError
+from ckptd.proto.errors import ErrorCode, ProtocolError
+from ckptd.proto.messages import Outcome
 from ckptd.service.curve import CurveKeys
 from ckptd.service.leader import Announce, LocalCommitLeader, SaveKey
 from ckptd.service.metrics import DaemonMetrics
@@ -190,7 +191,7 @@ class ClusterLeader(_Endpoint):
                 envelope = None
             except Exception:  # the leader must keep serving whatever one frame does
                 log.exception("internal error while handling a follower's frame")
-                reply = messages.ERROR, messages.error_body("internal", "internal error in the commit leader")
+                reply = messages.ERROR, messages.error_body(ErrorCode.INTERNAL, "internal error in the commit leader")
                 envelope = None
             if reply is not None:
                 await self._send(identity, reply[0], reply[1], envelope.id if envelope else 0)
@@ -201,7 +202,7 @@ class ClusterLeader(_Endpoint):
             node, instance = body.get("node"), body.get("instance")
             if type(node) is not int or not 0 < node < self._config.num_nodes or not isinstance(instance, str):
                 raise ProtocolError(
-                    "invalid_request", f"node must be 1..{self._config.num_nodes - 1} and instance a string"
+                    ErrorCode.INVALID_REQUEST, f"node must be 1..{self._config.num_nodes - 1} and instance a string"
                 )
             await self._seen(node, identity, instance)
             return messages.OK, {"instance": self.instance}
@@ -213,16 +214,16 @@ class ClusterLeader(_Endpoint):
         if envelope.type == cluster.NODE_ABORT:
             job, step, reason = body.get("job"), body.get("step"), body.get("reason")
             if not (isinstance(job, str) and type(step) is int and isinstance(reason, str)):
-                raise ProtocolError("invalid_request", "node_abort needs job, step and reason")
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, "node_abort needs job, step and reason")
             await self.abort(job, step, reason)
             return None
-        raise ProtocolError("unknown_type", f"unknown daemon message type {envelope.type!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown daemon message type {envelope.type!r}")
 
     def _check_sender(self, identity: bytes, node: int) -> None:
         peer = self._peers.get(node)
         if peer is None or peer.identity != identity:
             raise ProtocolError(
-                "invalid_request",
+                ErrorCode.INVALID_REQUEST,
                 f"a report for node {node} came from a connection that did not say hello as that node",
             )
 

@@ -19,7 +19,8 @@ from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import Manifest, ManifestError
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.service.catalog import Catalog, catalog
-from ckptd.service.export import ExportError, export_component
+from ckptd.service.errors import ExportError
+from ckptd.service.export import export_component
 from ckptd.service.store import CheckpointStore
 
 GC_MIN_AGE_S = 3600.0

@@ -15,13 +15,15 @@ from typing import Awaitable, Callable, Dict, List, Optional, Set
 from ckptd.disk.safetensors import encode_header
 from ckptd.proto import layout, messages
 from ckptd.proto.cluster import NodeReport, ScopeFiles
+from ckptd.proto.errors import ErrorCode
 from ckptd.proto.formats import check_tensor_layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
+from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import Announce, CommitChannel, LocalCommitLeader, SaveKey
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.regions import MappedRegion, RegionError
+from ckptd.service.regions import MappedRegion
 from ckptd.service.shard_writer import Throttle, write_file, write_shard
 from ckptd.service.store import CheckpointStore
 
@@ -31,14 +33,6 @@ Notify = Callable[[bytes, str, dict], Awaitable[None]]
 
 MAX_SAVES_IN_FLIGHT = 16
 """Bound on concurrent saves per node: each holds a tmp directory and mapped regions."""
-
-
-class SaveRejected(Exception):
-    """A rank's part cannot be accepted; `code` is the wire error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -135,16 +129,16 @@ class NodeCoordinator:
         step = request.step
         reason = self._aborted.get((request.job, step))
         if reason is not None:
-            raise SaveRejected("aborted", f"checkpoint of step {step} was already aborted: {reason}")
+            raise SaveRejected(ErrorCode.ABORTED, f"checkpoint of step {step} was already aborted: {reason}")
         if os.path.realpath(request.root) != self._store.root:
             raise SaveRejected(
-                "wrong_root",
+                ErrorCode.WRONG_ROOT,
                 f"this daemon serves {self._store.root!r}, not {request.root!r}; "
                 "point the client at the daemon for its root (CKPTD_ENDPOINT or the default endpoint)",
             )
         if request.topology.node_of(request.rank) != self._node:
             raise SaveRejected(
-                "wrong_node",
+                ErrorCode.WRONG_NODE,
                 f"rank {request.rank} belongs to node {request.topology.node_of(request.rank)}, this daemon serves node {self._node}",
             )
         session = await self._session_for(request)
@@ -152,12 +146,12 @@ class NodeCoordinator:
             time.monotonic() > request.expires_at
         ):  # checked once its tmp directory exists: see disk/removal.py fence_save
             raise SaveRejected(
-                "expired",
+                ErrorCode.EXPIRED,
                 f"rank {request.rank}'s part of step {step} arrived after the client "
                 "stopped waiting for it (the daemon was stalled or overloaded)",
             )
         if request.rank in session.ranks:
-            raise SaveRejected("duplicate", f"rank {request.rank} already handed over its part of step {step}")
+            raise SaveRejected(ErrorCode.DUPLICATE, f"rank {request.rank} already handed over its part of step {step}")
         regions = self._map_regions(request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
         part = RankPart(request, identity, regions)
@@ -183,25 +177,26 @@ class NodeCoordinator:
         if session is not None:
             if request.topology != session.request.topology:
                 raise SaveRejected(
-                    "invalid_request",
+                    ErrorCode.INVALID_REQUEST,
                     f"rank {request.rank} reports {request.topology.describe()}, "
                     f"earlier ranks reported {session.request.topology.describe()}",
                 )
             return session
         if self._store.is_committed(step):
             raise SaveRejected(
-                "conflict", f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}"
+                ErrorCode.CONFLICT,
+                f"a checkpoint of step {step} is already committed at {self._store.final_path(step)}",
             )
         if request.topology.num_nodes != self._num_nodes:
             raise SaveRejected(
-                "unsupported",
+                ErrorCode.UNSUPPORTED,
                 f"this daemon was started for a job of {self._num_nodes} node(s) "
                 f"(ckptd serve --num-nodes), but the job spans {request.topology.num_nodes}; start "
                 "one daemon per node with the job's node count",
             )
         if len(self._sessions) >= MAX_SAVES_IN_FLIGHT:
             raise SaveRejected(
-                "busy",
+                ErrorCode.BUSY,
                 f"{len(self._sessions)} saves are already in flight on this node "
                 f"(steps {sorted(self._sessions)}); wait for them to commit or time out",
             )
@@ -209,7 +204,7 @@ class NodeCoordinator:
             return self._open_session(request)
         except OSError as exc:
             raise SaveRejected(
-                "io_error",
+                ErrorCode.IO_ERROR,
                 f"cannot create the directory for step {step} under {self._store.root}: {exc.strerror or exc}",
             ) from None
 
@@ -233,15 +228,17 @@ class NodeCoordinator:
                     own = f"{layout.REGION_PREFIX}{os.getuid()}-{request.pid}-"
                     if not part.region.startswith(own):
                         raise SaveRejected(
-                            "bad_region",
+                            ErrorCode.BAD_REGION,
                             f"region {part.region!r} is not one of the sending client's own regions ({own}*)",
                         )
                     if part.region in regions:
-                        raise SaveRejected("invalid_request", f"region {part.region!r} is named by two components")
+                        raise SaveRejected(
+                            ErrorCode.INVALID_REQUEST, f"region {part.region!r} is named by two components"
+                        )
                     regions[part.region] = MappedRegion(part.region, part.region_size, owner_pid=request.pid)
         except RegionError as exc:
             _close_all(regions)
-            raise SaveRejected("bad_region", str(exc)) from None
+            raise SaveRejected(ErrorCode.BAD_REGION, str(exc)) from None
         except BaseException:
             _close_all(regions)
             raise
@@ -250,34 +247,38 @@ class NodeCoordinator:
     def _check_part(self, request: SaveRequest, part: ComponentPart) -> None:
         where = f"rank {request.rank}, component {part.key!r}"
         if part.validate_replication and part.pattern is not SharingPattern.REPLICATED:
-            raise SaveRejected("invalid_request", f"{where}: validate_replication applies only to REPLICATED")
+            raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: validate_replication applies only to REPLICATED")
         try:
             placement = place(
                 part.pattern, request.rank, request.topology, part.group_name, part.group_ranks, spread=part.spread
             )
         except ValueError as exc:
-            raise SaveRejected("invalid_request", f"{where}: {exc}") from None
+            raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
         if part.writer != (placement.writer_rank == request.rank):
             raise SaveRejected(
-                "invalid_request",
+                ErrorCode.INVALID_REQUEST,
                 f"{where}: {part.pattern.value} is written by rank "
                 f"{placement.writer_rank}, but the client claims writer={part.writer}",
             )
         if part.validate_replication and part.digests is None:
-            raise SaveRejected("invalid_request", f"{where}: validate_replication needs digests from every rank")
+            raise SaveRejected(
+                ErrorCode.INVALID_REQUEST, f"{where}: validate_replication needs digests from every rank"
+            )
         if not part.writer:
             return
         if part.state is None:
-            raise SaveRejected("invalid_request", f"{where}: the writer must send the component's non-tensor state")
+            raise SaveRejected(
+                ErrorCode.INVALID_REQUEST, f"{where}: the writer must send the component's non-tensor state"
+            )
         if part.region is None and any(t.nbytes for t in part.tensors):
-            raise SaveRejected("invalid_request", f"{where}: tensors listed without a staging region")
+            raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: tensors listed without a staging region")
         names = [t.name for t in part.tensors]
         if len(set(names)) != len(names):
-            raise SaveRejected("invalid_request", f"{where}: duplicate tensor names")
+            raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: duplicate tensor names")
         try:
             check_tensor_layout(part.tensors, part.region_size)
         except ValueError as exc:
-            raise SaveRejected("invalid_request", f"{where}: {exc}") from None
+            raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
 
     async def _write_rank(self, session: SaveSession, part: RankPart) -> None:
         """Write every component this rank hands over, in parallel threads; then release its regions."""

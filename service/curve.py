@@ -18,12 +18,10 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils import z85
 
+from ckptd.service.errors import ClusterSecretError
+
 SECRET_BYTES = 32
 _LABEL = b"ckptd-curve-v1"
-
-
-class ClusterSecretError(Exception):
-    """The cluster secret file is missing, unreadable, too short or readable by other users."""
 
 
 @dataclass(frozen=True)

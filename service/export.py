@@ -17,12 +17,9 @@ from ckptd.disk.manifests import read_manifest
 from ckptd.disk.safetensors import EXPORT_ALIGNMENT, encode_header, read_header, tensor_entries
 from ckptd.proto.formats import TensorEntry
 from ckptd.proto.manifest import ComponentRecord, ScopeRecord
+from ckptd.service.errors import ExportError
 
 COPY_CHUNK = 16 * 1024 * 1024
-
-
-class ExportError(Exception):
-    """The export cannot be made; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

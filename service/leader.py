@@ -19,14 +19,11 @@ from ckptd.proto.manifest import ComponentRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.service.errors import CommitRejected
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-
-class CommitRejected(Exception):
-    """The save cannot commit; the message names the reason for every rank."""
 
 
 Announce = Callable[[Outcome], Awaitable[None]]

@@ -18,26 +18,18 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from ckptd.disk.claims import read_claim, remove_claim, write_claim
+from ckptd.proto.errors import ErrorCode
 from ckptd.proto.ownership import (
     CLAIM_RENEW_S,
     CLAIM_TTL_S,
-    ROOT_CLAIM_PENDING,
-    ROOT_IN_USE,
     RootClaim,
     RunIdentity,
     root_in_use_message,
 )
+from ckptd.service.errors import OwnershipRefused
 from ckptd.service.regions import pid_alive
 
 log = logging.getLogger(__name__)
-
-
-class OwnershipRefused(Exception):
-    """A client's run may not use the root now; `code` is ROOT_IN_USE or ROOT_CLAIM_PENDING."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -93,7 +85,7 @@ class RootOwnership:
         owner = self._owner
         if owner is not None and owner.run.job != run.job:
             if owner.alive():
-                raise OwnershipRefused(ROOT_IN_USE, root_in_use_message(self.root, owner.run))
+                raise OwnershipRefused(ErrorCode.ROOT_IN_USE, root_in_use_message(self.root, owner.run))
             log.info("run %s gave up the root (no live client); %s takes it", owner.run.job, run.job)
             await self._release()
             owner = None
@@ -145,7 +137,7 @@ class RootOwnership:
         """Return if `claim`'s run is dead; raise OwnershipRefused if it is (or may be) alive."""
         if claim.run.host == self.host and claim.boot_id == self.boot_id:
             if any(pid_alive(pid) for pid in claim.pids):
-                raise OwnershipRefused(ROOT_IN_USE, root_in_use_message(self.root, claim.run))
+                raise OwnershipRefused(ErrorCode.ROOT_IN_USE, root_in_use_message(self.root, claim.run))
             return
         if claim.run.host == self.host or time.time() - claim.renewed_at > self.claim_ttl:
             return  # this host rebooted since, or the claiming host stopped renewing long ago
@@ -155,11 +147,11 @@ class RootOwnership:
             self._watch = watch = _Watch(claim.run.job, claim.renewals, now)
         if claim.renewals != watch.renewals:  # renewed since we last looked: alive
             self._watch = _Watch(claim.run.job, claim.renewals, now)
-            raise OwnershipRefused(ROOT_IN_USE, root_in_use_message(self.root, claim.run))
+            raise OwnershipRefused(ErrorCode.ROOT_IN_USE, root_in_use_message(self.root, claim.run))
         if now - watch.since > self.claim_ttl:
             return  # not renewed for a whole TTL of our own clock, whatever the claimed time says
         raise OwnershipRefused(
-            ROOT_CLAIM_PENDING,
+            ErrorCode.ROOT_CLAIM_PENDING,
             f"the checkpoint root {self.root} was claimed {max(0.0, time.time() - claim.renewed_at):.0f} s ago by "
             f"{claim.run.describe()}; waiting up to {self.claim_ttl:g} s to see whether that run is still alive",
         )

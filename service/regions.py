@@ -8,12 +8,9 @@ import stat
 from typing import Optional
 
 from ckptd.proto.layout import REGION_PREFIX
+from ckptd.service.errors import RegionError
 
 SHM_DIR = "/dev/shm"
-
-
-class RegionError(Exception):
-    """A region named in a save request cannot be mapped as asked."""
 
 
 class MappedRegion:

@@ -21,28 +21,22 @@ from ckptd.disk import runtime
 from ckptd.proto import messages
 from ckptd.proto.cluster import parse_address
 from ckptd.proto.config import CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV
+from ckptd.proto.errors import CodedError, ErrorCode, ProtocolError
 from ckptd.proto.formats import CKPTD_VERSION
-from ckptd.proto.messages import ProtocolError, SaveRequest
-from ckptd.proto.ownership import CLAIM_TTL_S, ROOT_CLAIM_PENDING, ROOT_IN_USE, RunIdentity
+from ckptd.proto.messages import SaveRequest
+from ckptd.proto.ownership import CLAIM_TTL_S, RunIdentity
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
-from ckptd.service.coordinator import NodeCoordinator, SaveRejected
-from ckptd.service.curve import ClusterSecretError, load_secret
+from ckptd.service.coordinator import NodeCoordinator
+from ckptd.service.curve import load_secret
+from ckptd.service.errors import ClusterSecretError, DaemonConfigError, DaemonError, OwnershipRefused, SaveRejected
 from ckptd.service.leader import Announce, CommitChannel
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.ownership import OwnershipRefused, RootOwnership
+from ckptd.service.ownership import RootOwnership
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-
-class DaemonError(Exception):
-    """The daemon cannot start or keep serving (another daemon owns the root, bad endpoint, ...)."""
-
-
-class DaemonConfigError(DaemonError):
-    """The daemon's settings are inconsistent or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -313,7 +307,7 @@ class DaemonServer:
             reply = await self._dispatch(identity, envelope)
         except Exception:  # the daemon must keep serving whatever one request does
             log.exception("internal error while handling a %s request", envelope.type)
-            reply = messages.ERROR, messages.error_body("internal", "internal daemon error; see the daemon log")
+            reply = messages.ERROR, messages.error_body(ErrorCode.INTERNAL, "internal daemon error; see the daemon log")
         await self._send(identity, reply[0], reply[1], envelope.id)
 
     async def _dispatch(self, identity: bytes, envelope: messages.Envelope) -> tuple[str, Dict[str, Any]]:
@@ -328,7 +322,7 @@ class DaemonServer:
             return messages.OK, self.status()
         message = f"unknown message type {envelope.type!r}; expected one of hello, bye, save, status"
         log.warning("rejected a frame: %s", message)
-        return messages.ERROR, messages.error_body("unknown_type", message)
+        return messages.ERROR, messages.error_body(ErrorCode.UNKNOWN_TYPE, message)
 
     async def _hello(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         try:
@@ -353,7 +347,7 @@ class DaemonServer:
             stopping = self._stopping is not None and self._stopping.is_set()
             if stopping and not self.coordinator.holds(request.job, request.step):
                 raise SaveRejected(
-                    "shutting_down",
+                    ErrorCode.SHUTTING_DOWN,
                     f"the daemon is shutting down and takes no new save (step "
                     f"{request.step}); the saves it holds finish first",
                 )
@@ -363,35 +357,18 @@ class DaemonServer:
                 await self.ownership.admit(identity, run)
             except OwnershipRefused as exc:
                 raise SaveRejected(exc.code, str(exc)) from None
-            if body.get("skipped"):
-                reason = body.get("reason") if isinstance(body.get("reason"), str) else "the rank skipped this save"
+            if request.skip_reason is not None:
                 await self.coordinator.abort(
-                    request.job, request.step, f"rank {request.rank} skipped step {request.step}: {reason}"
+                    request.job, request.step, f"rank {request.rank} skipped step {request.step}: {request.skip_reason}"
                 )
                 return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
             await self.coordinator.accept(identity, request)
-        except (ProtocolError, SaveRejected) as exc:
-            code = exc.code
+        except CodedError as exc:  # ProtocolError or SaveRejected
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")
-            if (
-                type(step) is int
-                and type(rank) is int
-                and isinstance(job, str)
-                and code
-                not in (
-                    "aborted",
-                    "conflict",
-                    "duplicate",
-                    "wrong_root",
-                    "busy",
-                    "shutting_down",
-                    ROOT_IN_USE,
-                    ROOT_CLAIM_PENDING,
-                )
-            ):
+            if exc.code.aborts_save and type(step) is int and type(rank) is int and isinstance(job, str):
                 await self.coordinator.abort(job, step, f"rank {rank} sent an invalid part: {exc}")
-            return messages.ERROR, messages.error_body(code, str(exc))
+            return messages.ERROR, messages.error_body(exc.code, str(exc))
         return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
 
     async def _send(self, identity: bytes, msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> None:

@@ -192,7 +192,7 @@ def test_a_restarted_job_supersedes_the_dead_runs_unfinished_save(daemon: Daemon
         assert first.wait(30) == second.wait(30)
         assert "superseded: a new run of the job (id run-2) saves step 5" in daemon.log()
         # a step aborted in one run (here: rank 0's pool was busy) may be saved again by the next run
-        new_rank0._send_skip(6, "staging pool busy")
+        new_rank0.skip(6, "staging pool busy")
         with pytest.raises(CheckpointError, match="step 6 aborted: .*already aborted: rank 0 skipped step 6"):
             new_rank1.save(6, components(a={"t": torch.zeros(2)})).wait(10)
     finally:
@@ -219,15 +219,15 @@ def test_staging_regions_are_reused_and_grow_without_leaking(
     client = client_factory()
     state = {"w": torch.ones(1000)}
     client.save(1, components(model=state)).wait(30)
-    (first,) = client._pool.names()
+    (first,) = client.staging.names()
     client.save(2, components(model=state)).wait(30)
-    assert client._pool.names() == [first]  # same region, reused
+    assert client.staging.names() == [first]  # same region, reused
     state["w"] = torch.ones(5_000_000)  # the state grew: a larger region replaces the old one
     client.save(3, components(model=state)).wait(30)
-    (second,) = client._pool.names()
+    (second,) = client.staging.names()
     assert second != first
     assert not os.path.exists(f"/dev/shm/{first}") and os.path.exists(f"/dev/shm/{second}")
-    assert client._pool.staged_bytes() >= 20_000_000
+    assert client.staging.staged_bytes() >= 20_000_000
     client.close()
     assert not os.path.exists(f"/dev/shm/{second}")
 
