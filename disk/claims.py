@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Optional
 
-from ckptd.disk.durable import replace_unsynced
+from ckptd.disk.durable import write_atomic
 from ckptd.proto.ownership import CLAIM_FILE, RootClaim
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def read_claim(root: str) -> Optional[RootClaim]:
 
 def write_claim(root: str, claim: RootClaim) -> None:
     """Replace the root's claim. Not fsynced: a claim is a lease, and a crash ends the run it names."""
-    replace_unsynced(claim_path(root), claim.to_json().encode())
+    write_atomic(claim_path(root), claim.to_json().encode(), durable=False)
 
 
 def remove_claim(root: str, job: str) -> None:

@@ -42,8 +42,9 @@ def temp_name(path: str) -> str:
     return f"{path}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory."""
+def write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory. With
+    `durable=False`, no fsync: for records whose loss in a crash is harmless (a lease the crash ends)."""
     tmp = temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -51,7 +52,8 @@ def write_atomic(path: str, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -59,18 +61,5 @@ def write_atomic(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def replace_unsynced(path: str, data: bytes) -> None:
-    """Replace `path` with `data` by rename, without fsync: for records whose loss in a crash is
-    harmless (a lease that the crash ends anyway)."""
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")

@@ -19,7 +19,7 @@ from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.topology import Topology
 from ckptd.service.errors import CommitRejected
-from ckptd.service.leader import LocalCommitLeader, build_manifest
+from ckptd.service.leader import Announce, LocalCommitLeader, build_manifest
 from ckptd.service.store import CheckpointStore
 
 TWO_NODES = Topology(((0,), (1,)))
@@ -51,6 +51,15 @@ def node_report(step: int, node: int, job: str = "run", metrics: Dict[str, float
         versions={"node": str(node)},
         metrics=metrics or {"node": float(node)},
     )
+
+
+def recorder(announced: List[Outcome]) -> Announce:
+    """An announce callback that records the outcomes in order."""
+
+    async def announce(outcome: Outcome) -> None:
+        announced.append(outcome)
+
+    return announce
 
 
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["node 0 first", "node 1 first"])
@@ -91,12 +100,8 @@ def test_nodes_that_disagree_on_the_components_reject_the_commit() -> None:
 async def test_saves_ready_together_commit_lowest_step_first_and_latest_names_the_newest(tmp_path: Path) -> None:
     store = CheckpointStore(str(tmp_path / "ckpt"))
     announced: List[Outcome] = []
-
-    async def announce(outcome: Outcome) -> None:
-        announced.append(outcome)
-
     with concurrent.futures.ThreadPoolExecutor(2) as executor:
-        leader = LocalCommitLeader(store, executor, announce)
+        leader = LocalCommitLeader(store, executor, recorder(announced))
         for step in (3, 1, 2):
             store.create_tmp_dir(step, "run")
         for step in (3, 1, 2):  # every node of each save reports before the committer runs
@@ -113,12 +118,8 @@ async def test_saves_ready_together_commit_lowest_step_first_and_latest_names_th
 async def test_a_save_waits_for_every_node_and_an_abort_drops_it(tmp_path: Path) -> None:
     store = CheckpointStore(str(tmp_path / "ckpt"))
     announced: List[Outcome] = []
-
-    async def announce(outcome: Outcome) -> None:
-        announced.append(outcome)
-
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
-        leader = LocalCommitLeader(store, executor, announce)
+        leader = LocalCommitLeader(store, executor, recorder(announced))
         store.create_tmp_dir(5, "run")
         await leader.report(node_report(5, 0))
         await asyncio.sleep(0)
