@@ -29,7 +29,7 @@ from ckptd.proto.cluster import NodeReport
 from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.messages import Outcome
 from ckptd.service.curve import CurveKeys
-from ckptd.service.leader import Announce, LocalCommitLeader, SaveKey
+from ckptd.service.leader import Announce, LocalCommitLeader, SaveKey, nobody_listens
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 
@@ -104,19 +104,23 @@ class ClusterLeader(_Endpoint):
         config: ClusterConfig,
         store: CheckpointStore,
         executor: concurrent.futures.Executor,
-        announce: Announce,
         ctx: zmq.asyncio.Context,
         metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         super().__init__()
         self._config = config
-        self._announce_local = announce
-        self._commit = LocalCommitLeader(store, executor, self._announce_everywhere, metrics)
+        self._announce_local: Announce = nobody_listens
+        self._commit = LocalCommitLeader(store, executor, metrics)
+        self._commit.deliver_outcomes_to(self._announce_everywhere)
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)
         self._peers: Dict[int, _Peer] = {}
         self._auth: Optional[AsyncioAuthenticator] = None
         self.instance = uuid.uuid4().hex
+
+    def deliver_outcomes_to(self, announce: Announce) -> None:
+        """Where this node's outcomes go (every other node's go over the wire)."""
+        self._announce_local = announce
 
     @property
     def endpoint(self) -> str:
@@ -274,10 +278,10 @@ class ClusterLeader(_Endpoint):
 class ClusterFollower(_Endpoint):
     """A node-N daemon's side (N > 0): reports to the leader, resolves its ranks with its decisions."""
 
-    def __init__(self, config: ClusterConfig, announce: Announce, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, config: ClusterConfig, ctx: zmq.asyncio.Context) -> None:
         super().__init__()
         self._config = config
-        self._announce = announce
+        self._announce: Announce = nobody_listens
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)
         self._awaiting: Set[SaveKey] = set()
@@ -285,6 +289,10 @@ class ClusterFollower(_Endpoint):
         self._last_seen = time.monotonic()
         self._leader_alive = True
         self.instance = uuid.uuid4().hex
+
+    def deliver_outcomes_to(self, announce: Announce) -> None:
+        """Where the leader's decisions for this node go."""
+        self._announce = announce
 
     @property
     def leader_endpoint(self) -> str:

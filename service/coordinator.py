@@ -21,7 +21,7 @@ from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.service.errors import RegionError, SaveRejected
-from ckptd.service.leader import Announce, CommitChannel, LocalCommitLeader, SaveKey
+from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.regions import MappedRegion
 from ckptd.service.shard_writer import Throttle, write_file, write_shard
@@ -89,8 +89,8 @@ class NodeCoordinator:
         throttle: Throttle,
         notify: Notify,
         save_timeout: float,
+        channel: CommitChannel,
         num_nodes: int = 1,
-        make_channel: Optional[Callable[[Announce], CommitChannel]] = None,
         metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         self._store = store
@@ -103,11 +103,8 @@ class NodeCoordinator:
         self._aborted: Dict[SaveKey, str] = {}
         self._num_nodes = num_nodes
         self.metrics = metrics or DaemonMetrics()
-        self.leader: CommitChannel = (
-            make_channel(self._on_outcome)
-            if make_channel
-            else LocalCommitLeader(store, executor, self._on_outcome, self.metrics)
-        )
+        self.leader = channel
+        channel.deliver_outcomes_to(self._on_outcome)
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
 
     @property

@@ -46,6 +46,14 @@ class CommitChannel(Protocol):
     async def abort(self, job: str, step: int, reason: str) -> None:
         """Abort a save on every node."""
 
+    def deliver_outcomes_to(self, announce: Announce) -> None:
+        """Where the channel sends each decided outcome (the node coordinator)."""
+
+
+async def nobody_listens(outcome: Outcome) -> None:
+    """The announce of a channel no coordinator listens to yet (an outcome then is a wiring bug)."""
+    log.error("the outcome of step %d was decided before anything listened for it", outcome.step)
+
 
 class LocalCommitLeader:
     """Commits a save once every node of the job has reported into this process (on one node, the
@@ -58,13 +66,12 @@ class LocalCommitLeader:
         self,
         store: CheckpointStore,
         executor: concurrent.futures.Executor,
-        announce: Announce,
         metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._executor = executor
-        self._announce = announce
+        self._announce: Announce = nobody_listens
         self._reports: Dict[SaveKey, Dict[int, NodeReport]] = {}
         self._ready: Dict[SaveKey, List[NodeReport]] = {}
         self._committing: Set[SaveKey] = set()
@@ -72,6 +79,10 @@ class LocalCommitLeader:
 
     async def start(self) -> None:
         """Nothing to set up on one node."""
+
+    def deliver_outcomes_to(self, announce: Announce) -> None:
+        """Where each decided outcome goes."""
+        self._announce = announce
 
     async def close(self) -> None:
         """Let the commit in progress finish (its outcome is final once it renames the directory)."""

@@ -29,7 +29,7 @@ from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator
 from ckptd.service.curve import load_secret
 from ckptd.service.errors import ClusterSecretError, DaemonConfigError, DaemonError, OwnershipRefused, SaveRejected
-from ckptd.service.leader import Announce, CommitChannel
+from ckptd.service.leader import CommitChannel, LocalCommitLeader
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.ownership import RootOwnership
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
@@ -160,6 +160,7 @@ class DaemonServer:
         throttle = Throttle(config.max_write_mbps * 1e6 if config.max_write_mbps else None)
         self.cluster = config.cluster()
         self.metrics = DaemonMetrics()
+        self.channel = self._commit_channel()
         self.coordinator = NodeCoordinator(
             self.store,
             config.node,
@@ -167,8 +168,8 @@ class DaemonServer:
             throttle,
             self._send,
             config.save_timeout,
+            self.channel,
             num_nodes=config.num_nodes,
-            make_channel=self._commit_channel if self.cluster else None,
             metrics=self.metrics,
         )
         self.ownership = RootOwnership(self.store.root, keeps_claim=config.node == 0, claim_ttl=config.claim_ttl)
@@ -178,11 +179,14 @@ class DaemonServer:
         self._last_activity = time.monotonic()
         self._stopping: Optional[asyncio.Event] = None
 
-    def _commit_channel(self, announce: Announce) -> CommitChannel:
-        assert self.cluster is not None
+    def _commit_channel(self) -> CommitChannel:
+        """Where the node's reports go: the commit leader in this process (one node, or node 0 of
+        several, which also serves the other nodes), or a link to node 0's."""
+        if self.cluster is None:
+            return LocalCommitLeader(self.store, self._executor, self.metrics)
         if self.cluster.is_leader:
-            return ClusterLeader(self.cluster, self.store, self._executor, announce, self._ctx, self.metrics)
-        return ClusterFollower(self.cluster, announce, self._ctx)
+            return ClusterLeader(self.cluster, self.store, self._executor, self._ctx, self.metrics)
+        return ClusterFollower(self.cluster, self._ctx)
 
     async def serve(self) -> None:
         """Lock the root, clean leftovers, bind, and serve until `stop()` or idle exit."""
@@ -199,7 +203,7 @@ class DaemonServer:
                 except OSError as exc:
                     raise DaemonConfigError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
             try:
-                await self.coordinator.leader.start()
+                await self.channel.start()
             except zmq.ZMQError as exc:
                 raise DaemonError(f"cannot start the commit channel between nodes: {exc}") from None
             self._stopping = asyncio.Event()
@@ -219,7 +223,7 @@ class DaemonServer:
             receiver.cancel()
             watcher.cancel()
         finally:
-            await self.coordinator.leader.close()
+            await self.channel.close()
             self._shutdown()
 
     def _clean_root(self) -> None:

@@ -101,7 +101,8 @@ async def test_saves_ready_together_commit_lowest_step_first_and_latest_names_th
     store = CheckpointStore(str(tmp_path / "ckpt"))
     announced: List[Outcome] = []
     with concurrent.futures.ThreadPoolExecutor(2) as executor:
-        leader = LocalCommitLeader(store, executor, recorder(announced))
+        leader = LocalCommitLeader(store, executor)
+        leader.deliver_outcomes_to(recorder(announced))
         for step in (3, 1, 2):
             store.create_tmp_dir(step, "run")
         for step in (3, 1, 2):  # every node of each save reports before the committer runs
@@ -119,7 +120,8 @@ async def test_a_save_waits_for_every_node_and_an_abort_drops_it(tmp_path: Path)
     store = CheckpointStore(str(tmp_path / "ckpt"))
     announced: List[Outcome] = []
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
-        leader = LocalCommitLeader(store, executor, recorder(announced))
+        leader = LocalCommitLeader(store, executor)
+        leader.deliver_outcomes_to(recorder(announced))
         store.create_tmp_dir(5, "run")
         await leader.report(node_report(5, 0))
         await asyncio.sleep(0)

@@ -218,7 +218,11 @@ def test_wrapper_passes_sigterm_to_torchrun_then_stops_the_daemon(tmp_path: Path
     )
     try:
         assert wait_for(
-            lambda: any(read_cmdline(p) == b"sleep\x00300\x00" for p in os.listdir("/proc") if p.isdigit()),
+            lambda: any(
+                read_cmdline(p) == b"sleep\x00300\x00" and descends_from(int(p), process.pid)
+                for p in os.listdir("/proc")
+                if p.isdigit()
+            ),
             timeout=60,
             interval=0.2,
         ), "training never started"
@@ -230,6 +234,18 @@ def test_wrapper_passes_sigterm_to_torchrun_then_stops_the_daemon(tmp_path: Path
     assert process.returncode != 0, output
     assert "torchrun exited with status" in output and "stopping the ckptd daemon" in output, output
     assert not serving(root), serving(root)
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """True if `ancestor` is `pid`'s parent, grandparent, ... (a `sleep 300` of another test is not ours)."""
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
 
 
 def read_cmdline(pid: str) -> bytes:
