@@ -19,7 +19,7 @@ from ckptd.proto.errors import ErrorCode
 from ckptd.proto.formats import check_tensor_layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
-from ckptd.proto.patterns import SharingPattern, place
+from ckptd.proto.patterns import Placement, SharingPattern, place
 from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
@@ -42,6 +42,8 @@ class RankPart:
     request: SaveRequest
     identity: bytes
     regions: Dict[str, MappedRegion]
+    scopes: Dict[str, str]
+    """Component key -> the scope this rank's copy goes to (placed once, when the part is checked)."""
     durable: bool = False
 
 
@@ -149,9 +151,10 @@ class NodeCoordinator:
             )
         if request.rank in session.ranks:
             raise SaveRejected(ErrorCode.DUPLICATE, f"rank {request.rank} already handed over its part of step {step}")
+        scopes = {part.key: self._check_part(request, part).scope for part in request.parts}
         regions = self._map_regions(request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
-        part = RankPart(request, identity, regions)
+        part = RankPart(request, identity, regions, scopes)
         session.ranks[request.rank] = part
         session.last_part_at = time.time()
         session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
@@ -220,7 +223,6 @@ class NodeCoordinator:
         regions: Dict[str, MappedRegion] = {}
         try:
             for part in request.parts:
-                self._check_part(request, part)
                 if part.writer and part.region is not None:
                     own = f"{layout.REGION_PREFIX}{os.getuid()}-{request.pid}-"
                     if not part.region.startswith(own):
@@ -241,7 +243,8 @@ class NodeCoordinator:
             raise
         return regions
 
-    def _check_part(self, request: SaveRequest, part: ComponentPart) -> None:
+    def _check_part(self, request: SaveRequest, part: ComponentPart) -> Placement:
+        """Check one component part against the placement rule and its own layout; returns its placement."""
         where = f"rank {request.rank}, component {part.key!r}"
         if part.validate_replication and part.pattern is not SharingPattern.REPLICATED:
             raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: validate_replication applies only to REPLICATED")
@@ -262,7 +265,7 @@ class NodeCoordinator:
                 ErrorCode.INVALID_REQUEST, f"{where}: validate_replication needs digests from every rank"
             )
         if not part.writer:
-            return
+            return placement
         if part.state is None:
             raise SaveRejected(
                 ErrorCode.INVALID_REQUEST, f"{where}: the writer must send the component's non-tensor state"
@@ -276,6 +279,7 @@ class NodeCoordinator:
             check_tensor_layout(part.tensors, part.region_size)
         except ValueError as exc:
             raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
+        return placement
 
     async def _write_rank(self, session: SaveSession, part: RankPart) -> None:
         """Write every component this rank hands over, in parallel threads; then release its regions."""
@@ -286,10 +290,7 @@ class NodeCoordinator:
         started = time.monotonic()
         try:
             writers = [comp for comp in request.parts if comp.writer]
-            scopes = [
-                place(c.pattern, request.rank, request.topology, c.group_name, c.group_ranks, spread=c.spread).scope
-                for c in writers
-            ]
+            scopes = [part.scopes[c.key] for c in writers]
             results = await asyncio.gather(
                 *(
                     loop.run_in_executor(self._executor, self._write_component, session, part, comp, scope)
