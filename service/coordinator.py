@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Protocol, Set
 
 from ckptd.disk.safetensors import encode_header
 from ckptd.proto import layout, messages
@@ -29,7 +29,13 @@ from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
-Notify = Callable[[bytes, str, dict], Awaitable[None]]
+
+class RankLink(Protocol):
+    """How the coordinator reaches the rank that handed over a part (the server's connection to it)."""
+
+    async def notify(self, msg_type: str, body: Dict[str, Any]) -> None:
+        """Send a notification (released, committed, aborted) to the rank."""
+
 
 MAX_SAVES_IN_FLIGHT = 16
 """Bound on concurrent saves per node: each holds a tmp directory and mapped regions."""
@@ -40,7 +46,7 @@ class RankPart:
     """What one local rank handed over for one step."""
 
     request: SaveRequest
-    identity: bytes
+    link: RankLink
     regions: Dict[str, MappedRegion]
     scopes: Dict[str, str]
     """Component key -> the scope this rank's copy goes to (placed once, when the part is checked)."""
@@ -89,7 +95,6 @@ class NodeCoordinator:
         node: int,
         executor: concurrent.futures.Executor,
         throttle: Throttle,
-        notify: Notify,
         save_timeout: float,
         channel: CommitChannel,
         num_nodes: int = 1,
@@ -99,7 +104,6 @@ class NodeCoordinator:
         self._node = node
         self._executor = executor
         self._throttle = throttle
-        self._notify = notify
         self._save_timeout = save_timeout
         self._sessions: Dict[int, SaveSession] = {}
         self._aborted: Dict[SaveKey, str] = {}
@@ -123,7 +127,7 @@ class NodeCoordinator:
         """Saves in flight, oldest first."""
         return [self._sessions[s] for s in sorted(self._sessions)]
 
-    async def accept(self, identity: bytes, request: SaveRequest) -> None:
+    async def accept(self, link: RankLink, request: SaveRequest) -> None:
         """Validate and take over one rank's part; raises SaveRejected or ProtocolError."""
         step = request.step
         reason = self._aborted.get((request.job, step))
@@ -154,7 +158,7 @@ class NodeCoordinator:
         scopes = {part.key: self._check_part(request, part).scope for part in request.parts}
         regions = self._map_regions(request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
-        part = RankPart(request, identity, regions, scopes)
+        part = RankPart(request, link, regions, scopes)
         session.ranks[request.rank] = part
         session.last_part_at = time.time()
         session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
@@ -331,7 +335,7 @@ class NodeCoordinator:
             leases = tuple(
                 (c.region, c.lease) for c in request.parts if c.region is not None and c.region in part.regions
             )
-            await self._notify(part.identity, messages.RELEASED, messages.Released(session.step, leases).to_wire())
+            await part.link.notify(messages.RELEASED, messages.Released(session.step, leases).to_wire())
         if error is not None:
             await self.leader.abort(request.job, session.step, error)
         elif self._ready_to_report(session):
@@ -436,7 +440,7 @@ class NodeCoordinator:
             session.timer.cancel()
         msg_type, body = outcome.to_wire()
         for part in session.ranks.values():
-            await self._notify(part.identity, msg_type, body)
+            await part.link.notify(msg_type, body)
         if session.writes_in_flight == 0:
             self._close_session(session)
 

@@ -12,7 +12,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional
 
 import zmq
 import zmq.asyncio
@@ -146,6 +146,18 @@ class RootLock:
             self._fd = None
 
 
+@dataclass(frozen=True)
+class _ClientLink:
+    """A rank's connection as the coordinator sees it: somewhere to send notifications."""
+
+    send: Callable[[bytes, str, Dict[str, Any]], Awaitable[None]]
+    identity: bytes
+
+    async def notify(self, msg_type: str, body: Dict[str, Any]) -> None:
+        """Send a notification to the rank over the ROUTER socket."""
+        await self.send(self.identity, msg_type, body)
+
+
 class DaemonServer:
     """Serves save requests for one root until stopped (or idle, for auto-started daemons)."""
 
@@ -166,7 +178,6 @@ class DaemonServer:
             config.node,
             self._executor,
             throttle,
-            self._send,
             config.save_timeout,
             self.channel,
             num_nodes=config.num_nodes,
@@ -366,7 +377,7 @@ class DaemonServer:
                     request.job, request.step, f"rank {request.rank} skipped step {request.step}: {request.skip_reason}"
                 )
                 return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
-            await self.coordinator.accept(identity, request)
+            await self.coordinator.accept(_ClientLink(self._send, identity), request)
         except CodedError as exc:  # ProtocolError or SaveRejected
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")
