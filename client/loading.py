@@ -16,7 +16,7 @@ from ckptd.disk import manifests
 from ckptd.disk.files import FileProblem, map_listed_file
 from ckptd.disk.manifests import hold_for_loading
 from ckptd.disk.root import committed_checkpoints, latest_checkpoint
-from ckptd.disk.safetensors import decode_header
+from ckptd.disk.safetensors import decode_header, tensor_spans
 from ckptd.proto.manifest import ComponentRecord, FileRecord, Manifest, ManifestError, ScopeRecord
 from ckptd.proto.patterns import SharingPattern, place
 
@@ -124,23 +124,18 @@ def read_scopes(checkpoint_dir: str, scopes: Sequence[ScopeRecord], verify: bool
 def _shard_tensors(path: str, record: FileRecord, mapped: mmap.mmap) -> Dict[str, torch.Tensor]:
     """The tensors of a safetensors shard as views of its mapping, checked against the manifest index."""
     try:
-        header, start = decode_header(mapped)
+        spans = tensor_spans(*decode_header(mapped), file_size=len(mapped))
         tensors = {}
         for name, expected in record.tensors.items():
-            info = header[name]
-            begin, end = info["data_offsets"]
-            dtype, shape = torch_dtype(info["dtype"]), info["shape"]
-            if (
-                info["dtype"] != expected["dtype"]
-                or list(shape) != list(expected["shape"])
-                or not (0 <= begin <= end <= len(mapped) - start)
-            ):
+            span = spans[name]
+            if span.dtype != expected["dtype"] or span.shape != list(expected["shape"]):
                 raise ValueError(f"tensor {name!r} does not match the manifest's index")
-            if begin == end:
-                tensors[name] = torch.empty(shape, dtype=dtype)
+            dtype = torch_dtype(span.dtype)
+            if span.nbytes == 0:
+                tensors[name] = torch.empty(span.shape, dtype=dtype)
             else:  # its own storage over the mapping: some torch calls (set_rng_state) ignore storage offsets
-                count = (end - begin) // dtype.itemsize
-                tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).view(shape)
+                count = span.nbytes // dtype.itemsize
+                tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=span.start).view(span.shape)
         return tensors
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise VerificationError(f"{path} cannot be read as a safetensors shard: {exc}") from None

@@ -8,6 +8,7 @@ import fcntl
 import os
 from typing import Iterator, Optional
 
+from ckptd.disk.durable import write_atomic
 from ckptd.proto import layout
 from ckptd.proto.manifest import Manifest, ManifestError
 
@@ -42,6 +43,11 @@ def read_manifest(checkpoint_dir: str) -> Manifest:
         raise ManifestMissing(path, reason, f"{path} {reason}") from None
     except (ManifestError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestProblem(path, str(exc), f"{path}: {exc}") from None
+
+
+def write_manifest(checkpoint_dir: str, manifest_json: str) -> None:
+    """Write a checkpoint's manifest (atomically and durably): the commit marker, written last."""
+    write_atomic(manifest_path(checkpoint_dir), manifest_json.encode())
 
 
 def has_manifest(checkpoint_dir: str) -> bool:

@@ -5,7 +5,8 @@ header; tensor data follows, at offsets relative to the header's end)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ckptd.proto.formats import HEADER_ALIGNMENT, TensorEntry
 
@@ -67,3 +68,32 @@ def read_header(path: str) -> Tuple[Header, int]:
 def tensor_entries(header: Header) -> Dict[str, Any]:
     """The header's tensors (everything but its metadata)."""
     return {name: info for name, info in header.items() if name != METADATA_KEY}
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor's bytes sit in a safetensors file."""
+
+    dtype: str
+    shape: List[int]
+    start: int
+    """Offset of its first byte from the start of the file."""
+    nbytes: int
+
+
+def tensor_spans(header: Header, data_start: int, file_size: Optional[int] = None) -> Dict[str, TensorSpan]:
+    """Each tensor's dtype, shape and byte range in the file; raises ValueError for a malformed entry,
+    or (given `file_size`) one that reaches past the end of the file."""
+    spans = {}
+    for name, info in tensor_entries(header).items():
+        try:
+            begin, end = info["data_offsets"]
+            dtype, shape = info["dtype"], list(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name!r} has a malformed header entry") from None
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end) or not isinstance(dtype, str):
+            raise ValueError(f"tensor {name!r} has a malformed header entry")
+        if file_size is not None and data_start + end > file_size:
+            raise ValueError(f"tensor {name!r} reaches past the end of the file")
+        spans[name] = TensorSpan(dtype, shape, data_start + begin, end - begin)
+    return spans

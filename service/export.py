@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ckptd.disk.files import FileProblem, check_listed_file
 from ckptd.disk.manifests import read_manifest
-from ckptd.disk.safetensors import EXPORT_ALIGNMENT, encode_header, read_header, tensor_entries
+from ckptd.disk.safetensors import EXPORT_ALIGNMENT, encode_header, read_header, tensor_spans
 from ckptd.proto.formats import TensorEntry
 from ckptd.proto.manifest import ComponentRecord, ScopeRecord
 from ckptd.service.errors import ExportError
@@ -105,16 +105,17 @@ def _source_tensors(checkpoint_dir: str, scopes: Sequence[ScopeRecord]) -> List[
         path = os.path.join(checkpoint_dir, scope.tensor_file.path)
         try:
             check_listed_file(path, scope.tensor_file)
-            header, data_start = read_header(path)
-        except (FileProblem, ValueError) as exc:
+            spans = tensor_spans(*read_header(path), file_size=scope.tensor_file.size)
+        except FileProblem as exc:
             raise ExportError(f"{exc}; the checkpoint is damaged (see `ckptd verify`)") from None
-        for name, info in tensor_entries(header).items():
+        except ValueError as exc:
+            raise ExportError(
+                f"{path} is not a valid shard ({exc}); the checkpoint is damaged (see `ckptd verify`)"
+            ) from None
+        for name, span in spans.items():
             if name in tensors:
                 raise ExportError(f"tensor {name!r} appears in more than one copy being exported")
-            begin, end = info["data_offsets"]
-            tensors[name] = SourceTensor(
-                name, info["dtype"], list(info["shape"]), path, data_start + begin, end - begin
-            )
+            tensors[name] = SourceTensor(name, span.dtype, span.shape, path, span.start, span.nbytes)
     return sorted(tensors.values(), key=lambda t: t.name)
 
 

@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Tuple
 
 from ckptd.disk import removal
 from ckptd.disk import root as root_dir
-from ckptd.disk.durable import fsync_dir, makedirs_durable, write_atomic
-from ckptd.disk.manifests import read_manifest
+from ckptd.disk.durable import fsync_dir, makedirs_durable
+from ckptd.disk.manifests import read_manifest, write_manifest
 from ckptd.disk.retention import read_retention, write_retention
 from ckptd.proto import layout
 from ckptd.proto.manifest import Manifest, ManifestError
@@ -72,7 +72,7 @@ class CheckpointStore:
         for entry in os.scandir(tmp_dir):
             if entry.is_dir(follow_symlinks=False):
                 fsync_dir(entry.path)
-        write_atomic(os.path.join(tmp_dir, layout.MANIFEST_NAME), manifest_json.encode())
+        write_manifest(tmp_dir, manifest_json)
         final = self.final_path(step)
         os.rename(tmp_dir, final)
         return final
