@@ -22,25 +22,21 @@ class ManifestProblem(ManifestError):
         self.reason = reason
 
 
-class ManifestMissing(ManifestProblem):
-    """The directory has no manifest: it is not a committed checkpoint."""
-
-
 def manifest_path(checkpoint_dir: str) -> str:
     """Where a checkpoint's manifest lives."""
     return os.path.join(checkpoint_dir, layout.MANIFEST_NAME)
 
 
 def read_manifest(checkpoint_dir: str) -> Manifest:
-    """Parse a checkpoint's manifest; raises ManifestMissing, or ManifestProblem naming the file and
-    what is wrong with it."""
+    """Parse a checkpoint's manifest; raises ManifestProblem naming the file and what is wrong
+    with it (missing: the directory is not a committed checkpoint)."""
     path = manifest_path(checkpoint_dir)
     try:
         with open(path, encoding="utf-8") as f:
             return Manifest.from_json(f.read())
     except FileNotFoundError:
         reason = f"is missing: {checkpoint_dir} is not a committed checkpoint"
-        raise ManifestMissing(path, reason, f"{path} {reason}") from None
+        raise ManifestProblem(path, reason, f"{path} {reason}") from None
     except (ManifestError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestProblem(path, str(exc), f"{path}: {exc}") from None
 

@@ -27,7 +27,7 @@ def take_away(root: str, step: int) -> Optional[str]:
     with hold_for_deleting(final) as locked:
         if locked is None:
             return None
-        doomed = os.path.join(root, layout.tmp_dir_name(step, DELETED_MARK.strip("-") + "-" + uuid.uuid4().hex[:8]))
+        doomed = os.path.join(root, layout.tmp_dir_name(step, DELETED_MARK.lstrip("-") + uuid.uuid4().hex[:8]))
         try:
             os.rename(final, doomed)
         except FileNotFoundError:  # another retention pass (ckptd gc, another node) took it first

@@ -122,7 +122,14 @@ class CheckpointStore:
 
     def plan_retention(self, policy: RetentionPolicy) -> Tuple[Dict[int, List[str]], List[int]]:
         """(kept step -> reasons, steps to delete) for `policy` as the root is now; `latest` is kept."""
-        manifests = {step: self._manifest(step) for step in self.committed_steps()}
+        return self._plan(policy, self._committed_manifests())
+
+    def _committed_manifests(self) -> Dict[int, Optional[Manifest]]:
+        return {step: self._manifest(step) for step in self.committed_steps()}
+
+    def _plan(
+        self, policy: RetentionPolicy, manifests: Dict[int, Optional[Manifest]]
+    ) -> Tuple[Dict[int, List[str]], List[int]]:
         checkpoints = [(step, manifest.metrics if manifest else {}) for step, manifest in manifests.items()]
         kept = kept_steps(checkpoints, policy)
         latest = self.latest_step()
@@ -134,10 +141,12 @@ class CheckpointStore:
         """Delete the committed checkpoints `policy` does not keep (never `latest`, never one a loader
         holds); record what is kept and why in the root's retention file, and what is deleted (with
         its job run) before deleting it. Returns the deleted steps."""
-        kept, doomed = self.plan_retention(policy)
+        manifests = self._committed_manifests()
+        kept, doomed = self._plan(policy, manifests)
         deleted = deleted_checkpoints(read_retention(self.root))
         if doomed:
-            deleted = (deleted + [(step, self._job_of(step)) for step in doomed])[-DELETED_REMEMBERED:]
+            jobs = [(step, manifest.job if (manifest := manifests[step]) else "") for step in doomed]
+            deleted = (deleted + jobs)[-DELETED_REMEMBERED:]
             write_retention(self.root, policy, kept, deleted)
         taken = {}
         for step in doomed:
@@ -163,10 +172,6 @@ class CheckpointStore:
                 "retention: cannot read the manifest of step %d (%s); treating it as having no metrics", step, exc
             )
             return None
-
-    def _job_of(self, step: int) -> str:
-        manifest = self._manifest(step)
-        return manifest.job if manifest else ""
 
     def discard(self, tmp_dir: str) -> None:
         """Remove a tmp directory of an aborted save."""
