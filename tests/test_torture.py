@@ -101,6 +101,18 @@ def schedule(rng: random.Random, trials: int) -> list[Trial]:
     return plan
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is in the stopped state (T in /proc/<pid>/task/<tid>/stat)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread has exited
+            continue
+        states.append(stat[stat.rindex(")") + 2])
+    return bool(states) and all(state in "Tt" for state in states)
+
+
 def argv(pid: int) -> list[str]:
     """The command line of `pid` (empty once it is gone)."""
     try:
@@ -202,6 +214,8 @@ class Torture:
         self.stop_file = base / "stop"
         self.pause_file = base / "pause"
         self.daemon: Daemon | None = None
+        self.daemon_log_from = 0
+        """Where the running daemon's part of daemon.log starts."""
         self.trainer: TrainerJob | None = None
         self.incarnations = 0
         self.problems: list[str] = []
@@ -227,9 +241,24 @@ class Torture:
 
     def start_daemon(self) -> None:
         """Start `ckptd serve` on the private endpoint (its log accumulates in one file)."""
+        log_path = self.base / "daemon.log"
+        self.daemon_log_from = log_path.stat().st_size if log_path.exists() else 0
         self.daemon = start_daemon(
             self.root, self.base / "daemon.log", "--save-timeout", str(SAVE_TIMEOUT_S), endpoint=self.endpoint
         )
+
+    def saves_in_flight(self) -> set[int]:
+        """The steps the running daemon has started and neither committed nor aborted (from its log)."""
+        with open(self.base / "daemon.log", "rb") as log:
+            log.seek(self.daemon_log_from)
+            text = log.read().decode(errors="replace")
+        started = {int(m) for m in re.findall(r"event=save_started step=(\d+)", text)}
+        ended = {int(m) for m in re.findall(r"(?:committed step|event=aborted step=)[= ]?(\d+)", text)}
+        return started - ended
+
+    def await_save_in_flight(self, within_s: float = 2.0) -> None:
+        """Wait (briefly) until the daemon holds a save: a fault between two saves tests little."""
+        wait_for(lambda: bool(self.saves_in_flight()), within_s, interval=0.002)
 
     def kill_daemon(self) -> None:
         """SIGKILL the daemon and reap it."""
@@ -256,6 +285,10 @@ class Torture:
         stopped = time.monotonic()
         os.kill(self.daemon.process.pid, signal.SIGSTOP)
         try:
+            # kill() returns before the signal reaches every thread: a thread inside a syscall (a
+            # retention pass's rename) finishes it first, and would race the check
+            if not wait_for(lambda: all_threads_stopped(self.daemon.process.pid), 5.0, interval=0.005):
+                self.problem("the daemon's threads did not all stop within 5 s of SIGSTOP")
             self.frozen_check("stopped")
             time.sleep(max(0.0, seconds - (time.monotonic() - stopped)))
         finally:
@@ -530,6 +563,8 @@ class Torture:
     def inject(self, trial: Trial) -> None:
         """Apply the trial's fault and bring back whatever it took down; watch the commits meanwhile."""
         self.watching, self.watch_limit = True, None
+        if trial.kind != "trainer-kill":
+            self.await_save_in_flight()
         if trial.kind == "daemon-kill":
             self.kill_daemon()
             self.frozen_check("killed")
