@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 import msgpack
 import torch
 
+from ckptd.client.dtensors import is_dtensor
 from ckptd.client.errors import UnsupportedStateError
 from ckptd.proto.formats import (
     EXT_BIGINT,
@@ -27,7 +28,7 @@ from ckptd.proto.formats import (
     SAFETENSORS_DTYPES,
 )
 
-__all__ = ["FlatState", "flatten_state", "unflatten_state", "safetensors_dtype", "torch_dtype"]
+__all__ = ["FlatState", "flatten_state", "unflatten_state", "skeleton_refs", "safetensors_dtype", "torch_dtype"]
 
 # torch dtype attribute name -> safetensors dtype name; entries the running torch lacks are skipped.
 _DTYPE_NAMES: Tuple[Tuple[str, str], ...] = (
@@ -92,6 +93,8 @@ class FlatState:
     """msgpack bytes of the structure, with tensors replaced by `EXT_TENSOR_REF(name)`."""
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Unique tensors by name, in first-seen order; the original tensor objects (no copies)."""
+    refs: Dict[str, str] = field(default_factory=dict)
+    """Every key path that holds a tensor -> the tensor's name (aliases included)."""
 
 
 def _pack(obj: Any) -> bytes:
@@ -122,9 +125,11 @@ def _is_numpy_scalar(value: Any) -> bool:
 class _Encoder:
     """One flatten_state walk: collects tensors, assigns names, detects aliases and cycles."""
 
-    def __init__(self, component: str) -> None:
+    def __init__(self, component: str, sharded: bool) -> None:
         self.component = component
+        self.sharded = sharded
         self.tensors: Dict[str, torch.Tensor] = {}
+        self.refs: Dict[str, str] = {}
         self._by_id: Dict[int, str] = {}
         self._by_view: Dict[Tuple[Any, ...], str] = {}
         self._used: Set[str] = set(_RESERVED_NAMES)
@@ -152,7 +157,9 @@ class _Encoder:
         if isinstance(value, torch.Tensor):
             if in_key:
                 raise self.fail(path, "is a dict key holding a tensor; use a str or int key instead")
-            return msgpack.ExtType(EXT_TENSOR_REF, _pack(self._tensor_name(value, path)))
+            name = self._tensor_name(value, path)
+            self.refs[path] = name
+            return msgpack.ExtType(EXT_TENSOR_REF, _pack(name))
         if cls is torch.dtype:
             return msgpack.ExtType(EXT_DTYPE, _pack(str(value).rpartition(".")[2]))
         if cls is torch.Size:
@@ -191,6 +198,8 @@ class _Encoder:
         known = self._by_id.get(id(tensor))
         if known is not None:
             return known
+        if is_dtensor(tensor):
+            return self._dtensor_name(tensor, path)
         if not (type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter)):
             raise self.fail(
                 path, f"is a tensor subclass {_type_name(tensor)}; convert it to a plain torch.Tensor first"
@@ -230,6 +239,20 @@ class _Encoder:
             self._by_view[view_key] = name
         return name
 
+    def _dtensor_name(self, tensor: torch.Tensor, path: str) -> str:
+        if not self.sharded:
+            raise self.fail(
+                path,
+                "is a DTensor (sharded across ranks); declare its component SharingPattern.SHARDED, "
+                "which saves each rank's chunks and loads them at any topology",
+            )
+        if tensor.dtype not in _TO_SAFETENSORS:
+            raise self.fail(path, f"is a DTensor of dtype {tensor.dtype}, which cannot be stored")
+        name = self._unique_name(path)
+        self.tensors[name] = tensor
+        self._by_id[id(tensor)] = name
+        return name
+
     def _unique_name(self, path: str) -> str:
         base = path.replace("\x00", "\\0") or "tensor"
         name, n = base, 1
@@ -240,16 +263,48 @@ class _Encoder:
         return name
 
 
-def flatten_state(state: Any, component: str) -> FlatState:
+def flatten_state(state: Any, component: str, sharded: bool = False) -> FlatState:
     """Split `state` into a msgpack skeleton and its unique tensors.
 
     Tensor names are the key paths joined with "/" (made unique with a `#N` suffix); a tensor
-    reached twice (same object, or the same view of the same storage) is stored once.
+    reached twice (same object, or the same view of the same storage) is stored once. DTensors are
+    taken only for a SHARDED component (`sharded`).
     Raises UnsupportedStateError, naming `component` and the key path, for values it cannot store.
     """
-    encoder = _Encoder(component)
+    encoder = _Encoder(component, sharded)
     skeleton = _pack(encoder.encode(state, ""))
-    return FlatState(skeleton=skeleton, tensors=encoder.tensors)
+    return FlatState(skeleton=skeleton, tensors=encoder.tensors, refs=encoder.refs)
+
+
+class _Ref(str):
+    """A tensor reference met while walking a skeleton (its name)."""
+
+
+def skeleton_refs(skeleton: bytes) -> Dict[str, str]:
+    """Every key path of a skeleton that holds a tensor -> the tensor's name (the `refs` that
+    `flatten_state` gave when it made the skeleton). Raises ValueError if the skeleton is malformed."""
+    names: Dict[str, str] = {}
+
+    class _Names(dict):
+        def __missing__(self, name: str) -> _Ref:
+            return _Ref(name)
+
+    state = unflatten_state(skeleton, _Names())
+
+    def walk(value: Any, path: str) -> None:
+        if type(value) is _Ref:
+            names[path] = str(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, _join(path, key))
+            if hasattr(value, "_metadata"):
+                walk(value._metadata, _join(path, "_metadata"))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, _join(path, index))
+
+    walk(state, "")
+    return names
 
 
 def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -267,9 +322,12 @@ def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor]) -> Any
         if code == EXT_TUPLE:
             return tuple(payload)
         if code == EXT_TENSOR_REF:
-            if type(payload) is not str or payload not in tensors:
-                raise ValueError(f"skeleton references tensor {payload!r}, which is not among the loaded tensors")
-            return tensors[payload]
+            try:
+                if type(payload) is str:
+                    return tensors[payload]
+            except KeyError:
+                pass
+            raise ValueError(f"skeleton references tensor {payload!r}, which is not among the loaded tensors")
         if code == EXT_DTYPE:
             dtype = getattr(torch, payload, None) if type(payload) is str else None
             if not isinstance(dtype, torch.dtype):

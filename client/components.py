@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, runtime_checkable
 
 from ckptd.proto.layout import check_safe_name
 from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.topology import Topology
+
+Reshard = Callable[[List[Any], Topology, Topology, int], Any]
+"""(every saved rank's state in rank order, the saved topology, the current one, this rank) -> the
+state this rank loads."""
 
 
 @runtime_checkable
@@ -36,6 +41,9 @@ class StateComponent:
     spread: bool = False
     """REPLICATED only: split the tensors by bytes across the job's nodes, so that every node's
     daemon writes a share in parallel instead of node 0 writing them all. Loads at any topology."""
+    reshard: Optional[Reshard] = None
+    """PER_RANK only: how to load the per-rank states at another topology (a dataloader position split
+    again across the new world size, say). Without it such a load fails, naming both topologies."""
 
     def __post_init__(self) -> None:
         check_safe_name(self.key, "component key")
@@ -51,6 +59,10 @@ class StateComponent:
         if self.spread and self.sharing_pattern is not SharingPattern.REPLICATED:
             raise ValueError(
                 f"component {self.key!r}: spread applies only to REPLICATED, not {self.sharing_pattern.value}"
+            )
+        if self.reshard is not None and self.sharing_pattern is not SharingPattern.PER_RANK:
+            raise ValueError(
+                f"component {self.key!r}: reshard applies only to PER_RANK, not {self.sharing_pattern.value}"
             )
         if self.validate_replication and self.sharing_pattern is not SharingPattern.REPLICATED:
             raise ValueError(

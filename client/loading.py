@@ -28,6 +28,7 @@ __all__ = [
     "latest_checkpoint",
     "read_manifest",
     "read_scope",
+    "rank_scopes",
     "read_scopes",
     "select_scope",
     "select_scopes",
@@ -68,6 +69,18 @@ def select_scopes(
     return [select_scope(manifest, key, record, rank_info, group_ranks)]
 
 
+def rank_scopes(manifest: Manifest, key: str) -> List[ScopeRecord]:
+    """Every saved rank's copy of PER_RANK component `key`, in rank order (for its reshard function)."""
+    record = manifest.components[key]
+    try:
+        return [
+            record.scopes[place(record.pattern, rank, manifest.topology).scope]
+            for rank in range(manifest.topology.world_size)
+        ]
+    except KeyError as exc:
+        raise VerificationError(f"component {key!r} has no copy for scope {exc}") from None
+
+
 def select_scope(
     manifest: Manifest, key: str, record: ComponentRecord, rank_info: RankInfo, group_ranks: Sequence[int] = ()
 ) -> ScopeRecord:
@@ -75,9 +88,12 @@ def select_scope(
     pattern = record.pattern
     saved, current = manifest.topology, rank_info.topology
     if pattern in (SharingPattern.PER_RANK, SharingPattern.PER_NODE, SharingPattern.PER_GROUP) and saved != current:
+        how = "load it with the same topology"
+        if pattern is SharingPattern.PER_RANK:
+            how += ", or give its StateComponent a reshard function"
         raise CheckpointError(
             f"component {key!r} is {pattern.value} and was saved with {saved.describe()}, but this job has "
-            f"{current.describe()}; load it with the same topology"
+            f"{current.describe()}; {how}"
         )
     try:
         placement = place(pattern, rank_info.rank, current, record.group_name, group_ranks or None)

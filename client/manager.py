@@ -16,13 +16,16 @@ from ckptd.client.loading import (
     committed_checkpoints,
     hold_for_loading,
     latest_checkpoint,
+    rank_scopes,
     read_manifest,
     read_scopes,
     select_scopes,
 )
 from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
+from ckptd.client.sharded import read_sharded
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
+from ckptd.proto.manifest import Manifest
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.topology import Topology
 
@@ -178,6 +181,13 @@ class CheckpointManager:
             return self._read_held(checkpoint_dir, components)
 
     def _read_held(self, checkpoint_dir: str, components: List[PreparedComponent]) -> List[tuple]:
+        # every rank asks for its sharded targets first, in one order: a state_dict() may be collective,
+        # and a rank that fails to verify a file must not leave the others waiting inside one
+        targets = {
+            p.component.key: p.component.stateful.state_dict()
+            for p in components
+            if p.component.sharing_pattern is SharingPattern.SHARDED
+        }
         manifest = read_manifest(checkpoint_dir)
         states = []
         for prepared in components:
@@ -195,10 +205,32 @@ class CheckpointManager:
                     record.pattern.value,
                     comp.sharing_pattern.value,
                 )
-            group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
-            scopes = select_scopes(manifest, comp.key, record, self.rank_info, group_ranks)
-            states.append((comp, read_scopes(checkpoint_dir, scopes, verify=self.verify)))
+            states.append((comp, self._read_component(checkpoint_dir, manifest, prepared, targets.get(comp.key))))
         return states
+
+    def _read_component(self, checkpoint_dir: str, manifest: Manifest, prepared: PreparedComponent, target: Any) -> Any:
+        """One component's state for this rank, by the pattern it was saved with."""
+        comp = prepared.component
+        record = manifest.components[comp.key]
+        if record.pattern is SharingPattern.SHARDED:
+            if target is None:
+                raise CheckpointError(
+                    f"component {comp.key!r} was saved SHARDED; declare it SHARDED to load it (its "
+                    "state_dict() names the tensors, DTensors or plain, to fill)"
+                )
+            return read_sharded(checkpoint_dir, comp.key, record, target, self.verify)
+        if (
+            record.pattern is SharingPattern.PER_RANK
+            and comp.reshard is not None
+            and manifest.topology != self.rank_info.topology
+        ):
+            saved = [
+                read_scopes(checkpoint_dir, [scope], verify=self.verify) for scope in rank_scopes(manifest, comp.key)
+            ]
+            return comp.reshard(saved, manifest.topology, self.rank_info.topology, self.rank_info.rank)
+        group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
+        scopes = select_scopes(manifest, comp.key, record, self.rank_info, group_ranks)
+        return read_scopes(checkpoint_dir, scopes, verify=self.verify)
 
     def _restore(self, states: List[tuple]) -> None:
         for comp, state in states:

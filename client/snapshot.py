@@ -6,15 +6,19 @@ import ctypes
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+import msgpack
 import torch
 
 from ckptd.client.codec import FlatState, flatten_state, safetensors_dtype
 from ckptd.client.components import StateComponent
+from ckptd.client.dtensors import is_dtensor
+from ckptd.client.sharded import plan_sharded
 from ckptd.client.staging import StagingRegion
 from ckptd.client.topology import RankInfo
 from ckptd.proto.formats import STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
 from ckptd.proto.messages import ComponentPart
-from ckptd.proto.patterns import place, share_of_tensors
+from ckptd.proto.patterns import SharingPattern, place, share_of_tensors
+from ckptd.proto.sharding import ChunkSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,12 @@ class StagedComponent:
     region: Optional[StagingRegion] = None
     deferred: List[TensorEntry] = field(default_factory=list)
     """Entries whose copy runs after save_checkpoint returns (overlap mode)."""
+    sources: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """The plain tensor each entry is copied from (a DTensor's local chunk); `flat.tensors` if empty."""
+    chunks: Dict[str, ChunkSpec] = field(default_factory=dict)
+    """SHARDED: where each entry lies in its global tensor."""
+    state: Optional[bytes] = None
+    """The non-tensor state this rank writes (None: none)."""
 
     @property
     def key(self) -> str:
@@ -60,9 +70,14 @@ class StagedComponent:
             lease=(self.region.lease or 0) if self.region is not None else 0,
             region_size=self.total,
             tensors=tuple(self.entries),
-            state=self.flat.skeleton if self.writer else None,
+            state=self.state,
             digests=self._digests() if comp.validate_replication else None,
+            chunks=dict(self.chunks),
         )
+
+    def source(self, name: str) -> torch.Tensor:
+        """The tensor entry `name` is copied from."""
+        return self.sources[name] if self.sources else self.flat.tensors[name]
 
     def _digests(self) -> Dict[str, str]:
         """A digest of every tensor (from its staged copy where this rank staged it) and of the rest."""
@@ -94,6 +109,9 @@ def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> Li
             spread=comp.spread,
         )
         writer = placement.writer_rank == rank_info.rank
+        if comp.sharing_pattern is SharingPattern.SHARDED:
+            staged.append(_snapshot_sharded(prepared, rank_info))
+            continue
         flat = flatten_state(comp.stateful.state_dict(), comp.key)
         entries: List[TensorEntry] = []
         total = 0
@@ -107,8 +125,18 @@ def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> Li
             entries, total = layout_tensors(
                 (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in mine.items()
             )
-        staged.append(StagedComponent(prepared, flat, writer, entries, total))
+        staged.append(StagedComponent(prepared, flat, writer, entries, total, state=flat.skeleton if writer else None))
     return staged
+
+
+def _snapshot_sharded(prepared: PreparedComponent, rank_info: RankInfo) -> StagedComponent:
+    """A SHARDED component: every rank writes the chunks it owns; rank 0 the non-tensor state."""
+    comp = prepared.component
+    flat = flatten_state(comp.stateful.state_dict(), comp.key, sharded=True)
+    plan = plan_sharded(flat, comp.key, rank_info.rank, rank_info.topology.world_size)
+    entries, total = layout_tensors((n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in plan.sources.items())
+    state = flat.skeleton if rank_info.rank == 0 else msgpack.packb(None)
+    return StagedComponent(prepared, flat, True, entries, total, sources=plan.sources, chunks=plan.chunks, state=state)
 
 
 def step_only_tensor_addresses(components: Iterable[PreparedComponent]) -> Set[int]:
@@ -119,20 +147,26 @@ def step_only_tensor_addresses(components: Iterable[PreparedComponent]) -> Set[i
     for prepared in components:
         stateful = prepared.component.stateful
         if isinstance(stateful, torch.nn.Module):
-            addresses.update(p.data_ptr() for p in stateful.parameters())
+            addresses.update(_address(p) for p in stateful.parameters())
         elif isinstance(stateful, torch.optim.Optimizer):
             for state in stateful.state.values():
-                addresses.update(v.data_ptr() for v in state.values() if isinstance(v, torch.Tensor))
-            addresses.update(p.data_ptr() for group in stateful.param_groups for p in group["params"])
+                addresses.update(_address(v) for v in state.values() if isinstance(v, torch.Tensor))
+            addresses.update(_address(p) for group in stateful.param_groups for p in group["params"])
     addresses.discard(0)
     return addresses
+
+
+def _address(tensor: torch.Tensor) -> int:
+    """Where a tensor's data starts (a DTensor's: its local chunk's, which is what gets staged)."""
+    local: torch.Tensor = tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+    return local.data_ptr()
 
 
 def copy_entries(staged: StagedComponent, entries: Sequence[TensorEntry]) -> Optional["torch.cuda.Event"]:
     """Copy `entries` of a component into its region. Device tensors are copied on a side stream and
     an event is returned to wait on; host tensors are copied before this returns."""
     assert staged.region is not None
-    tensors = [staged.flat.tensors[e.name] for e in entries]
+    tensors = [staged.source(e.name) for e in entries]
     if any(t.is_cuda for t in tensors):
         staged.region.pin_for_cuda()
         stream = torch.cuda.Stream()

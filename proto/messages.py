@@ -19,6 +19,7 @@ from ckptd.proto.layout import REGION_PREFIX, check_safe_name
 from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.sharding import ChunkSpec
 from ckptd.proto.topology import Topology
 
 PROTOCOL_VERSION = 2
@@ -171,6 +172,8 @@ class ComponentPart:
     tensors: Tuple[TensorEntry, ...] = ()
     state: Optional[bytes] = None
     digests: Optional[Dict[str, str]] = None
+    chunks: Dict[str, ChunkSpec] = field(default_factory=dict)
+    """SHARDED only: where each staged tensor lies in its global tensor."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
@@ -190,6 +193,7 @@ class ComponentPart:
             "tensors": self.tensors,
             "state": self.state,
             "digests": self.digests,
+            "chunks": {name: spec.to_wire() for name, spec in self.chunks.items()},
         }
 
     @classmethod
@@ -252,6 +256,7 @@ class ComponentPart:
             tensors=_tensor_entries(_field(body, "tensors", (list, tuple), where), where),
             state=_optional(body, "state", bytes, where),
             digests=_digests(body.get("digests"), where),
+            chunks=_chunks(body.get("chunks", {}), pattern, where),
         )
 
 
@@ -280,6 +285,17 @@ def _tensor_entries(raw: Any, where: str) -> Tuple[TensorEntry, ...]:
         ):
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: malformed tensor entry {list(entry)!r:.200}")
     return entries
+
+
+def _chunks(raw: Any, pattern: SharingPattern, where: str) -> Dict[str, ChunkSpec]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: chunks must map tensor names to chunks")
+    if raw and pattern is not SharingPattern.SHARDED:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: only a SHARDED component has chunks")
+    try:
+        return {name: ChunkSpec.from_wire(spec) for name, spec in raw.items()}
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
 
 
 def _digests(raw: Any, where: str) -> Optional[Dict[str, str]]:

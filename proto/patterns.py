@@ -22,6 +22,8 @@ class SharingPattern(str, enum.Enum):
     """Identical inside a named process group, different across groups; lowest rank writes."""
     PER_NODE = "PER_NODE"
     """Node-local; local rank 0 of each node writes, every rank of that node loads."""
+    SHARDED = "SHARDED"
+    """DTensors: every rank writes the chunks it owns (`ckptd.proto.sharding`); loads at any topology."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def place(
         return Placement(share_scope(node), topology.node_ranks(node)[0])
     if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
         return Placement("global", 0)
-    if pattern is SharingPattern.PER_RANK:
+    if pattern in (SharingPattern.PER_RANK, SharingPattern.SHARDED):
         return Placement(f"rank-{rank:05d}", rank)
     if pattern is SharingPattern.PER_NODE:
         node = topology.node_of(rank)

@@ -16,8 +16,10 @@ from ckptd.disk.manifests import read_manifest
 from ckptd.disk.retention import saved_policy
 from ckptd.proto import layout, messages
 from ckptd.proto.config import ENDPOINT_ENV, ExitCode
-from ckptd.proto.manifest import Manifest, ManifestError
+from ckptd.proto.manifest import ComponentRecord, Manifest, ManifestError
+from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.sharding import chunks_in_files
 from ckptd.service.catalog import Catalog, catalog
 from ckptd.service.errors import ExportError
 from ckptd.service.export import export_component
@@ -147,7 +149,26 @@ def render_manifest(path: str, manifest: Manifest) -> str:
             lines.append(
                 f"      {scope.state_file.path}  {human_bytes(scope.state_file.size)}  xxh3 {scope.state_file.checksum}"
             )
+        if record.pattern is SharingPattern.SHARDED:
+            lines.extend(_render_chunks(record))
     return "\n".join(lines)
+
+
+def _render_chunks(record: ComponentRecord) -> List[str]:
+    """A SHARDED component's tensors: global shape and dtype, then each chunk's box and file."""
+    try:
+        chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
+    except ValueError as exc:
+        return [f"    chunks cannot be listed: {exc}"]
+    lines = ["    tensors (global shape; chunks as offsets+sizes in file):"]
+    for name in sorted(chunks):
+        first = chunks[name][0]
+        boxes = "; ".join(
+            f"{list(c.box.offsets)}+{list(c.box.sizes)} in {c.file.rsplit('/', 1)[-1]}"
+            for c in sorted(chunks[name], key=lambda c: c.box.offsets)
+        )
+        lines.append(f"      {name}  {first.dtype} {list(first.global_shape)}: {len(chunks[name])} chunk(s): {boxes}")
+    return lines
 
 
 def _ranks(ranks: List[int]) -> str:

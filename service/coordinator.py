@@ -20,6 +20,7 @@ from ckptd.proto.formats import check_tensor_layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import Placement, SharingPattern, place
+from ckptd.proto.sharding import Box, chunk_index_entry
 from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
@@ -283,6 +284,8 @@ class NodeCoordinator:
             check_tensor_layout(part.tensors, part.region_size)
         except ValueError as exc:
             raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
+        if part.pattern is SharingPattern.SHARDED:
+            _check_chunks(part, where)
         return placement
 
     async def _write_rank(self, session: SaveSession, part: RankPart) -> None:
@@ -363,13 +366,23 @@ class NodeCoordinator:
             if region is not None:
                 region.drop_pages(offset, length)
 
+        sharded = comp.pattern is SharingPattern.SHARDED
+        spans = [(t.offset, t.nbytes) for t in comp.tensors] if sharded else []
         try:
-            written = write_shard(os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle, done_with)
+            written = write_shard(
+                os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle, done_with, spans
+            )
         finally:
             body.release()
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
         session.add_fsync(written.fsync_s + state.fsync_s)
-        index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}
+        if sharded:  # entries are packed in offset order, as the span checksums come back
+            index = {
+                t.name: chunk_index_entry(t.dtype, comp.chunks[t.name], t.shape, checksum)
+                for t, checksum in zip(sorted(comp.tensors, key=lambda t: t.offset), written.span_checksums)
+            }
+        else:
+            index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}
         return ScopeFiles(
             FileRecord(tensor_rel, written.size, written.checksum, index),
             FileRecord(state_rel, state.size, state.checksum),
@@ -466,6 +479,22 @@ class NodeCoordinator:
         self.metrics.saves_in_flight.set(len(self._sessions))
         if session.outcome is not None and not session.outcome.committed:
             self._store.discard(session.tmp_dir)
+
+
+def _check_chunks(part: ComponentPart, where: str) -> None:
+    """A SHARDED part names, for every tensor it hands over, a chunk that fits its global tensor."""
+    names = {t.name for t in part.tensors}
+    if set(part.chunks) != names:
+        odd = sorted(names.symmetric_difference(part.chunks))[:5]
+        raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: tensors and chunks do not match ({odd})")
+    for entry in part.tensors:
+        spec = part.chunks[entry.name]
+        if not Box(spec.offsets, entry.shape).within(spec.global_shape):
+            raise SaveRejected(
+                ErrorCode.INVALID_REQUEST,
+                f"{where}: tensor {entry.name!r}: a chunk of shape {list(entry.shape)} at {list(spec.offsets)} "
+                f"does not fit the global shape {list(spec.global_shape)}",
+            )
 
 
 def _close_all(regions: Dict[str, MappedRegion]) -> None:

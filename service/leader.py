@@ -19,6 +19,7 @@ from ckptd.proto.manifest import ComponentRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.sharding import chunks_in_files, coverage_problem
 from ckptd.service.errors import CommitRejected
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
@@ -209,12 +210,15 @@ def build_manifest(reports: List[NodeReport]) -> Manifest:
             if written is None:
                 raise CommitRejected(f"component {key!r}: no file was written for scope {placement.scope}")
             record = scopes.get(placement.scope)
-            readers = sorted(parts_by_rank) if spec.spread else (record.readers if record else []) + [rank]
+            any_rank_reads = spec.spread or spec.pattern is SharingPattern.SHARDED
+            readers = sorted(parts_by_rank) if any_rank_reads else (record.readers if record else []) + [rank]
             scopes[placement.scope] = ScopeRecord(
                 placement.scope, placement.writer_rank, readers, written.tensor_file, written.state_file
             )
         if spec.spread:
             _check_shares(key, scopes, parts_by_rank[reference_rank][key])
+        if spec.pattern is SharingPattern.SHARDED:
+            _check_chunks(key, scopes)
         components[key] = ComponentRecord(
             spread=spec.spread,
             pattern=spec.pattern,
@@ -301,6 +305,18 @@ def _check_shares(key: str, scopes: Dict[str, ScopeRecord], reference: Component
         missing = sorted(set(reference.digests) - {STATE_DIGEST_KEY} - set(seen))
         if missing:
             raise CommitRejected(f"component {key!r}: no share holds tensor(s) {missing[:5]}")
+
+
+def _check_chunks(key: str, scopes: Dict[str, ScopeRecord]) -> None:
+    """A SHARDED component's chunks, over all ranks' files, tile each of its tensors exactly once."""
+    try:
+        chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in scopes.values())
+    except ValueError as exc:
+        raise CommitRejected(f"component {key!r}: {exc}") from None
+    for name in sorted(chunks):
+        problem = coverage_problem(name, chunks[name])
+        if problem is not None:
+            raise CommitRejected(f"component {key!r}: {problem}")
 
 
 def _check_replication(parts_by_rank: Dict[int, Dict[str, ComponentPart]]) -> None:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from ckptd.proto.formats import Checksum
 
@@ -28,6 +28,34 @@ class WrittenFile:
     checksum: str
     fsync_s: float = 0.0
     """Seconds the final fsync took."""
+    span_checksums: Tuple[str, ...] = ()
+    """Checksums of the body spans asked for (SHARDED chunks), in their order."""
+
+
+class SpanChecksums:
+    """Checksums of consecutive spans (offset, length) of a body, fed with the body's pieces in order
+    as they are written: one pass over the bytes serves the file's checksum and the spans'."""
+
+    def __init__(self, spans: Sequence[Tuple[int, int]]) -> None:
+        self._spans = sorted(spans)
+        self._sums = [Checksum() for _ in self._spans]
+        self._next = 0
+
+    def update(self, offset: int, piece: memoryview) -> None:
+        """Feed the body bytes that start at `offset`."""
+        end = offset + len(piece)
+        while self._next < len(self._spans):
+            start, length = self._spans[self._next]
+            low, high = max(start, offset), min(start + length, end)
+            if high > low:
+                self._sums[self._next].update(piece[low - offset : high - offset])
+            if start + length > end:
+                return
+            self._next += 1
+
+    def hexdigests(self) -> Tuple[str, ...]:
+        """The checksums, in the order the spans were given sorted by offset."""
+        return tuple(s.hexdigest() for s in self._sums)
 
 
 class Throttle:
@@ -84,10 +112,16 @@ PageRelease = Callable[[int, int], None]
 
 
 def write_shard(
-    path: str, header: bytes, body: memoryview, throttle: Throttle, done_with: Optional[PageRelease] = None
+    path: str,
+    header: bytes,
+    body: memoryview,
+    throttle: Throttle,
+    done_with: Optional[PageRelease] = None,
+    spans: Sequence[Tuple[int, int]] = (),
 ) -> WrittenFile:
     """Write a safetensors shard: `header` (padded to a page) then `body`, a page-aligned view of a
     staging region, with O_DIRECT where the filesystem allows it, else buffered; fsync either way.
+    The checksums of the body's `spans` (offset, length) come back in `span_checksums`.
 
     O_DIRECT measured here on 1.2 GB: the same wall time as buffered writes (the disk is the limit)
     for 0.06-0.11 s of CPU instead of 0.54 s, CPU the training process shares.
@@ -103,11 +137,12 @@ def write_shard(
         direct = False
         fd = os.open(path, flags, 0o644)
     checksum = Checksum()
+    span_sums = SpanChecksums(spans)
     try:
         if direct:
-            _write_direct(fd, header, body, checksum, throttle, done_with or _ignore)
+            _write_direct(fd, header, body, checksum, span_sums, throttle, done_with or _ignore)
         else:
-            _write_buffered(fd, header, body, checksum, throttle, done_with or _ignore)
+            _write_buffered(fd, header, body, checksum, span_sums, throttle, done_with or _ignore)
         synced = time.monotonic()
         os.fsync(fd)
         fsync_s = time.monotonic() - synced
@@ -116,7 +151,7 @@ def write_shard(
         os.unlink(path)
         raise
     os.close(fd)
-    return WrittenFile(len(header) + len(body), checksum.hexdigest(), fsync_s)
+    return WrittenFile(len(header) + len(body), checksum.hexdigest(), fsync_s, span_sums.hexdigests())
 
 
 def _ignore(offset: int, length: int) -> None:
@@ -124,7 +159,13 @@ def _ignore(offset: int, length: int) -> None:
 
 
 def _write_buffered(
-    fd: int, header: bytes, body: memoryview, checksum: Checksum, throttle: Throttle, done_with: PageRelease
+    fd: int,
+    header: bytes,
+    body: memoryview,
+    checksum: Checksum,
+    span_sums: SpanChecksums,
+    throttle: Throttle,
+    done_with: PageRelease,
 ) -> None:
     checksum.update(header)
     _write_all(fd, memoryview(header))
@@ -133,12 +174,19 @@ def _write_buffered(
         chunk = body[start : start + step]
         throttle.consume(len(chunk))
         checksum.update(chunk)
+        span_sums.update(start, chunk)
         _write_all(fd, chunk)
         done_with(start, len(chunk))
 
 
 def _write_direct(
-    fd: int, header: bytes, body: memoryview, checksum: Checksum, throttle: Throttle, done_with: PageRelease
+    fd: int,
+    header: bytes,
+    body: memoryview,
+    checksum: Checksum,
+    span_sums: SpanChecksums,
+    throttle: Throttle,
+    done_with: PageRelease,
 ) -> None:
     """O_DIRECT needs aligned memory, lengths and offsets: the header and the sub-page tail go through
     an aligned bounce buffer; the page-aligned bulk of the body is written straight from the region."""
@@ -155,11 +203,13 @@ def _write_direct(
             chunk = body[start : min(start + step, bulk)]
             throttle.consume(len(chunk))
             checksum.update(chunk)
+            span_sums.update(start, chunk)
             _pwrite_all(fd, chunk, offset + start)
             done_with(start, len(chunk))
         tail = body[bulk:]
         if len(tail):
             checksum.update(tail)
+            span_sums.update(bulk, tail)
             bounce[: len(tail)] = tail
             bounce[len(tail) : DIRECT_ALIGNMENT] = bytes(DIRECT_ALIGNMENT - len(tail))
             _pwrite_all(fd, memoryview(bounce)[:DIRECT_ALIGNMENT], offset + bulk)

@@ -88,9 +88,15 @@ def start_cluster(base: Path, per_node_args: Sequence[Sequence[str]] = ((), ()))
 
 
 def torchrun_nodes(
-    mode: str, root: Path, out: Path, endpoints: Sequence[str], *extra: str, env: Sequence[Dict[str, str]] = ({}, {})
+    mode: str,
+    root: Path,
+    out: Path,
+    endpoints: Sequence[str],
+    *extra: str,
+    env: Sequence[Dict[str, str]] = ({}, {}),
+    worker: Path = WORKER,
 ) -> List[subprocess.Popen]:
-    """Launch the worker on every simulated node (as a cluster job script would), without waiting.
+    """Launch `worker` on every simulated node (as a cluster job script would), without waiting.
     `endpoints`: each node's daemon (none: the worker auto-starts one); `env`: extra env per node."""
     master_port = free_port()
     processes = []
@@ -104,7 +110,7 @@ def torchrun_nodes(
             f"--nproc-per-node={PER_NODE}",
             "--master-addr=127.0.0.1",
             f"--master-port={master_port}",
-            str(WORKER),
+            str(worker),
             mode,
             "--root",
             str(root),

@@ -53,3 +53,35 @@ def test_throttle_caps_bandwidth(tmp_path: Path) -> None:
     view.release()
     region.close()
     assert time.monotonic() - started >= 0.4
+
+
+@pytest.mark.parametrize("throttled", [False, True])
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_span_checksums_cover_each_chunk_in_the_same_pass(tmp_path: Path, where: str, throttled: bool) -> None:
+    """SHARDED chunks get a checksum each (zero-length ones too), equal to one taken over their bytes
+    alone, whichever write path (O_DIRECT on disk, buffered on tmpfs; small pieces when throttled)."""
+    directory = tmp_path if where == "disk" else Path(tempfile.mkdtemp(dir="/dev/shm"))
+    sizes = [5000, 0, 4096, 3 * 1024 * 1024 + 7, 1, 0]
+    body = os.urandom(sum(sizes))
+    spans, offset = [], 0
+    for size in sizes:
+        spans.append((offset, size))
+        offset += size
+    region = page_aligned(body)
+    try:
+        view = memoryview(region)[: len(body)]
+        throttle = Throttle(400 * 1024 * 1024 if throttled else None)
+        written = write_shard(str(directory / "x.safetensors"), b"H" * 4096, view, throttle, spans=spans)
+        view.release()
+        expected = []
+        for start, size in spans:
+            one = Checksum()
+            one.update(body[start : start + size])
+            expected.append(one.hexdigest())
+        assert list(written.span_checksums) == expected
+    finally:
+        region.close()
+        if where == "tmpfs":
+            for p in directory.iterdir():
+                p.unlink()
+            directory.rmdir()

@@ -1,0 +1,67 @@
+"""The DTensor API of the running torch, reached from one place (its module moved in torch 2.4)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+from ckptd.client.errors import UnsupportedStateError
+from ckptd.proto.sharding import Box
+
+
+def _dtensor_api() -> Tuple[Optional[type], Optional[Callable[..., Any]]]:
+    """DTensor and the function placing a rank's chunk: public from torch 2.4, private before."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            dtensor = importlib.import_module(module).DTensor
+            utils = importlib.import_module(f"{module}._utils")
+            return dtensor, utils.compute_local_shape_and_global_offset
+        except (ImportError, AttributeError):
+            continue
+    return None, None  # pragma: no cover - a torch built without distributed
+
+
+_DTENSOR, _LOCAL_SHAPE_AND_OFFSET = _dtensor_api()
+
+
+def is_dtensor(value: Any) -> bool:
+    """Whether `value` is a torch.distributed DTensor."""
+    return _DTENSOR is not None and isinstance(value, _DTENSOR)
+
+
+def local_chunk(tensor: torch.Tensor, component: str, name: str) -> Tuple[torch.Tensor, Box]:
+    """The part of `tensor` this rank holds (the tensor itself unless it is a DTensor), and where it
+    lies in the global tensor."""
+    if not is_dtensor(tensor):
+        return tensor, Box((0,) * tensor.dim(), tuple(tensor.shape))
+    assert _LOCAL_SHAPE_AND_OFFSET is not None
+    dtensor: Any = tensor
+    for placement in dtensor.placements:
+        if placement.is_partial():
+            raise UnsupportedStateError(
+                f"component {component!r}: DTensor at {name} has a Partial placement (a pending reduction); "
+                "redistribute it to Shard or Replicate first"
+            )
+    local: torch.Tensor = dtensor.to_local()
+    sizes, offsets = _LOCAL_SHAPE_AND_OFFSET(dtensor.shape, dtensor.device_mesh, dtensor.placements)
+    if tuple(sizes) != tuple(local.shape):
+        raise UnsupportedStateError(
+            f"component {component!r}: DTensor at {name} holds a local tensor of shape {list(local.shape)}, "
+            f"but its placements {dtensor.placements} give {list(sizes)}; ckptd cannot tell where it lies"
+        )
+    return local, Box(tuple(int(o) for o in offsets), tuple(int(s) for s in sizes))
+
+
+def replicas(tensor: torch.Tensor, world_size: int) -> Tuple[int, ...]:
+    """The ranks that hold the same chunk of `tensor` as this rank: along the Replicate dimensions of
+    a DTensor's mesh; every rank for a plain tensor (REPLICATED inside a SHARDED component)."""
+    if not is_dtensor(tensor):
+        return tuple(range(world_size))
+    dtensor: Any = tensor
+    mesh = dtensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None  # a rank holds a DTensor only on a mesh it belongs to
+    index = tuple(slice(None) if p.is_replicate() else c for p, c in zip(dtensor.placements, coordinate))
+    return tuple(int(r) for r in mesh.mesh[index].flatten().tolist())
