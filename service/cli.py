@@ -186,6 +186,10 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--component", required=True, help="component key, e.g. model")
     export.add_argument("--out", required=True, help="output directory (new or empty)")
     export.add_argument("--scope", help="which copy of a PER_RANK/PER_GROUP/PER_NODE component (see `ckptd inspect`)")
+    export.add_argument(
+        "--select",
+        help="only the tensors under this key path, named relative to it (e.g. model, of a SHARDED train state)",
+    )
     export.add_argument("--prefix", default="model", help="file name prefix (default model: model.safetensors)")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output file in GB (default 5)")
     export.add_argument("--json", action="store_true", help="machine-readable output")

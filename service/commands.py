@@ -244,6 +244,7 @@ def export(args: argparse.Namespace) -> int:
             scope=args.scope,
             prefix=args.prefix,
             max_shard_bytes=int(args.max_shard_gb * 10**9),
+            select=args.select,
         )
     except (ExportError, ManifestError) as exc:
         return _fail("export", str(exc))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -135,16 +137,23 @@ def test_hsdp_writes_one_copy_and_loads_into_fsdp(tmp_path: Path) -> None:
     assert [loaded["ranks"][r]["next_index"] for r in range(2)] == next_indices(4, 2)
 
 
-def test_fsdp_tp_loads_into_fsdp_on_fewer_ranks(tmp_path: Path) -> None:
-    saved = save_job(tmp_path / "save", 4, "fsdp-tp")
-    loaded = load_job(saved, tmp_path, 2, "fsdp")
-    assert_bitwise(saved, loaded["full"])
+@pytest.fixture(scope="module")
+def fsdp_tp_on_four(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    return save_job(tmp_path_factory.mktemp("fsdp_tp"), 4, "fsdp-tp")
+
+
+def test_fsdp_tp_loads_into_fsdp_on_fewer_ranks(fsdp_tp_on_four: Dict[str, Any], tmp_path: Path) -> None:
+    loaded = load_job(fsdp_tp_on_four, tmp_path, 2, "fsdp")
+    assert_bitwise(fsdp_tp_on_four, loaded["full"])
 
 
 def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
-    """Stopped after step 3 and resumed on the same world size, training gives the loss of every step
-    that an uninterrupted run gives."""
+    """Module and optimizer as two SHARDED components, saved every step in overlap mode with keep_last 2:
+    stopped after step 3 and resumed on the same world size, training gives the loss of every step that
+    an uninterrupted run gives. Retention keeps two checkpoints, both verify, and with the newest one
+    damaged a load falls back to the one before."""
     losses = {}
+    common = ["--split", "--overlap", "--keep-last", "2"]
     for name, legs in (("straight", [6]), ("resumed", [3, 6])):
         root, out = tmp_path / name / "ckpt", tmp_path / name / "out"
         out.mkdir(parents=True)
@@ -164,13 +173,31 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
                     str(out),
                     "--steps",
                     str(steps),
+                    *common,
                     *resume,
                 )
         finally:
             daemon.stop()
+        assert "Traceback" not in daemon.log(), daemon.log()
         losses[name] = [json.loads(line) for line in (out / "losses_rank0.jsonl").read_text().splitlines()]
     assert [e["step"] for e in losses["resumed"]] == list(range(1, 7))
     assert losses["resumed"] == losses["straight"]
+
+    root = tmp_path / "resumed" / "ckpt"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000005", "step_00000006"]
+    for step in (5, 6):
+        assert not verify_checkpoint(str(root / f"step_{step:08d}"))
+    newest = root / "step_00000006"
+    shard = newest / read_manifest(str(newest)).components["optim"].scopes["rank-00000"].tensor_file.path
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "fallback"
+    out.mkdir()
+    torchrun(WORKER, 2, "load", "--layout", "fsdp", "--split", "--root", str(root), "--out", str(out))
+    assert {json.loads((out / f"load_rank{r}.json").read_text())["path"] for r in range(2)} == {
+        str(root / "step_00000005")
+    }
 
 
 def test_two_nodes_save_sharded_state(tmp_path: Path) -> None:
@@ -223,3 +250,49 @@ def test_a_corrupted_chunk_is_named_and_the_load_refused(fsdp_on_two: Dict[str, 
         torchrun(WORKER, 1, "load", "--layout", "plain", "--root", str(root), "--out", str(out))
     assert "rank-00001.safetensors: chunk" in str(failed.value) and "checksum" in str(failed.value)
     assert "no committed checkpoint" in str(failed.value)
+
+
+def test_export_consolidates_chunks_into_a_plain_model(fsdp_tp_on_four: Dict[str, Any], tmp_path: Path) -> None:
+    """`ckptd export --select model` of FSDP x TP state (row and column chunks, duplicated TP replicas)
+    writes whole tensors, split into files by size; a plain model loaded from them computes what one
+    loaded from the gathered full state computes."""
+    sys.path.insert(0, str(WORKER.parent))
+    from fsdp_job import VOCAB, TinyLM
+
+    out = tmp_path / "export"
+    checkpoint = fsdp_tp_on_four["root"] / f"step_{STEPS:08d}"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptd.service",
+            "export",
+            str(checkpoint),
+            "--component",
+            "train",
+            "--select",
+            "model",
+            "--out",
+            str(out),
+            "--max-shard-gb",
+            "0.000002",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    exported: Dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        exported.update(load_file(str(out / name)))
+    assert len(set(index["weight_map"].values())) > 1
+    full = load_file(str(fsdp_tp_on_four["out"] / "full_saved.safetensors"))
+    expected = {k[len("model/") :]: v for k, v in full.items() if k.startswith("model/")}
+    assert set(exported) == set(expected)
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    tokens = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7))
+    outputs = []
+    for state in (exported, expected):
+        model = TinyLM()
+        model.load_state_dict(state)
+        outputs.append(model(tokens))
+    assert torch.equal(outputs[0], outputs[1])

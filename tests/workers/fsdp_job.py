@@ -12,8 +12,9 @@ Modes:
   load   build a fresh model (another seed) on --layout, load `latest`, write the full state to
          <out>/full_loaded.safetensors (rank 0) and each rank's next sample index to
          <out>/load_rank<R>.json.
-  train  train --steps steps, saving every step; with --resume, load `latest` first and go on from
-         its step. Each step's loss goes to <out>/losses_rank0.jsonl.
+  train  train --steps steps, saving every step (--overlap: in overlap mode; --keep-last: with
+         retention); with --resume, load `latest` first and go on from its step. Each step's loss goes
+         to <out>/losses_rank0.jsonl.
   dtensor-in-global
          put a DTensor in a GLOBAL component and record the error save_checkpoint raises.
 
@@ -38,7 +39,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ckptd.client import CheckpointError, CheckpointManager, SharingPattern, StateComponent
+from ckptd.client import CheckpointError, CheckpointManager, RetentionPolicy, SharingPattern, StateComponent
 from ckptd.proto.topology import Topology
 
 VOCAB, WIDTH, HIDDEN = 37, 10, 22
@@ -146,11 +147,17 @@ def full_state(model: nn.Module, optim: torch.optim.Optimizer) -> Dict[str, torc
     return {k: v.detach().clone().contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
 
 
-def components(state: TrainState, samples: InterleavedSamples) -> List[StateComponent]:
-    return [
-        StateComponent("train", state, SharingPattern.SHARDED),
-        StateComponent("data", samples, SharingPattern.PER_RANK, reshard=reshard_samples),
-    ]
+def components(state: TrainState, samples: InterleavedSamples, split: bool) -> List[StateComponent]:
+    """One SHARDED component for model and optimizer (DCP's state-dict helpers), or with `split` the
+    module and the optimizer themselves as two (so that overlap mode defers copying their tensors)."""
+    data = StateComponent("data", samples, SharingPattern.PER_RANK, reshard=reshard_samples)
+    if split:
+        return [
+            StateComponent("model", state.model, SharingPattern.SHARDED),
+            StateComponent("optim", state.optim, SharingPattern.SHARDED),
+            data,
+        ]
+    return [StateComponent("train", state, SharingPattern.SHARDED), data]
 
 
 class Provider:
@@ -170,6 +177,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--split", action="store_true", help="model and optimizer as two SHARDED components")
+    parser.add_argument("--overlap", action="store_true", help="save_checkpoint(overlap=True)")
+    parser.add_argument("--keep-last", type=int, default=0, help="retention: keep the newest N (0: all)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -180,9 +190,11 @@ def main() -> None:
         samples = InterleavedSamples(rank // (world // 2), 2)
     else:
         samples = InterleavedSamples(rank, world)
-    provider = Provider(components(TrainState(model, optim), samples))
+    provider = Provider(components(TrainState(model, optim), samples, args.split))
     connect = args.mode != "load"
     options: Dict[str, Any] = {"endpoint": args.endpoint, "auto_start": False} if connect else {"connect": False}
+    if args.keep_last:
+        options["retention"] = RetentionPolicy(keep_last=args.keep_last)
 
     if args.mode == "save":
         with CheckpointManager(provider, args.root, **options) as manager:
@@ -214,7 +226,7 @@ def main() -> None:
                     if rank == 0:
                         log.write(json.dumps({"step": step, "loss": loss}) + "\n")
                         log.flush()
-                    manager.save_checkpoint(step)
+                    manager.save_checkpoint(step, overlap=args.overlap)
     else:
         bad = Provider([StateComponent("model", model, SharingPattern.GLOBAL)])
         error = ""
