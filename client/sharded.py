@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from ckptd.client.codec import FlatState, flatten_state, skeleton_refs, torch_dtype, unflatten_state
-from ckptd.client.dtensors import local_chunk, replicas
+from ckptd.client.dtensors import ChunkPlacer
 from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.disk.files import FileProblem, map_listed_file
 from ckptd.disk.safetensors import TensorSpan, decode_header, tensor_spans
@@ -40,9 +40,10 @@ def plan_sharded(flat: FlatState, component: str, rank: int, world_size: int) ->
     applied per set of replicas)."""
     held: Dict[str, Tuple[torch.Tensor, Box, Tuple[int, ...]]] = {}
     by_replicas: Dict[Tuple[int, ...], List[Tuple[str, int]]] = {}
+    placer = ChunkPlacer(world_size)
     for name, tensor in flat.tensors.items():
-        local, box = local_chunk(tensor, component, name)
-        owners_among = replicas(tensor, world_size)
+        local, box = placer.local_chunk(tensor, component, name)
+        owners_among = placer.replicas(tensor)
         held[name] = (local, box, tuple(tensor.shape))
         by_replicas.setdefault(owners_among, []).append((name, local.numel() * local.element_size()))
     plan = ShardedPlan()
@@ -55,7 +56,7 @@ def plan_sharded(flat: FlatState, component: str, rank: int, world_size: int) ->
     return plan
 
 
-class _ShardReader:
+class ShardReader:
     """The shards of one SHARDED component, mapped on first use; each chunk verified on first read."""
 
     def __init__(self, checkpoint_dir: str, files: Mapping[str, FileRecord], verify: bool) -> None:
@@ -123,7 +124,9 @@ def _drop_pages(mapped: mmap.mmap, span: TensorSpan) -> None:
         mapped.madvise(mmap.MADV_DONTNEED, start, length)
 
 
-def _fill(target: torch.Tensor, name: str, chunks: Sequence[ChunkRecord], reader: _ShardReader, key: str) -> None:
+def _fill(
+    target: torch.Tensor, name: str, chunks: Sequence[ChunkRecord], reader: ShardReader, placer: ChunkPlacer, key: str
+) -> None:
     """Copy into `target` (a DTensor: its local part) the parts of the saved chunks it overlaps."""
     global_shape = chunks[0].global_shape
     if tuple(target.shape) != global_shape:
@@ -131,7 +134,7 @@ def _fill(target: torch.Tensor, name: str, chunks: Sequence[ChunkRecord], reader
             f"component {key!r}: tensor {name} was saved with shape {list(global_shape)}, "
             f"but this rank's state has shape {list(target.shape)}"
         )
-    local, box = local_chunk(target, key, name)
+    local, box = placer.local_chunk(target, key, name)
     covered = 0
     for chunk in {c.box: c for c in chunks}.values():  # replicas that both wrote a box: read one
         overlap = chunk.box.intersect(box)
@@ -150,26 +153,38 @@ def _fill(target: torch.Tensor, name: str, chunks: Sequence[ChunkRecord], reader
         )
 
 
+def saved_chunks(key: str, record: ComponentRecord) -> Dict[str, List[ChunkRecord]]:
+    """Every saved chunk of SHARDED component `key`, by tensor name."""
+    try:
+        return chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
+    except ValueError as exc:
+        raise VerificationError(f"component {key!r}: {exc}") from None
+
+
+def read_skeleton(checkpoint_dir: str, key: str, record: ComponentRecord, verify: bool) -> bytes:
+    """The msgpack skeleton of SHARDED component `key` (its non-tensor state, with tensor references),
+    which rank 0 wrote."""
+    scope = record.scopes.get(SKELETON_SCOPE)
+    if scope is None:
+        raise VerificationError(f"component {key!r} in {checkpoint_dir} has no {SKELETON_SCOPE} scope")
+    path = os.path.join(checkpoint_dir, scope.state_file.path)
+    try:
+        mapped = map_listed_file(path, scope.state_file, verify=verify)
+    except FileProblem as exc:
+        raise VerificationError(str(exc)) from None
+    try:
+        return mapped[:]
+    finally:
+        mapped.close()
+
+
 def read_sharded(checkpoint_dir: str, key: str, record: ComponentRecord, target_state: Any, verify: bool) -> Any:
     """Component `key`'s state for this rank: the saved non-tensor state, with every tensor being the
     one `target_state` (this rank's `state_dict()`) holds at that place, filled from the saved chunks.
     Only the parts of saved chunks that overlap what this rank holds are read."""
-    skeleton_scope = record.scopes.get(SKELETON_SCOPE)
-    if skeleton_scope is None:
-        raise VerificationError(f"component {key!r} in {checkpoint_dir} has no {SKELETON_SCOPE} scope")
-    try:
-        chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
-    except ValueError as exc:
-        raise VerificationError(f"component {key!r}: {exc}") from None
-    state_path = os.path.join(checkpoint_dir, skeleton_scope.state_file.path)
-    try:
-        state_map = map_listed_file(state_path, skeleton_scope.state_file, verify=verify)
-    except FileProblem as exc:
-        raise VerificationError(str(exc)) from None
-    try:
-        skeleton = state_map[:]
-    finally:
-        state_map.close()
+    chunks = saved_chunks(key, record)
+    skeleton = read_skeleton(checkpoint_dir, key, record, verify)
+    state_path = os.path.join(checkpoint_dir, record.scopes[SKELETON_SCOPE].state_file.path)
     try:
         saved_refs = skeleton_refs(skeleton)
     except ValueError as exc:
@@ -178,9 +193,10 @@ def read_sharded(checkpoint_dir: str, key: str, record: ComponentRecord, target_
     missing = sorted(set(target.refs) - set(saved_refs))
     if missing:
         raise CheckpointError(f"component {key!r}: no tensor was saved at {missing[:5]} (this rank's state has one)")
-    reader = _ShardReader(checkpoint_dir, {s.tensor_file.path: s.tensor_file for s in record.scopes.values()}, verify)
+    reader = ShardReader(checkpoint_dir, {s.tensor_file.path: s.tensor_file for s in record.scopes.values()}, verify)
     tensors: Dict[str, torch.Tensor] = {}
     filled: set[int] = set()
+    placer = ChunkPlacer(world_size=1)  # only local chunks are asked for
     try:
         for path, saved_name in saved_refs.items():
             target_name = target.refs.get(path)
@@ -194,7 +210,7 @@ def read_sharded(checkpoint_dir: str, key: str, record: ComponentRecord, target_
             if saved_name not in chunks:
                 raise VerificationError(f"component {key!r}: no chunk of tensor {saved_name} is listed")
             if id(tensor) not in filled:
-                _fill(tensor, path, chunks[saved_name], reader, key)
+                _fill(tensor, path, chunks[saved_name], reader, placer, key)
                 filled.add(id(tensor))
             tensors.setdefault(saved_name, tensor)
     finally:
