@@ -170,6 +170,36 @@ CASES: List[Any] = [
         "invalid_request",
         "region holds 8",
     ),
+    (
+        "chunk outside its tensor",
+        lambda d: messages.encode(
+            "save",
+            save_body(
+                d,
+                parts=[
+                    {
+                        **save_body(d)["parts"][0],
+                        "pattern": "SHARDED",
+                        "region": f"ckptd-{os.getuid()}-{os.getpid()}-x",
+                        "region_size": 16,
+                        "tensors": [["w", "F32", [2, 2], 0, 16]],
+                        "chunks": {"w": [[3, 2], [2, 0]]},
+                    }
+                ],
+            ),
+            1,
+        ),
+        "invalid_request",
+        "does not fit the global shape [3, 2]",
+    ),
+    (
+        "chunks on a GLOBAL part",
+        lambda d: messages.encode(
+            "save", save_body(d, parts=[{**save_body(d)["parts"][0], "chunks": {"w": [[2], [0]]}}]), 1
+        ),
+        "invalid_request",
+        "only a SHARDED component has chunks",
+    ),
     ("rank outside world", lambda d: messages.encode("save", save_body(d, rank=5), 1), "invalid_request", "rank 5"),
     (
         "no lease",

@@ -17,6 +17,7 @@ from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
+from ckptd.proto.sharding import ChunkSpec, chunk_index_entry
 from ckptd.proto.topology import Topology
 from ckptd.service.errors import CommitRejected
 from ckptd.service.leader import Announce, LocalCommitLeader, build_manifest
@@ -132,3 +133,40 @@ async def test_a_save_waits_for_every_node_and_an_abort_drops_it(tmp_path: Path)
         await leader.close()
     assert [(o.step, o.committed, o.reason) for o in announced] == [(5, False, "rank 1 did not hand over")]
     assert read_latest(store.root) is None
+
+
+def sharded_report(node: int, rows: Dict[int, Tuple[int, int]]) -> NodeReport:
+    """Node `node`'s report of a SHARDED tensor "w" of 4 x 2, its rank holding rows [start, start + n)."""
+    (rank,) = TWO_NODES.node_ranks(node)
+    start, count = rows[rank]
+    tensor, state = layout.shard_paths("train", f"rank-{rank:05d}")
+    entry = chunk_index_entry("F32", ChunkSpec((4, 2), (start, 0)), (count, 2), "xxh3_64:0")
+    files = {
+        "train": {
+            f"rank-{rank:05d}": ScopeFiles(
+                FileRecord(tensor, 4096, "xxh3_64:0", {"w": entry}), FileRecord(state, 1, "x")
+            )
+        }
+    }
+    part = ComponentPart("train", SharingPattern.SHARDED, writer=True)
+    return NodeReport("run", 3, node, TWO_NODES, {rank: (part,)}, files, versions={}, metrics={})
+
+
+def test_sharded_chunks_that_tile_commit_and_any_rank_reads_them() -> None:
+    manifest = build_manifest([sharded_report(n, {0: (0, 2), 1: (2, 2)}) for n in (0, 1)])
+    record = manifest.components["train"]
+    assert record.pattern is SharingPattern.SHARDED
+    assert {name: scope.readers for name, scope in record.scopes.items()} == {
+        "rank-00000": [0, 1],
+        "rank-00001": [0, 1],
+    }
+
+
+@pytest.mark.parametrize(
+    ("rows", "problem"),
+    [({0: (0, 2), 1: (3, 1)}, "cover 6 of its 8 elements"), ({0: (0, 3), 1: (2, 2)}, "overlap")],
+    ids=["a gap", "an overlap"],
+)
+def test_sharded_chunks_that_do_not_tile_reject_the_commit(rows: Dict[int, Tuple[int, int]], problem: str) -> None:
+    with pytest.raises(CommitRejected, match=problem):
+        build_manifest([sharded_report(n, rows) for n in (0, 1)])
