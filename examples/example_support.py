@@ -13,6 +13,7 @@ import argparse
 import copy
 import os
 import signal
+import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 import torch
@@ -123,3 +124,15 @@ class Recorder:
         if optimizer is not None:
             self.record["optimizer"] = copy.deepcopy(optimizer.state_dict())
         torch.save(self.record, self.path)
+
+
+def leave_after_fsdp() -> NoReturn:
+    """End a process that ran FSDP2 over gloo: tear the process groups down, flush, and exit 0 without
+    the interpreter's own teardown. There, objects torch still caches (device meshes and the process
+    groups they hold) are destroyed late, and about one run in fifty aborted with "terminate called
+    without an active exception" on the 2-core development VM (torch 2.13, gloo, CPU)."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

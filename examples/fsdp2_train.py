@@ -35,7 +35,15 @@ from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
-from example_support import Recorder, Say, crash, example_parser, rank0_say, report  # options, --crash-at, --record
+from example_support import (  # options, --crash-at, --record
+    Recorder,
+    Say,
+    crash,
+    example_parser,
+    leave_after_fsdp,
+    rank0_say,
+    report,
+)
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -223,8 +231,7 @@ def main() -> None:
     for note in report(pending, wait=True):
         say(note)
     recorder.write(**trainer.full_state())
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_after_fsdp()  # destroy_process_group, then exit without the interpreter's teardown
 
 
 if __name__ == "__main__":
