@@ -57,12 +57,12 @@ def save_job(base: Path, world: int, layout: str, *extra: str) -> Dict[str, Any]
     return {"root": root, "out": out, "world": world}
 
 
-def load_job(saved: Dict[str, Any], base: Path, world: int, layout: str) -> Dict[str, Any]:
+def load_job(saved: Dict[str, Any], base: Path, world: int, layout: str, *extra: str) -> Dict[str, Any]:
     """Load `latest` of `saved` in fresh processes on `world` ranks with `layout`; the full state and
     each rank's next sample index."""
     out = base / f"load-{world}-{layout}"
     out.mkdir(parents=True)
-    torchrun(WORKER, world, "load", "--layout", layout, "--root", str(saved["root"]), "--out", str(out))
+    torchrun(WORKER, world, "load", "--layout", layout, "--root", str(saved["root"]), "--out", str(out), *extra)
     ranks = {r: json.loads((out / f"load_rank{r}.json").read_text()) for r in range(world)}
     return {"full": load_file(str(out / "full_loaded.safetensors")), "ranks": ranks}
 
@@ -120,6 +120,14 @@ def test_chunks_tile_every_tensor_and_verify(fsdp_on_two: Dict[str, Any]) -> Non
     for name, pieces in chunks.items():
         assert coverage_problem(name, pieces) is None
     assert not verify_checkpoint(str(fsdp_on_two["root"] / f"step_{STEPS:08d}"))
+    report = subprocess.run(
+        [sys.executable, "-m", "ckptd.service", "inspect", str(fsdp_on_two["root"] / f"step_{STEPS:08d}")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "component 'train': SHARDED" in report
+    assert "model/embed.weight  F32 [37, 10]: 2 chunk(s): [0, 0]+[19, 10] in rank-00000.safetensors; " in report
     # one copy: the chunks hold as many bytes as the gathered full state
     full = load_file(str(fsdp_on_two["out"] / "full_saved.safetensors"))
     assert chunk_bytes(manifest) == sum(t.numel() * t.element_size() for t in full.values())
@@ -206,7 +214,7 @@ def test_two_nodes_save_sharded_state(tmp_path: Path) -> None:
     nodes = start_cluster(tmp_path)
     try:
         processes = torchrun_nodes(
-            "save", nodes.root, out, [d.endpoint for d in nodes.daemons], "--layout", "hsdp", worker=WORKER
+            "save", nodes.root, out, [d.endpoint for d in nodes.daemons], "--layout", "hsdp", "--spread", worker=WORKER
         )
         wait_all(processes, out, "save")
     finally:
@@ -215,8 +223,10 @@ def test_two_nodes_save_sharded_state(tmp_path: Path) -> None:
     manifest = sharded_manifest(saved)
     assert manifest.topology.num_nodes == 2
     assert set(manifest.components["train"].scopes) == {f"rank-{r:05d}" for r in range(4)}
-    loaded = load_job(saved, tmp_path, 2, "fsdp")
+    assert set(manifest.components["tables"].scopes) == {"share-00000", "share-00001"}  # a REPLICATED spread too
+    loaded = load_job(saved, tmp_path, 2, "fsdp", "--spread")
     assert_bitwise(saved, loaded["full"])
+    assert all(rank["tables_restored"] for rank in loaded["ranks"].values())
 
 
 def test_a_dtensor_in_another_pattern_names_the_key_and_sharded(tmp_path: Path) -> None:

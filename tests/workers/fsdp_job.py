@@ -18,6 +18,9 @@ Modes:
   dtensor-in-global
          put a DTensor in a GLOBAL component and record the error save_checkpoint raises.
 
+--spread adds "tables", four tensors REPLICATED and spread over the nodes (load records whether they
+came back).
+
 Layouts: fsdp (FSDP2 over every rank), hsdp (FSDP2 on a 2 x N/2 mesh: replicate x shard), fsdp-tp (a
 2 x N/2 mesh: FSDP2 over dp, tensor parallel over tp), plain (no sharding; one process).
 """
@@ -97,6 +100,24 @@ class InterleavedSamples:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.start, self.drawn = state["start"], state["drawn"]
+
+
+class Tables:
+    """Four tensors identical on every rank (REPLICATED, spread over the nodes): arange-filled when
+    saved, zeros before a load, so a load shows whether it restored them."""
+
+    def __init__(self, filled: bool) -> None:
+        self.tables = {f"t{i}": torch.arange(1000 * (i + 1), dtype=torch.float32) * float(filled) for i in range(4)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(self.tables)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, tensor in state.items():
+            self.tables[name].copy_(tensor)
+
+    def restored(self) -> bool:
+        return all(torch.equal(t, Tables(True).tables[n]) for n, t in self.tables.items())
 
 
 def reshard_samples(saved: List[Dict[str, Any]], old: Topology, new: Topology, rank: int) -> Dict[str, Any]:
@@ -181,6 +202,7 @@ def main() -> None:
     parser.add_argument("--split", action="store_true", help="model and optimizer as two SHARDED components")
     parser.add_argument("--overlap", action="store_true", help="save_checkpoint(overlap=True)")
     parser.add_argument("--keep-last", type=int, default=0, help="retention: keep the newest N (0: all)")
+    parser.add_argument("--spread", action="store_true", help="add a REPLICATED component spread over the nodes")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -192,6 +214,9 @@ def main() -> None:
     else:
         samples = InterleavedSamples(rank, world)
     provider = Provider(components(TrainState(model, optim), samples, args.split))
+    tables = Tables(filled=args.mode != "load")
+    if args.spread:
+        provider.parts.append(StateComponent("tables", tables, SharingPattern.REPLICATED, spread=True))
     connect = args.mode != "load"
     options: Dict[str, Any] = {"endpoint": args.endpoint, "auto_start": False} if connect else {"connect": False}
     if args.keep_last:
@@ -213,7 +238,8 @@ def main() -> None:
         full = full_state(model, optim)
         if rank == 0:
             save_file(full, str(out / "full_loaded.safetensors"))
-        (out / f"load_rank{rank}.json").write_text(json.dumps({"next_index": samples.peek(), "path": loaded}))
+        result = {"next_index": samples.peek(), "path": loaded, "tables_restored": tables.restored()}
+        (out / f"load_rank{rank}.json").write_text(json.dumps(result))
     elif args.mode == "train":
         with CheckpointManager(provider, args.root, **options) as manager:
             first = 1
