@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,7 +21,7 @@ from ckptd.disk.files import FileProblem, map_listed_file
 from ckptd.disk.safetensors import TensorSpan, decode_header, tensor_spans
 from ckptd.proto.formats import Checksum
 from ckptd.proto.manifest import ComponentRecord, FileRecord
-from ckptd.proto.sharding import Box, ChunkRecord, ChunkSpec, chunk_owners, chunks_in_files
+from ckptd.proto.sharding import Box, ChunkRecord, ChunkSpec, checksum_blocks, chunk_owners, chunks_in_files
 
 SKELETON_SCOPE = "rank-00000"
 """The scope whose state file holds a SHARDED component's non-tensor state (rank 0 writes it once)."""
@@ -65,28 +65,40 @@ class ShardReader:
         self._verify = verify
         self._maps: Dict[str, mmap.mmap] = {}
         self._spans: Dict[str, Dict[str, TensorSpan]] = {}
-        self._verified: set[Tuple[str, str]] = set()
+        self._verified: set[Tuple[str, str, int]] = set()
 
-    def chunk(self, chunk: ChunkRecord) -> Tuple[torch.Tensor, mmap.mmap, TensorSpan]:
-        """A view of a saved chunk's bytes over its shard's mapping (no copy), with the mapping and span."""
+    def chunk(
+        self, chunk: ChunkRecord, needed: Optional[Tuple[int, int]] = None
+    ) -> Tuple[torch.Tensor, mmap.mmap, TensorSpan]:
+        """A view of a saved chunk's bytes over its shard's mapping (no copy), with the mapping and span.
+        The checksum blocks holding the `needed` bytes [start, end) of the chunk (all of them by
+        default) are verified, each once."""
         mapped, spans = self._open(chunk.file)
         span = spans.get(chunk.name)
         if span is None or span.dtype != chunk.dtype or tuple(span.shape) != chunk.box.sizes:
             raise VerificationError(f"{self._path(chunk.file)}: tensor {chunk.name!r} does not match the manifest")
-        if self._verify and (chunk.file, chunk.name) not in self._verified:
-            checksum = Checksum()
-            checksum.update(memoryview(mapped)[span.start : span.start + span.nbytes])
-            if checksum.hexdigest() != chunk.checksum:
-                raise VerificationError(
-                    f"{self._path(chunk.file)}: chunk {chunk.name!r} at {list(chunk.box.offsets)} has checksum "
-                    f"{checksum.hexdigest()}, the manifest says {chunk.checksum}"
-                )
-            self._verified.add((chunk.file, chunk.name))
+        if self._verify:
+            self._verify_blocks(chunk, mapped, span, needed or (0, span.nbytes))
         dtype = torch_dtype(chunk.dtype)
         if span.nbytes == 0:
             return torch.empty(chunk.box.sizes, dtype=dtype), mapped, span
         view = torch.frombuffer(mapped, dtype=dtype, count=span.nbytes // dtype.itemsize, offset=span.start)
         return view.view(chunk.box.sizes), mapped, span
+
+    def _verify_blocks(self, chunk: ChunkRecord, mapped: mmap.mmap, span: TensorSpan, needed: Tuple[int, int]) -> None:
+        for index, (start, length) in enumerate(checksum_blocks(span.nbytes)):
+            key = (chunk.file, chunk.name, index)
+            if key in self._verified or (length and (start + length <= needed[0] or start >= needed[1])):
+                continue
+            checksum = Checksum()
+            checksum.update(memoryview(mapped)[span.start + start : span.start + start + length])
+            if checksum.hexdigest() != chunk.block_checksums[index]:
+                raise VerificationError(
+                    f"{self._path(chunk.file)}: chunk {chunk.name!r} at {list(chunk.box.offsets)}, bytes "
+                    f"{start}-{start + length}: checksum {checksum.hexdigest()}, the manifest says "
+                    f"{chunk.block_checksums[index]}"
+                )
+            self._verified.add(key)
 
     def _open(self, rel: str) -> Tuple[mmap.mmap, Dict[str, TensorSpan]]:
         if rel not in self._maps:
@@ -140,7 +152,8 @@ def _fill(
         overlap = chunk.box.intersect(box)
         if overlap is None or overlap.volume == 0:
             continue
-        source, mapped, span = reader.chunk(chunk)
+        needed = overlap.byte_range_in(chunk.box, torch_dtype(chunk.dtype).itemsize)
+        source, mapped, span = reader.chunk(chunk, needed)
         with torch.no_grad():
             local[overlap.relative_to(box)].copy_(source[overlap.relative_to(chunk.box)])
         del source

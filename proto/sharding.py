@@ -7,7 +7,8 @@ rule below is a pure function every replica evaluates alike, so no rank has to a
 
 In the manifest, each chunk is an entry of the tensor index of the file that holds it: besides the
 usual dtype and shape (the chunk's sizes), it records the global shape, the chunk's offsets and the
-checksum of its bytes (so a rank that reads part of a chunk verifies that chunk, not the whole file).
+checksums of its bytes, one per block of CHECKSUM_BLOCK_BYTES, so that a rank that reads part of a
+chunk verifies the blocks it reads: neither the whole file nor the whole chunk.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ckptd.proto.formats import SAFETENSORS_DTYPES
+
 GLOBAL_SHAPE = "global_shape"
 OFFSETS = "offsets"
-CHUNK_CHECKSUM = "checksum"
+BLOCK_CHECKSUMS = "block_checksums"
 """Keys a SHARDED component's tensor index entries carry besides dtype and shape."""
+
+CHECKSUM_BLOCK_BYTES = 16 * 2**20
+"""A chunk's bytes are checksummed in blocks of this size. Measured on a 1 GB FSDP2 state saved on 2
+ranks and loaded cold on 4: verifying whole chunks made the load 1.5x slower than not verifying,
+since each new rank read twice the bytes it needed; 16 MiB keeps a 1 TB state's manifest near 1.5 MB
+of checksums."""
 
 Shape = Tuple[int, ...]
 
@@ -49,6 +58,14 @@ class Box:
         if any(high <= low for low, high in zip(lows, highs)):
             return None
         return Box(lows, tuple(high - low for low, high in zip(lows, highs)))
+
+    def byte_range_in(self, outer: "Box", itemsize: int) -> Tuple[int, int]:
+        """[start, end) of the bytes of `outer`'s row-major tensor that hold this box's elements
+        (and those between them); the box must lie inside `outer` and hold an element."""
+        strides = [math.prod(outer.sizes[d + 1 :]) for d in range(len(outer.sizes))]
+        first = sum((o - b) * st for o, b, st in zip(self.offsets, outer.offsets, strides))
+        last = sum((o + n - 1 - b) * st for o, n, b, st in zip(self.offsets, self.sizes, outer.offsets, strides))
+        return first * itemsize, (last + 1) * itemsize
 
     def relative_to(self, outer: "Box") -> Tuple[slice, ...]:
         """Index of this box inside `outer`'s own tensor (this box must lie inside `outer`)."""
@@ -88,7 +105,8 @@ class ChunkRecord:
     dtype: str
     global_shape: Shape
     box: Box
-    checksum: str
+    block_checksums: Tuple[str, ...]
+    """One per CHECKSUM_BLOCK_BYTES of the chunk's bytes (`checksum_blocks`)."""
 
 
 def chunk_owners(chunks: Iterable[Tuple[str, int]], replicas: Sequence[int]) -> Dict[str, int]:
@@ -105,14 +123,22 @@ def chunk_owners(chunks: Iterable[Tuple[str, int]], replicas: Sequence[int]) -> 
     return owners
 
 
-def chunk_index_entry(dtype: str, spec: ChunkSpec, sizes: Sequence[int], checksum: str) -> Dict[str, Any]:
+def checksum_blocks(nbytes: int) -> List[Tuple[int, int]]:
+    """The blocks (start, length) of a chunk of `nbytes` bytes that get a checksum each (one, empty,
+    for an empty chunk)."""
+    if nbytes == 0:
+        return [(0, 0)]
+    return [(start, min(CHECKSUM_BLOCK_BYTES, nbytes - start)) for start in range(0, nbytes, CHECKSUM_BLOCK_BYTES)]
+
+
+def chunk_index_entry(dtype: str, spec: ChunkSpec, sizes: Sequence[int], checksums: Sequence[str]) -> Dict[str, Any]:
     """The tensor index entry of a chunk in a SHARDED component's shard."""
     return {
         "dtype": dtype,
         "shape": list(sizes),
         GLOBAL_SHAPE: list(spec.global_shape),
         OFFSETS: list(spec.offsets),
-        CHUNK_CHECKSUM: checksum,
+        BLOCK_CHECKSUMS: list(checksums),
     }
 
 
@@ -129,10 +155,15 @@ def chunks_in_files(files: Iterable[Tuple[str, Mapping[str, Mapping[str, Any]]]]
                     dtype=str(entry["dtype"]),
                     global_shape=tuple(int(d) for d in entry[GLOBAL_SHAPE]),
                     box=Box(tuple(int(d) for d in entry[OFFSETS]), tuple(int(d) for d in entry["shape"])),
-                    checksum=str(entry[CHUNK_CHECKSUM]),
+                    block_checksums=tuple(str(c) for c in entry[BLOCK_CHECKSUMS]),
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}: tensor {name!r} is not a chunk entry ({exc!r})") from None
+            nbytes = record.box.volume * SAFETENSORS_DTYPES.get(record.dtype, 0)
+            if record.dtype not in SAFETENSORS_DTYPES or len(record.block_checksums) != len(checksum_blocks(nbytes)):
+                raise ValueError(
+                    f"{path}: tensor {name!r} lists {len(record.block_checksums)} block checksums for {nbytes} bytes"
+                )
             chunks.setdefault(name, []).append(record)
     return chunks
 

@@ -20,7 +20,7 @@ from ckptd.proto.formats import check_tensor_layout
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome, SaveRequest
 from ckptd.proto.patterns import Placement, SharingPattern, place
-from ckptd.proto.sharding import Box, chunk_index_entry
+from ckptd.proto.sharding import Box, checksum_blocks, chunk_index_entry
 from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
@@ -367,7 +367,9 @@ class NodeCoordinator:
                 region.drop_pages(offset, length)
 
         sharded = comp.pattern is SharingPattern.SHARDED
-        spans = [(t.offset, t.nbytes) for t in comp.tensors] if sharded else []
+        packed = sorted(comp.tensors, key=lambda t: (t.offset, t.nbytes))  # as SpanChecksums orders spans
+        blocks = [checksum_blocks(t.nbytes) for t in packed] if sharded else []
+        spans = [(t.offset + start, length) for t, own in zip(packed, blocks) for start, length in own]
         try:
             written = write_shard(
                 os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle, done_with, spans
@@ -376,10 +378,11 @@ class NodeCoordinator:
             body.release()
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
         session.add_fsync(written.fsync_s + state.fsync_s)
-        if sharded:  # entries are packed in offset order, as the span checksums come back
+        if sharded:
+            sums = iter(written.span_checksums)
             index = {
-                t.name: chunk_index_entry(t.dtype, comp.chunks[t.name], t.shape, checksum)
-                for t, checksum in zip(sorted(comp.tensors, key=lambda t: t.offset), written.span_checksums)
+                t.name: chunk_index_entry(t.dtype, comp.chunks[t.name], t.shape, [next(sums) for _ in own])
+                for t, own in zip(packed, blocks)
             }
         else:
             index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}

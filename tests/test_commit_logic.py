@@ -140,7 +140,7 @@ def sharded_report(node: int, rows: Dict[int, Tuple[int, int]]) -> NodeReport:
     (rank,) = TWO_NODES.node_ranks(node)
     start, count = rows[rank]
     tensor, state = layout.shard_paths("train", f"rank-{rank:05d}")
-    entry = chunk_index_entry("F32", ChunkSpec((4, 2), (start, 0)), (count, 2), "xxh3_64:0")
+    entry = chunk_index_entry("F32", ChunkSpec((4, 2), (start, 0)), (count, 2), ["xxh3_64:0"])
     files = {
         "train": {
             f"rank-{rank:05d}": ScopeFiles(

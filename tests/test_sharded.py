@@ -306,3 +306,43 @@ def test_export_consolidates_chunks_into_a_plain_model(fsdp_tp_on_four: Dict[str
         model.load_state_dict(state)
         outputs.append(model(tokens))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_rank_verifies_the_blocks_it_reads_and_only_those(tmp_path: Path) -> None:
+    """A chunk of two checksum blocks with a byte flipped in the first: reading only the second block's
+    bytes verifies and succeeds; reading the first is refused, naming the chunk and the bytes."""
+    from safetensors.torch import save_file
+
+    from ckptd.client.errors import VerificationError
+    from ckptd.client.sharded import ShardReader
+    from ckptd.proto.formats import Checksum
+    from ckptd.proto.manifest import FileRecord
+    from ckptd.proto.sharding import CHECKSUM_BLOCK_BYTES, Box, ChunkRecord, checksum_blocks
+
+    count = (CHECKSUM_BLOCK_BYTES + 4096) // 4
+    values = torch.arange(count, dtype=torch.float32)
+    shard = tmp_path / "train" / "rank-00000.safetensors"
+    shard.parent.mkdir()
+    save_file({"w": values}, str(shard))
+    raw = values.numpy().tobytes()
+    sums = []
+    for start, length in checksum_blocks(len(raw)):
+        block = Checksum()
+        block.update(raw[start : start + length])
+        sums.append(block.hexdigest())
+    assert len(sums) == 2
+    data = bytearray(shard.read_bytes())
+    data[len(data) - len(raw) + 100] ^= 0xFF  # a byte of the first block
+    shard.write_bytes(bytes(data))
+    record = FileRecord("train/rank-00000.safetensors", len(data), "unused", {})
+    chunk = ChunkRecord("w", record.path, "F32", (count,), Box((0,), (count,)), tuple(sums))
+
+    reader = ShardReader(str(tmp_path), {record.path: record}, verify=True)
+    try:
+        second, _, _ = reader.chunk(chunk, (CHECKSUM_BLOCK_BYTES, len(raw)))
+        assert torch.equal(second[CHECKSUM_BLOCK_BYTES // 4 :], values[CHECKSUM_BLOCK_BYTES // 4 :])
+        del second
+        with pytest.raises(VerificationError, match=r"chunk 'w' at \[0\], bytes 0-16777216: checksum"):
+            reader.chunk(chunk, (0, 4))
+    finally:
+        reader.close()

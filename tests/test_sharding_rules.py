@@ -6,11 +6,11 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptd.proto.sharding import Box, ChunkRecord, chunk_owners, coverage_problem
+from ckptd.proto.sharding import CHECKSUM_BLOCK_BYTES, Box, ChunkRecord, checksum_blocks, chunk_owners, coverage_problem
 
 
 def chunk(offsets: tuple, sizes: tuple, shape: tuple = (10, 4), file: str = "c/rank-00000.safetensors") -> ChunkRecord:
-    return ChunkRecord("w", file, "F32", shape, Box(offsets, sizes), "xxh3_64:0")
+    return ChunkRecord("w", file, "F32", shape, Box(offsets, sizes), ("xxh3_64:0",))
 
 
 @given(
@@ -41,7 +41,7 @@ def test_coverage_accepts_a_tiling_and_identical_duplicates() -> None:
         chunk((7, 0), (0, 4), shape=(7, 4)),
     ]
     assert coverage_problem("w", uneven) is None
-    assert coverage_problem("s", [ChunkRecord("s", "f", "F32", (), Box((), ()), "x")]) is None
+    assert coverage_problem("s", [ChunkRecord("s", "f", "F32", (), Box((), ()), ("x",))]) is None
 
 
 def test_coverage_names_a_gap_an_overlap_and_a_stray_chunk() -> None:
@@ -61,3 +61,17 @@ def test_box_intersection_and_its_index_in_each_chunk() -> None:
     assert overlap.relative_to(saved) == (slice(2, 4), slice(2, 4))
     assert overlap.relative_to(held) == (slice(0, 2), slice(0, 2))
     assert Box((0,), (4,)).intersect(Box((4,), (4,))) is None
+
+
+def test_checksum_blocks_tile_a_chunk() -> None:
+    block = CHECKSUM_BLOCK_BYTES
+    assert checksum_blocks(0) == [(0, 0)]
+    assert checksum_blocks(10) == [(0, 10)]
+    assert checksum_blocks(2 * block + 1) == [(0, block), (block, block), (2 * block, 1)]
+
+
+def test_the_bytes_a_part_of_a_chunk_needs() -> None:
+    chunk = Box((4, 0), (4, 6))  # rows 4-7 of a tensor 6 wide, float32
+    assert Box((5, 0), (2, 6)).byte_range_in(chunk, 4) == (24 * 1, 24 * 3)  # rows 5 and 6: contiguous
+    assert Box((4, 2), (4, 2)).byte_range_in(chunk, 4) == (8, 4 * (3 * 6 + 4))  # columns 2-3 of every row
+    assert Box((), ()).byte_range_in(Box((), ()), 8) == (0, 8)
