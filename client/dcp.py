@@ -46,7 +46,7 @@ from ckptd.disk.manifests import hold_for_loading
 from ckptd.proto.layout import MANIFEST_NAME
 from ckptd.proto.manifest import ComponentRecord, FileRecord
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.sharding import ChunkRecord, coverage_problem
+from ckptd.proto.sharding import Box, ChunkRecord, coverage_problem
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class CkptdStorageReader(StorageReader):
     `checkpoint_dir` is a checkpoint directory (`<root>/step_XXXXXXXX`), `component` the component's
     key. The manifest and the component's non-tensor state are read (and, with `verify`, checked) here,
     so a missing or unsuitable component raises CheckpointError at once; with `verify`, each chunk's
-    checksum is checked the first time a load reads it.
+    checksum blocks are checked the first time a load reads them.
     """
 
     def __init__(self, checkpoint_dir: Union[str, os.PathLike[str]], component: str, verify: bool = True) -> None:
@@ -188,7 +188,12 @@ class CkptdStorageReader(StorageReader):
 
     def _read_tensor(self, item: ReadItem, planner: LoadPlanner, reader: ShardReader) -> None:
         chunk: ChunkRecord = self._stored(item, ChunkRecord)
-        source, _, _ = reader.chunk(chunk)
+        part = Box(
+            tuple(o + int(d) for o, d in zip(chunk.box.offsets, item.storage_offsets)),
+            tuple(int(n) for n in item.lengths),
+        )
+        needed = part.byte_range_in(chunk.box, torch_dtype(chunk.dtype).itemsize) if part.volume else (0, 0)
+        source, _, _ = reader.chunk(chunk, needed)
         source = _narrow(source, item.storage_offsets, item.lengths)
         target = planner.resolve_tensor(item).detach()
         if target.size() != source.size():

@@ -342,7 +342,7 @@ def test_a_rank_verifies_the_blocks_it_reads_and_only_those(tmp_path: Path) -> N
         second, _, _ = reader.chunk(chunk, (CHECKSUM_BLOCK_BYTES, len(raw)))
         assert torch.equal(second[CHECKSUM_BLOCK_BYTES // 4 :], values[CHECKSUM_BLOCK_BYTES // 4 :])
         del second
-        with pytest.raises(VerificationError, match=r"chunk 'w' at \[0\], bytes 0-16777216: checksum"):
+        with pytest.raises(VerificationError, match=rf"chunk 'w' at \[0\], bytes 0-{CHECKSUM_BLOCK_BYTES}: checksum"):
             reader.chunk(chunk, (0, 4))
     finally:
         reader.close()
