@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fsdp_job import build, full_state
+from fsdp_job import build, full_state, leave
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -112,14 +110,7 @@ def main() -> None:
             )
         )
     (out / f"report_rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
-    # skip the interpreter's teardown: objects torch caches after FSDP2 (device meshes and their gloo
-    # groups) are destroyed there, and about one run in fifty aborted ("terminate called without an
-    # active exception"); examples/example_support.leave_after_fsdp says the same
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -190,6 +190,18 @@ class Provider:
         return self.parts
 
 
+def leave() -> NoReturn:
+    """Tear the process groups down and exit 0 without the interpreter's teardown: objects torch
+    caches after FSDP2 (device meshes and their gloo groups) are destroyed there, and about one run in
+    fifty aborted ("terminate called without an active exception"; see
+    examples/example_support.leave_after_fsdp)."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["save", "load", "train", "dtensor-in-global"])
@@ -263,14 +275,7 @@ def main() -> None:
             except CheckpointError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         (out / f"error_rank{rank}.json").write_text(json.dumps({"error": error}))
-    dist.barrier()
-    dist.destroy_process_group()
-    # skip the interpreter's teardown: objects torch caches after FSDP2 (device meshes and their gloo
-    # groups) are destroyed there, and about one run in fifty aborted ("terminate called without an
-    # active exception"); examples/example_support.leave_after_fsdp says the same
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":
