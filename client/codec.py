@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import msgpack
 import torch
@@ -198,36 +198,9 @@ class _Encoder:
         known = self._by_id.get(id(tensor))
         if known is not None:
             return known
-        if is_dtensor(tensor):
-            return self._dtensor_name(tensor, path)
-        if not (type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter)):
-            raise self.fail(
-                path, f"is a tensor subclass {_type_name(tensor)}; convert it to a plain torch.Tensor first"
-            )
-        if tensor.layout != torch.strided:
-            raise self.fail(path, f"is a {tensor.layout} tensor; convert it to a dense tensor (.to_dense())")
-        if tensor.is_quantized:
-            raise self.fail(path, "is a quantized tensor; dequantize it (.dequantize()) first")
-        if tensor.is_nested:
-            raise self.fail(path, "is a nested tensor; unbind it into a list of tensors first")
-        if tensor.is_meta:
-            raise self.fail(path, "is a meta tensor and holds no data; materialize it first")
-        if tensor.dtype not in _TO_SAFETENSORS:
-            raise self.fail(
-                path,
-                f"is a tensor of dtype {tensor.dtype}, which cannot be stored; convert it to one of: "
-                + ", ".join(str(d) for d in _TO_SAFETENSORS),
-            )
-        view_key: Optional[Tuple[Any, ...]] = None
-        if tensor.numel() > 0:
-            view_key = (
-                tensor.device,
-                tensor.untyped_storage().data_ptr(),
-                tensor.storage_offset(),
-                tuple(tensor.shape),
-                tuple(tensor.stride()),
-                tensor.dtype,
-            )
+        self._check_storable(tensor, path)
+        view_key = None if is_dtensor(tensor) else _view_key(tensor)
+        if view_key is not None:
             known = self._by_view.get(view_key)
             if known is not None:
                 self._by_id[id(tensor)] = known
@@ -239,19 +212,33 @@ class _Encoder:
             self._by_view[view_key] = name
         return name
 
-    def _dtensor_name(self, tensor: torch.Tensor, path: str) -> str:
-        if not self.sharded:
+    def _check_storable(self, tensor: torch.Tensor, path: str) -> None:
+        """Raise, naming the key path, for a tensor this component cannot store."""
+        if is_dtensor(tensor):
+            if not self.sharded:
+                raise self.fail(
+                    path,
+                    "is a DTensor (sharded across ranks); declare its component SharingPattern.SHARDED, "
+                    "which saves each rank's chunks and loads them at any topology",
+                )
+        elif not (type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter)):
+            raise self.fail(
+                path, f"is a tensor subclass {_type_name(tensor)}; convert it to a plain torch.Tensor first"
+            )
+        elif tensor.layout != torch.strided:
+            raise self.fail(path, f"is a {tensor.layout} tensor; convert it to a dense tensor (.to_dense())")
+        elif tensor.is_quantized:
+            raise self.fail(path, "is a quantized tensor; dequantize it (.dequantize()) first")
+        elif tensor.is_nested:
+            raise self.fail(path, "is a nested tensor; unbind it into a list of tensors first")
+        elif tensor.is_meta:
+            raise self.fail(path, "is a meta tensor and holds no data; materialize it first")
+        if tensor.dtype not in _TO_SAFETENSORS:
             raise self.fail(
                 path,
-                "is a DTensor (sharded across ranks); declare its component SharingPattern.SHARDED, "
-                "which saves each rank's chunks and loads them at any topology",
+                f"is a tensor of dtype {tensor.dtype}, which cannot be stored; convert it to one of: "
+                + ", ".join(str(d) for d in _TO_SAFETENSORS),
             )
-        if tensor.dtype not in _TO_SAFETENSORS:
-            raise self.fail(path, f"is a DTensor of dtype {tensor.dtype}, which cannot be stored")
-        name = self._unique_name(path)
-        self.tensors[name] = tensor
-        self._by_id[id(tensor)] = name
-        return name
 
     def _unique_name(self, path: str) -> str:
         base = path.replace("\x00", "\\0") or "tensor"
@@ -261,6 +248,20 @@ class _Encoder:
             name = f"{base}#{n}"
         self._used.add(name)
         return name
+
+
+def _view_key(tensor: torch.Tensor) -> Optional[Tuple[Any, ...]]:
+    """What makes two tensor objects the same view of the same memory (None for an empty tensor)."""
+    if tensor.numel() == 0:
+        return None
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
 
 
 def flatten_state(state: Any, component: str, sharded: bool = False) -> FlatState:
@@ -280,16 +281,24 @@ class _Ref(str):
     """A tensor reference met while walking a skeleton (its name)."""
 
 
+class _AnyName(Mapping[str, Any]):
+    """Every tensor name, mapped to a `_Ref` of itself: lets a skeleton be decoded without its tensors."""
+
+    def __getitem__(self, name: str) -> _Ref:
+        return _Ref(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 def skeleton_refs(skeleton: bytes) -> Dict[str, str]:
     """Every key path of a skeleton that holds a tensor -> the tensor's name (the `refs` that
     `flatten_state` gave when it made the skeleton). Raises ValueError if the skeleton is malformed."""
     names: Dict[str, str] = {}
-
-    class _Names(dict):
-        def __missing__(self, name: str) -> _Ref:
-            return _Ref(name)
-
-    state = unflatten_state(skeleton, _Names())
+    state = unflatten_state(skeleton, _AnyName())
 
     def walk(value: Any, path: str) -> None:
         if type(value) is _Ref:
@@ -322,12 +331,9 @@ def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor]) -> Any
         if code == EXT_TUPLE:
             return tuple(payload)
         if code == EXT_TENSOR_REF:
-            try:
-                if type(payload) is str:
-                    return tensors[payload]
-            except KeyError:
-                pass
-            raise ValueError(f"skeleton references tensor {payload!r}, which is not among the loaded tensors")
+            if type(payload) is not str or payload not in tensors:
+                raise ValueError(f"skeleton references tensor {payload!r}, which is not among the loaded tensors")
+            return tensors[payload]
         if code == EXT_DTYPE:
             dtype = getattr(torch, payload, None) if type(payload) is str else None
             if not isinstance(dtype, torch.dtype):

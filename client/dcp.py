@@ -46,7 +46,7 @@ from ckptd.disk.manifests import hold_for_loading
 from ckptd.proto.layout import MANIFEST_NAME
 from ckptd.proto.manifest import ComponentRecord, FileRecord
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.sharding import Box, ChunkRecord, coverage_problem
+from ckptd.proto.sharding import Box, ChunkRecord, coverage_problem, distinct_chunks
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +270,9 @@ def _tensor_entry(component: str, fqn: str, chunks: Sequence[ChunkRecord], stora
     problem = coverage_problem(chunks[0].name, chunks)
     if problem is not None:
         raise VerificationError(f"component {component!r}: {problem}")
-    distinct = {chunk.box: chunk for chunk in chunks}
-    for box, chunk in distinct.items():
-        storage[MetadataIndex(fqn, box.offsets)] = chunk
+    distinct = distinct_chunks(chunks)
+    for chunk in distinct:
+        storage[MetadataIndex(fqn, chunk.box.offsets)] = chunk
     first = chunks[0]
     try:
         dtype = torch_dtype(first.dtype)
@@ -281,7 +281,7 @@ def _tensor_entry(component: str, fqn: str, chunks: Sequence[ChunkRecord], stora
     return TensorStorageMetadata(
         properties=TensorProperties(dtype=dtype),
         size=torch.Size(first.global_shape),
-        chunks=[ChunkStorageMetadata(torch.Size(box.offsets), torch.Size(box.sizes)) for box in distinct],
+        chunks=[ChunkStorageMetadata(torch.Size(c.box.offsets), torch.Size(c.box.sizes)) for c in distinct],
     )
 
 

@@ -290,7 +290,7 @@ class CheckpointClient:
             now: List[TensorEntry] = []
             component.deferred = []
             for entry in component.entries:
-                later = component.source(entry.name).data_ptr() in deferrable
+                later = component.sources[entry.name].data_ptr() in deferrable
                 (component.deferred if later else now).append(entry)
             event = copy_entries(component, now)
             if event is not None:

@@ -2,7 +2,7 @@
 the tensors it holds now from the chunks saved at any topology (DESIGN.md, Sharing patterns).
 
 The chunk arithmetic and the owner rule are in `ckptd.proto.sharding`; the DTensor API of the running
-torch is reached only here.
+torch is reached only through `ckptd.client.dtensors`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from ckptd.disk.files import FileProblem, map_listed_file
 from ckptd.disk.safetensors import TensorSpan, decode_header, tensor_spans
 from ckptd.proto.formats import Checksum
 from ckptd.proto.manifest import ComponentRecord, FileRecord
-from ckptd.proto.sharding import Box, ChunkRecord, ChunkSpec, checksum_blocks, chunk_owners, chunks_in_files
+from ckptd.proto.sharding import (
+    Box,
+    ChunkRecord,
+    ChunkSpec,
+    checksum_blocks,
+    chunk_owners,
+    chunks_in_scopes,
+    distinct_chunks,
+)
 
 SKELETON_SCOPE = "rank-00000"
 """The scope whose state file holds a SHARDED component's non-tensor state (rank 0 writes it once)."""
@@ -148,7 +156,7 @@ def _fill(
         )
     local, box = placer.local_chunk(target, key, name)
     covered = 0
-    for chunk in {c.box: c for c in chunks}.values():  # replicas that both wrote a box: read one
+    for chunk in distinct_chunks(chunks):
         overlap = chunk.box.intersect(box)
         if overlap is None or overlap.volume == 0:
             continue
@@ -169,7 +177,7 @@ def _fill(
 def saved_chunks(key: str, record: ComponentRecord) -> Dict[str, List[ChunkRecord]]:
     """Every saved chunk of SHARDED component `key`, by tensor name."""
     try:
-        return chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
+        return chunks_in_scopes(record.scopes.values())
     except ValueError as exc:
         raise VerificationError(f"component {key!r}: {exc}") from None
 

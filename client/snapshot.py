@@ -42,7 +42,7 @@ class StagedComponent:
     deferred: List[TensorEntry] = field(default_factory=list)
     """Entries whose copy runs after save_checkpoint returns (overlap mode)."""
     sources: Dict[str, torch.Tensor] = field(default_factory=dict)
-    """The plain tensor each entry is copied from (a DTensor's local chunk); `flat.tensors` if empty."""
+    """The plain tensor each entry is copied from, by entry name (of a DTensor: its local chunk)."""
     chunks: Dict[str, ChunkSpec] = field(default_factory=dict)
     """SHARDED: where each entry lies in its global tensor."""
     state: Optional[bytes] = None
@@ -75,10 +75,6 @@ class StagedComponent:
             chunks=dict(self.chunks),
         )
 
-    def source(self, name: str) -> torch.Tensor:
-        """The tensor entry `name` is copied from."""
-        return self.sources[name] if self.sources else self.flat.tensors[name]
-
     def _digests(self) -> Dict[str, str]:
         """A digest of every tensor (from its staged copy where this rank staged it) and of the rest."""
         staged = {e.name: e for e in self.entries} if self.region is not None else {}
@@ -99,34 +95,43 @@ def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> Li
     """
     staged = []
     for prepared in components:
-        comp = prepared.component
-        placement = place(
-            comp.sharing_pattern,
-            rank_info.rank,
-            rank_info.topology,
-            comp.process_group_name,
-            prepared.group_ranks or None,
-            spread=comp.spread,
-        )
-        writer = placement.writer_rank == rank_info.rank
-        if comp.sharing_pattern is SharingPattern.SHARDED:
+        if prepared.component.sharing_pattern is SharingPattern.SHARDED:
             staged.append(_snapshot_sharded(prepared, rank_info))
-            continue
-        flat = flatten_state(comp.stateful.state_dict(), comp.key)
-        entries: List[TensorEntry] = []
-        total = 0
-        if writer:
-            mine = flat.tensors
-            if comp.spread:
-                share = share_of_tensors(
-                    ((n, t.numel() * t.element_size()) for n, t in flat.tensors.items()), rank_info.topology.num_nodes
-                )
-                mine = {n: t for n, t in flat.tensors.items() if share[n] == rank_info.node}
-            entries, total = layout_tensors(
-                (name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in mine.items()
-            )
-        staged.append(StagedComponent(prepared, flat, writer, entries, total, state=flat.skeleton if writer else None))
+        else:
+            staged.append(_snapshot_placed(prepared, rank_info))
     return staged
+
+
+def _snapshot_placed(prepared: PreparedComponent, rank_info: RankInfo) -> StagedComponent:
+    """A component of the other patterns: the writer its placement names writes all of it (a spread
+    component: its node's share of the tensors), with the non-tensor state."""
+    comp = prepared.component
+    placement = place(
+        comp.sharing_pattern,
+        rank_info.rank,
+        rank_info.topology,
+        comp.process_group_name,
+        prepared.group_ranks or None,
+        spread=comp.spread,
+    )
+    writer = placement.writer_rank == rank_info.rank
+    flat = flatten_state(comp.stateful.state_dict(), comp.key)
+    mine: Dict[str, torch.Tensor] = {}
+    if writer:
+        mine = flat.tensors
+        if comp.spread:
+            share = share_of_tensors(
+                ((n, t.numel() * t.element_size()) for n, t in flat.tensors.items()), rank_info.topology.num_nodes
+            )
+            mine = {n: t for n, t in flat.tensors.items() if share[n] == rank_info.node}
+    entries, total = _layout(mine)
+    return StagedComponent(
+        prepared, flat, writer, entries, total, sources=mine, state=flat.skeleton if writer else None
+    )
+
+
+def _layout(sources: Dict[str, torch.Tensor]) -> Tuple[List[TensorEntry], int]:
+    return layout_tensors((name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in sources.items())
 
 
 def _snapshot_sharded(prepared: PreparedComponent, rank_info: RankInfo) -> StagedComponent:
@@ -134,7 +139,7 @@ def _snapshot_sharded(prepared: PreparedComponent, rank_info: RankInfo) -> Stage
     comp = prepared.component
     flat = flatten_state(comp.stateful.state_dict(), comp.key, sharded=True)
     plan = plan_sharded(flat, comp.key, rank_info.rank, rank_info.topology.world_size)
-    entries, total = layout_tensors((n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in plan.sources.items())
+    entries, total = _layout(plan.sources)
     state = flat.skeleton if rank_info.rank == 0 else msgpack.packb(None)
     return StagedComponent(prepared, flat, True, entries, total, sources=plan.sources, chunks=plan.chunks, state=state)
 
@@ -166,7 +171,7 @@ def copy_entries(staged: StagedComponent, entries: Sequence[TensorEntry]) -> Opt
     """Copy `entries` of a component into its region. Device tensors are copied on a side stream and
     an event is returned to wait on; host tensors are copied before this returns."""
     assert staged.region is not None
-    tensors = [staged.source(e.name) for e in entries]
+    tensors = [staged.sources[e.name] for e in entries]
     if any(t.is_cuda for t in tensors):
         staged.region.pin_for_cuda()
         stream = torch.cuda.Stream()

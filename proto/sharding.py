@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ckptd.proto.formats import SAFETENSORS_DTYPES
+from ckptd.proto.manifest import ScopeRecord
 
 GLOBAL_SHAPE = "global_shape"
 OFFSETS = "offsets"
@@ -143,12 +144,13 @@ def chunk_index_entry(dtype: str, spec: ChunkSpec, sizes: Sequence[int], checksu
     }
 
 
-def chunks_in_files(files: Iterable[Tuple[str, Mapping[str, Mapping[str, Any]]]]) -> Dict[str, List[ChunkRecord]]:
-    """Every chunk of a SHARDED component by tensor name, from (file path, tensor index) pairs;
+def chunks_in_scopes(scopes: Iterable[ScopeRecord]) -> Dict[str, List[ChunkRecord]]:
+    """Every chunk of a SHARDED component by tensor name, from its scopes' tensor indexes;
     ValueError naming the entry when one lacks the chunk keys."""
     chunks: Dict[str, List[ChunkRecord]] = {}
-    for path, index in files:
-        for name, entry in index.items():
+    for scope in scopes:
+        path = scope.tensor_file.path
+        for name, entry in scope.tensor_file.tensors.items():
             try:
                 record = ChunkRecord(
                     name=name,
@@ -167,6 +169,11 @@ def chunks_in_files(files: Iterable[Tuple[str, Mapping[str, Mapping[str, Any]]]]
                 )
             chunks.setdefault(name, []).append(record)
     return chunks
+
+
+def distinct_chunks(chunks: Iterable[ChunkRecord]) -> List[ChunkRecord]:
+    """One chunk per box: ranks that the mesh does not know to be replicas may each write a box."""
+    return list({chunk.box: chunk for chunk in chunks}.values())
 
 
 def coverage_problem(name: str, chunks: Sequence[ChunkRecord]) -> Optional[str]:

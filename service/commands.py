@@ -19,7 +19,7 @@ from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import ComponentRecord, Manifest, ManifestError
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
-from ckptd.proto.sharding import chunks_in_files
+from ckptd.proto.sharding import chunks_in_scopes
 from ckptd.service.catalog import Catalog, catalog
 from ckptd.service.errors import ExportError
 from ckptd.service.export import export_component
@@ -157,7 +157,7 @@ def render_manifest(path: str, manifest: Manifest) -> str:
 def _render_chunks(record: ComponentRecord) -> List[str]:
     """A SHARDED component's tensors: global shape and dtype, then each chunk's box and file."""
     try:
-        chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
+        chunks = chunks_in_scopes(record.scopes.values())
     except ValueError as exc:
         return [f"    chunks cannot be listed: {exc}"]
     lines = ["    tensors (global shape; chunks as offsets+sizes in file):"]

@@ -367,9 +367,9 @@ class NodeCoordinator:
                 region.drop_pages(offset, length)
 
         sharded = comp.pattern is SharingPattern.SHARDED
-        packed = sorted(comp.tensors, key=lambda t: (t.offset, t.nbytes))  # as SpanChecksums orders spans
-        blocks = [checksum_blocks(t.nbytes) for t in packed] if sharded else []
-        spans = [(t.offset + start, length) for t, own in zip(packed, blocks) for start, length in own]
+        # the tensors tile the body in order (checked by check_tensor_layout), as SpanChecksums needs
+        blocks = [checksum_blocks(t.nbytes) for t in comp.tensors] if sharded else []
+        spans = [(t.offset + start, length) for t, own in zip(comp.tensors, blocks) for start, length in own]
         try:
             written = write_shard(
                 os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle, done_with, spans
@@ -382,7 +382,7 @@ class NodeCoordinator:
             sums = iter(written.span_checksums)
             index = {
                 t.name: chunk_index_entry(t.dtype, comp.chunks[t.name], t.shape, [next(sums) for _ in own])
-                for t, own in zip(packed, blocks)
+                for t, own in zip(comp.tensors, blocks)
             }
         else:
             index = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in comp.tensors}

@@ -22,7 +22,7 @@ from ckptd.disk.safetensors import EXPORT_ALIGNMENT, TensorSpan, encode_header, 
 from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
 from ckptd.proto.manifest import ComponentRecord, FileRecord, ScopeRecord
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.sharding import Box, chunks_in_files, coverage_problem
+from ckptd.proto.sharding import Box, chunks_in_scopes, coverage_problem, distinct_chunks
 from ckptd.service.errors import ExportError
 
 COPY_CHUNK = 16 * 1024 * 1024
@@ -149,7 +149,7 @@ def _source_tensors(checkpoint_dir: str, scopes: Sequence[ScopeRecord]) -> List[
 def _consolidated_tensors(checkpoint_dir: str, component: str, record: ComponentRecord) -> List[SourceTensor]:
     """A SHARDED component's tensors, whole: every chunk's runs of bytes placed in the full tensor."""
     try:
-        chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
+        chunks = chunks_in_scopes(record.scopes.values())
     except ValueError as exc:
         raise ExportError(f"component {component!r}: {exc}") from None
     spans = dict(_checked_spans(checkpoint_dir, s.tensor_file) for s in record.scopes.values())
@@ -162,7 +162,7 @@ def _consolidated_tensors(checkpoint_dir: str, component: str, record: Component
         first = chunks[name][0]
         itemsize = SAFETENSORS_DTYPES[first.dtype]
         pieces: List[Piece] = []
-        for chunk in {c.box: c for c in chunks[name]}.values():  # identical boxes (replicas): one
+        for chunk in distinct_chunks(chunks[name]):
             path = by_file[chunk.file]
             start = spans[path][name].start
             pieces += [

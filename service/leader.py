@@ -19,7 +19,7 @@ from ckptd.proto.manifest import ComponentRecord, Manifest, ScopeRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
 from ckptd.proto.retention import RetentionPolicy
-from ckptd.proto.sharding import chunks_in_files, coverage_problem
+from ckptd.proto.sharding import chunks_in_scopes, coverage_problem
 from ckptd.service.errors import CommitRejected
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
@@ -310,7 +310,7 @@ def _check_shares(key: str, scopes: Dict[str, ScopeRecord], reference: Component
 def _check_chunks(key: str, scopes: Dict[str, ScopeRecord]) -> None:
     """A SHARDED component's chunks, over all ranks' files, tile each of its tensors exactly once."""
     try:
-        chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in scopes.values())
+        chunks = chunks_in_scopes(scopes.values())
     except ValueError as exc:
         raise CommitRejected(f"component {key!r}: {exc}") from None
     for name in sorted(chunks):

@@ -33,11 +33,12 @@ class WrittenFile:
 
 
 class SpanChecksums:
-    """Checksums of consecutive spans (offset, length) of a body, fed with the body's pieces in order
-    as they are written: one pass over the bytes serves the file's checksum and the spans'."""
+    """Checksums of spans (offset, length) of a body, given in body order without overlap, fed with the
+    body's pieces in order as they are written: one pass over the bytes serves the file's checksum and
+    the spans'."""
 
     def __init__(self, spans: Sequence[Tuple[int, int]]) -> None:
-        self._spans = sorted(spans)
+        self._spans = list(spans)
         self._sums = [Checksum() for _ in self._spans]
         self._next = 0
 
@@ -54,7 +55,7 @@ class SpanChecksums:
             self._next += 1
 
     def hexdigests(self) -> Tuple[str, ...]:
-        """The checksums, in the order the spans were given sorted by offset."""
+        """The checksums, in the order the spans were given."""
         return tuple(s.hexdigest() for s in self._sums)
 
 

@@ -23,7 +23,7 @@ from ckptd.disk.verify import verify_checkpoint
 from ckptd.proto.formats import SAFETENSORS_DTYPES
 from ckptd.proto.manifest import Manifest
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.sharding import chunks_in_files, coverage_problem
+from ckptd.proto.sharding import chunks_in_scopes, coverage_problem
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_job.py"
 STEPS = 3
@@ -113,7 +113,7 @@ def test_chunks_tile_every_tensor_and_verify(fsdp_on_two: Dict[str, Any]) -> Non
     record = manifest.components["train"]
     assert record.pattern is SharingPattern.SHARDED
     assert set(record.scopes) == {"rank-00000", "rank-00001"}
-    chunks = chunks_in_files((s.tensor_file.path, s.tensor_file.tensors) for s in record.scopes.values())
+    chunks = chunks_in_scopes(record.scopes.values())
     embed = chunks["model/embed.weight"]
     assert sorted((c.box.offsets, c.box.sizes) for c in embed) == [((0, 0), (19, 10)), ((19, 0), (18, 10))]
     assert all(c.global_shape == (37, 10) for c in embed)
