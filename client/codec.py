@@ -97,6 +97,9 @@ class FlatState:
     """Every key path that holds a tensor -> the tensor's name (aliases included)."""
 
 
+_NO_METADATA: Any = object()
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -108,6 +111,38 @@ def _path_part(key: Any) -> str:
 def _join(path: str, key: Any) -> str:
     part = _path_part(key)
     return f"{path}/{part}" if path else part
+
+
+path_join = _join
+"""The key path of `key` inside the container at `path` (how tensors are named)."""
+
+
+def tensor_ref(name: str) -> msgpack.ExtType:
+    """The skeleton's reference to tensor `name`."""
+    return msgpack.ExtType(EXT_TENSOR_REF, _pack(name))
+
+
+def encode_tuple(items: List[Any]) -> msgpack.ExtType:
+    """A tuple of encoded items."""
+    return msgpack.ExtType(EXT_TUPLE, _pack(items))
+
+
+def encode_ordered_dict(items: Dict[Any, Any], metadata: Any = _NO_METADATA) -> msgpack.ExtType:
+    """An OrderedDict of encoded items, with its encoded `_metadata` if it has one."""
+    return msgpack.ExtType(EXT_ORDERED_DICT, _pack([items] if metadata is _NO_METADATA else [items, metadata]))
+
+
+def encode_scalar(value: Any) -> Any:
+    """A non-container, non-tensor state value encoded as `flatten_state` encodes it; raises
+    UnsupportedStateError for anything else."""
+    if type(value) in (list, tuple, dict, OrderedDict) or isinstance(value, torch.Tensor):
+        raise UnsupportedStateError(f"{_type_name(value)} is not a scalar state value")
+    return _Encoder("", sharded=False).encode(value, "")
+
+
+def pack_skeleton(tree: Any) -> bytes:
+    """The skeleton bytes of an encoded tree."""
+    return _pack(tree)
 
 
 def _type_name(value: Any) -> str:
@@ -159,7 +194,7 @@ class _Encoder:
                 raise self.fail(path, "is a dict key holding a tensor; use a str or int key instead")
             name = self._tensor_name(value, path)
             self.refs[path] = name
-            return msgpack.ExtType(EXT_TENSOR_REF, _pack(name))
+            return tensor_ref(name)
         if cls is torch.dtype:
             return msgpack.ExtType(EXT_DTYPE, _pack(str(value).rpartition(".")[2]))
         if cls is torch.Size:
@@ -179,9 +214,7 @@ class _Encoder:
         if cls is list:
             return [self.encode(item, _join(path, i), in_key) for i, item in enumerate(value)]
         if cls is tuple:
-            return msgpack.ExtType(
-                EXT_TUPLE, _pack([self.encode(item, _join(path, i), in_key) for i, item in enumerate(value)])
-            )
+            return encode_tuple([self.encode(item, _join(path, i), in_key) for i, item in enumerate(value)])
         if in_key:  # unreachable for real keys (dicts are unhashable); kept for safety
             raise self.fail(path, f"is a dict key of type {cls.__name__}")
         items = {
@@ -189,10 +222,9 @@ class _Encoder:
         }
         if cls is dict:
             return items
-        payload: List[Any] = [items]
         if hasattr(value, "_metadata"):
-            payload.append(self.encode(value._metadata, _join(path, "_metadata")))
-        return msgpack.ExtType(EXT_ORDERED_DICT, _pack(payload))
+            return encode_ordered_dict(items, self.encode(value._metadata, _join(path, "_metadata")))
+        return encode_ordered_dict(items)
 
     def _tensor_name(self, tensor: torch.Tensor, path: str) -> str:
         known = self._by_id.get(id(tensor))

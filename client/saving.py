@@ -5,17 +5,19 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckptd.client.daemon import bye, connect, ensure_serving, hello, resolve_endpoint
 from ckptd.client.errors import CheckpointError, CheckpointSkipped, DaemonRequestError, PoolBusyError
+from ckptd.client.save_plan import ComponentPlan
 from ckptd.client.snapshot import (
     PreparedComponent,
     StagedComponent,
@@ -29,8 +31,8 @@ from ckptd.disk.removal import fence_save
 from ckptd.proto import messages
 from ckptd.proto.config import DaemonArgs, DaemonOptions, serve_argv, with_fallbacks
 from ckptd.proto.errors import ErrorCode
-from ckptd.proto.formats import CKPTD_VERSION, TensorEntry
-from ckptd.proto.messages import SaveRequest
+from ckptd.proto.formats import CKPTD_VERSION
+from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.retention import RetentionPolicy
 
@@ -160,6 +162,10 @@ class CheckpointClient:
         self.retention = options.retention
         self.endpoint = resolve_endpoint(self.root, options.endpoint)
         self._pool = StagingPool()
+        self._plans: Dict[str, ComponentPlan] = {}
+        """Each component's save plan, by key (reused while its state keeps its structure)."""
+        self._wire_plan: Optional[WirePlan] = None
+        """The plan the daemon holds for this client's requests (None: send the next one in full)."""
         self._handles: Dict[int, SaveHandle] = {}
         """Saves not yet settled, by step (a settled one is forgotten: memory stays flat)."""
         self._lent: Dict[Lease, Optional[str]] = {}
@@ -208,7 +214,7 @@ class CheckpointClient:
             self._reconnect()
         handle = self._register(step)
         try:
-            staged = snapshot(components, self.rank_info)
+            staged = snapshot(components, self.rank_info, self._plans)
             self._reserve(staged)
         except PoolBusyError as exc:
             self.skip(step, str(exc))
@@ -287,11 +293,12 @@ class CheckpointClient:
         for component in staged:
             if component.region is None:
                 continue
-            now: List[TensorEntry] = []
+            now: Optional[List[int]] = None
             component.deferred = []
-            for entry in component.entries:
-                later = component.sources[entry.name].data_ptr() in deferrable
-                (component.deferred if later else now).append(entry)
+            if deferrable:
+                now = []
+                for index, source in enumerate(component.sources):
+                    (component.deferred if source.data_ptr() in deferrable else now).append(index)
             event = copy_entries(component, now)
             if event is not None:
                 if deferrable:
@@ -311,22 +318,9 @@ class CheckpointClient:
                     event = copy_entries(component, component.deferred)
                     if event is not None:
                         event.synchronize()
-            request = SaveRequest(
-                root=self.root,
-                step=handle.step,
-                rank=self.rank_info.rank,
-                pid=os.getpid(),
-                topology=self.rank_info.topology,
-                parts=tuple(s.to_part() for s in staged),
-                job=self.rank_info.job_id,
-                versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
-                metrics={k: float(v) for k, v in (metrics or {}).items()},
-                retention=self.retention,
-                expires_at=time.monotonic() + self.timeout,
-            )
             self._lend(handle, staged)
             sent = True
-            reply = self._send_save(request)
+            reply = self._send_part(handle.step, staged, {k: float(v) for k, v in (metrics or {}).items()})
             instance = str(reply.body.get("instance", ""))
             with self._lock:
                 handle._daemon_instance = instance
@@ -361,16 +355,50 @@ class CheckpointClient:
         finally:
             handle._staged.set()
 
-    def _send_save(self, request: SaveRequest) -> messages.Envelope:
-        """Send a save request until the daemon takes it or `request.expires_at`; with the "wait" policy,
+    def _send_part(self, step: int, staged: List[StagedComponent], metrics: Dict[str, float]) -> messages.Envelope:
+        """Hand this rank's part of `step` to the daemon: a planned save when the daemon holds a plan
+        of this structure, else the full request (registered as the plan for the next saves)."""
+        expires_at = time.monotonic() + self.timeout
+        signature = _plan_signature(staged)
+        wire = self._wire_plan
+        if wire is not None and signature is not None and wire.signature == signature:
+            planned = PlannedSave(wire.plan_id, step, tuple(s.to_update() for s in staged), metrics, expires_at)
+            try:
+                return self._send_save(messages.SAVE_PLANNED, planned.to_wire(), expires_at)
+            except DaemonRequestError as exc:
+                if exc.code is not ErrorCode.UNKNOWN_PLAN:
+                    raise
+                log.info("the daemon holds no save plan of this rank (restarted?): sending step %d in full", step)
+        plan_id = secrets.randbits(62) if signature is not None else None
+        request = SaveRequest(
+            root=self.root,
+            step=step,
+            rank=self.rank_info.rank,
+            pid=os.getpid(),
+            topology=self.rank_info.topology,
+            parts=tuple(s.to_part() for s in staged),
+            job=self.rank_info.job_id,
+            versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
+            metrics=metrics,
+            retention=self.retention,
+            expires_at=expires_at,
+            plan_id=plan_id,
+        )
+        self._wire_plan = None
+        reply = self._send_save(messages.SAVE, request.to_wire(), expires_at)
+        if plan_id is not None and signature is not None:
+            self._wire_plan = WirePlan(plan_id, signature)
+        return reply
+
+    def _send_save(self, msg_type: str, body: Dict[str, Any], expires_at: float) -> messages.Envelope:
+        """Send a save request until the daemon takes it or `expires_at`; with the "wait" policy,
         a daemon that cannot take it now (too many saves in flight, or draining before a restart) is
         asked again after a pause (after a restart, the new daemon answers)."""
-        body = request.to_wire()
         pause = 0.005
         while True:
-            remaining = request.expires_at - time.monotonic()
+            remaining = expires_at - time.monotonic()
             try:
-                return self._connection.request(messages.SAVE, body, timeout=max(remaining, 0.001))
+                return self._connection.request(msg_type, body, timeout=max(remaining, 0.001))
             except DaemonRequestError as exc:
                 if exc.code not in NOT_NOW_CODES or self.when_busy != "wait" or remaining <= pause:
                     raise
@@ -552,6 +580,23 @@ class CheckpointClient:
             bye(self._connection, timeout=min(BYE_TIMEOUT_S, self.daemon_timeout))
         self._connection.close()
         self._pool.close()
+
+
+@dataclass(frozen=True)
+class WirePlan:
+    """A save plan the daemon holds for this client: its id and the structure it was made for."""
+
+    plan_id: int
+    signature: Tuple[Any, ...]
+
+
+def _plan_signature(staged: List[StagedComponent]) -> Optional[Tuple[Any, ...]]:
+    """What a planned save must share with the request that registered its plan: each component's
+    plan (the object itself, compared by identity: replanning makes a new one) and staging region;
+    None if a component has no plan, so that every save of this structure goes in full."""
+    if any(s.plan is None for s in staged):
+        return None
+    return tuple((s.key, s.plan, s.region.name if s.region is not None else None) for s in staged)
 
 
 def _place_in_job(daemon_args: DaemonArgs, rank_info: RankInfo) -> DaemonArgs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import msgpack
 import torch
@@ -12,11 +12,12 @@ import torch
 from ckptd.client.codec import FlatState, flatten_state, safetensors_dtype
 from ckptd.client.components import StateComponent
 from ckptd.client.dtensors import is_dtensor
+from ckptd.client.save_plan import ComponentPlan, region_views
 from ckptd.client.sharded import plan_sharded
 from ckptd.client.staging import StagingRegion
 from ckptd.client.topology import RankInfo
 from ckptd.proto.formats import STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
-from ckptd.proto.messages import ComponentPart
+from ckptd.proto.messages import ComponentPart, PartUpdate
 from ckptd.proto.patterns import SharingPattern, place, share_of_tensors
 from ckptd.proto.sharding import ChunkSpec
 
@@ -39,14 +40,23 @@ class StagedComponent:
     entries: List[TensorEntry]
     total: int
     region: Optional[StagingRegion] = None
-    deferred: List[TensorEntry] = field(default_factory=list)
-    """Entries whose copy runs after save_checkpoint returns (overlap mode)."""
-    sources: Dict[str, torch.Tensor] = field(default_factory=dict)
-    """The plain tensor each entry is copied from, by entry name (of a DTensor: its local chunk)."""
+    deferred: List[int] = field(default_factory=list)
+    """Indices of the entries whose copy runs after save_checkpoint returns (overlap mode)."""
+    sources: List[torch.Tensor] = field(default_factory=list)
+    """The plain tensor each entry is copied from, in entry order (of a DTensor: its local chunk)."""
     chunks: Dict[str, ChunkSpec] = field(default_factory=dict)
     """SHARDED: where each entry lies in its global tensor."""
     state: Optional[bytes] = None
     """The non-tensor state this rank writes (None: none)."""
+    plan: Optional[ComponentPlan] = None
+    """The plan of this snapshot's structure, reused or made by it (None: none can be made)."""
+
+    def region_views(self) -> List[torch.Tensor]:
+        """A view of the region per entry (kept by the plan across saves)."""
+        assert self.region is not None
+        if self.plan is not None:
+            return self.plan.region_views(self.region)
+        return region_views(self.region, self.entries)
 
     @property
     def key(self) -> str:
@@ -75,6 +85,16 @@ class StagedComponent:
             chunks=dict(self.chunks),
         )
 
+    def to_update(self) -> PartUpdate:
+        """What this save changes in the component's part under a plan (call once every tensor is copied)."""
+        comp = self.prepared.component
+        return PartUpdate(
+            key=comp.key,
+            lease=(self.region.lease or 0) if self.region is not None else 0,
+            state=self.state,
+            digests=self._digests() if comp.validate_replication else None,
+        )
+
     def _digests(self) -> Dict[str, str]:
         """A digest of every tensor (from its staged copy where this rank staged it) and of the rest."""
         staged = {e.name: e for e in self.entries} if self.region is not None else {}
@@ -88,21 +108,56 @@ class StagedComponent:
         return digests
 
 
-def snapshot(components: Sequence[PreparedComponent], rank_info: RankInfo) -> List[StagedComponent]:
+def snapshot(
+    components: Sequence[PreparedComponent], rank_info: RankInfo, plans: Optional[Dict[str, ComponentPlan]] = None
+) -> List[StagedComponent]:
     """Flatten every component's state dict and lay out the tensors this rank writes.
 
-    state_dict() is called on every rank, writer or not: some state dicts are collective.
+    With `plans` (kept by the caller across saves, by component key), a component whose state still
+    fits its plan reuses it; any other is planned again. state_dict() is called on every rank,
+    writer or not: some state dicts are collective.
     """
     staged = []
     for prepared in components:
-        if prepared.component.sharing_pattern is SharingPattern.SHARDED:
-            staged.append(_snapshot_sharded(prepared, rank_info))
-        else:
-            staged.append(_snapshot_placed(prepared, rank_info))
+        key = prepared.component.key
+        state = prepared.component.stateful.state_dict()
+        plan = plans.get(key) if plans is not None else None
+        component = _from_plan(plan, prepared, state) if plan is not None and plan.prepared == prepared else None
+        if component is None:
+            if prepared.component.sharing_pattern is SharingPattern.SHARDED:
+                component = _snapshot_sharded(prepared, rank_info, state)
+            else:
+                component = _snapshot_placed(prepared, rank_info, state)
+            if plans is not None:
+                plans.pop(key, None)
+                component.plan = ComponentPlan.make(prepared, state, component)
+                if component.plan is not None:
+                    plans[key] = component.plan
+        staged.append(component)
     return staged
 
 
-def _snapshot_placed(prepared: PreparedComponent, rank_info: RankInfo) -> StagedComponent:
+def _from_plan(plan: ComponentPlan, prepared: PreparedComponent, state: Any) -> Optional[StagedComponent]:
+    """The snapshot of a component whose state still fits `plan`; None if it does not."""
+    found = plan.match(state)
+    if found is None:
+        return None
+    flat, sources = found
+    planned = plan.staged
+    return StagedComponent(
+        prepared,
+        flat,
+        planned.writer,
+        planned.entries,
+        planned.total,
+        sources=sources,
+        chunks=planned.chunks,
+        state=flat.skeleton if plan.state_is_skeleton else planned.state,
+        plan=plan,
+    )
+
+
+def _snapshot_placed(prepared: PreparedComponent, rank_info: RankInfo, state: Any) -> StagedComponent:
     """A component of the other patterns: the writer its placement names writes all of it (a spread
     component: its node's share of the tensors), with the non-tensor state."""
     comp = prepared.component
@@ -115,7 +170,7 @@ def _snapshot_placed(prepared: PreparedComponent, rank_info: RankInfo) -> Staged
         spread=comp.spread,
     )
     writer = placement.writer_rank == rank_info.rank
-    flat = flatten_state(comp.stateful.state_dict(), comp.key)
+    flat = flatten_state(state, comp.key)
     mine: Dict[str, torch.Tensor] = {}
     if writer:
         mine = flat.tensors
@@ -126,7 +181,13 @@ def _snapshot_placed(prepared: PreparedComponent, rank_info: RankInfo) -> Staged
             mine = {n: t for n, t in flat.tensors.items() if share[n] == rank_info.node}
     entries, total = _layout(mine)
     return StagedComponent(
-        prepared, flat, writer, entries, total, sources=mine, state=flat.skeleton if writer else None
+        prepared,
+        flat,
+        writer,
+        entries,
+        total,
+        sources=[mine[e.name] for e in entries],
+        state=flat.skeleton if writer else None,
     )
 
 
@@ -134,14 +195,23 @@ def _layout(sources: Dict[str, torch.Tensor]) -> Tuple[List[TensorEntry], int]:
     return layout_tensors((name, safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in sources.items())
 
 
-def _snapshot_sharded(prepared: PreparedComponent, rank_info: RankInfo) -> StagedComponent:
+def _snapshot_sharded(prepared: PreparedComponent, rank_info: RankInfo, state: Any) -> StagedComponent:
     """A SHARDED component: every rank writes the chunks it owns; rank 0 the non-tensor state."""
     comp = prepared.component
-    flat = flatten_state(comp.stateful.state_dict(), comp.key, sharded=True)
+    flat = flatten_state(state, comp.key, sharded=True)
     plan = plan_sharded(flat, comp.key, rank_info.rank, rank_info.topology.world_size)
     entries, total = _layout(plan.sources)
-    state = flat.skeleton if rank_info.rank == 0 else msgpack.packb(None)
-    return StagedComponent(prepared, flat, True, entries, total, sources=plan.sources, chunks=plan.chunks, state=state)
+    skeleton = flat.skeleton if rank_info.rank == 0 else msgpack.packb(None)
+    return StagedComponent(
+        prepared,
+        flat,
+        True,
+        entries,
+        total,
+        sources=[plan.sources[e.name] for e in entries],
+        chunks=plan.chunks,
+        state=skeleton,
+    )
 
 
 def step_only_tensor_addresses(components: Iterable[PreparedComponent]) -> Set[int]:
@@ -167,46 +237,42 @@ def _address(tensor: torch.Tensor) -> int:
     return local.data_ptr()
 
 
-def copy_entries(staged: StagedComponent, entries: Sequence[TensorEntry]) -> Optional["torch.cuda.Event"]:
-    """Copy `entries` of a component into its region. Device tensors are copied on a side stream and
-    an event is returned to wait on; host tensors are copied before this returns."""
-    assert staged.region is not None
-    tensors = [staged.sources[e.name] for e in entries]
-    if any(t.is_cuda for t in tensors):
+def copy_entries(staged: StagedComponent, indices: Optional[Sequence[int]] = None) -> Optional["torch.cuda.Event"]:
+    """Copy the entries at `indices` (all by default) of a component into its region. Device tensors
+    are copied on a side stream and an event is returned to wait on; host tensors are copied before
+    this returns."""
+    destinations, sources = staged.region_views(), staged.sources
+    if indices is not None:
+        destinations = [destinations[i] for i in indices]
+        sources = [sources[i] for i in indices]
+    if any(t.is_cuda for t in sources):
+        assert staged.region is not None
         staged.region.pin_for_cuda()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for entry, tensor in zip(entries, tensors):
-                staged.region.tensor(entry, tensor.dtype).copy_(tensor.detach(), non_blocking=True)
+        with torch.cuda.stream(stream), torch.no_grad():
+            for destination, source in zip(destinations, sources):
+                destination.copy_(source, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         return event
-    for start, stop in _contiguous_runs(entries):
-        run = tensors[start:stop]
-        first, last = entries[start], entries[stop - 1]
-        block = staged.region.block(first.offset, last.offset + last.nbytes - first.offset, run[0].dtype)
-        try:  # one copy per run of same-dtype tensors: per-tensor overhead dominates small states
-            torch.cat([t.detach().reshape(-1) for t in run], out=block)
-        except (RuntimeError, NotImplementedError):  # dtypes without a cat kernel (float8 on CPU)
-            for entry, tensor in zip(entries[start:stop], run):
-                staged.region.tensor(entry, tensor.dtype).copy_(tensor.detach())
+    with torch.no_grad():
+        _copy_all(destinations, sources)
     return None
 
 
-def _contiguous_runs(entries: Sequence[TensorEntry]) -> List[Tuple[int, int]]:
-    """[start, stop) index ranges of entries that sit back to back in the region with one dtype."""
-    runs: List[Tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(entries) + 1):
-        if (
-            i == len(entries)
-            or entries[i].dtype != entries[i - 1].dtype
-            or (entries[i].offset != entries[i - 1].offset + entries[i - 1].nbytes)
-        ):
-            runs.append((start, i))
-            start = i
-    return runs
+def _copy_all(destinations: List[torch.Tensor], sources: List[torch.Tensor]) -> None:
+    """Host copies in one call: per-tensor overhead dominates a state of many small tensors
+    (measured, 10,000 tensors of 4 KiB: 11 ms with _foreach_copy_, 18 ms tensor by tensor)."""
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        try:
+            foreach_copy(destinations, sources)
+            return
+        except (RuntimeError, NotImplementedError):  # dtypes without a foreach kernel: copy one by one
+            pass
+    for destination, source in zip(destinations, sources):
+        destination.copy_(source)
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

@@ -42,6 +42,9 @@ class ErrorCode(str, enum.Enum):
     """Another live run owns the root."""
     ROOT_CLAIM_PENDING = "root_claim_pending"
     """Another host's recent claim on the root is being watched: ask again."""
+    UNKNOWN_PLAN = "unknown_plan"
+    """A planned save naming a plan this daemon does not hold (restarted, or the plan was evicted):
+    send the full request again."""
     INTERNAL = "internal"
 
     @property
@@ -60,6 +63,7 @@ _KEEPS_THE_SAVE = frozenset(
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.ROOT_IN_USE,
         ErrorCode.ROOT_CLAIM_PENDING,
+        ErrorCode.UNKNOWN_PLAN,
     }
 )
 

@@ -8,7 +8,7 @@ they sit in the client's shared-memory regions, which a save request names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 import msgpack
@@ -30,6 +30,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 HELLO = "hello"
 BYE = "bye"
 SAVE = "save"
+SAVE_PLANNED = "save_planned"
 STATUS = "status"
 # reply types
 OK = "ok"
@@ -298,6 +299,13 @@ def _chunks(raw: Any, pattern: SharingPattern, where: str) -> Dict[str, ChunkSpe
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
 
 
+def _metrics(body: Dict[str, Any], where: str) -> Dict[str, Any]:
+    metrics: Dict[str, Any] = _field(body, "metrics", dict, where)
+    if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: metrics must map strings to numbers")
+    return metrics
+
+
 def _digests(raw: Any, where: str) -> Optional[Dict[str, str]]:
     if raw is None:
         return None
@@ -328,10 +336,14 @@ class SaveRequest:
     skip_reason: Optional[str] = None
     """Set when the rank skips this step instead of handing over a part (no parts): the daemon
     aborts the step for every rank with this reason."""
+    plan_id: Optional[int] = None
+    """Set to ask the daemon to keep this request as a plan: later saves with the same structure
+    send only a `PlannedSave` naming it."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
         return {
+            "plan_id": self.plan_id,
             "root": self.root,
             "step": self.step,
             "rank": self.rank,
@@ -365,11 +377,9 @@ class SaveRequest:
         if len(set(keys)) != len(keys):
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: duplicate component keys in {keys}")
         versions = _field(body, "versions", dict, where)
-        metrics = _field(body, "metrics", dict, where)
+        metrics = _metrics(body, where)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: versions must map strings to strings")
-        if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
-            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: metrics must map strings to numbers")
         job = _job_id(_field(body, "job", str, where), where)
         try:
             retention = None if body.get("retention") is None else RetentionPolicy.from_wire(body["retention"])
@@ -388,6 +398,88 @@ class SaveRequest:
             retention=retention,
             expires_at=float(_field(body, "expires_at", (int, float), where)),
             skip_reason=_optional(body, "skip_reason", str, where),
+            plan_id=_optional(body, "plan_id", int, where),
+        )
+
+    def planned(self, save: "PlannedSave") -> "SaveRequest":
+        """The full request of a planned save of this plan: this request's structure with the save's
+        own step, metrics, deadline and per-component fields. Raises ProtocolError unless the save
+        names exactly this plan's components."""
+        updates = {u.key: u for u in save.parts}
+        if sorted(updates) != sorted(p.key for p in self.parts) or len(updates) != len(save.parts):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"planned save of step {save.step}: components {sorted(updates)} are not the plan's "
+                f"{sorted(p.key for p in self.parts)}",
+            )
+        parts = tuple(
+            replace(p, lease=u.lease, state=u.state, digests=u.digests)
+            for p, u in ((p, updates[p.key]) for p in self.parts)
+        )
+        return replace(self, step=save.step, metrics=save.metrics, expires_at=save.expires_at, parts=parts)
+
+
+@dataclass(frozen=True)
+class PartUpdate:
+    """What changes between saves of one component part under a plan."""
+
+    key: str
+    lease: int = 0
+    state: Optional[bytes] = None
+    digests: Optional[Dict[str, str]] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a frame."""
+        return {"key": self.key, "lease": self.lease, "state": self.state, "digests": self.digests}
+
+    @classmethod
+    def from_wire(cls, body: Any) -> "PartUpdate":
+        """Checked inverse of `to_wire`."""
+        if not isinstance(body, dict):
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "each part of a planned save must be a map")
+        where = f"planned part {body.get('key')!r:.100}"
+        return cls(
+            key=_field(body, "key", str, where),
+            lease=_field(body, "lease", int, where),
+            state=_optional(body, "state", bytes, where),
+            digests=_digests(body.get("digests"), where),
+        )
+
+
+@dataclass(frozen=True)
+class PlannedSave:
+    """One rank's part of checkpoint `step` under a plan it registered with an earlier SaveRequest:
+    only what changes from save to save (the daemon checks it as strictly as a full request)."""
+
+    plan_id: int
+    step: int
+    parts: Tuple[PartUpdate, ...]
+    metrics: Dict[str, float] = field(default_factory=dict)
+    expires_at: float = 0.0
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a frame."""
+        return {
+            "plan_id": self.plan_id,
+            "step": self.step,
+            "parts": [p.to_wire() for p in self.parts],
+            "metrics": self.metrics,
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> "PlannedSave":
+        """Checked inverse of `to_wire`."""
+        where = "planned save"
+        step = _field(body, "step", int, where)
+        if step < 0:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: step must be non-negative")
+        return cls(
+            plan_id=_field(body, "plan_id", int, where),
+            step=step,
+            parts=tuple(PartUpdate.from_wire(p) for p in _field(body, "parts", list, where)),
+            metrics=_metrics(body, where),
+            expires_at=float(_field(body, "expires_at", (int, float), where)),
         )
 
 

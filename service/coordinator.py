@@ -128,8 +128,17 @@ class NodeCoordinator:
         """Saves in flight, oldest first."""
         return [self._sessions[s] for s in sorted(self._sessions)]
 
-    async def accept(self, link: RankLink, request: SaveRequest) -> None:
-        """Validate and take over one rank's part; raises SaveRejected or ProtocolError."""
+    def check_parts(self, request: SaveRequest) -> Dict[str, str]:
+        """Check each component part against its placement rule and its own layout (what a plan keeps
+        from save to save); returns the scope each part goes to. Raises SaveRejected."""
+        return {part.key: self._check_part(request, part).scope for part in request.parts}
+
+    async def accept(
+        self, link: RankLink, request: SaveRequest, scopes: Optional[Dict[str, str]] = None
+    ) -> Dict[str, str]:
+        """Validate and take over one rank's part; returns where each component part goes (`scopes`:
+        what `check_parts` returned for a request of the same structure, which then is not checked
+        again). Raises SaveRejected or ProtocolError."""
         step = request.step
         reason = self._aborted.get((request.job, step))
         if reason is not None:
@@ -156,7 +165,10 @@ class NodeCoordinator:
             )
         if request.rank in session.ranks:
             raise SaveRejected(ErrorCode.DUPLICATE, f"rank {request.rank} already handed over its part of step {step}")
-        scopes = {part.key: self._check_part(request, part).scope for part in request.parts}
+        if scopes is None:
+            scopes = self.check_parts(request)
+        for component in request.parts:
+            self._check_save_fields(request, component)
         regions = self._map_regions(request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
         part = RankPart(request, link, regions, scopes)
@@ -164,6 +176,7 @@ class NodeCoordinator:
         session.last_part_at = time.time()
         session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
         asyncio.get_running_loop().create_task(self._write_rank(session, part))
+        return scopes
 
     async def _session_for(self, request: SaveRequest) -> SaveSession:
         """The session this rank's part joins: the running one, or a new one (superseding a dead run's)."""
@@ -265,16 +278,8 @@ class NodeCoordinator:
                 f"{where}: {part.pattern.value} is written by rank "
                 f"{placement.writer_rank}, but the client claims writer={part.writer}",
             )
-        if part.validate_replication and part.digests is None:
-            raise SaveRejected(
-                ErrorCode.INVALID_REQUEST, f"{where}: validate_replication needs digests from every rank"
-            )
         if not part.writer:
             return placement
-        if part.state is None:
-            raise SaveRejected(
-                ErrorCode.INVALID_REQUEST, f"{where}: the writer must send the component's non-tensor state"
-            )
         if part.region is None and any(t.nbytes for t in part.tensors):
             raise SaveRejected(ErrorCode.INVALID_REQUEST, f"{where}: tensors listed without a staging region")
         names = [t.name for t in part.tensors]
@@ -287,6 +292,19 @@ class NodeCoordinator:
         if part.pattern is SharingPattern.SHARDED:
             _check_chunks(part, where)
         return placement
+
+    @staticmethod
+    def _check_save_fields(request: SaveRequest, part: ComponentPart) -> None:
+        """Check what a part carries anew with every save (planned or not)."""
+        where = f"rank {request.rank}, component {part.key!r}"
+        if part.validate_replication and part.digests is None:
+            raise SaveRejected(
+                ErrorCode.INVALID_REQUEST, f"{where}: validate_replication needs digests from every rank"
+            )
+        if part.writer and part.state is None:
+            raise SaveRejected(
+                ErrorCode.INVALID_REQUEST, f"{where}: the writer must send the component's non-tensor state"
+            )
 
     async def _write_rank(self, session: SaveSession, part: RankPart) -> None:
         """Write every component this rank hands over, in parallel threads; then release its regions."""

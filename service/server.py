@@ -23,7 +23,7 @@ from ckptd.proto.cluster import parse_address
 from ckptd.proto.config import CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV
 from ckptd.proto.errors import CodedError, ErrorCode, ProtocolError
 from ckptd.proto.formats import CKPTD_VERSION
-from ckptd.proto.messages import SaveRequest
+from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.ownership import CLAIM_TTL_S, RunIdentity
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator
@@ -32,6 +32,7 @@ from ckptd.service.errors import ClusterSecretError, DaemonConfigError, DaemonEr
 from ckptd.service.leader import CommitChannel, LocalCommitLeader
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.ownership import RootOwnership
+from ckptd.service.plans import SavePlans
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
@@ -187,6 +188,7 @@ class DaemonServer:
         self.instance = uuid.uuid4().hex
         """Changes at every start: clients notice a restarted daemon by it."""
         self._clients: Dict[int, float] = {}
+        self._plans = SavePlans()
         self._last_activity = time.monotonic()
         self._stopping: Optional[asyncio.Event] = None
 
@@ -330,12 +332,15 @@ class DaemonServer:
             return await self._hello(identity, envelope.body)
         if envelope.type == messages.BYE:
             await self.ownership.leave(identity)
+            self._plans.forget(identity)
             return messages.OK, {}
         if envelope.type == messages.SAVE:
             return await self._save(identity, envelope.body)
+        if envelope.type == messages.SAVE_PLANNED:
+            return await self._save(identity, envelope.body, planned=True)
         if envelope.type == messages.STATUS:
             return messages.OK, self.status()
-        message = f"unknown message type {envelope.type!r}; expected one of hello, bye, save, status"
+        message = f"unknown message type {envelope.type!r}; expected one of hello, bye, save, save_planned, status"
         log.warning("rejected a frame: %s", message)
         return messages.ERROR, messages.error_body(ErrorCode.UNKNOWN_TYPE, message)
 
@@ -356,9 +361,16 @@ class DaemonServer:
             "version": CKPTD_VERSION,
         }
 
-    async def _save(self, identity: bytes, body: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
+    async def _save(self, identity: bytes, body: Dict[str, Any], planned: bool = False) -> tuple[str, Dict[str, Any]]:
+        """A rank's part of a save: a full request (`planned` False) or a planned save of a plan that
+        this client's earlier full request registered."""
+        scopes: Optional[Dict[str, str]] = None
         try:
-            request = SaveRequest.from_wire(body)
+            if planned:
+                request, scopes = self._plans.recall(identity, PlannedSave.from_wire(body))
+                body = {"step": request.step, "rank": request.rank, "job": request.job}  # for the abort below
+            else:
+                request = SaveRequest.from_wire(body)
             stopping = self._stopping is not None and self._stopping.is_set()
             if stopping and not self.coordinator.holds(request.job, request.step):
                 raise SaveRejected(
@@ -377,7 +389,8 @@ class DaemonServer:
                     request.job, request.step, f"rank {request.rank} skipped step {request.step}: {request.skip_reason}"
                 )
                 return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
-            await self.coordinator.accept(_ClientLink(self._send, identity), request)
+            scopes = await self.coordinator.accept(_ClientLink(self._send, identity), request, scopes)
+            self._plans.remember(identity, request, scopes)
         except CodedError as exc:  # ProtocolError or SaveRejected
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")

@@ -1,0 +1,62 @@
+"""Save plans the daemon keeps for its clients: a checked request whose structure later saves reuse."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+from ckptd.proto.errors import ErrorCode
+from ckptd.proto.messages import PlannedSave, SaveRequest
+from ckptd.service.errors import SaveRejected
+
+MAX_PLANS = 256
+"""Plans kept in all (the least recently used goes first; its client then sends a full request)."""
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """A full request the daemon accepted, and where its parts went (checked once, reused)."""
+
+    request: SaveRequest
+    scopes: Dict[str, str]
+
+
+class SavePlans:
+    """Plans by (client connection, plan id), bounded: a planned save from another connection, or one
+    naming a plan this daemon never had or has dropped, is refused with UNKNOWN_PLAN."""
+
+    def __init__(self, limit: int = MAX_PLANS) -> None:
+        self._plans: "OrderedDict[Tuple[bytes, int], SavePlan]" = OrderedDict()
+        self._limit = limit
+
+    def remember(self, client: bytes, request: SaveRequest, scopes: Dict[str, str]) -> None:
+        """Keep an accepted request that asked to be a plan (`request.plan_id`)."""
+        if request.plan_id is None:
+            return
+        key = (client, request.plan_id)
+        self._plans[key] = SavePlan(request, scopes)
+        self._plans.move_to_end(key)
+        while len(self._plans) > self._limit:
+            self._plans.popitem(last=False)
+
+    def recall(self, client: bytes, save: PlannedSave) -> Tuple[SaveRequest, Dict[str, str]]:
+        """The full request of a planned save, and its parts' scopes. Raises SaveRejected
+        (UNKNOWN_PLAN, or INVALID_REQUEST for a save that does not fit its plan)."""
+        plan = self._plans.get((client, save.plan_id))
+        if plan is None:
+            raise SaveRejected(
+                ErrorCode.UNKNOWN_PLAN,
+                f"planned save of step {save.step}: this daemon holds no plan {save.plan_id} of this client "
+                "(restarted, or the plan was dropped); send the full request",
+            )
+        self._plans.move_to_end((client, save.plan_id))
+        return plan.request.planned(save), plan.scopes
+
+    def forget(self, client: bytes) -> None:
+        """Drop every plan of a client that said goodbye."""
+        for key in [k for k in self._plans if k[0] == client]:
+            del self._plans[key]
+
+    def __len__(self) -> int:
+        return len(self._plans)
