@@ -90,6 +90,8 @@ class SaveHandle:
         self.step = step
         self.blocked_s = 0.0
         """Seconds `save_checkpoint` blocked the caller."""
+        self.planned = False
+        """True when the save reused the daemon's plan of an earlier save of the same structure."""
         self._event = threading.Event()
         self._staged = threading.Event()
         self._path: Optional[str] = None
@@ -320,7 +322,9 @@ class CheckpointClient:
                         event.synchronize()
             self._lend(handle, staged)
             sent = True
-            reply = self._send_part(handle.step, staged, {k: float(v) for k, v in (metrics or {}).items()})
+            reply, handle.planned = self._send_part(
+                handle.step, staged, {k: float(v) for k, v in (metrics or {}).items()}
+            )
             instance = str(reply.body.get("instance", ""))
             with self._lock:
                 handle._daemon_instance = instance
@@ -355,18 +359,21 @@ class CheckpointClient:
         finally:
             handle._staged.set()
 
-    def _send_part(self, step: int, staged: List[StagedComponent], metrics: Dict[str, float]) -> messages.Envelope:
+    def _send_part(
+        self, step: int, staged: List[StagedComponent], metrics: Dict[str, float]
+    ) -> Tuple[messages.Envelope, bool]:
         """Hand this rank's part of `step` to the daemon: a planned save when the daemon holds a plan
-        of this structure, else the full request (registered as the plan for the next saves)."""
+        of this structure, else the full request (registered as the plan for the next saves).
+        Returns the reply and whether the plan was used."""
         expires_at = time.monotonic() + self.timeout
         signature = _plan_signature(staged)
         wire = self._wire_plan
         if wire is not None and signature is not None and wire.signature == signature:
             planned = PlannedSave(wire.plan_id, step, tuple(s.to_update() for s in staged), metrics, expires_at)
             try:
-                return self._send_save(messages.SAVE_PLANNED, planned.to_wire(), expires_at)
+                return self._send_save(messages.SAVE_PLANNED, planned.to_wire(), expires_at), True
             except DaemonRequestError as exc:
-                if exc.code is not ErrorCode.UNKNOWN_PLAN:
+                if exc.code != ErrorCode.UNKNOWN_PLAN:
                     raise
                 log.info("the daemon holds no save plan of this rank (restarted?): sending step %d in full", step)
         plan_id = secrets.randbits(62) if signature is not None else None
@@ -388,7 +395,7 @@ class CheckpointClient:
         reply = self._send_save(messages.SAVE, request.to_wire(), expires_at)
         if plan_id is not None and signature is not None:
             self._wire_plan = WirePlan(plan_id, signature)
-        return reply
+        return reply, False
 
     def _send_save(self, msg_type: str, body: Dict[str, Any], expires_at: float) -> messages.Envelope:
         """Send a save request until the daemon takes it or `expires_at`; with the "wait" policy,

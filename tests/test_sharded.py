@@ -190,6 +190,9 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
         losses[name] = [json.loads(line) for line in (out / "losses_rank0.jsonl").read_text().splitlines()]
     assert [e["step"] for e in losses["resumed"]] == list(range(1, 7))
     assert losses["resumed"] == losses["straight"]
+    for rank in range(2):  # every save after a run's first reused its plan: the checkpoint resumed from was planned
+        planned = (tmp_path / "resumed" / "out" / f"planned_rank{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["planned"] for line in planned] == [False, True, True, False, True, True]
 
     root = tmp_path / "resumed" / "ckpt"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000005", "step_00000006"]

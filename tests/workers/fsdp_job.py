@@ -259,13 +259,18 @@ def main() -> None:
                 get_state_dict(model, optim)
                 path = manager.load_checkpoint()
                 first = int(os.path.basename(path).split("_")[1]) + 1
+            handles = []
             with open(out / "losses_rank0.jsonl", "a") as log:
                 for step in range(first, args.steps + 1):
                     loss = train_step(model, optim, samples)
                     if rank == 0:
                         log.write(json.dumps({"step": step, "loss": loss}) + "\n")
                         log.flush()
-                    manager.save_checkpoint(step, overlap=args.overlap)
+                    handles.append(manager.save_checkpoint(step, overlap=args.overlap))
+            with open(out / f"planned_rank{rank}.jsonl", "a") as log:  # which saves reused their save plan
+                for handle in handles:
+                    handle.wait(120)
+                    log.write(json.dumps({"step": handle.step, "planned": handle.planned}) + "\n")
     else:
         bad = Provider([StateComponent("model", model, SharingPattern.GLOBAL)])
         error = ""

@@ -1,0 +1,405 @@
+"""Save plans: a repeat save of a state with the same structure reuses the plan (client and daemon),
+holds exactly its own step's values, and any change of structure is planned again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List
+
+import msgpack
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+import zmq
+import zmq.asyncio
+from helpers import Daemon, Holder
+
+from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
+from ckptd.client.codec import flatten_state
+from ckptd.client.loading import read_manifest, read_scope
+from ckptd.client.save_plan import ComponentPlan
+from ckptd.client.snapshot import snapshot
+from ckptd.client.topology import RankInfo
+from ckptd.proto import messages
+from ckptd.proto.topology import Topology
+
+RANK0 = RankInfo(0, Topology.single_node(1))
+
+
+def components(state_of: Dict[str, Holder]) -> List[PreparedComponent]:
+    return [PreparedComponent(StateComponent(key, h, SharingPattern.GLOBAL)) for key, h in state_of.items()]
+
+
+def saved_state(path: str, key: str) -> Any:
+    record = read_manifest(path).components[key]
+    (scope,) = record.scopes.values()
+    return read_scope(path, scope)
+
+
+def plan_of(state: Any) -> ComponentPlan:
+    """A plan made from a real snapshot of `state` (one GLOBAL component)."""
+    plans: Dict[str, ComponentPlan] = {}
+    snapshot(components({"c": Holder(state)}), RANK0, plans)
+    return plans["c"]
+
+
+def matched(plan: ComponentPlan, state: Any) -> Any:
+    found = plan.match(state)
+    return None if found is None else found[0]
+
+
+def tied_module() -> torch.nn.Module:
+    module = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    module[1].weight = module[0].weight
+    return module
+
+
+# (name, state before, state after: same structure, other values)
+HITS: List[Any] = [
+    ("scalars change", lambda: {"w": torch.ones(3), "step": 1, "lr": 0.1}, lambda s: {**s, "step": 2, "lr": 0.05}),
+    ("minus zero", lambda: {"w": torch.ones(3), "x": 0.0}, lambda s: {**s, "x": -0.0}),
+    ("bool for int value", lambda: {"w": torch.ones(3), "x": 1}, lambda s: {**s, "x": True}),
+    ("nan", lambda: {"w": torch.ones(3), "x": 1.0}, lambda s: {**s, "x": float("nan")}),
+    ("numpy scalar", lambda: {"w": torch.ones(3), "x": np.float32(1.5)}, lambda s: {**s, "x": np.float32(2.5)}),
+    (
+        "dtype, Size, device",
+        lambda: {"w": torch.ones(3), "d": torch.float32, "s": torch.Size([2]), "v": torch.device("cpu")},
+        lambda s: {**s, "d": torch.bfloat16, "s": torch.Size([3, 4])},
+    ),
+    ("tuples and lists", lambda: {"t": (torch.ones(2), 1), "l": [torch.zeros(2), "a"]}, None),
+    ("module with _metadata", lambda: torch.nn.Linear(3, 2).state_dict(), None),
+    ("tied weights", lambda: tied_module().state_dict(), None),
+]
+
+
+@pytest.mark.parametrize("name,before,change", HITS, ids=[h[0] for h in HITS])
+def test_a_state_of_the_same_structure_fits_its_plan_and_gets_the_full_skeleton(
+    name: str, before: Callable[[], Any], change: Any
+) -> None:
+    state = before()
+    plan = plan_of(state)
+    after = change(state) if change is not None else state
+    flat = matched(plan, after)
+    assert flat is not None, f"{name}: the plan should hold"
+    assert flat.skeleton == flatten_state(after, "c").skeleton
+
+
+def _mutations() -> List[Any]:
+    def tensor_resized(s: Dict[str, Any]) -> None:
+        s["w"] = torch.ones(4)
+
+    def tensor_replaced(s: Dict[str, Any]) -> None:
+        s["w"] = torch.ones(3)
+
+    def dtype_changed(s: Dict[str, Any]) -> None:
+        s["w"] = s["w"].to(torch.float64)
+
+    def key_added(s: Dict[str, Any]) -> None:
+        s["new"] = 1
+
+    def key_removed(s: Dict[str, Any]) -> None:
+        del s["step"]
+
+    def keys_reordered(s: Dict[str, Any]) -> None:
+        step = s.pop("step")
+        s["step"] = step
+        s.move_to_end("w")
+
+    def scalar_becomes_tensor(s: Dict[str, Any]) -> None:
+        s["step"] = torch.tensor(1)
+
+    def tensor_becomes_scalar(s: Dict[str, Any]) -> None:
+        s["w"] = 3
+
+    def list_grows(s: Dict[str, Any]) -> None:
+        s["hist"].append(4)
+
+    def tuple_becomes_list(s: Dict[str, Any]) -> None:
+        s["pair"] = list(s["pair"])
+
+    def alias_made(s: Dict[str, Any]) -> None:
+        s["v"] = s["w"]
+
+    def view_changed(s: Dict[str, Any]) -> None:
+        s["w"] = s["w"].as_strided((3,), (0,))
+
+    return [
+        tensor_resized,
+        tensor_replaced,
+        dtype_changed,
+        key_added,
+        key_removed,
+        keys_reordered,
+        scalar_becomes_tensor,
+        tensor_becomes_scalar,
+        list_grows,
+        tuple_becomes_list,
+        alias_made,
+        view_changed,
+    ]
+
+
+@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
+def test_any_change_of_structure_misses_the_plan(mutate: Callable[[Dict[str, Any]], None]) -> None:
+    state: Dict[str, Any] = OrderedDict(
+        w=torch.ones(3), v=torch.zeros(3), step=1, hist=[1, 2, 3], pair=(torch.ones(1), "x")
+    )
+    plan = plan_of(state)
+    assert matched(plan, state) is not None
+    mutate(state)
+    assert matched(plan, state) is None
+
+
+def test_int_keys_of_another_type_miss_the_plan() -> None:
+    plan = plan_of({1: torch.ones(2), 2: torch.zeros(2)})
+    assert matched(plan, {1: torch.ones(2), 2: torch.zeros(2)}) is None  # new tensors: new memory
+    state = {1: torch.ones(2), 2: torch.zeros(2)}
+    plan = plan_of(state)
+    assert matched(plan, dict(state)) is not None
+    assert matched(plan, {True: state[1], 2: state[2]}) is None
+
+
+def test_colliding_key_paths_get_no_plan() -> None:
+    plans: Dict[str, ComponentPlan] = {}
+    state = {"a/b": torch.ones(2), "a": {"b": torch.zeros(2)}}
+    (staged,) = snapshot(components({"c": Holder(state)}), RANK0, plans)
+    assert staged.plan is None and not plans
+
+
+def test_repeat_saves_use_the_plan_and_each_holds_its_own_step(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    client = client_factory()
+    model = OrderedDict(w=torch.zeros(1000), b=torch.zeros(10, dtype=torch.float64))
+    trainer: Dict[str, Any] = {"step": 0, "lr": 1.0, "hist": torch.zeros(4, dtype=torch.int32)}
+    parts = components({"model": Holder(model), "trainer": Holder(trainer)})
+    planned = []
+    for step in range(1, 6):
+        model["w"].fill_(step)
+        model["b"].fill_(-step)
+        trainer["hist"].fill_(step)
+        trainer.update(step=step, lr=1.0 / step)
+        handle = client.save(step, parts)
+        planned.append(handle.planned)
+        path = handle.wait(60)
+        got_model, got_trainer = saved_state(path, "model"), saved_state(path, "trainer")
+        assert torch.equal(got_model["w"], torch.full((1000,), float(step)))
+        assert torch.equal(got_model["b"], torch.full((10,), -float(step), dtype=torch.float64))
+        assert got_trainer["step"] == step and got_trainer["lr"] == 1.0 / step
+        assert torch.equal(got_trainer["hist"], torch.full((4,), step, dtype=torch.int32))
+    assert planned == [False, True, True, True, True]
+
+
+def test_a_changed_structure_is_planned_again_and_saved_right(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    client = client_factory()
+    module = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    parts = [
+        PreparedComponent(StateComponent("model", module, SharingPattern.GLOBAL)),
+        PreparedComponent(StateComponent("optim", optimizer, SharingPattern.GLOBAL)),
+    ]
+    extra = Holder({"x": torch.zeros(2)})
+    parts.append(PreparedComponent(StateComponent("extra", extra, SharingPattern.GLOBAL)))
+
+    def save(step: int) -> bool:
+        with torch.no_grad():
+            module.weight.fill_(step)
+        handle = client.save(step, parts)
+        path = handle.wait(60)
+        assert torch.equal(saved_state(path, "model")["weight"], torch.full((4, 8), float(step)))
+        assert torch.equal(saved_state(path, "extra")["x"], extra.value["x"])
+        state = saved_state(path, "optim")["state"]
+        for index, param in enumerate(module.parameters()):
+            if index in optimizer.state:
+                assert torch.equal(state[index]["exp_avg"], optimizer.state[param]["exp_avg"])
+        return handle.planned
+
+    assert save(1) is False
+    assert save(2) is True
+    module(torch.ones(2, 8)).sum().backward()
+    optimizer.step()  # creates the optimizer's state: a new structure
+    assert save(3) is False
+    optimizer.step()  # updates it in place: the same structure
+    assert save(4) is True
+    extra.value = {"x": torch.arange(5.0)}  # a bigger tensor: a bigger staging region
+    assert save(5) is False
+    assert save(6) is True
+    extra.value["x"] = torch.arange(5.0) * 2  # same shape, new memory
+    assert save(7) is False
+    assert save(8) is True
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_restarted_daemon_gets_the_full_request_again(
+    daemon_factory: Callable[..., Daemon], daemon: Daemon, overlap: bool
+) -> None:
+    client = CheckpointClient(
+        str(daemon.root), RANK0, endpoint=daemon.endpoint, auto_start=False, timeout=60, connect_timeout=30
+    )
+    module = torch.nn.Linear(16, 16)
+    parts = [PreparedComponent(StateComponent("model", module, SharingPattern.GLOBAL))]
+    try:
+        for step in (1, 2):
+            with torch.no_grad():
+                module.weight.fill_(step)
+            assert client.save(step, parts, overlap=overlap).wait(60)
+        os.kill(daemon.process.pid, signal.SIGKILL)
+        daemon.process.wait()
+        daemon_factory(root=daemon.root, endpoint=daemon.endpoint)
+        with torch.no_grad():
+            module.weight.fill_(3)
+        handle = client.save(3, parts, overlap=overlap)
+        path = handle.wait(60)
+        assert handle.planned is False
+        assert torch.equal(saved_state(path, "model")["weight"], torch.full((16, 16), 3.0))
+        with torch.no_grad():
+            module.weight.fill_(4)
+        handle = client.save(4, parts, overlap=overlap)
+        assert torch.equal(saved_state(handle.wait(60), "model")["weight"], torch.full((16, 16), 4.0))
+        assert handle.planned is True
+    finally:
+        client.close(timeout=5)
+
+
+# --- the daemon's side, through raw sockets ------------------------------------------------------
+
+
+def full_body(daemon: Daemon, step: int, plan_id: int, **overrides: Any) -> Dict[str, Any]:
+    part = {
+        "key": "trainer",
+        "pattern": "GLOBAL",
+        "required": True,
+        "writer": True,
+        "group_name": None,
+        "group_ranks": [],
+        "validate_replication": False,
+        "metadata": {},
+        "region": None,
+        "lease": 1,
+        "region_size": 0,
+        "tensors": [],
+        "state": msgpack.packb({"step": step}),
+        "digests": None,
+    }
+    body = {
+        "root": str(daemon.root),
+        "step": step,
+        "rank": 0,
+        "pid": os.getpid(),
+        "job": "raw",
+        "topology": {"nodes": [[0]]},
+        "parts": [part],
+        "versions": {},
+        "metrics": {},
+        "expires_at": time.monotonic() + 600,
+        "plan_id": plan_id,
+    }
+    body.update(overrides)
+    return body
+
+
+def planned_body(plan_id: int, step: int, **overrides: Any) -> Dict[str, Any]:
+    body = {
+        "plan_id": plan_id,
+        "step": step,
+        "parts": [{"key": "trainer", "lease": 1, "state": msgpack.packb({"step": step}), "digests": None}],
+        "metrics": {},
+        "expires_at": time.monotonic() + 600,
+    }
+    body.update(overrides)
+    return body
+
+
+class RawClient:
+    """One DEALER connection to the daemon, as a client process would hold it."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self._ids = iter(range(1, 1_000_000))
+
+    async def request(self, msg_type: str, body: Dict[str, Any]) -> messages.Envelope:
+        msg_id = next(self._ids)
+        await self.socket.send(messages.encode(msg_type, body, msg_id))
+        while True:  # skip notifications (released, committed)
+            assert await self.socket.poll(10_000), "the daemon did not answer"
+            reply = messages.decode(await self.socket.recv())
+            if reply.id == msg_id:
+                return reply
+
+
+@pytest_asyncio.fixture
+async def raw_clients(daemon: Daemon) -> Any:
+    context = zmq.asyncio.Context()
+    clients: List[RawClient] = []
+
+    def make() -> RawClient:
+        clients.append(RawClient(context, daemon.endpoint))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.socket.close()
+    context.term()
+
+
+def committed_step(daemon: Daemon, step: int) -> Any:
+    path = daemon.root / f"step_{step:08d}"
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return saved_state(str(path), "trainer")
+
+
+@pytest.mark.asyncio
+async def test_the_daemon_checks_a_planned_save_as_strictly_as_a_full_request(
+    daemon: Daemon, raw_clients: Callable[[], RawClient]
+) -> None:
+    owner, stranger = raw_clients(), raw_clients()
+    unknown = await owner.request(messages.SAVE_PLANNED, planned_body(7, 1))
+    assert unknown.type == messages.ERROR and unknown.body["code"] == "unknown_plan", unknown.body
+    registered = await owner.request(messages.SAVE, full_body(daemon, 1, plan_id=7))
+    assert registered.type == messages.ACCEPTED, registered.body
+    assert committed_step(daemon, 1) == {"step": 1}
+
+    again = await owner.request(messages.SAVE_PLANNED, planned_body(7, 2))
+    assert again.type == messages.ACCEPTED, again.body
+    assert committed_step(daemon, 2) == {"step": 2}, "a planned save holds its own step's state"
+
+    refusals = [
+        (stranger, planned_body(7, 10), "unknown_plan", "no plan 7 of this client"),
+        (owner, planned_body(8, 11), "unknown_plan", "no plan 8"),
+        (
+            owner,
+            planned_body(7, 12, parts=[{"key": "other", "lease": 1, "state": b"", "digests": None}]),
+            "invalid_request",
+            "not the plan's",
+        ),
+        (owner, planned_body(7, 13, parts=["trainer"]), "invalid_request", "must be a map"),
+        (
+            owner,
+            planned_body(7, 14, parts=[{"key": "trainer", "lease": 1, "state": None, "digests": None}]),
+            "invalid_request",
+            "must send the component's non-tensor state",
+        ),
+        (owner, planned_body(7, -1), "invalid_request", "non-negative"),
+        (owner, planned_body(7, 15, expires_at=time.monotonic() - 1), "expired", "after the client stopped waiting"),
+        (owner, planned_body(7, 1), "conflict", "already committed"),
+    ]
+    for client, body, code, text in refusals:
+        reply = await client.request(messages.SAVE_PLANNED, body)
+        assert reply.type == messages.ERROR and reply.body["code"] == code, (code, reply.body)
+        assert text in reply.body["message"], reply.body
+    still = await owner.request(messages.SAVE_PLANNED, planned_body(7, 4))
+    assert still.type == messages.ACCEPTED, still.body
+    assert committed_step(daemon, 4) == {"step": 4}
+    assert (await owner.request(messages.BYE, {})).type == messages.OK
+    gone = await owner.request(messages.SAVE_PLANNED, planned_body(7, 5))
+    assert gone.body["code"] == "unknown_plan", "a client's goodbye drops its plans"
