@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import msgpack
 import torch
@@ -37,6 +37,9 @@ from ckptd.client.codec import (
 )
 from ckptd.client.dtensors import is_dtensor, local_tensor, placement_key
 from ckptd.client.errors import UnsupportedStateError
+
+if TYPE_CHECKING:
+    from ckptd.client.snapshot import PreparedComponent, StagedComponent
 
 _TENSOR = "tensor"
 _SCALAR = "scalar"
@@ -197,8 +200,8 @@ def _dtensor_fingerprint(tensor: Any) -> Tuple[Any, ...]:
 class ComponentPlan:
     """What one component's first save worked out, reused while its state keeps its structure."""
 
-    prepared: Any
-    """The PreparedComponent the plan was made for (another declaration plans again)."""
+    prepared: "PreparedComponent"
+    """The component declaration the plan was made for (another declaration plans again)."""
     template: Node
     leaf_names: List[str]
     """The tensor name of each tensor leaf in walk order (aliases repeat a name)."""
@@ -209,14 +212,16 @@ class ComponentPlan:
     skeleton: bytes
     entry_leaves: List[int]
     """For each staged entry, the tensor leaf it is copied from."""
-    staged: Any
-    """The StagedComponent of the save the plan was made from: writer, entries, total, chunks."""
+    staged: "StagedComponent"
+    """The snapshot the plan was made from: writer, entries, total, chunks. It holds that save's
+    tensors, so their memory cannot be freed and reused by another tensor: a data_ptr equal to the
+    plan's is the same memory."""
     state_is_skeleton: bool
     views: Optional[Tuple[Any, List[torch.Tensor]]] = field(default=None, repr=False)
     """(region, a view of it per entry), made once per region."""
 
     @classmethod
-    def make(cls, prepared: Any, state: Any, staged: Any) -> Optional["ComponentPlan"]:
+    def make(cls, prepared: "PreparedComponent", state: Any, staged: "StagedComponent") -> Optional["ComponentPlan"]:
         """A plan from a full snapshot (`staged`) of `state`; None if the state cannot be matched cheaply."""
         names: List[str] = []
         template = build_template(state, "", staged.flat.refs, names)

@@ -377,14 +377,9 @@ class CheckpointClient:
                     raise
                 log.info("the daemon holds no save plan of this rank (restarted?): sending step %d in full", step)
         plan_id = secrets.randbits(62) if signature is not None else None
-        request = SaveRequest(
-            root=self.root,
-            step=step,
-            rank=self.rank_info.rank,
-            pid=os.getpid(),
-            topology=self.rank_info.topology,
+        request = self._request(
+            step,
             parts=tuple(s.to_part() for s in staged),
-            job=self.rank_info.job_id,
             versions={"ckptd": CKPTD_VERSION, "torch": torch.__version__},
             metrics=metrics,
             retention=self.retention,
@@ -396,6 +391,18 @@ class CheckpointClient:
         if plan_id is not None and signature is not None:
             self._wire_plan = WirePlan(plan_id, signature)
         return reply, False
+
+    def _request(self, step: int, **fields: Any) -> SaveRequest:
+        """A request of this rank's for checkpoint `step`, with `fields` (parts, deadline, ...)."""
+        return SaveRequest(
+            root=self.root,
+            step=step,
+            rank=self.rank_info.rank,
+            pid=os.getpid(),
+            topology=self.rank_info.topology,
+            job=self.rank_info.job_id,
+            **fields,
+        )
 
     def _send_save(self, msg_type: str, body: Dict[str, Any], expires_at: float) -> messages.Envelope:
         """Send a save request until the daemon takes it or `expires_at`; with the "wait" policy,
@@ -449,16 +456,8 @@ class CheckpointClient:
     def skip(self, step: int, reason: str) -> None:
         """Tell the daemon this rank skips checkpoint `step`: it aborts the step, and every rank's
         handle of it fails with `reason` (a checkpoint needs every rank)."""
-        body = SaveRequest(
-            root=self.root,
-            step=step,
-            rank=self.rank_info.rank,
-            pid=os.getpid(),
-            topology=self.rank_info.topology,
-            parts=(),
-            job=self.rank_info.job_id,
-            expires_at=time.monotonic() + self.timeout,
-            skip_reason=reason[:1024],
+        body = self._request(
+            step, parts=(), expires_at=time.monotonic() + self.timeout, skip_reason=reason[:1024]
         ).to_wire()
         try:
             self._connection.request(messages.SAVE, body, timeout=self.timeout)

@@ -9,7 +9,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
+
+import msgpack
 
 from ckptd.client.daemon import connect
 from ckptd.client.errors import DaemonUnavailableError
@@ -67,6 +69,47 @@ def wait_until_serving(daemon: Daemon, timeout: float = 30.0) -> None:
     except DaemonUnavailableError:
         raise AssertionError(f"daemon did not come up; log:\n{daemon.log()}") from None
     connection.close()
+
+
+def raw_save_body(
+    root: str,
+    step: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    key: str = "model",
+    job: str = "raw",
+    state: Any = None,
+) -> Dict[str, Any]:
+    """A valid save request body, as a client would send it: one GLOBAL component with no tensors,
+    whose non-tensor state (`state`, default {"a": 1}) rank 0 writes."""
+    part = {
+        "key": key,
+        "pattern": "GLOBAL",
+        "required": True,
+        "writer": rank == 0,
+        "group_name": None,
+        "group_ranks": [],
+        "validate_replication": False,
+        "metadata": {},
+        "region": None,
+        "lease": 1,
+        "region_size": 0,
+        "tensors": [],
+        "state": msgpack.packb({"a": 1} if state is None else state) if rank == 0 else None,
+        "digests": None,
+    }
+    return {
+        "root": root,
+        "step": step,
+        "rank": rank,
+        "pid": os.getpid(),
+        "job": job,
+        "topology": {"nodes": [list(range(world_size))]},
+        "parts": [part],
+        "versions": {},
+        "metrics": {},
+        "expires_at": time.monotonic() + 600,
+    }
 
 
 class Holder:

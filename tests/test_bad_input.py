@@ -12,7 +12,7 @@ import pytest_asyncio
 import torch
 import zmq
 import zmq.asyncio
-from helpers import Daemon, Holder
+from helpers import Daemon, Holder, raw_save_body
 
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.topology import RankInfo
@@ -22,34 +22,7 @@ from ckptd.proto.topology import Topology
 
 
 def save_body(daemon: Daemon, key: str = "model", **overrides: Any) -> Dict[str, Any]:
-    part = {
-        "key": key,
-        "pattern": "GLOBAL",
-        "required": True,
-        "writer": True,
-        "group_name": None,
-        "group_ranks": [],
-        "validate_replication": False,
-        "metadata": {},
-        "region": None,
-        "lease": 1,
-        "region_size": 0,
-        "tensors": [],
-        "state": msgpack.packb({"a": 1}),
-        "digests": None,
-    }
-    body = {
-        "root": str(daemon.root),
-        "step": 1,
-        "rank": 0,
-        "pid": os.getpid(),
-        "job": "raw",
-        "topology": {"nodes": [[0]]},
-        "parts": [part],
-        "versions": {},
-        "metrics": {},
-        "expires_at": time.monotonic() + 600,
-    }
+    body = raw_save_body(str(daemon.root), key=key)
     body.update(overrides)
     return body
 

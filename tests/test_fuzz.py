@@ -6,14 +6,13 @@ CI sends a bounded number of frames; `--run-slow` sends 20,000."""
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable, Dict
 
 import msgpack
 import pytest
 import torch
 import zmq
-from helpers import Daemon, Holder
+from helpers import Daemon, Holder, raw_save_body
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,34 +37,7 @@ values = st.recursive(
 
 
 def valid_save(step: int, rank: int, root: str) -> Dict[str, Any]:
-    part = {
-        "key": "model",
-        "pattern": "GLOBAL",
-        "required": True,
-        "writer": rank == 0,
-        "group_name": None,
-        "group_ranks": [],
-        "validate_replication": False,
-        "metadata": {},
-        "region": None,
-        "lease": 1,
-        "region_size": 0,
-        "tensors": [],
-        "state": msgpack.packb({"a": 1}) if rank == 0 else None,
-        "digests": None,
-    }
-    return {
-        "root": root,
-        "step": step,
-        "rank": rank,
-        "pid": os.getpid(),
-        "job": "fuzz",
-        "topology": {"nodes": [[0, 1]]},
-        "parts": [part],
-        "versions": {},
-        "metrics": {},
-        "expires_at": time.monotonic() + 600,
-    }
+    return raw_save_body(root, step, rank, world_size=2, job="fuzz")
 
 
 @st.composite

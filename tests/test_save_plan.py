@@ -16,7 +16,7 @@ import pytest_asyncio
 import torch
 import zmq
 import zmq.asyncio
-from helpers import Daemon, Holder
+from helpers import Daemon, Holder, raw_save_body
 
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.codec import flatten_state
@@ -270,37 +270,9 @@ def test_a_restarted_daemon_gets_the_full_request_again(
 # --- the daemon's side, through raw sockets ------------------------------------------------------
 
 
-def full_body(daemon: Daemon, step: int, plan_id: int, **overrides: Any) -> Dict[str, Any]:
-    part = {
-        "key": "trainer",
-        "pattern": "GLOBAL",
-        "required": True,
-        "writer": True,
-        "group_name": None,
-        "group_ranks": [],
-        "validate_replication": False,
-        "metadata": {},
-        "region": None,
-        "lease": 1,
-        "region_size": 0,
-        "tensors": [],
-        "state": msgpack.packb({"step": step}),
-        "digests": None,
-    }
-    body = {
-        "root": str(daemon.root),
-        "step": step,
-        "rank": 0,
-        "pid": os.getpid(),
-        "job": "raw",
-        "topology": {"nodes": [[0]]},
-        "parts": [part],
-        "versions": {},
-        "metrics": {},
-        "expires_at": time.monotonic() + 600,
-        "plan_id": plan_id,
-    }
-    body.update(overrides)
+def full_body(daemon: Daemon, step: int, plan_id: int) -> Dict[str, Any]:
+    body = raw_save_body(str(daemon.root), step, key="trainer", state={"step": step})
+    body["plan_id"] = plan_id
     return body
 
 
