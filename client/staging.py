@@ -32,11 +32,12 @@ class StagingRegion:
     """One /dev/shm file mapped read-write, allocated once and reused across saves.
 
     The space is reserved with posix_fallocate, so a full /dev/shm is a clear error now rather than
-    a SIGBUS in the middle of a copy. With `prefault` the pages are also mapped in now (a region
-    made ahead of a save); otherwise the first copy into it maps them.
+    a SIGBUS in the middle of a copy, and every page is mapped in now, so that no copy into the
+    region ever takes a page fault: a save's copy costs a warm copy, wherever the region was made
+    (ahead of the first save in the background, or by a save whose state outgrew its region).
     """
 
-    def __init__(self, size: int, prefault: bool = False) -> None:
+    def __init__(self, size: int) -> None:
         self.size = max(PAGE, -(-size // PAGE) * PAGE)
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.lease: Optional[int] = None
@@ -61,8 +62,7 @@ class StagingRegion:
         self._unlink_at_exit = weakref.finalize(self, _unlink, path)
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._pinned = False
-        if prefault:
-            self._prefault()
+        self._prefault()
 
     def _prefault(self) -> None:
         """Map every page writable now. MADV_POPULATE_WRITE (Linux 5.14) does it in one call, measured
@@ -137,9 +137,7 @@ class StagingPool:
         self.allocated_at: Optional[float] = None
         """time.perf_counter() when the last allocate_ahead() finished."""
 
-    def reserve(
-        self, sizes: Dict[str, int], wait: bool, timeout: Optional[float], prefault: bool = False
-    ) -> Dict[str, StagingRegion]:
+    def reserve(self, sizes: Dict[str, int], wait: bool, timeout: Optional[float]) -> Dict[str, StagingRegion]:
         """Regions for every key in `sizes`, each leased under a new generation (`region.lease`);
         waits for held ones or raises PoolBusyError."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -160,7 +158,7 @@ class StagingPool:
                 if region is None or region.size < size:
                     if region is not None:
                         self._drop(key)
-                    region = StagingRegion(size, prefault)
+                    region = StagingRegion(size)
                     self._regions[key] = region
                     self._by_name[region.name] = region
                 region.lease = next(self._generations)
@@ -173,7 +171,7 @@ class StagingPool:
 
         def allocate() -> None:
             try:
-                reserved = self.reserve(sizes, wait=True, timeout=None, prefault=True)
+                reserved = self.reserve(sizes, wait=True, timeout=None)
             except CheckpointError as exc:
                 log.warning("could not allocate staging memory ahead of the first save: %s", exc)
                 return

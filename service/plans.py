@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 from ckptd.proto.errors import ErrorCode
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.service.errors import SaveRejected
 
-MAX_PLANS = 256
-"""Plans kept in all (the least recently used goes first; its client then sends a full request)."""
+MAX_PLANS = 64
+"""Plans kept in all (the least recently used goes first; its client then sends a full request).
+A plan holds its request's tensor list (about 150 bytes a tensor); a client holds one at a time."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class SavePlans:
     def forget(self, client: bytes) -> None:
         """Drop every plan of a client that said goodbye."""
         for key in [k for k in self._plans if k[0] == client]:
+            del self._plans[key]
+
+    def forget_gone(self, alive: Callable[[int], bool]) -> None:
+        """Drop the plans of client processes that are gone (`alive(pid)` false) without a goodbye."""
+        for key in [k for k, plan in self._plans.items() if not alive(plan.request.pid)]:
             del self._plans[key]
 
     def __len__(self) -> int:

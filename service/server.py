@@ -443,6 +443,7 @@ class DaemonServer:
             await self.ownership.tick()
             if time.monotonic() - last_sweep > 60 and not self.coordinator.busy:
                 self._sweep_regions()
+                self._plans.forget_gone(pid_alive)
                 last_sweep = time.monotonic()
             if limit is None:
                 continue

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import msgpack
@@ -25,7 +26,10 @@ from ckptd.client.save_plan import ComponentPlan
 from ckptd.client.snapshot import snapshot
 from ckptd.client.topology import RankInfo
 from ckptd.proto import messages
+from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.topology import Topology
+from ckptd.service.errors import SaveRejected
+from ckptd.service.plans import SavePlans
 
 RANK0 = RankInfo(0, Topology.single_node(1))
 
@@ -375,3 +379,26 @@ async def test_the_daemon_checks_a_planned_save_as_strictly_as_a_full_request(
     assert (await owner.request(messages.BYE, {})).type == messages.OK
     gone = await owner.request(messages.SAVE_PLANNED, planned_body(7, 5))
     assert gone.body["code"] == "unknown_plan", "a client's goodbye drops its plans"
+
+
+def test_the_daemon_keeps_a_bounded_number_of_plans_and_drops_those_of_gone_clients(tmp_path: Path) -> None:
+    plans = SavePlans(limit=2)
+
+    def request(plan_id: int) -> SaveRequest:
+        body = raw_save_body(str(tmp_path), key="trainer")
+        body["plan_id"] = plan_id
+        return SaveRequest.from_wire(body)
+
+    for plan_id in (1, 2, 3):
+        plans.remember(b"client", request(plan_id), {"trainer": "global"})
+    assert len(plans) == 2
+    with pytest.raises(SaveRejected, match="no plan 1 of this client"):
+        plans.recall(b"client", PlannedSave.from_wire(planned_body(1, 2)))
+    recalled, scopes = plans.recall(b"client", PlannedSave.from_wire(planned_body(3, 2)))
+    assert (
+        recalled.step == 2 and recalled.parts[0].state == msgpack.packb({"step": 2}) and scopes == {"trainer": "global"}
+    )
+    plans.forget_gone(lambda pid: pid == os.getpid())
+    assert len(plans) == 2
+    plans.forget_gone(lambda pid: False)
+    assert len(plans) == 0
