@@ -19,7 +19,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from bench_report import AllResults, RunPlan, device_label, report_run
-from bench_rows import LABELS, RESULT_MARK, is_disturbed, outside_load, parse_rows
+from bench_rows import LABELS, RESULT_MARK, is_disturbed, outside_load, parse_rows, with_floor_rows
 from bench_state import cuda_unavailable_reason
 from bench_targets import Result, add_ratios
 
@@ -120,9 +120,13 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     """Check the device (first: --device cuda without CUDA exits here, before any row runs) and the
     rows, make the run's work directory, describe the machine."""
     device = device_info(args.device)
-    rows_a = parse_rows(args.rows)
+    asked_a = parse_rows(args.rows)
+    rows_a = with_floor_rows(asked_a)  # ckptd's training-lost floor is read off state A's limits
     rows_b = parse_rows(args.rows_b)
     states = [s.strip().upper() for s in args.states.split(",") if s.strip()]
+    added = [LABELS[r] for r in rows_a if r not in asked_a]
+    if added and "A" in states:
+        print(f"state A: also running {', '.join(added)} (the training-lost floor needs them)", file=sys.stderr)
     base_dir = args.dir or tempfile.gettempdir()
     os.makedirs(base_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="ckptd-bench-", dir=base_dir)

@@ -3,7 +3,8 @@ saving it, and print the result as one JSON line after RESULT_MARK for the drive
 
 In order: build the state and the throughput probe, probe the disk, take the baseline RSS, set the
 saver up and train for --settle seconds, then 1 first save and N warm saves, then (rows that write
-in the background) N more saves with the training loop running, then the loads.
+in the background) N more saves with the training loop running, then the loads; last, for the
+ckptd row only, one save made right after building a second saver (no training in between).
 """
 
 from __future__ import annotations
@@ -48,11 +49,20 @@ class SaveTimes:
 @dataclass
 class InflightSample:
     """One save made with the training loop running: steps/s around it and while it was in flight,
-    and seconds until it was durable."""
+    how long its call blocked and how long it was in flight after that, and seconds until it was
+    durable."""
 
     base_rate: float
     rate: float
     durable_s: float
+    blocked_s: float
+    inflight_s: float
+
+    @property
+    def lost_s(self) -> float:
+        """Training seconds this save cost: the blocked call, plus the in-flight time times the share
+        of training speed lost meanwhile (not clamped: a negative share is noise and shows)."""
+        return self.blocked_s + self.inflight_s * (1 - self.rate / self.base_rate)
 
 
 @dataclass
@@ -63,6 +73,7 @@ class ThroughputSamples:
     base_rates: List[float] = field(default_factory=list)
     inflight_rates: List[float] = field(default_factory=list)
     durable_loaded: List[float] = field(default_factory=list)
+    lost: List[float] = field(default_factory=list)
 
     def add(self, sample: InflightSample) -> None:
         """Record one save's figures."""
@@ -70,6 +81,7 @@ class ThroughputSamples:
         self.inflight_rates.append(sample.rate)
         self.kept.append(sample.rate / sample.base_rate)
         self.durable_loaded.append(sample.durable_s)
+        self.lost.append(sample.lost_s)
 
 
 @dataclass
@@ -135,6 +147,7 @@ def _set_up_saver(
     setup = time.perf_counter()
     saver = SAVERS[row](ctx, workdir)
     result["saver_setup_s"] = round(time.perf_counter() - setup, 3)
+    result["settle_s"] = settle
     probe.train_until(time.perf_counter() + settle)
     ready = saver.ready_after(setup)
     result["saver_ready_s"] = None if ready is None else round(ready, 3)
@@ -233,7 +246,13 @@ def _save_while_training(saver: Saver, probe: TrainingProbe, i: int, window: flo
     pending.wait()
     loaded = time.perf_counter() - t0
     after = probe.rate_for(window)
-    return InflightSample(base_rate=(before + after) / 2, rate=steps / (t2 - t1), durable_s=loaded)
+    return InflightSample(
+        base_rate=(before + after) / 2,
+        rate=steps / (t2 - t1),
+        durable_s=loaded,
+        blocked_s=t1 - t0,
+        inflight_s=t2 - t1,
+    )
 
 
 def _throughput_saves(
@@ -336,6 +355,30 @@ def _summary(row: str, times: SaveTimes, samples: ThroughputSamples) -> Dict[str
         baseline_steps_per_s=median(samples.base_rates),
         inflight_steps_per_s=median(samples.inflight_rates),
         durable_under_training_s=median(samples.durable_loaded),
+        train_lost_s=median(samples.lost),
+        train_lost_all_s=samples.lost,
+    )
+
+
+def _measure_first_save_now(ctx: RowContext, workdir: str, result: Dict[str, Any]) -> None:
+    """A second ckptd saver on a fresh root (its own auto-started daemon), saved at once after its
+    construction, without the --settle seconds of training: that save's blocked and durable
+    seconds, and when (after the construction started) its staging memory was ready.
+
+    The allocation is read after the save (the thread's finish time), so the save is not delayed
+    by waiting for it."""
+    setup = time.perf_counter()
+    saver = SAVERS["ckptd"](ctx, os.path.join(workdir, "first-now"))
+    try:
+        result["saver_setup_now_s"] = round(time.perf_counter() - setup, 3)
+        blocked, durable, _ = _timed_save(saver, ctx, 0)
+        ready = saver.ready_after(setup)
+    finally:
+        saver.close()
+    result.update(
+        blocked_first_now_s=blocked,
+        durable_first_now_s=durable,
+        saver_ready_now_s=None if ready is None else round(ready, 3),
     )
 
 
@@ -374,6 +417,12 @@ def run_row(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         saver.close()
     result.update(_summary(row, times, samples))
+    if row == "ckptd":  # after close: the first saver's staging memory and daemon are gone
+        try:
+            _measure_first_save_now(ctx, workdir, result)
+        except Exception as exc:  # keep the row's other figures; the target line says why
+            traceback.print_exc()
+            result["first_now_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return result
 
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bench_rows import BLOCKING_ROWS, DISTURBED, LABELS, LOAD_ROWS, is_disturbed
-from bench_targets import Result, StateResults, evaluate_targets, fmt_s
+from bench_targets import (
+    LostFloor,
+    Result,
+    StateResults,
+    allocation_after_construction,
+    evaluate_targets,
+    fmt_s,
+    lost_floor,
+)
 
 AllResults = Dict[str, StateResults]  # state -> row id -> result
 
@@ -26,11 +34,13 @@ HEADER = [
     "staged warm (s, x memcpy)",
     "durable (s, x memcpy+write)",
     "throughput kept",
+    "training s lost / ckpt (x floor)",
     "trainer peak RSS MB (+over base)",
     "writer MB: HWM / anon",
     "load cold (s)",
     "load warm (s)",
 ]
+LOST_COLUMN = HEADER.index("training s lost / ckpt (x floor)")
 
 
 @dataclass
@@ -57,6 +67,15 @@ class RunPlan:
 def fmt_x(v: Optional[float]) -> str:
     """A ratio in brackets after a time ("" for None)."""
     return "" if v is None else f" ({v:.2f}x)"
+
+
+def fmt_lost(r: Result) -> str:
+    """Training seconds lost per checkpoint, and / the floor in brackets ("-" where not measured)."""
+    lost = r.get("train_lost_s")
+    if lost is None:
+        return "-"
+    ratio = r.get("train_lost_x_floor")
+    return fmt_s(lost) + ("" if ratio is None else f" ({ratio:.2f}x floor)")
 
 
 def fmt_mb(v: Optional[float]) -> str:
@@ -88,6 +107,7 @@ def _ok_row_cells(row: str, r: Result) -> List[str]:
         (fmt_s(r.get("staged_warm_s")) + fmt_x(r.get("staged_warm_x_memcpy"))) if async_row else "-",
         fmt_s(r.get("durable_warm_s")) + fmt_x(r.get("durable_warm_x_limit")),
         f"{kept * 100:.0f}%" if kept is not None else "-",
+        fmt_lost(r),
         trainer,
         writer,
         fmt_s(r.get("load_cold_s")) if loads else "-",
@@ -95,20 +115,32 @@ def _ok_row_cells(row: str, r: Result) -> List[str]:
     ]
 
 
+def floor_row(state: str, floor: LostFloor) -> List[str]:
+    """The floor's own line: only the training-lost column filled."""
+    cells = [state, floor.label] + [""] * (len(HEADER) - 2)
+    cells[LOST_COLUMN] = fmt_s(floor.seconds)
+    return cells
+
+
 def table_rows(state: str, results: StateResults, state_rows: Sequence[str]) -> List[List[str]]:
-    """The table's lines for one state, in `state_rows` order ("n/a" and errors in the first cell)."""
+    """The table's lines for one state, in `state_rows` order ("n/a" and errors in the first cell),
+    then the training-lost floor's line where it could be computed."""
     out = []
+    blank = [""] * (len(HEADER) - 3)
     for row in state_rows:
         r = results.get(row, {"status": "error", "reason": "not run"})
         label = LABELS[row]
         if is_disturbed(r):
             label += " !"
         if r.get("status") == "n/a":
-            out.append([state, label, "n/a"] + [""] * 8)
+            out.append([state, label, "n/a"] + blank)
         elif r.get("status") != "ok":
-            out.append([state, label, "error: " + str(r.get("reason", ""))[:60]] + [""] * 8)
+            out.append([state, label, "error: " + str(r.get("reason", ""))[:60]] + blank)
         else:
             out.append([state, label] + _ok_row_cells(row, r))
+    floor = lost_floor(results)
+    if floor is not None:
+        out.append(floor_row(state, floor))
     return out
 
 
@@ -173,6 +205,10 @@ def _how_run_notes(args: argparse.Namespace, machine: Dict[str, Any]) -> List[st
         "throughput kept: MLP steps/s while the save is in flight (after it returns, until durable) / steps/s in windows just "
         "before and after, median; for the two write limits, while the same write runs in a background thread (what the "
         "I/O alone costs).",
+        "training s lost / ckpt: per save made with the training loop running, the seconds its call blocked + the seconds it "
+        "was in flight x (1 - steps/s in flight / steps/s around it), median (not clamped: a negative value is noise). For "
+        "the write limits the call is the start of the write's thread. torch.save and dcp.save block training for the whole "
+        "save: their loss is their warm blocked time (the targets read dcp.save so).",
         "trainer peak RSS: VmHWM of the row process over the saves (reset after building the state); +over base: above "
         "its RSS with the state built. writer: the background process (ckptd daemon, DCP's checkpoint process): "
         "VmHWM / peak RssAnon (its mapping of the trainer's staging memory counts as RssShmem, not anon).",
@@ -191,6 +227,41 @@ def _disk_drift_notes(all_results: AllResults) -> List[str]:
                 f"(disk probe): {min(probes):.2f} to {max(probes):.2f} s over the run (median {statistics.median(probes):.2f} s). "
                 "durable_warm_x_probe in the JSON reads each row against its own probes."
             )
+    return notes
+
+
+def _floor_notes(all_results: AllResults) -> List[str]:
+    """How each state's training-lost floor was made (and when it fell back to the buffered write)."""
+    notes = []
+    for state, results in all_results.items():
+        floor = lost_floor(results)
+        if floor is None:
+            continue
+        note = (
+            f"{floor.label}, state {state}: {floor.seconds:.3f} s = memcpy limit's warm blocked {floor.memcpy_s:.3f} s + "
+            f"{LABELS[floor.write_row]}'s training s lost {floor.write_lost_s:.3f} s (the bare write in a thread of the "
+            "trainer, its blocked part the thread start); x floor: a row's training s lost / this."
+        )
+        if floor.write_row == "write":
+            note += " The O_DIRECT write did not run (n/a here), so the floor uses the buffered write+fsync limit."
+        notes.append(note)
+    return notes
+
+
+def _first_save_now_notes(all_results: AllResults) -> List[str]:
+    """ckptd's first save made right after constructing its CheckpointManager (no training before it)."""
+    notes = []
+    for state, results in all_results.items():
+        r = results.get("ckptd", {})
+        if r.get("status") != "ok" or r.get("blocked_first_now_s") is None:
+            continue
+        notes.append(
+            f"{LABELS['ckptd']}, state {state}: first save right after construction: {fmt_s(r['blocked_first_now_s'])} s "
+            f"(staging allocation still running after construction {fmt_s(allocation_after_construction(r))} s; "
+            f"warm save {fmt_s(r.get('blocked_warm_s'))} s). A second CheckpointManager on a fresh root, with its own "
+            f"daemon, saved at once; its construction took {fmt_s(r.get('saver_setup_now_s'))} s (the daemon's start "
+            f"included) and its staging memory was ready {fmt_s(r.get('saver_ready_now_s'))} s after construction began."
+        )
     return notes
 
 
@@ -265,9 +336,12 @@ def _failure_notes(all_results: AllResults) -> List[str]:
 
 
 def footnotes(args: argparse.Namespace, all_results: AllResults, machine: Dict[str, Any]) -> List[str]:
-    """The footnote block: how the run was made, disk drift, loads, disturbances, failures."""
+    """The footnote block: how the run was made, the training-lost floor, ckptd's first save right after
+    construction, disk drift, loads, disturbances, failures."""
     return (
         _how_run_notes(args, machine)
+        + _floor_notes(all_results)
+        + _first_save_now_notes(all_results)
         + _disk_drift_notes(all_results)
         + _load_notes(all_results)
         + _disturbance_notes(all_results)
@@ -297,17 +371,33 @@ def _print_targets(states: List[str], all_results: AllResults, targets: List[Dic
     print()
     flagged = [
         LABELS[r]
-        for r in ("memcpy", "write", "ckptd", "ckptd_overlap", "dcp_async_best", "torch_save")
+        for r in (
+            "memcpy",
+            "write",
+            "write_direct",
+            "ckptd",
+            "ckptd_overlap",
+            "dcp_save",
+            "dcp_async_default",
+            "dcp_async_best",
+            "torch_save",
+        )
         for st in states
         if is_disturbed(all_results[st].get(r))
     ]
     print(
-        "targets (issue 3), this run"
+        "targets (issues 3 and 15), this run"
         + (f" (disturbed rows involved: {', '.join(flagged)}; see !):" if flagged else ":")
     )
     for t in targets:
         mark = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         print(f"  [{mark}] {t['target']}: {t['text']}")
+
+
+def _floor_json(results: StateResults) -> Optional[Dict[str, Any]]:
+    """One state's training-lost floor for the JSON (None where it could not be computed)."""
+    floor = lost_floor(results)
+    return None if floor is None else floor.as_dict()
 
 
 def _write_json(
@@ -339,6 +429,7 @@ def _write_json(
             "retries": args.retries,
         },
         "results": all_results,
+        "train_lost_floor": {state: _floor_json(all_results[state]) for state in plan.states},
         "targets": targets,
         "notes": notes,
         "table": render_table(table),

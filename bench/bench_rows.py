@@ -35,6 +35,9 @@ ROW_IDS = [r for r, _ in ROWS]
 BLOCKING_ROWS = {"memcpy", "write", "write_direct", "torch_save", "dcp_save"}
 LOAD_ROWS = {"torch_save": "torch.load", "dcp_save": "dcp.load", "ckptd": "ckptd load_checkpoint()"}
 DEFAULT_ROWS_B = ["memcpy", "dcp_async_best", "ckptd", "ckptd_overlap"]
+# The rows the training-lost floor is built from (write: where O_DIRECT is refused), run for state A
+# whenever a ckptd row is.
+FLOOR_ROWS = ["memcpy", "write", "write_direct"]
 
 SAVERS: Dict[str, Type[Saver]] = {
     "memcpy": MemcpySaver,
@@ -58,6 +61,13 @@ def parse_rows(text: str) -> List[str]:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROW_IDS} or 'all'")
     return [r for r in ROW_IDS if r in rows]
+
+
+def with_floor_rows(rows: List[str]) -> List[str]:
+    """`rows`, plus the floor's rows when a ckptd row is among them, in table order."""
+    if not {"ckptd", "ckptd_overlap"} & set(rows):
+        return list(rows)
+    return [r for r in ROW_IDS if r in rows or r in FLOOR_ROWS]
 
 
 def _dcp_best_unavailable(dcp: Any) -> Optional[str]:

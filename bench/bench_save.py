@@ -91,7 +91,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="torch/OpenMP threads in each row process (default: all cores)",
     )
     parser.add_argument("--states", default="A,B", help="states to run: A, B or A,B (default)")
-    parser.add_argument("--rows", default="all", help=f"rows for state A, comma-separated from {ROW_IDS} (default all)")
+    parser.add_argument(
+        "--rows",
+        default="all",
+        help=f"rows for state A, comma-separated from {ROW_IDS} (default all); with a ckptd row, "
+        "memcpy, write and write_direct run too (the training-lost floor)",
+    )
     parser.add_argument(
         "--rows-b",
         default=",".join(DEFAULT_ROWS_B),

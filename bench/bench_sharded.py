@@ -143,6 +143,7 @@ def _rank_save(args: argparse.Namespace) -> None:
         target.fill_(0)
     memcpy = []
     for _ in range(args.repeats + 1):
+        dist.barrier()  # every rank copies at once, as in a save (alone, a rank's copy measured up to 1.5x faster)
         started = time.perf_counter()
         for source, target in zip(shards, targets):
             target.copy_(source)

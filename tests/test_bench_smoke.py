@@ -74,8 +74,13 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
     assert "machine:" in out and "command:" in out and "torch" in out
     table = _table_rows(out)
     assert table and table[0][:2] == ["state", "row"], out
+    lost_column = table[0].index("training s lost / ckpt (x floor)")
+    # The training-lost floor's own line (only that column filled), after state A's rows.
+    floors = [cells for cells in table[1:] if cells[1].startswith("floor: memcpy + ")]
+    assert [cells[0] for cells in floors] == ["A"], out
+    assert floors[0][lost_column] not in ("", "-"), floors
     # " !" marks a row disturbed by other load (rows run two at a time here, so expect it)
-    printed = {(cells[0], cells[1].removesuffix(" !")): cells for cells in table[1:]}
+    printed = {(cells[0], cells[1].removesuffix(" !")): cells for cells in table[1:] if cells not in floors}
     expected_rows: Dict[str, List[str]] = {"A": list(bench.ROW_IDS), "B": list(bench.DEFAULT_ROWS_B)}
     for state, rows in expected_rows.items():
         for row in rows:
@@ -117,6 +122,12 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
                     assert _is_number(result.get(key)), (where, key, result.get(key))
             if row in ("write", "write_direct"):  # the I/O-alone reference for throughput
                 assert _is_number(result.get("throughput_kept")), where
+            if row not in bench.BLOCKING_ROWS or row in ("write", "write_direct"):  # training s lost / ckpt
+                assert _is_number(result.get("train_lost_s")), (where, result.get("train_lost_s"))
+                assert len(result["train_lost_all_s"]) == 1 and all(map(_is_number, result["train_lost_all_s"]))
+                assert printed[(state, bench.LABELS[row])][lost_column] != "-", where
+            else:
+                assert result.get("train_lost_s") is None, where
             if row in ("ckptd", "ckptd_overlap", "dcp_async_best"):
                 assert result.get("writer_process"), where
                 assert _is_number(result.get("writer_hwm_mb")) and _is_number(result.get("writer_peak_anon_mb")), where
@@ -128,7 +139,29 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
     # Ratios against the limits of the same state.
     ckptd = data["results"]["A"]["ckptd"]
     assert _is_number(ckptd.get("durable_warm_x_limit"))
+    # The training-lost floor (memcpy + the O_DIRECT write in a thread, or the buffered write where
+    # O_DIRECT is refused), and ckptd's first save right after construction.
+    floor = data["train_lost_floor"]["A"]
+    assert floor is not None and _is_number(floor["train_lost_s"]), floor
+    assert floor["write_row"] == ("write_direct" if data["results"]["A"]["write_direct"]["status"] == "ok" else "write")
+    assert floor["train_lost_s"] == floor["memcpy_blocked_warm_s"] + floor["write_train_lost_s"]
+    assert _is_number(ckptd.get("train_lost_s"))
+    if floor["train_lost_s"] > 0:
+        assert _is_number(ckptd.get("train_lost_x_floor"))
+    for key in ("blocked_first_now_s", "durable_first_now_s", "saver_ready_now_s"):
+        assert _is_number(ckptd.get(key)), (key, ckptd.get(key))
+    assert "first save right after construction:" in out
     assert data["targets"], "the issue's targets were not evaluated"
+    names = {t["target"] for t in data["targets"]}
+    for name in (
+        "ckptd: warm blocked <= 1.1x memcpy",
+        "ckptd: first save blocked <= 1.5x warm blocked",
+        "ckptd: first save right after construction <= warm save + staging allocation",
+        "ckptd: training s lost / ckpt <= 1.2x the floor",
+        "ckptd: state B warm blocked <= 2x memcpy",
+    ):
+        assert name in names, (name, sorted(names))
+    assert any(n.startswith("ckptd: training s lost / ckpt <= 0.5x dcp.") for n in names), sorted(names)
     return bench, out, data
 
 
