@@ -241,8 +241,9 @@ class CheckpointClient:
 
     def allocate_ahead(self, components: Sequence[PreparedComponent]) -> None:
         """Size the staging regions from the components' current state and allocate and prefault
-        them in the background, so that the first save costs a warm copy."""
-        sizes = {s.key: s.total for s in snapshot(components, self.rank_info) if s.writer and s.total}
+        them in the background, and plan the components (their save plans), so that the first save
+        costs a warm copy."""
+        sizes = {s.key: s.total for s in snapshot(components, self.rank_info, self._plans) if s.writer and s.total}
         if sizes:
             self._pool.allocate_ahead(sizes)
 
