@@ -24,7 +24,7 @@ from ckptd.proto.sharding import Box, checksum_blocks, chunk_index_entry
 from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.regions import MappedRegion
+from ckptd.service.regions import MappedRegion, RegionMaps
 from ckptd.service.shard_writer import Throttle, write_file, write_shard
 from ckptd.service.store import CheckpointStore
 
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 class RankLink(Protocol):
     """How the coordinator reaches the rank that handed over a part (the server's connection to it)."""
+
+    identity: bytes
+    """The connection's identity: what the daemon keeps for a client (its mapped regions) is keyed by it."""
 
     async def notify(self, msg_type: str, body: Dict[str, Any]) -> None:
         """Send a notification (released, committed, aborted) to the rank."""
@@ -113,6 +116,8 @@ class NodeCoordinator:
         self.leader = channel
         channel.deliver_outcomes_to(self._on_outcome)
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
+        self.regions = RegionMaps()
+        """The clients' staging regions, mapped once and kept between their saves."""
 
     @property
     def busy(self) -> bool:
@@ -169,7 +174,7 @@ class NodeCoordinator:
             scopes = self.check_parts(request)
         for component in request.parts:
             self._check_save_fields(request, component)
-        regions = self._map_regions(request)
+        regions = self._map_regions(link, request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
         part = RankPart(request, link, regions, scopes)
         session.ranks[request.rank] = part
@@ -237,7 +242,7 @@ class NodeCoordinator:
         log.info("event=save_started step=%d job=%s ranks_expected=%s", request.step, request.job, sorted(expected))
         return session
 
-    def _map_regions(self, request: SaveRequest) -> Dict[str, MappedRegion]:
+    def _map_regions(self, link: RankLink, request: SaveRequest) -> Dict[str, MappedRegion]:
         regions: Dict[str, MappedRegion] = {}
         try:
             for part in request.parts:
@@ -252,13 +257,11 @@ class NodeCoordinator:
                         raise SaveRejected(
                             ErrorCode.INVALID_REQUEST, f"region {part.region!r} is named by two components"
                         )
-                    regions[part.region] = MappedRegion(part.region, part.region_size, owner_pid=request.pid)
+                    regions[part.region] = self.regions.acquire(
+                        link.identity, part.key, part.region, part.region_size, request.pid
+                    )
         except RegionError as exc:
-            _close_all(regions)
             raise SaveRejected(ErrorCode.BAD_REGION, str(exc)) from None
-        except BaseException:
-            _close_all(regions)
-            raise
         return regions
 
     def _check_part(self, request: SaveRequest, part: ComponentPart) -> Placement:
@@ -342,7 +345,7 @@ class NodeCoordinator:
             session.writes_in_flight -= 1
             seconds = time.monotonic() - started
             session.write_seconds = max(session.write_seconds, seconds)
-            _close_all(part.regions)
+            self.regions.release(part.regions.values())
             self.metrics.staged_bytes_mapped.dec(sum(r.size for r in part.regions.values()))
             part.durable = error is None
             if error is None and session.outcome is None:  # an aborted save's writes stop early
@@ -381,8 +384,6 @@ class NodeCoordinator:
         def done_with(offset: int, length: int) -> None:
             session.add_written(length)
             self.metrics.bytes_written.inc(length)
-            if region is not None:
-                region.drop_pages(offset, length)
 
         sharded = comp.pattern is SharingPattern.SHARDED
         # the tensors tile the body in order (checked by check_tensor_layout), as SpanChecksums needs
@@ -516,11 +517,3 @@ def _check_chunks(part: ComponentPart, where: str) -> None:
                 f"{where}: tensor {entry.name!r}: a chunk of shape {list(entry.shape)} at {list(spec.offsets)} "
                 f"does not fit the global shape {list(spec.global_shape)}",
             )
-
-
-def _close_all(regions: Dict[str, MappedRegion]) -> None:
-    for region in regions.values():
-        try:
-            region.close()
-        except BufferError:
-            log.warning("region %s still has readers; it will be unmapped when they finish", region.name)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import stat
-from typing import Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from ckptd.proto.layout import REGION_PREFIX
 from ckptd.service.errors import RegionError
 
 SHM_DIR = "/dev/shm"
+
+log = logging.getLogger(__name__)
 
 
 class MappedRegion:
@@ -46,13 +49,6 @@ class MappedRegion:
             return memoryview(b"")
         return memoryview(self._map)[:nbytes]
 
-    def drop_pages(self, offset: int, length: int) -> None:
-        """Unmap pages that are written (the bytes stay in the client's region): the daemon's resident
-        memory then stays at one write chunk, whatever the checkpoint size."""
-        start = offset - offset % mmap.PAGESIZE
-        if self._map is not None and length > 0:
-            self._map.madvise(mmap.MADV_DONTNEED, start, min(self.size, offset + length) - start)
-
     def close(self) -> None:
         """Unmap; if the owning client is gone, also unlink the name it can no longer clean up."""
         if self._map is not None:
@@ -63,6 +59,69 @@ class MappedRegion:
                 os.unlink(os.path.join(SHM_DIR, self.name))
             except FileNotFoundError:
                 pass
+
+
+class RegionMaps:
+    """The staging regions of every client, each mapped once and kept between saves.
+
+    A client reuses one region per component for every save, so the daemon keeps its mapping: a
+    fresh mapping faults every page in again when it is read, measured at 0.1-0.15 s of daemon CPU
+    per 1.2 GB save, CPU the trainer shares. The pages are the client's shared memory (counted as
+    RssShmem here, not as memory of the daemon's own).
+
+    A mapping is kept per (client connection, component key) and replaced when that component
+    names another region (the client outgrew the old one). Those of a client go when it says
+    goodbye or its process is gone; one replaced or dropped while a write reads it is unmapped
+    when that write releases it.
+    """
+
+    def __init__(self) -> None:
+        self._maps: Dict[Tuple[bytes, str], MappedRegion] = {}
+
+    def acquire(self, client: bytes, key: str, name: str, size: int, owner_pid: int) -> MappedRegion:
+        """The mapping of region `name` (`size` bytes) that `client` names for component `key`."""
+        slot = (client, key)
+        kept = self._maps.get(slot)
+        if kept is not None and kept.name == name and kept.size == size and kept.owner_pid == owner_pid:
+            return kept
+        region = MappedRegion(name, size, owner_pid)
+        if kept is not None:
+            _close(kept)
+        self._maps[slot] = region
+        return region
+
+    def release(self, regions: Iterable[MappedRegion]) -> None:
+        """A save is done reading `regions`: unmap those that are no longer kept."""
+        kept = {id(r) for r in self._maps.values()}
+        for region in regions:
+            if id(region) not in kept:
+                _close(region)
+
+    def forget(self, client: bytes) -> None:
+        """Unmap every region of a client that said goodbye."""
+        self._drop([slot for slot in self._maps if slot[0] == client])
+
+    def forget_gone(self, alive: Callable[[int], bool]) -> None:
+        """Unmap the regions of client processes that are gone (`alive(pid)` false) without a goodbye."""
+        self._drop([slot for slot, r in self._maps.items() if r.owner_pid is None or not alive(r.owner_pid)])
+
+    def close(self) -> None:
+        """Unmap everything (the daemon stops)."""
+        self._drop(list(self._maps))
+
+    def _drop(self, slots: Iterable[Tuple[bytes, str]]) -> None:
+        for slot in slots:
+            _close(self._maps.pop(slot))
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
+def _close(region: MappedRegion) -> None:
+    try:
+        region.close()
+    except BufferError:  # a write still reads it: the mapping goes when that write drops its view
+        log.debug("region %s still has readers; it is unmapped when they finish", region.name)
 
 
 def pid_alive(pid: int) -> bool:

@@ -294,6 +294,7 @@ class DaemonServer:
             self._socket.close(linger=1000)
         self._ctx.term()
         self._executor.shutdown(wait=True)
+        self.coordinator.regions.close()
         if self.endpoint.startswith("ipc://"):
             try:
                 os.unlink(self.endpoint[len("ipc://") :])
@@ -333,6 +334,7 @@ class DaemonServer:
         if envelope.type == messages.BYE:
             await self.ownership.leave(identity)
             self._plans.forget(identity)
+            self.coordinator.regions.forget(identity)
             return messages.OK, {}
         if envelope.type == messages.SAVE:
             return await self._save(identity, envelope.body)
@@ -444,6 +446,7 @@ class DaemonServer:
             if time.monotonic() - last_sweep > 60 and not self.coordinator.busy:
                 self._sweep_regions()
                 self._plans.forget_gone(pid_alive)
+                self.coordinator.regions.forget_gone(pid_alive)
                 last_sweep = time.monotonic()
             if limit is None:
                 continue

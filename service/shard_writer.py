@@ -109,7 +109,7 @@ def write_file(path: str, pieces: Iterable[memoryview | bytes], throttle: Thrott
 
 
 PageRelease = Callable[[int, int], None]
-"""Called with (offset, length) of body bytes that are written, so the caller can drop those pages."""
+"""Called with (offset, length) of body bytes as they are written: the caller counts progress."""
 
 
 def write_shard(

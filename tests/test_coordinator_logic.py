@@ -34,6 +34,7 @@ class RecordingLink:
     """A rank as the coordinator sees it: every notification it is sent, in order."""
 
     def __init__(self) -> None:
+        self.identity = os.urandom(5)
         self.received: List[Tuple[str, Dict[str, Any]]] = []
 
     async def notify(self, msg_type: str, body: Dict[str, Any]) -> None:
