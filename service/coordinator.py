@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 class RankLink(Protocol):
     """How the coordinator reaches the rank that handed over a part (the server's connection to it)."""
 
-    identity: bytes
-    """The connection's identity: what the daemon keeps for a client (its mapped regions) is keyed by it."""
+    @property
+    def identity(self) -> bytes:
+        """The connection's identity: what the daemon keeps for a client (its mapped regions) is keyed by it."""
 
     async def notify(self, msg_type: str, body: Dict[str, Any]) -> None:
         """Send a notification (released, committed, aborted) to the rank."""
