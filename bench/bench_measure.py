@@ -197,9 +197,18 @@ def _record_cpu_per_save(
         result["writer_cpu_s_per_save"] = (end[1] - start[1]) / warm_saves
 
 
+PAUSE_BEFORE_TIMED_SAVE_S = 1.0
+"""Every row's timed save starts this long after the last one was durable. Copies run slower after
+the machine idles (measured on a 2-core VM, 1.2 GB: 0.047 s back to back, 0.07-0.09 s after 1-2 s
+idle, into private and shared memory alike), and a background writer's save leaves the trainer idle
+while it writes: without the same pause, the memcpy limit (back to back) reads faster than it is."""
+
+
 def _timed_save(saver: Saver, ctx: RowContext, i: int) -> Tuple[float, float, float]:
-    """Save number `i` with nothing else running: (blocked, durable, staged) seconds."""
+    """Save number `i` with nothing else running, after the same pause for every row: (blocked,
+    durable, staged) seconds."""
     gc.collect()
+    time.sleep(PAUSE_BEFORE_TIMED_SAVE_S)
     ctx.sync()  # nothing queued before the save is timed with it
     t0 = time.perf_counter()
     pending = saver.save(i)
