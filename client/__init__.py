@@ -9,7 +9,7 @@ from ckptd.client.errors import (
     UnsupportedStateError,
     VerificationError,
 )
-from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
+from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions, LoadedCheckpoint
 from ckptd.client.rng import RNGState
 from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
 from ckptd.client.snapshot import PreparedComponent
@@ -28,6 +28,7 @@ __all__ = [
     "ClientOptions",
     "DaemonOptions",
     "DaemonUnavailableError",
+    "LoadedCheckpoint",
     "PreparedComponent",
     "RNGState",
     "RankInfo",

@@ -6,14 +6,13 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.loading import (
-    committed_checkpoints,
     hold_for_loading,
     latest_checkpoint,
     rank_scopes,
@@ -25,11 +24,30 @@ from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
 from ckptd.client.sharded import read_sharded
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
+from ckptd.disk.root import checkpoint_path, checkpoint_steps
+from ckptd.disk.tiers import read_tiers_record
 from ckptd.proto.manifest import Manifest
 from ckptd.proto.patterns import SharingPattern
+from ckptd.proto.tiers import ROOT_TIER, parse_tiers
 from ckptd.proto.topology import Topology
 
 log = logging.getLogger(__name__)
+
+
+class LoadedCheckpoint(str):
+    """The directory a load restored from (a str, as `load_checkpoint` always returned), with the
+    `step` it holds and the `tier` it came from (`"root"`, a tier's name, or None for a path given)."""
+
+    step: int
+    tier: Optional[str]
+
+    def __new__(cls, path: str, step: int, tier: Optional[str]) -> "LoadedCheckpoint":
+        loaded = super().__new__(cls, path)
+        loaded.step, loaded.tier = step, tier
+        return loaded
+
+    def __reduce__(self) -> Tuple[Any, Tuple[str, int, Optional[str]]]:
+        return LoadedCheckpoint, (str(self), self.step, self.tier)
 
 
 @dataclass(frozen=True)
@@ -152,28 +170,68 @@ class CheckpointManager:
         """
         return self.client.save(step, self._prepare(self._components(for_save=True)), metrics, overlap=overlap)
 
-    def load_checkpoint(self, path: Optional[str] = None) -> str:
+    def load_checkpoint(self, path: Optional[str] = None) -> LoadedCheckpoint:
         """Restore every component on this rank from `path` into the existing objects; returns the
-        directory loaded.
+        directory loaded (a str, with the `step` and the `tier` it came from).
 
         Every file this rank needs is verified before anything is restored. With `path=None` the
-        newest committed checkpoint is used; if it does not verify (on any rank), the next older one
-        is tried, with a warning naming the one skipped, so all ranks load the same checkpoint.
+        newest committed checkpoint in any tier (the root, then the `tiers`, nearest first) is used,
+        read from the nearest tier that holds it and verifies; if no tier's copy verifies on some
+        rank, the next older step is tried, with a warning naming what was skipped, so all ranks load
+        the same step.
         """
         components = self._prepare(self._components(for_save=False))
         if path is not None:
             self._restore(self._read(path, components))
-            return path
-        for candidate in committed_checkpoints(self.root):  # newest step first
-            try:
-                states, problem = self._read(candidate, components), None
-            except VerificationError as exc:
-                states, problem = [], str(exc)
-            if self._all_ranks_agree(problem is None):
+            return LoadedCheckpoint(path, read_manifest(path).step, None)
+        copies = self._copies_by_step()
+        for step in self._steps_on_any_rank(copies):  # newest first
+            states: Optional[List[tuple]] = None
+            problems = []
+            for tier, candidate in copies.get(step, []):  # nearest tier first
+                try:
+                    states = self._read(candidate, components)
+                except VerificationError as exc:
+                    problems.append(f"{candidate} (tier {tier}): {exc}")
+                    log.warning("skipping checkpoint %s (tier %s): %s", candidate, tier, exc)
+                    continue
+                break
+            if self._all_ranks_agree(states is not None):
+                assert states is not None
                 self._restore(states)
-                return candidate
-            log.warning("skipping checkpoint %s: %s", candidate, problem or "another rank could not verify it")
-        raise CheckpointError(f"no committed checkpoint under {self.root} verifies")
+                if tier != ROOT_TIER:
+                    log.info("loaded step %d from tier %s (%s)", step, tier, candidate)
+                return LoadedCheckpoint(candidate, step, tier)
+            reason = "; ".join(problems) or ("no tier this rank reaches holds it" if step not in copies else "")
+            log.warning("skipping step %d: %s", step, reason or "another rank could not verify it")
+        others = ", ".join(f"{name} ({path})" for name, path in self._tiers()[1:])
+        raise CheckpointError(
+            f"no committed checkpoint under {self.root}{f' or in tiers {others}' if others else ''} verifies"
+        )
+
+    def _tiers(self) -> List[Tuple[str, str]]:
+        """(name, path) of the root and the slower tiers, nearest first: the manager's `tiers`, or
+        else those the root's daemon recorded."""
+        specs = parse_tiers(self.options.tiers) or read_tiers_record(self.root)
+        return [(ROOT_TIER, self.root)] + [(spec.name, spec.path) for spec in specs]
+
+    def _copies_by_step(self) -> Dict[int, List[Tuple[str, str]]]:
+        """Step -> (tier, directory) of each committed copy this rank can reach, nearest tier first."""
+        copies: Dict[int, List[Tuple[str, str]]] = {}
+        for tier, root in self._tiers():
+            for step in checkpoint_steps(root):  # a final name without its manifest is damage: warned about
+                copies.setdefault(step, []).append((tier, checkpoint_path(root, step)))
+        return copies
+
+    def _steps_on_any_rank(self, copies: Dict[int, List[Tuple[str, str]]]) -> List[int]:
+        """Every step some rank holds a copy of, newest first (the same list on every rank: a rank
+        whose node-local tier was wiped still tries the steps the other ranks hold)."""
+        steps = set(copies)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(steps))
+            steps = {step for held in gathered for step in held}
+        return sorted(steps, reverse=True)
 
     def _read(self, checkpoint_dir: str, components: List[PreparedComponent]) -> List[tuple]:
         """Each component's verified state from `checkpoint_dir` (nothing is restored yet)."""

@@ -35,6 +35,7 @@ from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.tiers import parse_tiers
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class ClientOptions:
     wait for staging memory. `connect_timeout`: how long to wait for a daemon to answer.
     `retention`: what the committing daemon keeps (None: everything). `daemon_timeout`: how long the
     daemon holding this rank's saves may go without answering before they are settled.
+    `tiers`: slower tiers, nearest first, as `NAME=PATH[:every=N][:keep_last=K][:keep_every=M]`
+    (`ckptd.proto.tiers`): an auto-started daemon fills them from the root, and loading falls back
+    to them.
     """
 
     endpoint: Optional[str] = None
@@ -73,8 +77,13 @@ class ClientOptions:
     daemon_args: DaemonArgs = DaemonOptions()
     retention: Optional[RetentionPolicy] = None
     daemon_timeout: float = DAEMON_TIMEOUT_S
+    tiers: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.tiers, str):
+            raise ValueError(f"tiers must be a sequence of tier descriptions, not the string {self.tiers!r}")
+        object.__setattr__(self, "tiers", tuple(self.tiers))
+        parse_tiers(self.tiers)  # TierSpecError (a ValueError) names what is wrong
         if self.when_busy not in WHEN_BUSY_POLICIES:
             raise ValueError(f"when_busy must be {' or '.join(map(repr, WHEN_BUSY_POLICIES))}, not {self.when_busy!r}")
         if self.daemon_timeout <= 0:
@@ -178,7 +187,9 @@ class CheckpointClient:
         self._step_hook: Optional[Any] = None
         self._may_start = options.auto_start and rank_info.local_rank == 0
         self._connect_timeout = options.connect_timeout
-        self._daemon_args = _place_in_job(options.daemon_args, rank_info)
+        self._daemon_args = _place_in_job(
+            with_fallbacks(options.daemon_args, tier=options.tiers) if options.tiers else options.daemon_args, rank_info
+        )
         self._run = RunIdentity(
             rank_info.job_id, socket.gethostname(), os.getpid(), rank_info.rank, rank_info.started_at
         )

@@ -51,13 +51,28 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def scalar_type(hint: Any) -> type:
-    """The value type of a resolved field annotation: `int` for `int` and for `Optional[int]`."""
+def _unwrap_optional(hint: Any) -> Any:
     args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if typing.get_origin(hint) in _UNIONS and len(args) == 1 and isinstance(args[0], type):
+    if typing.get_origin(hint) in _UNIONS and len(args) == 1:
         return args[0]
-    if isinstance(hint, type):
-        return hint
+    return hint
+
+
+def is_repeated(hint: Any) -> bool:
+    """True for an option given once per value (`Tuple[str, ...]`, optional or not): `--tier A --tier B`."""
+    inner = _unwrap_optional(hint)
+    args = typing.get_args(inner)
+    return typing.get_origin(inner) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def scalar_type(hint: Any) -> type:
+    """The value type of a resolved field annotation: `int` for `int` and for `Optional[int]`; `str`
+    for a repeated option `Tuple[str, ...]`."""
+    inner = _unwrap_optional(hint)
+    if is_repeated(inner):
+        inner = typing.get_args(inner)[0]
+    if isinstance(inner, type):
+        return inner
     raise TypeError(f"not a scalar option type: {hint!r}")
 
 
@@ -81,12 +96,20 @@ class DaemonOptions:
     metrics_port: Optional[int] = None
     metrics_address: Optional[str] = None
     claim_ttl: Optional[float] = None
+    tier: Optional[Tuple[str, ...]] = None
+    tier_copy_mbps: Optional[float] = None
 
     def __post_init__(self) -> None:
         kinds = _option_kinds()
+        repeated = _repeated_options()
         for name, value in self.values().items():
             kind = (int, float) if kinds[name] is float else kinds[name]
-            if isinstance(value, bool) or not isinstance(value, kind):
+            if name in repeated:
+                if not isinstance(value, tuple) or not all(isinstance(v, kind) for v in value):
+                    raise TypeError(
+                        f"DaemonOptions.{name} must be a tuple of {kinds[name].__name__} or None, not {value!r}"
+                    )
+            elif isinstance(value, bool) or not isinstance(value, kind):
                 raise TypeError(f"DaemonOptions.{name} must be {kinds[name].__name__} or None, not {value!r}")
 
     def values(self) -> Dict[str, Any]:
@@ -99,7 +122,13 @@ class DaemonOptions:
 
     def argv(self) -> List[str]:
         """The `ckptd serve` arguments that ask for these options (none for a field left None)."""
-        return [part for name, value in self.values().items() for part in (flag(name), str(value))]
+        repeated = _repeated_options()
+        return [
+            part
+            for name, value in self.values().items()
+            for one in (value if name in repeated else (value,))
+            for part in (flag(name), str(one))
+        ]
 
 
 DaemonArgs = Union[DaemonOptions, Sequence[str]]
@@ -121,6 +150,12 @@ def serve_argv(daemon_args: DaemonArgs) -> List[str]:
     if isinstance(daemon_args, (str, bytes)) or not all(isinstance(arg, str) for arg in daemon_args):
         raise TypeError(f"daemon_args must be DaemonOptions or a sequence of strings, not {daemon_args!r}")
     return list(daemon_args)
+
+
+@functools.lru_cache(maxsize=None)
+def _repeated_options() -> "frozenset[str]":
+    """The DaemonOptions fields given once per value."""
+    return frozenset(name for name, hint in typing.get_type_hints(DaemonOptions).items() if is_repeated(hint))
 
 
 @functools.lru_cache(maxsize=None)

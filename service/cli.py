@@ -24,6 +24,7 @@ from ckptd.proto.config import (
     NUM_NODES_ENV,
     ExitCode,
     flag,
+    is_repeated,
     scalar_type,
 )
 from ckptd.proto.manifest import ManifestError
@@ -73,6 +74,12 @@ _SERVE_FLAGS: Dict[str, _Flag] = {
     "save_timeout": _Flag("seconds a save may take from its first rank's hand-over to commit before it aborts"),
     "write_threads": _Flag("shard writer threads"),
     "nice": _Flag("CPU niceness to add, so training processes get the CPU first; 0 keeps it"),
+    "tier": _Flag(
+        "a slower tier filled from the root in the background, nearest first; repeat for more",
+        unset="none",
+        metavar="NAME=PATH[:every=N][:keep_last=K][:keep_every=M]",
+    ),
+    "tier_copy_mbps": _Flag("cap on the bandwidth of the copies into the tiers, in MB/s", unset="no cap"),
     "exit_when_idle": _Flag(
         "exit once no client process is alive and nothing happened for SECONDS", unset="never", metavar="SECONDS"
     ),
@@ -104,6 +111,15 @@ def _env_default(name: Optional[str], kind: type, default: Any) -> Any:
         return default
 
 
+class _AppendTuple(argparse.Action):
+    """A repeated flag collected into a tuple (argparse's "append" cannot start from an immutable default)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, (*getattr(namespace, self.dest), values))
+
+
 def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     """One flag per DaemonConfig field (`flag(name)`), typed and defaulted by the field."""
     config_fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
@@ -114,7 +130,11 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(DaemonConfig)
     for name, spec in _SERVE_FLAGS.items():
         kind, default = scalar_type(hints[name]), config_fields[name].default
-        if default is dataclasses.MISSING:
+        if is_repeated(hints[name]):
+            serve.add_argument(
+                flag(name), type=kind, action=_AppendTuple, default=(), metavar=spec.metavar, help=_help(spec, None)
+            )
+        elif default is dataclasses.MISSING:
             serve.add_argument(flag(name), type=kind, required=True, metavar=spec.metavar, help=spec.help)
         else:
             serve.add_argument(

@@ -29,7 +29,7 @@ from ckptd.proto.cluster import NodeReport
 from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.messages import Outcome
 from ckptd.service.curve import CurveKeys
-from ckptd.service.leader import Announce, LocalCommitLeader, SaveKey, nobody_listens
+from ckptd.service.leader import Announce, LocalCommitLeader, Published, SaveKey, nobody_listens
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 
@@ -106,11 +106,12 @@ class ClusterLeader(_Endpoint):
         executor: concurrent.futures.Executor,
         ctx: zmq.asyncio.Context,
         metrics: Optional[DaemonMetrics] = None,
+        on_published: Optional[Published] = None,
     ) -> None:
         super().__init__()
         self._config = config
         self._announce_local: Announce = nobody_listens
-        self._commit = LocalCommitLeader(store, executor, metrics)
+        self._commit = LocalCommitLeader(store, executor, metrics, on_published)
         self._commit.deliver_outcomes_to(self._announce_everywhere)
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)

@@ -334,4 +334,20 @@ def render_status(body: Dict[str, Any], previous: Dict[int, tuple]) -> str:
             f"ranks handed over {len(save.get('ranks_received', []))}/{len(save.get('ranks_expected', []))}, "
             f"durable {len(save.get('ranks_durable', []))}, {save.get('seconds', 0):.1f} s"
         )
+    lines.extend(_render_tier(tier) for tier in body.get("tiers") or [])
     return "\n".join(lines)
+
+
+def _render_tier(tier: Dict[str, Any]) -> str:
+    """One line per slower tier: its newest copy, what it is copying or waits to copy, throughput."""
+    doing = ""
+    if tier.get("copying") is not None:
+        doing = f", copying step {tier['copying']} ({human_bytes(tier.get('bytes_waiting') or 0)} to go)"
+    if tier.get("pending") is not None:
+        doing += f", step {tier['pending']} waiting"
+    rate = f", last copy {tier['last_copy_mbps']} MB/s" if tier.get("last_copy_mbps") is not None else ""
+    error = f"; last error: {tier['last_error']}" if tier.get("last_error") else ""
+    return (
+        f"tier {tier.get('name')} ({tier.get('path')}, every {tier.get('every')}): latest step {tier.get('latest')}"
+        f"{doing}{rate}{error}"
+    )

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 Announce = Callable[[Outcome], Awaitable[None]]
+Published = Callable[[List[int]], None]
+"""Told the steps of each batch once committed and durable, before retention runs (in a worker thread)."""
 SaveKey = Tuple[str, int]
 """(job run, step): one save."""
 
@@ -68,9 +70,11 @@ class LocalCommitLeader:
         store: CheckpointStore,
         executor: concurrent.futures.Executor,
         metrics: Optional[DaemonMetrics] = None,
+        on_published: Optional[Published] = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
+        self._on_published = on_published
         self._executor = executor
         self._announce: Announce = nobody_listens
         self._reports: Dict[SaveKey, Dict[int, NodeReport]] = {}
@@ -132,6 +136,8 @@ class LocalCommitLeader:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._store.publish, steps)
+            if self._on_published is not None:
+                await loop.run_in_executor(self._executor, self._on_published, steps)
             policy = next((r.retention for r in sorted(newest, key=lambda r: r.node) if r.retention), None)
             if policy is not None:
                 await loop.run_in_executor(self._executor, self._apply_retention, policy)

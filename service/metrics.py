@@ -42,6 +42,18 @@ class DaemonMetrics:
         self.last_committed_step = Gauge(
             "ckptd_last_committed_step", "Step of the newest committed checkpoint", registry=r
         )
+        self.tier_bytes_waiting = Gauge(
+            "ckptd_tier_bytes_waiting", "Bytes of the checkpoint waiting to be copied into a tier", ["tier"], registry=r
+        )
+        self.tier_bytes_copied = Counter(
+            "ckptd_tier_bytes_copied",
+            "Bytes copied into a tier (its copy throughput is the rate)",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_last_step = Gauge(
+            "ckptd_tier_last_step", "Step of the newest checkpoint a tier's `latest` names", ["tier"], registry=r
+        )
         for phase in PHASES:
             self.phase_seconds.labels(phase)
 

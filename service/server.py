@@ -12,12 +12,13 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 import zmq
 import zmq.asyncio
 
 from ckptd.disk import runtime
+from ckptd.disk.tiers import write_tiers_record
 from ckptd.proto import messages
 from ckptd.proto.cluster import parse_address
 from ckptd.proto.config import CLUSTER_SECRET_ENV, ENDPOINT_ENV, LEADER_ENV
@@ -25,6 +26,7 @@ from ckptd.proto.errors import CodedError, ErrorCode, ProtocolError
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.ownership import CLAIM_TTL_S, RunIdentity
+from ckptd.proto.tiers import TierSpec, TierSpecError, parse_tiers
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator
 from ckptd.service.curve import load_secret
@@ -36,6 +38,7 @@ from ckptd.service.plans import SavePlans
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
+from ckptd.service.tiers import TierCopier
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,25 @@ class DaemonConfig:
     metrics_address: str = "127.0.0.1"
     claim_ttl: float = CLAIM_TTL_S
     """How long another host's claim on the root is honoured after its last renewal."""
+    tier: Tuple[str, ...] = ()
+    """Slower tiers filled from the root in the background, nearest first (`ckptd.proto.tiers`)."""
+    tier_copy_mbps: Optional[float] = None
+    """Cap on the bandwidth of the copies into the tiers, in MB/s."""
+
+    def tiers(self) -> Tuple[TierSpec, ...]:
+        """The tiers, parsed and checked against the root; raises DaemonConfigError."""
+        try:
+            specs = parse_tiers(self.tier)
+        except TierSpecError as exc:
+            raise DaemonConfigError(str(exc)) from None
+        root = os.path.realpath(self.root)
+        for spec in specs:
+            path = os.path.realpath(spec.path)
+            if path == root or path.startswith(root + os.sep) or root.startswith(path + os.sep):
+                raise DaemonConfigError(
+                    f"tier {spec.name!r} at {spec.path} overlaps the root {self.root}: give each tier a directory of its own"
+                )
+        return specs
 
     def cluster(self) -> Optional[ClusterConfig]:
         """The multi-node settings, checked; None for a one-node job. Raises DaemonConfigError."""
@@ -173,6 +195,14 @@ class DaemonServer:
         throttle = Throttle(config.max_write_mbps * 1e6 if config.max_write_mbps else None)
         self.cluster = config.cluster()
         self.metrics = DaemonMetrics()
+        self.tier_specs = config.tiers()
+        leads = self.cluster is None or self.cluster.is_leader
+        self.tiers = (
+            TierCopier(self.store, self.tier_specs, config.tier_copy_mbps, self.metrics)
+            if self.tier_specs and leads
+            else None
+        )
+        """Fills the slower tiers: on the node that commits (node 0 of a multi-node job)."""
         self.channel = self._commit_channel()
         self.coordinator = NodeCoordinator(
             self.store,
@@ -195,10 +225,11 @@ class DaemonServer:
     def _commit_channel(self) -> CommitChannel:
         """Where the node's reports go: the commit leader in this process (one node, or node 0 of
         several, which also serves the other nodes), or a link to node 0's."""
+        published = self.tiers.committed if self.tiers is not None else None
         if self.cluster is None:
-            return LocalCommitLeader(self.store, self._executor, self.metrics)
+            return LocalCommitLeader(self.store, self._executor, self.metrics, published)
         if self.cluster.is_leader:
-            return ClusterLeader(self.cluster, self.store, self._executor, self._ctx, self.metrics)
+            return ClusterLeader(self.cluster, self.store, self._executor, self._ctx, self.metrics, published)
         return ClusterFollower(self.cluster, self._ctx)
 
     async def serve(self) -> None:
@@ -209,6 +240,9 @@ class DaemonServer:
         try:
             self._clean_root()
             self._sweep_regions()
+            if self.tiers is not None:
+                write_tiers_record(self.store.root, self.tier_specs)
+                self.tiers.start()
             self._socket = self._bind()
             if self.config.metrics_port is not None:
                 try:
@@ -237,6 +271,8 @@ class DaemonServer:
             watcher.cancel()
         finally:
             await self.channel.close()
+            if self.tiers is not None:
+                self.tiers.close()
             self._shutdown()
 
     def _clean_root(self) -> None:
@@ -418,6 +454,7 @@ class DaemonServer:
             "version": CKPTD_VERSION,
             "last_committed": self.coordinator.last_committed,
             "owner": None if self.ownership.owner is None else self.ownership.owner.describe(),
+            "tiers": [] if self.tiers is None else self.tiers.status(),
             "saves": [
                 {
                     "step": s.step,

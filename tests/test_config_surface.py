@@ -32,7 +32,7 @@ from ckptd.client import daemon as client_daemon
 from ckptd.client import manager as manager_module
 from ckptd.client import saving as saving_module
 from ckptd.proto import config
-from ckptd.proto.config import ENVIRONMENT, ExitCode, flag, scalar_type, serve_argv, with_fallbacks
+from ckptd.proto.config import ENVIRONMENT, ExitCode, flag, is_repeated, scalar_type, serve_argv, with_fallbacks
 from ckptd.service import cli
 from ckptd.service.server import DaemonConfig
 
@@ -60,7 +60,8 @@ def sample_options() -> DaemonOptions:
     values: Dict[str, Any] = {}
     for index, (name, hint) in enumerate(typing.get_type_hints(DaemonOptions).items(), start=2):
         kind = scalar_type(hint)
-        values[name] = {int: index, float: index + 0.25, str: f"value-{index}"}[kind]
+        value = {int: index, float: index + 0.25, str: f"value-{index}"}[kind]
+        values[name] = (value, value * 2) if is_repeated(hint) else value
     return DaemonOptions(**values)
 
 
@@ -88,7 +89,7 @@ def test_serve_help_shows_every_option_with_its_default(capsys: pytest.CaptureFi
         if field.default is dataclasses.MISSING:
             continue
         assert "(default" in entry, entry
-        if field.default is not None:
+        if field.default not in (None, ()):
             shown = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
             assert re.search(rf"\(default [^)]*\b{re.escape(shown)}\)", entry), (name, entry)
 
@@ -191,6 +192,7 @@ MANAGER_SETTINGS: Dict[str, Any] = dict(
     daemon_args=DaemonOptions(nice=0, max_write_mbps=8.0),
     retention=RetentionPolicy(keep_last=2),
     daemon_timeout=3.0,
+    tiers=("shared=/shared/job:every=5",),
     verify=False,
 )
 """A value other than the default for every CheckpointManagerOptions field but `connect`."""

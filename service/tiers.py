@@ -1,0 +1,262 @@
+"""Filling the slower tiers: committed checkpoints of the root copied, in the background, into each
+tier that wants their step, with the commit protocol of a save (files fsynced, manifest last,
+directory renamed into place, `latest`, the tier's own retention).
+
+One thread copies, nearest tier first, so copies never take a save's writer threads. A tier that
+falls behind skips to the newest step it wants (a skipped step is logged); the root's retention
+never deletes a step that waits for a copy or is being copied (the copier holds it the way a loader
+does). A copy cut short by a stop or a crash leaves a tmp directory that the next start removes, and
+that start copies the newest wanted step again if the tier lacks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ckptd.disk.copy import copy_listed_file
+from ckptd.disk.files import FileProblem
+from ckptd.disk.manifests import ManifestProblem, hold_for_loading, manifest_path, read_manifest
+from ckptd.proto import layout
+from ckptd.proto.tiers import TierSpec
+from ckptd.service.metrics import DaemonMetrics
+from ckptd.service.shard_writer import Throttle
+from ckptd.service.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+COPY_TOKEN = "copy"
+"""In the tmp directory name of a copy into a tier (`.tmp-step_N-copy<hex>`)."""
+
+
+class CopyStopped(Exception):
+    """The daemon is stopping: the copy in progress is abandoned (its tmp directory is a leftover)."""
+
+
+@dataclass
+class Tier:
+    """One slower tier as the copier sees it."""
+
+    spec: TierSpec
+    store: Optional[CheckpointStore] = None
+    """None until the tier's directory could be created (a shared filesystem may be down at start)."""
+    pending: Optional[int] = None
+    """The newest step waiting to be copied here."""
+    pin: Optional[contextlib.ExitStack] = None
+    """Holds the pending step in the root against retention."""
+    copying: Optional[int] = None
+    bytes_waiting: int = 0
+    bytes_copied: int = 0
+    copies: int = 0
+    last_copy_mbps: Optional[float] = None
+    last_error: Optional[str] = None
+    skipped: List[int] = field(default_factory=list)
+
+    def status(self) -> Dict[str, Any]:
+        """What `ckptd status` shows for this tier."""
+        latest = self.store.latest_step() if self.store is not None else None
+        return {
+            "name": self.spec.name,
+            "path": self.spec.path,
+            "every": self.spec.every,
+            "latest": latest,
+            "pending": self.pending,
+            "copying": self.copying,
+            "bytes_waiting": self.bytes_waiting,
+            "bytes_copied": self.bytes_copied,
+            "copies": self.copies,
+            "last_copy_mbps": self.last_copy_mbps,
+            "last_error": self.last_error,
+        }
+
+
+class TierCopier:
+    """Copies the root's committed checkpoints into the slower tiers, in one background thread."""
+
+    def __init__(
+        self,
+        source: CheckpointStore,
+        specs: Sequence[TierSpec],
+        max_mbps: Optional[float] = None,
+        metrics: Optional[DaemonMetrics] = None,
+    ) -> None:
+        self._source = source
+        self._tiers = [Tier(spec) for spec in specs]
+        self._throttle = Throttle(max_mbps * 1e6 if max_mbps else None)
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def tiers(self) -> List[Tier]:
+        """The tiers, nearest first."""
+        return list(self._tiers)
+
+    def start(self) -> None:
+        """Open each tier (removing what an interrupted copy left), queue the newest step each one
+        wants and lacks, and start copying."""
+        for tier in self._tiers:
+            self._open(tier)
+        steps = self._source.committed_steps()
+        if steps:
+            self.committed(steps)
+        self._thread = threading.Thread(target=self._run, name="ckptd-tiers", daemon=True)
+        self._thread.start()
+
+    def committed(self, steps: Sequence[int]) -> None:
+        """Steps just committed in the root (call before the root's retention runs): queue, for each
+        tier, the newest one it wants."""
+        for tier in self._tiers:
+            wanted = [step for step in steps if tier.spec.wants(step)]
+            if wanted:
+                self._enqueue(tier, max(wanted))
+
+    def close(self) -> None:
+        """Stop copying; a copy in progress is abandoned between two chunks."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for tier in self._tiers:
+            if tier.pin is not None:
+                tier.pin.close()
+                tier.pin = None
+
+    def status(self) -> List[Dict[str, Any]]:
+        """Each tier's state, nearest first."""
+        with self._cond:
+            return [tier.status() for tier in self._tiers]
+
+    def _open(self, tier: Tier) -> bool:
+        if tier.store is not None:
+            return True
+        try:
+            tier.store = CheckpointStore(tier.spec.path)
+            removed = tier.store.remove_leftovers()
+        except OSError as exc:
+            tier.last_error = f"cannot open tier {tier.spec.name!r} at {tier.spec.path}: {exc}"
+            log.error("%s; its copies wait until it can be opened", tier.last_error)
+            tier.store = None
+            return False
+        for path in removed:
+            log.info("tier %s: removed %s, left by an interrupted copy", tier.spec.name, path)
+        return True
+
+    def _enqueue(self, tier: Tier, step: int) -> None:
+        with self._cond:
+            if tier.pending is not None and tier.pending >= step or tier.copying == step:
+                return
+            if tier.store is not None and tier.store.is_committed(step):
+                return
+            pin = contextlib.ExitStack()
+            pin.enter_context(hold_for_loading(self._source.final_path(step)))  # retention leaves it alone
+            if tier.pending is not None:
+                log.warning(
+                    "tier %s is behind: step %d is skipped for the newer step %d", tier.spec.name, tier.pending, step
+                )
+                tier.skipped.append(tier.pending)
+                assert tier.pin is not None
+                tier.pin.close()
+            tier.pending, tier.pin = step, pin
+            tier.bytes_waiting = _checkpoint_bytes(self._source.final_path(step))
+            self._report(tier)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and all(t.pending is None for t in self._tiers):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                tier = next(t for t in self._tiers if t.pending is not None)
+                step, pin = tier.pending, tier.pin
+                tier.pending, tier.pin, tier.copying = None, None, step
+            assert step is not None and pin is not None
+            try:
+                self._copy(tier, step)
+            except CopyStopped:
+                log.info("tier %s: the copy of step %d stops with the daemon", tier.spec.name, step)
+            except (OSError, FileProblem, ManifestProblem) as exc:
+                tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed: {exc}"
+                log.error("%s; the next step it wants is copied as usual", tier.last_error)
+            except Exception:  # the copier must outlive any one copy
+                tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed (see the log)"
+                log.exception(tier.last_error)
+            finally:
+                pin.close()
+                with self._cond:
+                    tier.copying = None
+                    if tier.pending is None:
+                        tier.bytes_waiting = 0
+                    self._report(tier)
+
+    def _copy(self, tier: Tier, step: int) -> None:
+        if not self._open(tier):
+            raise OSError(tier.last_error)
+        store = tier.store
+        assert store is not None
+        if store.is_committed(step):
+            return
+        started = time.monotonic()
+        source_dir = self._source.final_path(step)
+        manifest = read_manifest(source_dir)
+        with open(manifest_path(source_dir), encoding="utf-8") as f:
+            manifest_json = f.read()
+        tmp_dir = os.path.join(store.root, layout.tmp_dir_name(step, f"{COPY_TOKEN}{uuid.uuid4().hex[:12]}"))
+        os.mkdir(tmp_dir)
+        try:
+            copied = 0
+            for record in manifest.files():
+                destination = os.path.join(tmp_dir, record.path)
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                copy_listed_file(os.path.join(source_dir, record.path), destination, record, self._pace(tier))
+                copied += record.size
+            store.commit(tmp_dir, step, manifest_json)
+        except BaseException:
+            store.discard(tmp_dir)
+            raise
+        store.publish([step])
+        seconds = time.monotonic() - started
+        tier.copies += 1
+        tier.last_error = None
+        tier.last_copy_mbps = round(copied / 1e6 / max(seconds, 1e-6), 1)
+        log.info("tier %s: copied step %d (%.0f MB in %.2f s)", tier.spec.name, step, copied / 1e6, seconds)
+        deleted = store.apply_retention(tier.spec.retention)
+        if deleted:
+            log.info("tier %s: retention deleted step(s) %s", tier.spec.name, deleted)
+
+    def _pace(self, tier: Tier) -> Callable[[int], None]:
+        def pace(nbytes: int) -> None:
+            if self._stopping:
+                raise CopyStopped()
+            self._throttle.consume(nbytes)
+            tier.bytes_copied += nbytes
+            tier.bytes_waiting = max(0, tier.bytes_waiting - nbytes)
+            if self._metrics is not None:
+                self._metrics.tier_bytes_copied.labels(tier.spec.name).inc(nbytes)
+
+        return pace
+
+    def _report(self, tier: Tier) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.tier_bytes_waiting.labels(tier.spec.name).set(tier.bytes_waiting)
+        latest = tier.store.latest_step() if tier.store is not None else None
+        if latest is not None:
+            self._metrics.tier_last_step.labels(tier.spec.name).set(latest)
+
+
+def _checkpoint_bytes(checkpoint_dir: str) -> int:
+    try:
+        return sum(record.size for record in read_manifest(checkpoint_dir).files())
+    except ManifestProblem:
+        return 0
