@@ -14,10 +14,13 @@ from ckptd.proto.manifest import FileRecord
 COPY_CHUNK = 8 * 1024 * 1024
 
 Pace = Callable[[int], None]
-"""Called before each chunk with its size: the caller's throttle (it may sleep)."""
+"""Called after each chunk is written, with its size: the caller's progress and throttle (it may
+sleep, or raise to stop the copy)."""
 
 
-def copy_listed_file(source: str, destination: str, record: FileRecord, pace: Pace) -> None:
+def copy_listed_file(
+    source: str, destination: str, record: FileRecord, pace: Pace, chunk_bytes: int = COPY_CHUNK
+) -> None:
     """Copy `source` (a file a manifest lists as `record`) to `destination` (created, never replaced),
     fsynced, checking the bytes against the record's size and checksum as they go by. Raises
     FileProblem naming the source when it does not match (the partial copy is removed), OSError when
@@ -36,7 +39,7 @@ def copy_listed_file(source: str, destination: str, record: FileRecord, pace: Pa
             raise FileProblem(source, f"holds {info.st_size} bytes, the manifest says {record.size}")
         dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            digest = _copy(source, src, dst, record.size, pace)
+            digest = _copy(source, src, dst, record.size, pace, chunk_bytes)
             if digest != record.checksum:
                 raise FileProblem(source, f"checksum {digest} does not match the manifest's {record.checksum}")
             os.fsync(dst)
@@ -49,13 +52,12 @@ def copy_listed_file(source: str, destination: str, record: FileRecord, pace: Pa
         os.close(src)
 
 
-def _copy(source: str, src: int, dst: int, size: int, pace: Pace) -> str:
+def _copy(source: str, src: int, dst: int, size: int, pace: Pace, chunk_bytes: int) -> str:
     checksum = Checksum()
-    buffer = bytearray(min(COPY_CHUNK, max(size, 1)))
+    buffer = bytearray(min(chunk_bytes, max(size, 1)))
     view = memoryview(buffer)
     copied = 0
     while copied < size:
-        pace(min(len(buffer), size - copied))
         n = os.readv(src, [view[: min(len(buffer), size - copied)]])
         if n == 0:
             raise FileProblem(source, f"ended after {copied} of {size} bytes (truncated while copied)")
@@ -65,4 +67,5 @@ def _copy(source: str, src: int, dst: int, size: int, pace: Pace) -> str:
         while written < n:
             written += os.write(dst, chunk[written:])
         copied += n
+        pace(n)
     return checksum.hexdigest()

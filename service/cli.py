@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from ckptd.disk.manifests import read_manifest
 from ckptd.disk.root import checkpoint_dirs
+from ckptd.disk.tiers import read_tiers_record
 from ckptd.disk.verify import verify_checkpoint
 from ckptd.proto.config import (
     CLUSTER_SECRET_ENV,
@@ -255,6 +256,10 @@ def _listed_bytes(directories: List[str]) -> int:
 def verify(args: argparse.Namespace) -> int:
     """`ckptd verify PATH|ROOT`: exit 0 only when every listed file matches its size and checksum."""
     directories = checkpoint_dirs(args.path) if os.path.isdir(args.path) else []
+    if directories and directories != [args.path]:  # a root: its tiers' checkpoints too
+        directories += [
+            d for spec in read_tiers_record(os.path.realpath(args.path)) for d in checkpoint_dirs(spec.path)
+        ]
     if not directories:
         sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
         return ExitCode.ERROR

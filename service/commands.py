@@ -14,6 +14,7 @@ import zmq
 from ckptd.disk import runtime
 from ckptd.disk.manifests import read_manifest
 from ckptd.disk.retention import saved_policy
+from ckptd.disk.tiers import read_tiers_record
 from ckptd.proto import layout, messages
 from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import ComponentRecord, Manifest, ManifestError
@@ -59,10 +60,13 @@ def ls(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
         return _fail("ls", f"{args.root} is not a directory")
     found = catalog(args.root)
+    tiers = [(spec, catalog(spec.path)) for spec in read_tiers_record(found.root) if os.path.isdir(spec.path)]
     if args.json:
-        _emit_json(found.to_json())
+        _emit_json({**found.to_json(), "tiers": [{"name": spec.name, **c.to_json()} for spec, c in tiers]})
         return ExitCode.OK
-    sys.stdout.write(_render_catalog(found) + "\n")
+    text = [_render_catalog(found)]
+    text += [f"\ntier {spec.name} (every {spec.every}):\n{_render_catalog(c)}" for spec, c in tiers]
+    sys.stdout.write("\n".join(text) + "\n")
     return ExitCode.OK
 
 
@@ -188,9 +192,25 @@ def gc(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"ckptd gc: {exc}\n")
         return ExitCode.USAGE
-    store = CheckpointStore(args.root)
+    reports = [_gc_root(args, args.root, policy)]
+    for spec in read_tiers_record(os.path.realpath(args.root)):  # each tier by its own policy
+        if os.path.isdir(spec.path):
+            reports.append(_gc_root(args, spec.path, saved_policy(spec.path) or spec.retention, spec.name))
+    if args.json:
+        _emit_json(reports[0] if len(reports) == 1 else {**reports[0], "tiers": reports[1:]})
+        return ExitCode.OK
+    for report in reports:
+        _print_gc(args, report)
+    return ExitCode.OK
+
+
+def _gc_root(
+    args: argparse.Namespace, root: str, policy: Optional[RetentionPolicy], tier: Optional[str] = None
+) -> Dict[str, Any]:
+    """Remove one root's (or tier's) old leftovers and apply `policy`; what was (or would be) removed."""
+    store = CheckpointStore(root)
     now = time.time()
-    old = [left for left in catalog(args.root).leftovers if left.age_s >= args.min_age]
+    old = [left for left in catalog(root).leftovers if left.age_s >= args.min_age]
     doomed: List[int] = []
     if policy is not None:
         _, doomed = store.plan_retention(policy)
@@ -198,28 +218,33 @@ def gc(args: argparse.Namespace) -> int:
         removed = set(store.remove_leftovers(min_age_s=args.min_age))
         old = [left for left in old if left.path in removed]
         doomed = store.apply_retention(policy) if policy is not None else []
-    report = {
+    report: Dict[str, Any] = {
         "dry_run": args.dry_run,
         "leftovers": [left.path for left in old],
         "deleted_steps": doomed,
         "policy": policy.to_wire() if policy else None,
         "seconds": round(time.time() - now, 3),
     }
-    if args.json:
-        _emit_json(report)
-        return ExitCode.OK
+    if tier is not None:
+        report.update(tier=tier, root=store.root)
+    return report
+
+
+def _print_gc(args: argparse.Namespace, report: Dict[str, Any]) -> None:
+    where = f"tier {report['tier']}: " if "tier" in report else ""
     verb = "would remove" if args.dry_run else "removed"
     for path in report["leftovers"]:
-        sys.stdout.write(f"{verb} leftover {path}\n")
-    for step in doomed:
+        sys.stdout.write(f"{where}{verb} leftover {path}\n")
+    for step in report["deleted_steps"]:
         sys.stdout.write(
-            f"{'would delete' if args.dry_run else 'deleted'} {layout.checkpoint_dir_name(step)} (retention)\n"
+            f"{where}{'would delete' if args.dry_run else 'deleted'} {layout.checkpoint_dir_name(step)} (retention)\n"
         )
-    if not report["leftovers"] and not doomed:
+    if not report["leftovers"] and not report["deleted_steps"]:
         sys.stdout.write(
-            "nothing to remove" + ("" if policy else " (no retention policy: checkpoints are kept)") + "\n"
+            f"{where}nothing to remove"
+            + ("" if report["policy"] else " (no retention policy: checkpoints are kept)")
+            + "\n"
         )
-    return ExitCode.OK
 
 
 def _policy_from_args(args: argparse.Namespace) -> Optional[RetentionPolicy]:

@@ -218,7 +218,13 @@ class TierCopier:
             for record in manifest.files():
                 destination = os.path.join(tmp_dir, record.path)
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
-                copy_listed_file(os.path.join(source_dir, record.path), destination, record, self._pace(tier))
+                copy_listed_file(
+                    os.path.join(source_dir, record.path),
+                    destination,
+                    record,
+                    self._pace(tier),
+                    self._throttle.chunk_bytes,
+                )
                 copied += record.size
             store.commit(tmp_dir, step, manifest_json)
         except BaseException:
@@ -236,13 +242,13 @@ class TierCopier:
 
     def _pace(self, tier: Tier) -> Callable[[int], None]:
         def pace(nbytes: int) -> None:
-            if self._stopping:
-                raise CopyStopped()
-            self._throttle.consume(nbytes)
             tier.bytes_copied += nbytes
             tier.bytes_waiting = max(0, tier.bytes_waiting - nbytes)
             if self._metrics is not None:
                 self._metrics.tier_bytes_copied.labels(tier.spec.name).inc(nbytes)
+            self._throttle.consume(nbytes)
+            if self._stopping:
+                raise CopyStopped()
 
         return pace
 

@@ -4,6 +4,7 @@ verifies, and a copy cut by kill -9 redone at the next start."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from ckptd.proto.formats import Checksum
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.tiers import TierSpec, TierSpecError, parse_tier, parse_tiers
 from ckptd.proto.topology import Topology
-from ckptd.service.commands import query_status
+from ckptd.service.commands import query_status, render_status
 
 SINGLE = RankInfo(0, Topology.single_node(1))
 MIB = 2**20
@@ -71,6 +72,12 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def ckptd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "ckptd.service", *args], capture_output=True, text=True, timeout=60)
+    assert not check or done.returncode == 0, done.stderr
+    return done
 
 
 def tier_status(daemon: Daemon, name: str) -> Dict[str, Any]:
@@ -166,6 +173,22 @@ def test_committed_steps_are_copied_into_the_tier_with_its_own_retention(
     assert [t.name for t in read_tiers_record(str(daemon.root))] == ["shared"]
     assert checkpoint_steps(str(daemon.root), with_manifest=True)[-1] == 7
 
+    # the operator commands given the root cover the tier too
+    listed = json.loads(ckptd("ls", str(daemon.root), "--json").stdout)
+    assert [c["step"] for c in listed["checkpoints"]][-1] == 7  # 6 too, if it was held for its copy at 7
+    assert [(t["name"], [c["step"] for c in t["checkpoints"]]) for t in listed["tiers"]] == [("shared", [4, 6])]
+    assert "tier shared (every 2)" in ckptd("ls", str(daemon.root)).stdout
+    verified = ckptd("verify", str(daemon.root)).stdout
+    assert all(f"OK  {checkpoint_path(str(shared), step)}" in verified for step in (4, 6)), verified
+    checkpoint_path_6 = Path(checkpoint_path(str(shared), 6))
+    next((checkpoint_path_6 / "model").glob("*.safetensors")).write_bytes(b"damaged")
+    assert ckptd("verify", str(daemon.root), check=False).returncode == ExitCode.ERROR
+    (shared / ".tmp-step_00000008-copyabc").mkdir()
+    cleaned = json.loads(ckptd("gc", str(daemon.root), "--min-age", "0", "--json").stdout)
+    assert cleaned["tiers"][0]["tier"] == "shared"
+    assert cleaned["tiers"][0]["leftovers"] == [str(shared / ".tmp-step_00000008-copyabc")]
+    assert cleaned["tiers"][0]["policy"]["keep_last"] == 2
+
 
 def test_the_root_keeps_a_step_until_its_copy_is_done_and_a_behind_tier_skips_to_the_newest(
     daemon_factory: Callable[..., Daemon], tmp_path: Path
@@ -186,6 +209,8 @@ def test_the_root_keeps_a_step_until_its_copy_is_done_and_a_behind_tier_skips_to
         trainer.at_step(1)
         manager.save_checkpoint(1).wait(60)
         wait_for(lambda: tier_status(daemon, "shared")["copying"] == 1, what="the copy of step 1 to start")
+        shown = render_status(query_status(daemon.endpoint, 10), {})
+        assert f"tier shared ({shared}, every 1): latest step None, copying step 1" in shown, shown
         for step in range(2, 6):
             trainer.at_step(step)
             manager.save_checkpoint(step).wait(60)
