@@ -174,3 +174,34 @@ def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
         for result in rows.values():
             if result["status"] == "ok":
                 assert result["device"] == "cpu" and result["device_name"] is None, result
+
+
+def test_the_tiers_bench_runs_end_to_end(tmp_path: Path) -> None:
+    """bench/bench_tiers.py on a tiny state: both save configurations, the three resumes (each
+    asserting the step and tier it loaded), the table and the JSON."""
+    out = tmp_path / "tiers.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_tiers.py"),
+            "--scale",
+            "0.001",
+            "--steps",
+            "4",
+            "--step-s",
+            "0.1",
+            "--dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| root in /dev/shm + shared tier on disk |" in done.stdout
+    assert "fast tier resumes >= 3x faster than the shared tier" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["resume"]["shared_tier_cold"]["tier"] == "shared"
+    assert all(_is_number(r["blocked_median_s"]) for r in report["save_every_step"].values())
