@@ -18,15 +18,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from ckptd.disk.copy import copy_listed_file
-from ckptd.disk.files import FileProblem
+from ckptd.disk.files import FileProblem, map_listed_file
 from ckptd.disk.manifests import ManifestProblem, hold_for_loading, manifest_path, read_manifest
 from ckptd.proto import layout
+from ckptd.proto.manifest import FileRecord
 from ckptd.proto.tiers import TierSpec
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.shard_writer import Throttle
+from ckptd.service.shard_writer import PageRelease, Throttle, write_shard
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -219,11 +219,7 @@ class TierCopier:
                 destination = os.path.join(tmp_dir, record.path)
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
                 copy_listed_file(
-                    os.path.join(source_dir, record.path),
-                    destination,
-                    record,
-                    self._pace(tier),
-                    self._throttle.chunk_bytes,
+                    os.path.join(source_dir, record.path), destination, record, self._throttle, self._progress(tier)
                 )
                 copied += record.size
             store.commit(tmp_dir, step, manifest_json)
@@ -240,17 +236,16 @@ class TierCopier:
         if deleted:
             log.info("tier %s: retention deleted step(s) %s", tier.spec.name, deleted)
 
-    def _pace(self, tier: Tier) -> Callable[[int], None]:
-        def pace(nbytes: int) -> None:
+    def _progress(self, tier: Tier) -> PageRelease:
+        def progress(offset: int, nbytes: int) -> None:
             tier.bytes_copied += nbytes
             tier.bytes_waiting = max(0, tier.bytes_waiting - nbytes)
             if self._metrics is not None:
                 self._metrics.tier_bytes_copied.labels(tier.spec.name).inc(nbytes)
-            self._throttle.consume(nbytes)
             if self._stopping:
                 raise CopyStopped()
 
-        return pace
+        return progress
 
     def _report(self, tier: Tier) -> None:
         if self._metrics is None:
@@ -259,6 +254,25 @@ class TierCopier:
         latest = tier.store.latest_step() if tier.store is not None else None
         if latest is not None:
             self._metrics.tier_last_step.labels(tier.spec.name).set(latest)
+
+
+def copy_listed_file(
+    source: str, destination: str, record: FileRecord, throttle: Throttle, progress: PageRelease
+) -> None:
+    """Copy `source`, a file a manifest lists as `record`, to `destination` (created, never replaced),
+    fsynced, its bytes checked against the record's size and checksum as they go by. The source is
+    mapped and written the way a save's shard is, with O_DIRECT where the destination allows it: the
+    copy then costs the checksum and no memory copy. Raises FileProblem naming the source when it
+    does not match (nothing is left at `destination`), OSError when the destination cannot be written."""
+    mapped = map_listed_file(source, record, verify=False)
+    try:
+        with memoryview(mapped) as body:
+            written = write_shard(destination, b"", body, throttle, progress)
+    finally:
+        mapped.close()
+    if written.checksum != record.checksum:
+        os.unlink(destination)
+        raise FileProblem(source, f"checksum {written.checksum} does not match the manifest's {record.checksum}")
 
 
 def _checkpoint_bytes(checkpoint_dir: str) -> int:

@@ -21,7 +21,6 @@ import torch
 from helpers import Daemon, Holder
 
 from ckptd.client import CheckpointManager, LoadedCheckpoint, RankInfo, RetentionPolicy, SharingPattern, StateComponent
-from ckptd.disk.copy import copy_listed_file
 from ckptd.disk.files import FileProblem
 from ckptd.disk.root import checkpoint_path, checkpoint_steps, leftovers, read_latest
 from ckptd.disk.tiers import read_tiers_record
@@ -32,6 +31,8 @@ from ckptd.proto.manifest import FileRecord
 from ckptd.proto.tiers import TierSpec, TierSpecError, parse_tier, parse_tiers
 from ckptd.proto.topology import Topology
 from ckptd.service.commands import query_status, render_status
+from ckptd.service.shard_writer import Throttle
+from ckptd.service.tiers import copy_listed_file
 
 SINGLE = RankInfo(0, Topology.single_node(1))
 MIB = 2**20
@@ -285,16 +286,17 @@ def test_a_copy_cut_by_kill_9_leaves_no_checkpoint_and_is_redone_at_the_next_sta
 
 def test_a_source_file_that_does_not_match_its_record_is_not_copied(tmp_path: Path) -> None:
     source = tmp_path / "model.safetensors"
-    source.write_bytes(b"x" * 10_000)
+    source.write_bytes(os.urandom(3 * 4096 + 100))  # a page-aligned bulk (O_DIRECT) and a tail
     good = Checksum()
-    good.update(b"x" * 10_000)
-    paced: List[int] = []
-    copy_listed_file(str(source), str(tmp_path / "copy"), FileRecord("m", 10_000, good.hexdigest()), paced.append)
-    assert (tmp_path / "copy").read_bytes() == source.read_bytes() and sum(paced) == 10_000
-    for record, reason in [
-        (FileRecord("m", 10_000, "xxh3-64:0000000000000000"), "does not match the manifest"),
-        (FileRecord("m", 9_999, good.hexdigest()), "holds 10000 bytes"),
+    good.update(source.read_bytes())
+    seen: List[int] = []
+    record = FileRecord("m", source.stat().st_size, good.hexdigest())
+    copy_listed_file(str(source), str(tmp_path / "copy"), record, Throttle(None), lambda _, n: seen.append(n))
+    assert (tmp_path / "copy").read_bytes() == source.read_bytes() and sum(seen) == record.size
+    for bad, reason in [
+        (FileRecord("m", record.size, "xxh3-64:0000000000000000"), "does not match the manifest"),
+        (FileRecord("m", record.size - 1, good.hexdigest()), f"holds {record.size} bytes"),
     ]:
         with pytest.raises(FileProblem, match=reason):
-            copy_listed_file(str(source), str(tmp_path / "bad"), record, paced.append)
+            copy_listed_file(str(source), str(tmp_path / "bad"), bad, Throttle(None), lambda *_: None)
         assert not (tmp_path / "bad").exists()
