@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -24,11 +26,14 @@ from ckptd.client.saving import CheckpointClient, ClientOptions, SaveHandle
 from ckptd.client.sharded import read_sharded
 from ckptd.client.snapshot import PreparedComponent
 from ckptd.client.topology import RankInfo, detect_rank_info, process_group_ranks
+from ckptd.disk.files import FileProblem
+from ckptd.disk.objectstore import ObjectStoreError, ObjectStoreRoot, fetch_checkpoint
 from ckptd.disk.root import checkpoint_path, checkpoint_steps
 from ckptd.disk.tiers import read_tiers_record
-from ckptd.proto.manifest import Manifest
+from ckptd.proto import layout
+from ckptd.proto.manifest import Manifest, ManifestError
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.tiers import ROOT_TIER, parse_tiers
+from ckptd.proto.tiers import ROOT_TIER, is_object_store, parse_tiers
 from ckptd.proto.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -190,7 +195,7 @@ class CheckpointManager:
             problems = []
             for tier, candidate in copies.get(step, []):  # nearest tier first
                 try:
-                    states = self._read(candidate, components)
+                    states = self._read_copy(candidate, step, components)
                 except VerificationError as exc:
                     problems.append(f"{candidate} (tier {tier}): {exc}")
                     log.warning("skipping checkpoint %s (tier %s): %s", candidate, tier, exc)
@@ -216,12 +221,37 @@ class CheckpointManager:
         return [(ROOT_TIER, self.root)] + [(spec.name, spec.path) for spec in specs]
 
     def _copies_by_step(self) -> Dict[int, List[Tuple[str, str]]]:
-        """Step -> (tier, directory) of each committed copy this rank can reach, nearest tier first."""
+        """Step -> (tier, directory or object-store URL) of each committed copy this rank can reach,
+        nearest tier first."""
         copies: Dict[int, List[Tuple[str, str]]] = {}
         for tier, root in self._tiers():
+            if is_object_store(root):
+                try:
+                    steps = ObjectStoreRoot(root).committed_steps()
+                except ObjectStoreError as exc:
+                    log.warning("tier %s is skipped: %s", tier, exc)
+                    continue
+                for step in steps:
+                    copies.setdefault(step, []).append((tier, f"{root}/{layout.checkpoint_dir_name(step)}"))
+                continue
             for step in checkpoint_steps(root):  # a final name without its manifest is damage: warned about
                 copies.setdefault(step, []).append((tier, checkpoint_path(root, step)))
         return copies
+
+    def _read_copy(self, copy: str, step: int, components: List[PreparedComponent]) -> List[tuple]:
+        """`_read` of a directory; a copy in an object store is first fetched into a temporary
+        directory of the root (ranged GETs, every file checked), read from there, and removed."""
+        if not is_object_store(copy):
+            return self._read(copy, components)
+        fetched = os.path.join(self.root, layout.tmp_dir_name(step, f"fetch{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+        os.makedirs(self.root, exist_ok=True)
+        try:
+            fetch_checkpoint(ObjectStoreRoot(copy.rsplit("/", 1)[0]), step, fetched)
+            return self._read(fetched, components)
+        except (ObjectStoreError, FileProblem, ManifestError) as exc:
+            raise VerificationError(str(exc)) from None
+        finally:
+            shutil.rmtree(fetched, ignore_errors=True)  # what was read is in memory (or mapped) by now
 
     def _steps_on_any_rank(self, copies: Dict[int, List[Tuple[str, str]]]) -> List[int]:
         """Every step some rank holds a copy of, newest first (the same list on every rank: a rank

@@ -2,13 +2,15 @@
 
 The daemon's root is the fast tier: every save commits there. Each further tier is named on the
 command line as `NAME=PATH[:every=N][:keep_last=K][:keep_every=M]` (`ckptd serve --tier`, or a
-manager's `tiers=`), nearest first: every N-th committed step is copied into PATH, which then keeps
-its own `latest` and applies its own retention.
+manager's `tiers=`), nearest first: every N-th committed step is copied into PATH (a directory, or
+an object store as `s3://BUCKET/PREFIX`), which then keeps its own `latest` and applies its own
+retention.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -22,6 +24,9 @@ TIERS_FILE = "tiers.json"
 """Written into the root by its daemon: the tiers it fills, so that `ckptd ls ROOT` and friends find them."""
 
 _KEYS = ("every", "keep_last", "keep_every")
+
+S3_SCHEME = "s3://"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 class TierSpecError(ValueError):
@@ -54,6 +59,39 @@ class TierSpec:
         return ":".join([f"{self.name}={self.path}", *options])
 
 
+@dataclass(frozen=True)
+class S3Location:
+    """An object-store tier's bucket and key prefix (no leading or trailing slash; may be empty)."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> "S3Location":
+        """`s3://bucket/some/prefix` -> S3Location; raises TierSpecError naming the problem."""
+        if not url.startswith(S3_SCHEME):
+            raise TierSpecError(f"{url!r} is not an s3:// URL")
+        bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
+        if not _BUCKET.match(bucket):
+            raise TierSpecError(f"{bucket!r} is not a valid S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
+        prefix = prefix.strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise TierSpecError(f"the prefix {prefix!r} of {url} has an empty, '.' or '..' part")
+        return cls(bucket, prefix)
+
+    def key(self, *parts: str) -> str:
+        """The object key of `parts` under the prefix."""
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def __str__(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def is_object_store(path: str) -> bool:
+    """True for a tier path that names an object store (`s3://...`)."""
+    return path.startswith(S3_SCHEME)
+
+
 def parse_tier(text: str) -> TierSpec:
     """Parse `NAME=PATH[:every=N][:keep_last=K][:keep_every=M]`; raises TierSpecError."""
     form = "expected NAME=PATH[:every=N][:keep_last=K][:keep_every=M], e.g. shared=/lustre/job:every=10:keep_last=5"
@@ -66,11 +104,19 @@ def parse_tier(text: str) -> TierSpec:
         raise TierSpecError(f"tier {text!r}: {exc}") from None
     if name == ROOT_TIER:
         raise TierSpecError(f"tier {text!r}: {ROOT_TIER!r} is the daemon's root; name the tier otherwise")
-    path, *options = rest.split(":")
-    if "://" in rest:
-        raise TierSpecError(f"tier {text!r}: only filesystem tiers (an absolute path) are supported so far")
-    if not os.path.isabs(path):
-        raise TierSpecError(f"tier {text!r}: the path must be absolute, not {path!r}")
+    if is_object_store(rest):
+        location, *options = rest[len(S3_SCHEME) :].split(":")
+        try:
+            path = str(S3Location.parse(S3_SCHEME + location))
+        except TierSpecError as exc:
+            raise TierSpecError(f"tier {text!r}: {exc}") from None
+    else:
+        path, *options = rest.split(":")
+        if "://" in rest:
+            raise TierSpecError(f"tier {text!r}: a tier is an absolute path or an s3:// URL")
+        if not os.path.isabs(path):
+            raise TierSpecError(f"tier {text!r}: the path must be absolute, not {path!r}")
+        path = os.path.normpath(path)
     values: Dict[str, int] = {}
     for option in options:
         key, sep, raw = option.partition("=")
@@ -81,7 +127,7 @@ def parse_tier(text: str) -> TierSpec:
         if not raw.isdigit() or int(raw) < 1:
             raise TierSpecError(f"tier {text!r}: {key} must be a positive integer, not {raw!r}")
         values[key] = int(raw)
-    return TierSpec(name, os.path.normpath(path), **values)
+    return TierSpec(name, path, **values)
 
 
 def parse_tiers(texts: Sequence[str]) -> Tuple[TierSpec, ...]:

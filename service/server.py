@@ -26,7 +26,7 @@ from ckptd.proto.errors import CodedError, ErrorCode, ProtocolError
 from ckptd.proto.formats import CKPTD_VERSION
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.ownership import CLAIM_TTL_S, RunIdentity
-from ckptd.proto.tiers import TierSpec, TierSpecError, parse_tiers
+from ckptd.proto.tiers import TierSpec, TierSpecError, is_object_store, parse_tiers
 from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator
 from ckptd.service.curve import load_secret
@@ -85,6 +85,8 @@ class DaemonConfig:
             raise DaemonConfigError(str(exc)) from None
         root = os.path.realpath(self.root)
         for spec in specs:
+            if is_object_store(spec.path):
+                continue
             path = os.path.realpath(spec.path)
             if path == root or path.startswith(root + os.sep) or root.startswith(path + os.sep):
                 raise DaemonConfigError(

@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from ckptd.disk.files import FileProblem, map_listed_file
+from ckptd.disk.files import FileProblem
 from ckptd.disk.manifests import ManifestProblem, hold_for_loading, manifest_path, read_manifest
-from ckptd.proto import layout
-from ckptd.proto.manifest import FileRecord
+from ckptd.disk.objectstore import ObjectStoreError
 from ckptd.proto.tiers import TierSpec
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.shard_writer import PageRelease, Throttle, write_shard
+from ckptd.service.shard_writer import PageRelease, Throttle
 from ckptd.service.store import CheckpointStore
+from ckptd.service.tier_targets import TierTarget, open_target
 
 log = logging.getLogger(__name__)
-
-COPY_TOKEN = "copy"
-"""In the tmp directory name of a copy into a tier (`.tmp-step_N-copy<hex>`)."""
 
 
 class CopyStopped(Exception):
@@ -44,8 +39,9 @@ class Tier:
     """One slower tier as the copier sees it."""
 
     spec: TierSpec
-    store: Optional[CheckpointStore] = None
-    """None until the tier's directory could be created (a shared filesystem may be down at start)."""
+    target: TierTarget
+    opened: bool = False
+    """False until the target could be opened (a shared filesystem or the object store may be down)."""
     pending: Optional[int] = None
     """The newest step waiting to be copied here."""
     pin: Optional[contextlib.ExitStack] = None
@@ -60,7 +56,10 @@ class Tier:
 
     def status(self) -> Dict[str, Any]:
         """What `ckptd status` shows for this tier."""
-        latest = self.store.latest_step() if self.store is not None else None
+        try:
+            latest = self.target.latest_step() if self.opened else None
+        except (OSError, ObjectStoreError):
+            latest = None
         return {
             "name": self.spec.name,
             "path": self.spec.path,
@@ -87,7 +86,7 @@ class TierCopier:
         metrics: Optional[DaemonMetrics] = None,
     ) -> None:
         self._source = source
-        self._tiers = [Tier(spec) for spec in specs]
+        self._tiers = [Tier(spec, open_target(spec)) for spec in specs]
         self._throttle = Throttle(max_mbps * 1e6 if max_mbps else None)
         self._metrics = metrics
         self._cond = threading.Condition()
@@ -136,16 +135,15 @@ class TierCopier:
             return [tier.status() for tier in self._tiers]
 
     def _open(self, tier: Tier) -> bool:
-        if tier.store is not None:
+        if tier.opened:
             return True
         try:
-            tier.store = CheckpointStore(tier.spec.path)
-            removed = tier.store.remove_leftovers()
-        except OSError as exc:
+            removed = tier.target.open()
+        except (OSError, ObjectStoreError) as exc:
             tier.last_error = f"cannot open tier {tier.spec.name!r} at {tier.spec.path}: {exc}"
             log.error("%s; its copies wait until it can be opened", tier.last_error)
-            tier.store = None
             return False
+        tier.opened = True
         for path in removed:
             log.info("tier %s: removed %s, left by an interrupted copy", tier.spec.name, path)
         return True
@@ -154,8 +152,11 @@ class TierCopier:
         with self._cond:
             if tier.pending is not None and tier.pending >= step or tier.copying == step:
                 return
-            if tier.store is not None and tier.store.is_committed(step):
-                return
+            try:
+                if tier.opened and tier.target.is_committed(step):
+                    return
+            except (OSError, ObjectStoreError):
+                pass  # the copy finds out again, and says what is wrong
             pin = contextlib.ExitStack()
             pin.enter_context(hold_for_loading(self._source.final_path(step)))  # retention leaves it alone
             if tier.pending is not None:
@@ -185,12 +186,15 @@ class TierCopier:
                 self._copy(tier, step)
             except CopyStopped:
                 log.info("tier %s: the copy of step %d stops with the daemon", tier.spec.name, step)
-            except (OSError, FileProblem, ManifestProblem) as exc:
-                tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed: {exc}"
-                log.error("%s; the next step it wants is copied as usual", tier.last_error)
-            except Exception:  # the copier must outlive any one copy
-                tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed (see the log)"
-                log.exception(tier.last_error)
+            except Exception as exc:
+                if self._stopping:  # the stop surfaced through the object store's transfer threads
+                    log.info("tier %s: the copy of step %d stops with the daemon", tier.spec.name, step)
+                elif isinstance(exc, (OSError, ObjectStoreError, FileProblem, ManifestProblem)):
+                    tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed: {exc}"
+                    log.error("%s; the next step it wants is copied as usual", tier.last_error)
+                else:  # a bug: the copier must outlive any one copy
+                    tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed (see the log)"
+                    log.exception(tier.last_error)
             finally:
                 pin.close()
                 with self._cond:
@@ -202,37 +206,21 @@ class TierCopier:
     def _copy(self, tier: Tier, step: int) -> None:
         if not self._open(tier):
             raise OSError(tier.last_error)
-        store = tier.store
-        assert store is not None
-        if store.is_committed(step):
+        if tier.target.is_committed(step):
             return
         started = time.monotonic()
         source_dir = self._source.final_path(step)
         manifest = read_manifest(source_dir)
         with open(manifest_path(source_dir), encoding="utf-8") as f:
             manifest_json = f.read()
-        tmp_dir = os.path.join(store.root, layout.tmp_dir_name(step, f"{COPY_TOKEN}{uuid.uuid4().hex[:12]}"))
-        os.mkdir(tmp_dir)
-        try:
-            copied = 0
-            for record in manifest.files():
-                destination = os.path.join(tmp_dir, record.path)
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                copy_listed_file(
-                    os.path.join(source_dir, record.path), destination, record, self._throttle, self._progress(tier)
-                )
-                copied += record.size
-            store.commit(tmp_dir, step, manifest_json)
-        except BaseException:
-            store.discard(tmp_dir)
-            raise
-        store.publish([step])
+        tier.target.copy(source_dir, manifest, manifest_json, self._throttle, self._progress(tier))
+        copied = sum(record.size for record in manifest.files())
         seconds = time.monotonic() - started
         tier.copies += 1
         tier.last_error = None
         tier.last_copy_mbps = round(copied / 1e6 / max(seconds, 1e-6), 1)
         log.info("tier %s: copied step %d (%.0f MB in %.2f s)", tier.spec.name, step, copied / 1e6, seconds)
-        deleted = store.apply_retention(tier.spec.retention)
+        deleted = tier.target.apply_retention(tier.spec.retention)
         if deleted:
             log.info("tier %s: retention deleted step(s) %s", tier.spec.name, deleted)
 
@@ -251,28 +239,12 @@ class TierCopier:
         if self._metrics is None:
             return
         self._metrics.tier_bytes_waiting.labels(tier.spec.name).set(tier.bytes_waiting)
-        latest = tier.store.latest_step() if tier.store is not None else None
+        try:
+            latest = tier.target.latest_step() if tier.opened else None
+        except (OSError, ObjectStoreError):
+            latest = None
         if latest is not None:
             self._metrics.tier_last_step.labels(tier.spec.name).set(latest)
-
-
-def copy_listed_file(
-    source: str, destination: str, record: FileRecord, throttle: Throttle, progress: PageRelease
-) -> None:
-    """Copy `source`, a file a manifest lists as `record`, to `destination` (created, never replaced),
-    fsynced, its bytes checked against the record's size and checksum as they go by. The source is
-    mapped and written the way a save's shard is, with O_DIRECT where the destination allows it: the
-    copy then costs the checksum and no memory copy. Raises FileProblem naming the source when it
-    does not match (nothing is left at `destination`), OSError when the destination cannot be written."""
-    mapped = map_listed_file(source, record, verify=False)
-    try:
-        with memoryview(mapped) as body:
-            written = write_shard(destination, b"", body, throttle, progress)
-    finally:
-        mapped.close()
-    if written.checksum != record.checksum:
-        os.unlink(destination)
-        raise FileProblem(source, f"checksum {written.checksum} does not match the manifest's {record.checksum}")
 
 
 def _checkpoint_bytes(checkpoint_dir: str) -> int:

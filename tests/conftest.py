@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers, fidelity_cases and workers import as plain modules
 
-from helpers import Daemon, start_daemon
+from helpers import Daemon, running_s3_server, start_daemon
 
 from ckptd.client import CheckpointClient, RankInfo, Topology
 
@@ -75,3 +75,13 @@ def client_factory(daemon: Daemon) -> Iterator[Callable[..., CheckpointClient]]:
     yield factory
     for client in clients:
         client.close(timeout=10)
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """`running_s3_server` with a bucket `ckptd-test`; yields its endpoint URL."""
+    with running_s3_server(monkeypatch, tmp_path / "moto.log") as endpoint:
+        import boto3
+
+        boto3.session.Session().client("s3").create_bucket(Bucket="ckptd-test")
+        yield endpoint

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 from typing import Callable, Dict, List
 
 import torch
-from helpers import Daemon, Holder, wait_for
+from helpers import Daemon, Holder, free_port, wait_for
 
 from ckptd.client import (
     CheckpointClient,
@@ -20,12 +19,6 @@ from ckptd.client import (
 )
 from ckptd.client.topology import RankInfo
 from ckptd.proto.topology import Topology
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> Dict[str, float]:

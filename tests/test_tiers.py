@@ -32,7 +32,7 @@ from ckptd.proto.tiers import TierSpec, TierSpecError, parse_tier, parse_tiers
 from ckptd.proto.topology import Topology
 from ckptd.service.commands import query_status, render_status
 from ckptd.service.shard_writer import Throttle
-from ckptd.service.tiers import copy_listed_file
+from ckptd.service.tier_targets import copy_listed_file
 
 SINGLE = RankInfo(0, Topology.single_node(1))
 MIB = 2**20
@@ -111,6 +111,9 @@ def test_tier_descriptions_parse_and_bad_ones_say_what_is_wrong() -> None:
     assert parse_tier(spec.to_arg()) == spec
     assert spec.wants(20) and not spec.wants(15)
     assert spec.retention == RetentionPolicy(keep_last=5)
+    s3 = parse_tier("s3=s3://bucket1/job/run/:every=50:keep_every=1000")
+    assert s3 == TierSpec("s3", "s3://bucket1/job/run", every=50, keep_every=1000)
+    assert parse_tier(s3.to_arg()) == s3
     for text, message in [
         ("shared", "expected NAME=PATH"),
         ("../x=/a", "not a safe name"),
@@ -120,7 +123,9 @@ def test_tier_descriptions_parse_and_bad_ones_say_what_is_wrong() -> None:
         ("s=/a:every=x", "positive integer"),
         ("s=/a:often=2", "unknown option"),
         ("s=/a:every=2:every=3", "given twice"),
-        ("s3=s3://bucket/prefix", "only filesystem tiers"),
+        ("s3=s3://Bad_Bucket/x", "not a valid S3 bucket name"),
+        ("s3=s3://bucket1/a//b", "empty, '.' or '..' part"),
+        ("web=http://host/path", "an absolute path or an s3:// URL"),
     ]:
         with pytest.raises(TierSpecError, match=message):
             parse_tier(text)
