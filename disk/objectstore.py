@@ -18,7 +18,7 @@ import concurrent.futures
 import os
 from typing import Any, Callable, List, Optional
 
-from ckptd.disk.files import FileProblem
+from ckptd.disk.files import CHECK_CHUNK, FileProblem
 from ckptd.disk.manifests import write_manifest
 from ckptd.proto import layout
 from ckptd.proto.formats import Checksum
@@ -231,6 +231,33 @@ class ObjectStoreRoot:
             os.unlink(destination)
             raise
         os.close(fd)
+
+    def verify(self, step: int) -> List[str]:
+        """Every problem with checkpoint `step` here: its manifest, and each listed object's size and
+        checksum (read in full, not kept); [] when all match."""
+        try:
+            manifest = self.read_manifest(step)
+        except (ObjectStoreError, ManifestError) as exc:
+            return [str(exc)]
+        problems = []
+        for record in manifest.files():
+            key = self._file_key(step, record)
+            try:
+                body = self._call(f"read {key}", self._client.get_object, Bucket=self.location.bucket, Key=key)["Body"]
+                checksum, size = Checksum(), 0
+                for chunk in body.iter_chunks(CHECK_CHUNK):
+                    checksum.update(chunk)
+                    size += len(chunk)
+            except ObjectStoreError as exc:
+                problems.append(str(exc))
+                continue
+            if size != record.size:
+                problems.append(f"{self.url}/{key} holds {size} bytes, the manifest says {record.size}")
+            elif checksum.hexdigest() != record.checksum:
+                problems.append(
+                    f"{self.url}/{key} checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}"
+                )
+        return problems
 
     def _manifest_key(self, step: int) -> str:
         return self.location.key(layout.checkpoint_dir_name(step), layout.MANIFEST_NAME)

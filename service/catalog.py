@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ckptd.disk.manifests import read_manifest
+from ckptd.disk.objectstore import ObjectStoreError, ObjectStoreRoot
 from ckptd.disk.retention import read_retention
 from ckptd.disk.root import checkpoint_path, checkpoint_steps, leftover_kind, leftovers, read_latest
+from ckptd.proto import layout
 from ckptd.proto.manifest import ManifestError
 
 
@@ -68,6 +70,24 @@ def catalog(root: str) -> Catalog:
         Leftover(path, leftover_kind(path), now - os.lstat(path).st_mtime, tree_size(path)) for path in leftovers(root)
     ]
     return Catalog(root, checkpoints, found, latest, retention.get("policy"))
+
+
+def object_store_catalog(root: ObjectStoreRoot) -> Catalog:
+    """Every checkpoint of an object-store tier (its leftovers are multipart uploads, aborted by `gc`)."""
+    latest = root.latest_step()
+    checkpoints = []
+    for step in root.committed_steps():
+        entry = CheckpointEntry(step, f"{root.url}/{layout.checkpoint_dir_name(step)}", latest=step == latest)
+        try:
+            manifest = root.read_manifest(step)
+        except (ObjectStoreError, ManifestError) as exc:
+            entry.problem = str(exc)
+        else:
+            entry.committed_at = manifest.committed_at
+            entry.components = sorted(manifest.components)
+            entry.size_bytes = sum(record.size for record in manifest.files())
+        checkpoints.append(entry)
+    return Catalog(root.url, checkpoints, [], latest, None)
 
 
 def _entry(step: int, path: str, latest: Optional[int], kept_because: List[str]) -> CheckpointEntry:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from ckptd.disk.manifests import read_manifest
+from ckptd.disk.objectstore import ObjectStoreError, ObjectStoreRoot
 from ckptd.disk.root import checkpoint_dirs
 from ckptd.disk.tiers import read_tiers_record
-from ckptd.disk.verify import verify_checkpoint
+from ckptd.disk.verify import Problem, verify_checkpoint
+from ckptd.proto import layout
 from ckptd.proto.config import (
     CLUSTER_SECRET_ENV,
     ENDPOINT_ENV,
@@ -29,6 +31,7 @@ from ckptd.proto.config import (
     scalar_type,
 )
 from ckptd.proto.manifest import ManifestError
+from ckptd.proto.tiers import is_object_store
 from ckptd.service import commands as commands_module
 from ckptd.service.curve import write_secret
 from ckptd.service.errors import DaemonConfigError, DaemonError
@@ -254,12 +257,16 @@ def _listed_bytes(directories: List[str]) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """`ckptd verify PATH|ROOT`: exit 0 only when every listed file matches its size and checksum."""
+    """`ckptd verify PATH|ROOT`: exit 0 only when every listed file matches its size and checksum;
+    given a root, its tiers' checkpoints are checked too (an object store's read in full)."""
     directories = checkpoint_dirs(args.path) if os.path.isdir(args.path) else []
+    stores: List[str] = []
     if directories and directories != [args.path]:  # a root: its tiers' checkpoints too
-        directories += [
-            d for spec in read_tiers_record(os.path.realpath(args.path)) for d in checkpoint_dirs(spec.path)
-        ]
+        for spec in read_tiers_record(os.path.realpath(args.path)):
+            if is_object_store(spec.path):
+                stores.append(spec.path)
+            else:
+                directories += checkpoint_dirs(spec.path)
     if not directories:
         sys.stderr.write(f"ckptd verify: no checkpoint at or under {args.path}\n")
         return ExitCode.ERROR
@@ -271,6 +278,8 @@ def verify(args: argparse.Namespace) -> int:
     results = {directory: verify_checkpoint(directory, bar.advance if bar else None) for directory in directories}
     if bar:
         bar.finish()
+    for url in stores:
+        results.update(_verify_object_store(url))
     if args.json:
         sys.stdout.write(
             json.dumps(
@@ -285,6 +294,19 @@ def verify(args: argparse.Namespace) -> int:
             for problem in problems:
                 sys.stdout.write(f"    {problem}\n")
     return ExitCode.ERROR if any(results.values()) else ExitCode.OK
+
+
+def _verify_object_store(url: str) -> Dict[str, List[Problem]]:
+    """Each committed checkpoint of an object-store tier -> its problems (one, if it cannot be listed)."""
+    try:
+        root = ObjectStoreRoot(url)
+        steps = root.committed_steps()
+    except ObjectStoreError as exc:
+        return {url: [Problem(url, f"cannot be listed: {exc}")]}
+    return {
+        f"{url}/{layout.checkpoint_dir_name(step)}": [Problem(url, reason) for reason in root.verify(step)]
+        for step in steps
+    }
 
 
 def keygen(args: argparse.Namespace) -> int:

@@ -7,24 +7,27 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import zmq
 
 from ckptd.disk import runtime
 from ckptd.disk.manifests import read_manifest
+from ckptd.disk.objectstore import ObjectStoreError, ObjectStoreRoot
 from ckptd.disk.retention import saved_policy
 from ckptd.disk.tiers import read_tiers_record
 from ckptd.proto import layout, messages
 from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import ComponentRecord, Manifest, ManifestError
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.retention import RetentionPolicy, kept_steps
 from ckptd.proto.sharding import chunks_in_scopes
-from ckptd.service.catalog import Catalog, catalog
+from ckptd.proto.tiers import TierSpec, is_object_store
+from ckptd.service.catalog import Catalog, catalog, object_store_catalog
 from ckptd.service.errors import ExportError
 from ckptd.service.export import export_component
 from ckptd.service.store import CheckpointStore
+from ckptd.service.tier_targets import ObjectStoreTarget
 
 GC_MIN_AGE_S = 3600.0
 """Leftovers younger than this may be a save in flight on some node (the save timeout is 600 s)."""
@@ -60,12 +63,24 @@ def ls(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
         return _fail("ls", f"{args.root} is not a directory")
     found = catalog(args.root)
-    tiers = [(spec, catalog(spec.path)) for spec in read_tiers_record(found.root) if os.path.isdir(spec.path)]
+    tiers: List[Tuple[TierSpec, Catalog]] = []
+    unreachable: List[Tuple[TierSpec, str]] = []
+    for spec in read_tiers_record(found.root):
+        try:
+            if is_object_store(spec.path):
+                tiers.append((spec, object_store_catalog(ObjectStoreRoot(spec.path))))
+            elif os.path.isdir(spec.path):
+                tiers.append((spec, catalog(spec.path)))
+        except ObjectStoreError as exc:
+            unreachable.append((spec, str(exc)))
     if args.json:
-        _emit_json({**found.to_json(), "tiers": [{"name": spec.name, **c.to_json()} for spec, c in tiers]})
+        listed = [{"name": spec.name, **c.to_json()} for spec, c in tiers]
+        listed += [{"name": spec.name, "root": spec.path, "error": error} for spec, error in unreachable]
+        _emit_json({**found.to_json(), "tiers": listed})
         return ExitCode.OK
     text = [_render_catalog(found)]
     text += [f"\ntier {spec.name} (every {spec.every}):\n{_render_catalog(c)}" for spec, c in tiers]
+    text += [f"\ntier {spec.name} ({spec.path}): cannot be listed: {error}" for spec, error in unreachable]
     sys.stdout.write("\n".join(text) + "\n")
     return ExitCode.OK
 
@@ -194,7 +209,12 @@ def gc(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     reports = [_gc_root(args, args.root, policy)]
     for spec in read_tiers_record(os.path.realpath(args.root)):  # each tier by its own policy
-        if os.path.isdir(spec.path):
+        if is_object_store(spec.path):
+            try:
+                reports.append(_gc_object_store(args, spec))
+            except ObjectStoreError as exc:
+                sys.stderr.write(f"ckptd gc: tier {spec.name}: {exc}\n")
+        elif os.path.isdir(spec.path):
             reports.append(_gc_root(args, spec.path, saved_policy(spec.path) or spec.retention, spec.name))
     if args.json:
         _emit_json(reports[0] if len(reports) == 1 else {**reports[0], "tiers": reports[1:]})
@@ -228,6 +248,29 @@ def _gc_root(
     if tier is not None:
         report.update(tier=tier, root=store.root)
     return report
+
+
+def _gc_object_store(args: argparse.Namespace, spec: TierSpec) -> Dict[str, Any]:
+    """Abort an object-store tier's interrupted multipart uploads and apply its retention."""
+    started = time.time()
+    target = ObjectStoreTarget(spec.path)
+    if args.dry_run:
+        root = ObjectStoreRoot(spec.path)
+        steps, latest = root.committed_steps(), root.latest_step()
+        kept = kept_steps([(step, {}) for step in steps], spec.retention)
+        aborted, doomed = [], [step for step in steps if step not in kept and step != latest]
+    else:
+        aborted = target.open()
+        doomed = target.apply_retention(spec.retention)
+    return {
+        "dry_run": args.dry_run,
+        "leftovers": [f"interrupted upload of {key}" for key in aborted],
+        "deleted_steps": doomed,
+        "policy": spec.retention.to_wire(),
+        "seconds": round(time.time() - started, 3),
+        "tier": spec.name,
+        "root": spec.path,
+    }
 
 
 def _print_gc(args: argparse.Namespace, report: Dict[str, Any]) -> None:
