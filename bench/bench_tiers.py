@@ -13,16 +13,18 @@ writes JSON (default bench/results/tiers.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -30,8 +32,55 @@ sys.path.insert(0, str(HERE))
 SHM = "/dev/shm"
 
 
+S3_URL = "s3://ckptd-bench/run"
+
+
 def _tiers_arg(shared: str, every: int) -> str:
     return f"shared={shared}:every={every}:keep_last=2"
+
+
+def _s3_tier_arg(every: int) -> str:
+    return f"s3={S3_URL}:every={every}:keep_last=2"
+
+
+@contextlib.contextmanager
+def _s3_server(log_path: str) -> Iterator[bool]:
+    """An S3-compatible server (moto) on loopback with a bucket, the AWS environment pointing at it;
+    yields False (and nothing runs) where moto is not installed."""
+    try:
+        import boto3
+        import moto  # noqa: F401
+    except ImportError:
+        yield False
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.session.Session().client("s3").create_bucket(Bucket="ckptd-bench")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield True
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
 
 
 def _manager(ctx: Any, root: str, tiers: tuple, **options: Any) -> Any:
@@ -50,12 +99,12 @@ def save_part(args: argparse.Namespace) -> Dict[str, Any]:
     from bench_probes import TrainingProbe
     from bench_state import RowContext
 
-    from ckptd.disk.root import read_latest
+    from ckptd.proto.tiers import parse_tiers
 
     torch.set_num_threads(args.threads)
     ctx = RowContext(torch, "A", args.scale)
     probe = TrainingProbe(torch, ctx)
-    tiers = (args.tier,) if args.tier else ()
+    tiers = tuple(args.tier)
     manager = _manager(ctx, args.root, tiers)
     manager.wait_staging_allocated()
     blocked: List[float] = []
@@ -69,11 +118,10 @@ def save_part(args: argparse.Namespace) -> Dict[str, Any]:
     handles[-1].wait()
     elapsed = time.perf_counter() - started
     copied_s = None
-    if args.tier:
-        shared = args.tier.split("=", 1)[1].split(":")[0]
+    if tiers:
         newest = max(s for s in range(1, args.steps + 1) if s % args.every == 0)
         deadline = time.monotonic() + 600
-        while read_latest(shared) != newest and time.monotonic() < deadline:
+        while not all(_tier_latest(spec) == newest for spec in parse_tiers(tiers)) and time.monotonic() < deadline:
             time.sleep(0.05)
         copied_s = time.perf_counter() - started
     manager.close()
@@ -87,6 +135,14 @@ def save_part(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+def _tier_latest(spec: Any) -> Optional[int]:
+    from ckptd.disk.objectstore import ObjectStoreRoot
+    from ckptd.disk.root import read_latest
+    from ckptd.proto.tiers import is_object_store
+
+    return ObjectStoreRoot(spec.path).latest_step() if is_object_store(spec.path) else read_latest(spec.path)
+
+
 def resume_part(args: argparse.Namespace) -> Dict[str, Any]:
     """A restarted trainer: build the state, load the newest checkpoint; seconds of each."""
     started = time.perf_counter()
@@ -96,16 +152,16 @@ def resume_part(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     ctx = RowContext(torch, "A", args.scale)
     built = time.perf_counter()
-    manager = _manager(ctx, args.root, (args.tier,) if args.tier else (), connect=False)
+    manager = _manager(ctx, args.root, tuple(args.tier), connect=False)
     loaded = manager.load_checkpoint()
     done = time.perf_counter()
     return {"step": loaded.step, "tier": loaded.tier, "build_s": built - started, "load_s": done - built}
 
 
-def _run_part(part: str, args: argparse.Namespace, root: str, tier: Optional[str]) -> Dict[str, Any]:
+def _run_part(part: str, args: argparse.Namespace, root: str, tiers: List[str]) -> Dict[str, Any]:
     command = [sys.executable, __file__, "--part", part, "--root", root, "--scale", str(args.scale)]
     command += ["--steps", str(args.steps), "--step-s", str(args.step_s), "--every", str(args.every)]
-    command += ["--threads", str(args.threads)] + (["--tier", tier] if tier else [])
+    command += ["--threads", str(args.threads)] + [arg for tier in tiers for arg in ("--tier", tier)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
@@ -136,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "tiers.json"))
     parser.add_argument("--part", choices=("save", "resume"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
-    parser.add_argument("--tier", help=argparse.SUPPRESS)
+    parser.add_argument("--tier", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.part:
         result = save_part(args) if args.part == "save" else resume_part(args)
@@ -145,22 +201,27 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     disk = tempfile.mkdtemp(prefix="ckptd-bench-tiers-", dir=args.dir)
     fast = tempfile.mkdtemp(prefix="ckptd-bench-tiers-", dir=SHM)
+    from_s3: Optional[Dict[str, Any]] = None
     try:
-        disk_root, fast_root, shared = f"{disk}/root", f"{fast}/root", f"{disk}/shared"
-        tier = _tiers_arg(shared, args.every)
-        print(f"tiers bench: disk {disk}, fast tier {fast_root}", file=sys.stderr)
-        today = _run_part("save", args, disk_root, None)
-        tiered = _run_part("save", args, fast_root, tier)
-        newest_shared = max(s for s in range(1, args.steps + 1) if s % args.every == 0)
-        _evict(disk_root)
-        from_disk_root = _run_part("resume", args, disk_root, None)
-        from_fast = _run_part("resume", args, fast_root, tier)
-        shutil.rmtree(fast_root)  # a replaced node: its fast tier is gone
-        os.makedirs(fast_root)
-        _evict(shared)
-        from_shared = _run_part("resume", args, fast_root, tier)
-        assert from_fast["step"] == args.steps and from_fast["tier"] == "root", from_fast
-        assert from_shared["step"] == newest_shared and from_shared["tier"] == "shared", from_shared
+        with _s3_server(f"{disk}/moto.log") as have_s3:
+            disk_root, fast_root, shared = f"{disk}/root", f"{fast}/root", f"{disk}/shared"
+            tiers = [_tiers_arg(shared, args.every)] + ([_s3_tier_arg(args.every)] if have_s3 else [])
+            print(f"tiers bench: disk {disk}, fast tier {fast_root}, tiers {tiers}", file=sys.stderr)
+            today = _run_part("save", args, disk_root, [])
+            tiered = _run_part("save", args, fast_root, tiers)
+            newest_copy = max(s for s in range(1, args.steps + 1) if s % args.every == 0)
+            _evict(disk_root)
+            from_disk_root = _run_part("resume", args, disk_root, [])
+            from_fast = _run_part("resume", args, fast_root, tiers)
+            shutil.rmtree(fast_root)  # a replaced node: its fast tier is gone
+            os.makedirs(fast_root)
+            _evict(shared)
+            from_shared = _run_part("resume", args, fast_root, tiers)
+            assert from_fast["step"] == args.steps and from_fast["tier"] == "root", from_fast
+            assert from_shared["step"] == newest_copy and from_shared["tier"] == "shared", from_shared
+            if have_s3:  # nothing nearer holds it: the object store alone
+                from_s3 = _run_part("resume", args, fast_root, tiers[1:])
+                assert from_s3["step"] == newest_copy and from_s3["tier"] == "s3", from_s3
     finally:
         shutil.rmtree(disk, ignore_errors=True)
         shutil.rmtree(fast, ignore_errors=True)
@@ -168,7 +229,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {
         "state_bytes": today["state_bytes"],
         "save_every_step": {"root_on_disk": today, "fast_tier_plus_shared": tiered},
-        "resume": {"root_on_disk_cold": from_disk_root, "fast_tier": from_fast, "shared_tier_cold": from_shared},
+        "resume": {
+            "root_on_disk_cold": from_disk_root,
+            "fast_tier": from_fast,
+            "shared_tier_cold": from_shared,
+            **({"object_store": from_s3} if from_s3 is not None else {}),
+        },
     }
     _print(report, args)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -182,12 +248,12 @@ def _print(report: Dict[str, Any], args: argparse.Namespace) -> None:
     saves = report["save_every_step"]
     gb = report["state_bytes"] / 1e9
     print(f"\nsave at every step ({args.steps} steps of {args.step_s:g} s training, {gb:.2f} GB state, 'wait' policy):")
-    print("| configuration | blocked per save, median (s) | loop (s) | shared tier filled (s) |")
+    print("| configuration | blocked per save, median (s) | loop (s) | slower tiers filled (s) |")
     print("|---|---|---|---|")
-    for name, label in (
-        ("root_on_disk", "root on disk (today)"),
-        ("fast_tier_plus_shared", "root in /dev/shm + shared tier on disk"),
-    ):
+    tiered = "root in /dev/shm + shared tier on disk" + (
+        " + object store" if "object_store" in report["resume"] else ""
+    )
+    for name, label in (("root_on_disk", "root on disk (today)"), ("fast_tier_plus_shared", tiered)):
         r = saves[name]
         filled = "-" if r["tier_filled_s"] is None else f"{r['tier_filled_s']:.2f}"
         print(f"| {label} | {r['blocked_median_s']:.3f} | {r['loop_s']:.2f} | {filled} |")
@@ -200,6 +266,8 @@ def _print(report: Dict[str, Any], args: argparse.Namespace) -> None:
         "fast_tier": "fast tier (/dev/shm)",
         "shared_tier_cold": "shared tier (fast tier wiped, page cache dropped)",
     }
+    if "object_store" in resumes:
+        labels["object_store"] = "object store (S3 API, moto on loopback; nothing nearer)"
     for name, label in labels.items():
         r = resumes[name]
         print(f"| {label} | {r['step']} | {r['tier']} | {r['process_wall_s']:.2f} | {r['load_s']:.2f} |")
