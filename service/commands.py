@@ -117,14 +117,23 @@ def _render_catalog(found: Catalog) -> str:
 def inspect(args: argparse.Namespace) -> int:
     """`ckptd inspect PATH`: a checkpoint's manifest as a readable report."""
     try:
-        manifest = read_manifest(args.path)
-    except ManifestError as exc:
+        manifest = _object_store_manifest(args.path) if is_object_store(args.path) else read_manifest(args.path)
+    except (ManifestError, ObjectStoreError, ValueError) as exc:
         return _fail("inspect", str(exc))
     if args.json:
         _emit_json(json.loads(manifest.to_json()))
         return ExitCode.OK
     sys.stdout.write(render_manifest(args.path, manifest) + "\n")
     return ExitCode.OK
+
+
+def _object_store_manifest(url: str) -> Manifest:
+    """The manifest of a checkpoint in an object-store tier, named `s3://BUCKET/PREFIX/step_N`."""
+    base, _, name = url.rstrip("/").rpartition("/")
+    step = layout.parse_checkpoint_dir_name(name)
+    if step is None:
+        raise ValueError(f"{url} does not name a checkpoint (s3://BUCKET/PREFIX/{layout.checkpoint_dir_name(0)})")
+    return ObjectStoreRoot(base).read_manifest(step)
 
 
 def render_manifest(path: str, manifest: Manifest) -> str:

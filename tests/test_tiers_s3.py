@@ -74,6 +74,7 @@ def test_steps_are_uploaded_manifest_last_with_their_own_retention_and_load_from
         Bucket=BUCKET, Key="jobs/run1/step_00000004/trainer/global.msgpack", Body=b"x"
     )
     assert "BAD s3://ckptd-test/jobs/run1/step_00000004" in ckptd("verify", str(daemon.root), check=False).stdout
+    assert "step 6" in ckptd("inspect", f"{url}/step_00000006").stdout
     cleaned = json.loads(ckptd("gc", str(daemon.root), "--json").stdout)
     assert cleaned["tiers"][0]["tier"] == "s3" and cleaned["tiers"][0]["deleted_steps"] == []
 
