@@ -11,14 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
-from helpers import Daemon, Holder
+from helpers import Daemon, Holder, wait_for
 
 from ckptd.client import CheckpointManager, LoadedCheckpoint, RankInfo, RetentionPolicy, SharingPattern, StateComponent
 from ckptd.disk.files import FileProblem
@@ -65,14 +64,11 @@ class Trainer:
         return int(step)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def manager_for(daemon: Daemon, trainer: Trainer, **options: Any) -> CheckpointManager:
+    """A manager saving `trainer` through the test's daemon."""
+    return CheckpointManager(
+        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE, **options
+    )
 
 
 def ckptd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -156,21 +152,11 @@ def test_committed_steps_are_copied_into_the_tier_with_its_own_retention(
     shared = tmp_path / "shared"
     daemon = daemon_factory("--tier", f"shared={shared}:every=2:keep_last=2")
     trainer = Trainer()
-    with CheckpointManager(
-        trainer,
-        str(daemon.root),
-        endpoint=daemon.endpoint,
-        auto_start=False,
-        rank_info=SINGLE,
-        retention=RetentionPolicy(keep_last=1),
-    ) as manager:
+    with manager_for(daemon, trainer, retention=RetentionPolicy(keep_last=1)) as manager:
         for step in range(1, 8):
             trainer.at_step(step)
             manager.save_checkpoint(step).wait(60)
-        wait_for(
-            lambda: read_latest(str(shared)) == 6 and tier_status(daemon, "shared")["copying"] is None,
-            what="step 6 in the tier",
-        )
+        assert wait_for(lambda: read_latest(str(shared)) == 6 and tier_status(daemon, "shared")["copying"] is None)
     assert assert_tier_holds_verified_steps(shared) == [4, 6]
     assert leftovers(str(shared)) == []
     status = tier_status(daemon, "shared")
@@ -204,17 +190,10 @@ def test_the_root_keeps_a_step_until_its_copy_is_done_and_a_behind_tier_skips_to
     shared = tmp_path / "shared"
     daemon = daemon_factory("--tier", f"shared={shared}", "--tier-copy-mbps", "0.5")
     trainer = Trainer(numel=MIB // 4)
-    with CheckpointManager(
-        trainer,
-        str(daemon.root),
-        endpoint=daemon.endpoint,
-        auto_start=False,
-        rank_info=SINGLE,
-        retention=RetentionPolicy(keep_last=1),
-    ) as manager:
+    with manager_for(daemon, trainer, retention=RetentionPolicy(keep_last=1)) as manager:
         trainer.at_step(1)
         manager.save_checkpoint(1).wait(60)
-        wait_for(lambda: tier_status(daemon, "shared")["copying"] == 1, what="the copy of step 1 to start")
+        assert wait_for(lambda: tier_status(daemon, "shared")["copying"] == 1)
         shown = render_status(query_status(daemon.endpoint, 10), {})
         assert f"tier shared ({shared}, every 1): latest step None, copying step 1" in shown, shown
         for step in range(2, 6):
@@ -222,7 +201,7 @@ def test_the_root_keeps_a_step_until_its_copy_is_done_and_a_behind_tier_skips_to
             manager.save_checkpoint(step).wait(60)
         assert os.path.isdir(checkpoint_path(str(daemon.root), 1)), "retention deleted a step being copied"
         assert tier_status(daemon, "shared")["pending"] == 5
-        wait_for(lambda: read_latest(str(shared)) == 5, timeout=30, what="step 5 in the tier")
+        assert wait_for(lambda: read_latest(str(shared)) == 5, timeout=30)
     assert assert_tier_holds_verified_steps(shared) == [1, 5]  # 2-4 were skipped for the newest
     assert "step 2 is skipped for the newer step 3" in daemon.log()
 
@@ -234,13 +213,11 @@ def test_a_load_falls_back_tier_by_tier_and_says_where_it_came_from(
     tiers = (f"shared={shared}", f"archive={archive}:every=2")
     daemon = daemon_factory(*[arg for tier in tiers for arg in ("--tier", tier)])
     trainer = Trainer()
-    with CheckpointManager(
-        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
-    ) as manager:
+    with manager_for(daemon, trainer) as manager:
         for step in (1, 2, 3):
             trainer.at_step(step)
             manager.save_checkpoint(step).wait(60)
-        wait_for(lambda: read_latest(str(shared)) == 3 and read_latest(str(archive)) == 2, what="the copies")
+        assert wait_for(lambda: read_latest(str(shared)) == 3 and read_latest(str(archive)) == 2)
     root = daemon.root
     loaded = loaded_step(root, tiers)
     assert (loaded.step, loaded.tier, loaded) == (3, "root", checkpoint_path(str(root), 3))
@@ -271,19 +248,17 @@ def test_a_copy_cut_by_kill_9_leaves_no_checkpoint_and_is_redone_at_the_next_sta
     args = ("--tier", f"shared={shared}", "--tier-copy-mbps", "1")
     daemon = daemon_factory(*args)
     trainer = Trainer(numel=2 * MIB // 4)
-    with CheckpointManager(
-        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
-    ) as manager:
+    with manager_for(daemon, trainer) as manager:
         trainer.at_step(4)
         manager.save_checkpoint(4).wait(60)
-        wait_for(lambda: tier_status(daemon, "shared")["bytes_copied"] > 0, what="the copy to start")
+        assert wait_for(lambda: tier_status(daemon, "shared")["bytes_copied"] > 0)
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait()
     assert checkpoint_steps(str(shared)) == [] and read_latest(str(shared)) is None
     assert leftovers(str(shared)), "the interrupted copy should have left its tmp directory"
 
     restarted = daemon_factory(*args[:2])
-    wait_for(lambda: read_latest(str(shared)) == 4, what="step 4 copied again after the restart")
+    assert wait_for(lambda: read_latest(str(shared)) == 4)
     assert leftovers(str(shared)) == []
     assert assert_tier_holds_verified_steps(shared) == [4]
     assert "left by an interrupted copy" in restarted.log()

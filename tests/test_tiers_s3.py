@@ -16,9 +16,8 @@ from typing import Callable
 import boto3
 import pytest
 from helpers import Daemon, running_s3_server, wait_for
-from test_tiers import MIB, SINGLE, Trainer, ckptd, loaded_step, tier_status
+from test_tiers import MIB, Trainer, ckptd, loaded_step, manager_for, tier_status
 
-from ckptd.client import CheckpointManager
 from ckptd.disk.objectstore import CHECKSUM_METADATA, ObjectStoreError, ObjectStoreRoot
 from ckptd.disk.root import checkpoint_steps
 
@@ -31,9 +30,7 @@ def objects(prefix: str) -> dict:
 
 
 def save_steps(daemon: Daemon, trainer: Trainer, steps: range, after: Callable[[int], None] = lambda _: None) -> None:
-    with CheckpointManager(
-        trainer, str(daemon.root), endpoint=daemon.endpoint, auto_start=False, rank_info=SINGLE
-    ) as manager:
+    with manager_for(daemon, trainer) as manager:
         for step in steps:
             trainer.at_step(step)
             manager.save_checkpoint(step).wait(60)
