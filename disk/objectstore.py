@@ -52,7 +52,12 @@ class ObjectStoreRoot:
             raise ObjectStoreError(f"the tier at {url} needs boto3: pip install 'ckptd[s3]'") from None
         self.location = S3Location.parse(url)
         self.url = str(self.location)
-        config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=2 * CONCURRENCY)
+        config = Config(
+            retries={"max_attempts": 8, "mode": "adaptive"},  # backoff with jitter between attempts
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=2 * CONCURRENCY,
+        )
         # a session of its own: boto3's default session caches the credentials it first found
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self._transfer = TransferConfig(

@@ -29,6 +29,9 @@ from ckptd.service.tier_targets import TierTarget, open_target
 
 log = logging.getLogger(__name__)
 
+CLOSE_WAIT_S = 5.0
+"""How long a stopping daemon waits for the copier (a tier's network call may not end sooner)."""
+
 
 class CopyStopped(Exception):
     """The daemon is stopping: the copy in progress is abandoned (its tmp directory is a leftover)."""
@@ -42,6 +45,8 @@ class Tier:
     target: TierTarget
     opened: bool = False
     """False until the target could be opened (a shared filesystem or the object store may be down)."""
+    latest: Optional[int] = None
+    """The step the tier's `latest` named when the copier last looked (status never waits on the tier)."""
     pending: Optional[int] = None
     """The newest step waiting to be copied here."""
     pin: Optional[contextlib.ExitStack] = None
@@ -56,15 +61,11 @@ class Tier:
 
     def status(self) -> Dict[str, Any]:
         """What `ckptd status` shows for this tier."""
-        try:
-            latest = self.target.latest_step() if self.opened else None
-        except (OSError, ObjectStoreError):
-            latest = None
         return {
             "name": self.spec.name,
             "path": self.spec.path,
             "every": self.spec.every,
-            "latest": latest,
+            "latest": self.latest,
             "pending": self.pending,
             "copying": self.copying,
             "bytes_waiting": self.bytes_waiting,
@@ -99,10 +100,9 @@ class TierCopier:
         return list(self._tiers)
 
     def start(self) -> None:
-        """Open each tier (removing what an interrupted copy left), queue the newest step each one
-        wants and lacks, and start copying."""
-        for tier in self._tiers:
-            self._open(tier)
+        """Queue the newest step each tier wants, and start the copier thread, which first opens
+        each tier (removing what an interrupted copy left): a slow or unreachable tier never holds
+        up the daemon. A step a tier already holds is not copied again."""
         steps = self._source.committed_steps()
         if steps:
             self.committed(steps)
@@ -111,7 +111,7 @@ class TierCopier:
 
     def committed(self, steps: Sequence[int]) -> None:
         """Steps just committed in the root (call before the root's retention runs): queue, for each
-        tier, the newest one it wants."""
+        tier, the newest one it wants. Touches only the root (never a tier): the commit waits for it."""
         for tier in self._tiers:
             wanted = [step for step in steps if tier.spec.wants(step)]
             if wanted:
@@ -123,7 +123,9 @@ class TierCopier:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(CLOSE_WAIT_S)
+            if self._thread.is_alive():
+                log.warning("the tier copier is still waiting on a tier after %.0f s; leaving it", CLOSE_WAIT_S)
         for tier in self._tiers:
             if tier.pin is not None:
                 tier.pin.close()
@@ -144,6 +146,7 @@ class TierCopier:
             log.error("%s; its copies wait until it can be opened", tier.last_error)
             return False
         tier.opened = True
+        self._look_at_latest(tier)
         for path in removed:
             log.info("tier %s: removed %s, left by an interrupted copy", tier.spec.name, path)
         return True
@@ -152,11 +155,6 @@ class TierCopier:
         with self._cond:
             if tier.pending is not None and tier.pending >= step or tier.copying == step:
                 return
-            try:
-                if tier.opened and tier.target.is_committed(step):
-                    return
-            except (OSError, ObjectStoreError):
-                pass  # the copy finds out again, and says what is wrong
             pin = contextlib.ExitStack()
             pin.enter_context(hold_for_loading(self._source.final_path(step)))  # retention leaves it alone
             if tier.pending is not None:
@@ -172,6 +170,9 @@ class TierCopier:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        for tier in self._tiers:
+            if not self._stopping:
+                self._open(tier)
         while True:
             with self._cond:
                 while not self._stopping and all(t.pending is None for t in self._tiers):
@@ -214,6 +215,7 @@ class TierCopier:
         with open(manifest_path(source_dir), encoding="utf-8") as f:
             manifest_json = f.read()
         tier.target.copy(source_dir, manifest, manifest_json, self._throttle, self._progress(tier))
+        self._look_at_latest(tier)
         copied = sum(record.size for record in manifest.files())
         seconds = time.monotonic() - started
         tier.copies += 1
@@ -235,16 +237,21 @@ class TierCopier:
 
         return progress
 
+    def _look_at_latest(self, tier: Tier) -> None:
+        """Read the tier's `latest` (in the copier thread only: it may wait on the network)."""
+        try:
+            tier.latest = tier.target.latest_step()
+        except (OSError, ObjectStoreError) as exc:
+            log.warning("tier %s: cannot read its latest step: %s", tier.spec.name, exc)
+        with self._cond:
+            self._report(tier)
+
     def _report(self, tier: Tier) -> None:
         if self._metrics is None:
             return
         self._metrics.tier_bytes_waiting.labels(tier.spec.name).set(tier.bytes_waiting)
-        try:
-            latest = tier.target.latest_step() if tier.opened else None
-        except (OSError, ObjectStoreError):
-            latest = None
-        if latest is not None:
-            self._metrics.tier_last_step.labels(tier.spec.name).set(latest)
+        if tier.latest is not None:
+            self._metrics.tier_last_step.labels(tier.spec.name).set(tier.latest)
 
 
 def _checkpoint_bytes(checkpoint_dir: str) -> int:

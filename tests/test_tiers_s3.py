@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -137,3 +139,28 @@ def test_wrong_or_missing_credentials_are_a_clear_error_and_the_root_is_unaffect
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         with pytest.raises(ObjectStoreError, match="no AWS credentials found"):
             ObjectStoreRoot(f"s3://{BUCKET}/x").check()
+
+
+def test_a_stalled_object_store_never_holds_up_a_save_or_the_status(
+    monkeypatch: pytest.MonkeyPatch, daemon_factory: Callable[..., Daemon]
+) -> None:
+    """The object store's endpoint accepts connections and never answers: saves still commit at
+    once, `ckptd status` answers, and the daemon stops in time."""
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(64)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{stalled.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        daemon = daemon_factory("--tier", f"s3=s3://{BUCKET}/stalled")
+        started = time.monotonic()
+        save_steps(daemon, Trainer(), range(1, 4))
+        assert time.monotonic() - started < 20, "saves waited on the object store"
+        asked = time.monotonic()
+        assert tier_status(daemon, "s3")["latest"] is None
+        assert time.monotonic() - asked < 2, "status waited on the object store"
+        assert checkpoint_steps(str(daemon.root), with_manifest=True) == [1, 2, 3]
+        stopping = time.monotonic()
+        assert daemon.stop(timeout=30) == 0
+        assert time.monotonic() - stopping < 20
