@@ -269,6 +269,8 @@ class DaemonServer:
             watcher = loop.create_task(self._idle_watch())
             await self._stopping.wait()
             await self._drain()
+            if self.tiers is not None:  # the copies of the last checkpoints, unless a tier stalls
+                await asyncio.to_thread(self.tiers.drain, self.config.save_timeout)
             receiver.cancel()
             watcher.cancel()
         finally:
@@ -492,7 +494,8 @@ class DaemonServer:
             for pid in [p for p in self._clients if not pid_alive(p)]:
                 del self._clients[pid]
             idle = time.monotonic() - self._last_activity
-            if not self.coordinator.busy and not self._clients and idle >= limit:
+            copying = self.tiers is not None and self.tiers.busy
+            if not self.coordinator.busy and not copying and not self._clients and idle >= limit:
                 log.info("no saves in flight and no live clients for %.0f s: exiting", idle)
                 self._sweep_regions()
                 self.stop()

@@ -30,6 +30,8 @@ from ckptd.service.tier_targets import TierTarget, open_target
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT_S = 5.0
+DRAIN_STALL_S = 10.0
+"""A stopping daemon gives up on the copies once this long passed without a byte copied."""
 """How long a stopping daemon waits for the copier (a tier's network call may not end sooner)."""
 
 
@@ -116,6 +118,29 @@ class TierCopier:
             wanted = [step for step in steps if tier.spec.wants(step)]
             if wanted:
                 self._enqueue(tier, max(wanted))
+
+    @property
+    def busy(self) -> bool:
+        """True while a copy waits or runs."""
+        with self._cond:
+            return any(t.pending is not None or t.copying is not None for t in self._tiers)
+
+    def drain(self, timeout: float, stall_s: float = DRAIN_STALL_S) -> bool:
+        """Wait until every queued copy is done, for at most `timeout` seconds, and not past `stall_s`
+        seconds without a byte copied (a stalled tier: the next start resumes its copy); True when
+        all are done."""
+        deadline = time.monotonic() + timeout
+        copied, progressed = -1, time.monotonic()
+        while self.busy:
+            now = time.monotonic()
+            total = sum(t.bytes_copied for t in self._tiers)
+            if total != copied:
+                copied, progressed = total, now
+            if now > deadline or now - progressed > stall_s:
+                log.warning("stopping with copies not done (%s); the next start resumes them", self.status())
+                return False
+            time.sleep(0.05)
+        return True
 
     def close(self) -> None:
         """Stop copying; a copy in progress is abandoned between two chunks."""

@@ -280,3 +280,17 @@ def test_a_source_file_that_does_not_match_its_record_is_not_copied(tmp_path: Pa
         with pytest.raises(FileProblem, match=reason):
             copy_listed_file(str(source), str(tmp_path / "bad"), bad, Throttle(None), lambda *_: None)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_stopping_daemon_finishes_the_copies_it_has_queued(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    daemon = daemon_factory("--tier", f"shared={shared}", "--tier-copy-mbps", "1")
+    trainer = Trainer(numel=MIB // 4)
+    with manager_for(daemon, trainer) as manager:
+        trainer.at_step(7)
+        manager.save_checkpoint(7).wait(60)
+    assert read_latest(str(shared)) is None  # 1 MiB at 1 MB/s: still copying
+    assert daemon.stop(timeout=60) == 0
+    assert read_latest(str(shared)) == 7 and assert_tier_holds_verified_steps(shared) == [7]
