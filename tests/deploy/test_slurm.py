@@ -236,10 +236,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 @pytest.mark.timeout(900)
 def test_sbatch_job_commits_checkpoints_and_stops_its_daemon(slurm_cluster: SlurmCluster) -> None:
     work = slurm_cluster.base / "work"
-    root = work / "checkpoints"
+    root = Path(tempfile.mkdtemp(prefix="ckptd-slurm-", dir="/dev/shm")) / "checkpoints"  # the fast tier
+    shared = work / "shared"  # the README's Slurm example: a /dev/shm root, and a shared tier
     env = {
         **slurm_cluster.env,
         "CKPTD_ROOT": str(root),
+        "CKPTD_SERVE_ARGS": f"--tier shared={shared}:every=5",
         "NPROC_PER_NODE": "2",
         "CKPTD_PYTHON": PYTHON,
         "CKPTD_LOG_DIR": str(work),
@@ -272,9 +274,11 @@ def test_sbatch_job_commits_checkpoints_and_stops_its_daemon(slurm_cluster: Slur
     assert (root / "latest").read_text().strip() == "step_00000010", details
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_00000005", "step_00000010"]
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")], "no leftovers, no cluster secret on one node"
+    assert (shared / "latest").read_text().strip() == "step_00000010", details  # copied before the daemon stopped
     verify = run(PYTHON, "-m", "ckptd.service", "verify", str(root), check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert verify.stdout.count("OK ") == 2, verify.stdout
+    assert verify.stdout.count("OK ") == 4, verify.stdout  # both steps in the root and in the shared tier
+    shutil.rmtree(root.parent, ignore_errors=True)
 
     assert "[rank 0] step 10 committed" in output, details
     log = daemon_log.read_text(errors="replace")
