@@ -91,11 +91,15 @@ class RegionMaps:
         return region
 
     def release(self, regions: Iterable[MappedRegion]) -> None:
-        """A save is done reading `regions`: unmap those that are no longer kept."""
-        kept = {id(r) for r in self._maps.values()}
+        """A save is done reading `regions`: unmap those that are no longer kept, and those whose
+        client is gone (a trainer killed after its hand-over: its region's name goes with them)."""
+        kept = {id(r): slot for slot, r in self._maps.items()}
         for region in regions:
-            if id(region) not in kept:
+            slot = kept.get(id(region))
+            if slot is None:
                 _close(region)
+            elif region.owner_pid is not None and not pid_alive(region.owner_pid):
+                self._drop([slot])
 
     def forget(self, client: bytes) -> None:
         """Unmap every region of a client that said goodbye."""

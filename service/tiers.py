@@ -29,8 +29,8 @@ from ckptd.service.tier_targets import TierTarget, open_target
 
 log = logging.getLogger(__name__)
 
-CLOSE_WAIT_S = 5.0
-DRAIN_STALL_S = 10.0
+CLOSE_WAIT_S = 2.0
+DRAIN_STALL_S = 5.0
 """A stopping daemon gives up on the copies once this long passed without a byte copied."""
 """How long a stopping daemon waits for the copier (a tier's network call may not end sooner)."""
 
