@@ -200,7 +200,7 @@ def test_the_tiers_bench_runs_end_to_end(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| root in /dev/shm + shared tier on disk + object store |" in done.stdout
+    assert "| root in /dev/shm + shared tier on disk |" in done.stdout
     assert "fast tier resumes >= 3x faster than the shared tier" in done.stdout
     report = json.loads(out.read_text())
     assert report["resume"]["shared_tier_cold"]["tier"] == "shared"
