@@ -163,6 +163,8 @@ def _row_command(args: argparse.Namespace, state: str, row: str, workdir: str) -
         str(args.repeats),
         "--settle",
         str(args.settle),
+        "--pause",
+        str(args.pause),
         "--threads",
         str(args.threads),
         "--dir",

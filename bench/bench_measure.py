@@ -197,18 +197,11 @@ def _record_cpu_per_save(
         result["writer_cpu_s_per_save"] = (end[1] - start[1]) / warm_saves
 
 
-PAUSE_BEFORE_TIMED_SAVE_S = 1.0
-"""Every row's timed save starts this long after the last one was durable. Copies run slower after
-the machine idles (measured on a 2-core VM, 1.2 GB: 0.047 s back to back, 0.07-0.09 s after 1-2 s
-idle, into private and shared memory alike), and a background writer's save leaves the trainer idle
-while it writes: without the same pause, the memcpy limit (back to back) reads faster than it is."""
-
-
-def _timed_save(saver: Saver, ctx: RowContext, i: int) -> Tuple[float, float, float]:
-    """Save number `i` with nothing else running, after the same pause for every row: (blocked,
-    durable, staged) seconds."""
+def _timed_save(saver: Saver, ctx: RowContext, i: int, pause: float) -> Tuple[float, float, float]:
+    """Save number `i` with nothing else running, `pause` seconds after the last one (the same for
+    every row: see --pause): (blocked, durable, staged) seconds."""
     gc.collect()
-    time.sleep(PAUSE_BEFORE_TIMED_SAVE_S)
+    time.sleep(pause)
     ctx.sync()  # nothing queued before the save is timed with it
     t0 = time.perf_counter()
     pending = saver.save(i)
@@ -219,13 +212,13 @@ def _timed_save(saver: Saver, ctx: RowContext, i: int) -> Tuple[float, float, fl
     return t1 - t0, t2 - t0, (staged_at if staged_at is not None else t1) - t0
 
 
-def _timed_saves(saver: Saver, ctx: RowContext, saves: int, result: Dict[str, Any]) -> SaveTimes:
+def _timed_saves(saver: Saver, ctx: RowContext, saves: int, pause: float, result: Dict[str, Any]) -> SaveTimes:
     """The first save and the warm ones; the CPU per warm save counts from the end of the first
     (the writer exists by then)."""
     times = SaveTimes()
     warm_start: Tuple[Optional[float], Optional[float]] = (None, None)
     for i in range(saves):
-        blocked, durable, staged = _timed_save(saver, ctx, i)
+        blocked, durable, staged = _timed_save(saver, ctx, i, pause)
         times.blocked.append(blocked)
         times.durable.append(durable)
         times.staged.append(staged)
@@ -283,7 +276,7 @@ def _measure_saves(
     samples = ThroughputSamples()
     with RssSampler(saver.writer_pid) as sampler:
         start = _cpu_mark(saver)  # how much of the machine other processes used meanwhile
-        times = _timed_saves(saver, ctx, saves, result)
+        times = _timed_saves(saver, ctx, saves, args.pause, result)
         in_background = not saver.blocking or saver.background
         if in_background and not args.no_throughput:
             samples = _throughput_saves(saver, probe, saves, args.repeats, times.durable)
@@ -380,7 +373,7 @@ def _measure_first_save_now(ctx: RowContext, workdir: str, result: Dict[str, Any
     saver = SAVERS["ckptd"](ctx, os.path.join(workdir, "first-now"))
     try:
         result["saver_setup_now_s"] = round(time.perf_counter() - setup, 3)
-        blocked, durable, _ = _timed_save(saver, ctx, 0)
+        blocked, durable, _ = _timed_save(saver, ctx, 0, pause=0.0)  # right after construction
         ready = saver.ready_after(setup)
     finally:
         saver.close()

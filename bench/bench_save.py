@@ -119,6 +119,16 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds of the training loop between building a saver and its first save (default 5)",
     )
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=1.0,
+        help="seconds every row waits before each timed save (default 1): copies run slower right after "
+        "this kind of VM idles (1.2 GB: 0.047 s back to back, 0.07-0.09 s after 1-2 s idle), and a "
+        "background writer leaves the trainer idle while it writes, so without the same pause the "
+        "memcpy limit, timed back to back, reads faster than it is. The first save right after "
+        "construction never waits",
+    )
     parser.add_argument("--no-throughput", action="store_true", help="skip the training-throughput saves")
     parser.add_argument(
         "--no-disk-probe",

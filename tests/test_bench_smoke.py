@@ -55,6 +55,8 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
         "2",
         "--settle",
         "0.2",
+        "--pause",
+        "0",
         "--dir",
         str(tmp_path),
         "--json",
