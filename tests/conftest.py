@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -77,11 +78,24 @@ def client_factory(daemon: Daemon) -> Iterator[Callable[..., CheckpointClient]]:
         client.close(timeout=10)
 
 
-@pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    """`running_s3_server` with a bucket `ckptd-test`; yields its endpoint URL."""
-    with running_s3_server(monkeypatch, tmp_path / "moto.log") as endpoint:
-        import boto3
+@pytest.fixture(scope="module")
+def _module_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[str, Dict[str, str]]]:
+    """One S3 server for a test module (each test uses prefixes of its own): (endpoint, environment)."""
+    with pytest.MonkeyPatch.context() as patch:
+        with running_s3_server(patch, tmp_path_factory.mktemp("s3") / "moto.log") as endpoint:
+            import boto3
 
-        boto3.session.Session().client("s3").create_bucket(Bucket="ckptd-test")
-        yield endpoint
+            boto3.session.Session().client("s3").create_bucket(Bucket="ckptd-test")
+            yield endpoint, {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+@pytest.fixture
+def s3_server(_module_s3_server: Tuple[str, Dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real S3-compatible server (moto, server mode) on loopback with a bucket `ckptd-test`, the
+    AWS environment of this test (and of the daemons it starts) pointing at it; yields its endpoint URL."""
+    endpoint, environment = _module_s3_server
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return endpoint
