@@ -44,9 +44,12 @@ def _s3_tier_arg(every: int) -> str:
 
 
 @contextlib.contextmanager
-def _s3_server(log_path: str) -> Iterator[bool]:
+def _s3_server(log_path: str, enabled: bool = True) -> Iterator[bool]:
     """An S3-compatible server (moto) on loopback with a bucket, the AWS environment pointing at it;
-    yields False (and nothing runs) where moto is not installed."""
+    yields False (and nothing runs) where moto is not installed or it is not `enabled`."""
+    if not enabled:
+        yield False
+        return
     try:
         import boto3
         import moto  # noqa: F401
@@ -190,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where the disk root and the shared tier go (default: a tmp dir)")
     parser.add_argument("--out", default=str(HERE / "results" / "tiers.json"))
+    parser.add_argument("--no-object-store", action="store_true", help="skip the restart from the object store")
     parser.add_argument("--part", choices=("save", "resume"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--tier", action="append", default=[], help=argparse.SUPPRESS)
@@ -203,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fast = tempfile.mkdtemp(prefix="ckptd-bench-tiers-", dir=SHM)
     from_s3: Optional[Dict[str, Any]] = None
     try:
-        with _s3_server(f"{disk}/moto.log") as have_s3:
+        with _s3_server(f"{disk}/moto.log", enabled=not args.no_object_store) as have_s3:
             disk_root, fast_root, shared = f"{disk}/root", f"{fast}/root", f"{disk}/shared"
             tiers = [_tiers_arg(shared, args.every)]
             print(f"tiers bench: disk {disk}, fast tier {fast_root}, tiers {tiers}", file=sys.stderr)

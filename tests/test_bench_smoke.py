@@ -196,6 +196,7 @@ def test_the_tiers_bench_runs_end_to_end(tmp_path: Path) -> None:
             str(tmp_path),
             "--out",
             str(out),
+            "--no-object-store",  # the object-store tier has tests of its own (test_tiers_s3.py)
         ],
         capture_output=True,
         text=True,

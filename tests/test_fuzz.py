@@ -61,7 +61,7 @@ def frames(draw: Callable[..., Any], root: str) -> bytes:
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.sampled_from(["top", "part", "tensors"]))
         parts = body.get("parts")
-        if target != "top" and not (isinstance(parts, list) and parts and isinstance(parts[0], dict)):
+        if target != "top" and not (isinstance(parts, list) and parts and isinstance(parts[0], dict) and parts[0]):
             target = "top"
         if target == "top":
             key = draw(st.sampled_from(sorted(body) + ["extra"]))
