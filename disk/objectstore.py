@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional
 
 from ckptd.disk.files import CHECK_CHUNK, FileProblem
 from ckptd.disk.manifests import write_manifest
+from ckptd.disk.verify import Problem
 from ckptd.proto import layout
 from ckptd.proto.formats import Checksum
 from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
@@ -214,7 +215,7 @@ class ObjectStoreRoot:
                 )["Body"].read()
                 if len(body) != end - start + 1:
                     raise FileProblem(
-                        f"{self.url}/{key}", f"returned {len(body)} bytes for a range of {end - start + 1}"
+                        self._object_url(key), f"returned {len(body)} bytes for a range of {end - start + 1}"
                     )
                 os.pwrite(fd, body, start)
                 if progress is not None:
@@ -228,7 +229,7 @@ class ObjectStoreRoot:
                 checksum.update(os.pread(fd, min(PART_BYTES, record.size - start), start))
             if checksum.hexdigest() != record.checksum:
                 raise FileProblem(
-                    f"{self.url}/{key}",
+                    self._object_url(key),
                     f"checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}",
                 )
         except BaseException:
@@ -237,13 +238,13 @@ class ObjectStoreRoot:
             raise
         os.close(fd)
 
-    def verify(self, step: int) -> List[str]:
+    def verify(self, step: int) -> List[Problem]:
         """Every problem with checkpoint `step` here: its manifest, and each listed object's size and
         checksum (read in full, not kept); [] when all match."""
         try:
             manifest = self.read_manifest(step)
         except (ObjectStoreError, ManifestError) as exc:
-            return [str(exc)]
+            return [Problem(self._object_url(self._manifest_key(step)), f"cannot be read: {exc}")]
         problems = []
         for record in manifest.files():
             key = self._file_key(step, record)
@@ -254,15 +255,17 @@ class ObjectStoreRoot:
                     checksum.update(chunk)
                     size += len(chunk)
             except ObjectStoreError as exc:
-                problems.append(str(exc))
+                problems.append(Problem(self._object_url(key), f"cannot be read: {exc}"))
                 continue
             if size != record.size:
-                problems.append(f"{self.url}/{key} holds {size} bytes, the manifest says {record.size}")
+                problems.append(Problem(self._object_url(key), f"holds {size} bytes, the manifest says {record.size}"))
             elif checksum.hexdigest() != record.checksum:
-                problems.append(
-                    f"{self.url}/{key} checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}"
-                )
+                reason = f"checksum {checksum.hexdigest()} does not match the manifest's {record.checksum}"
+                problems.append(Problem(self._object_url(key), reason))
         return problems
+
+    def _object_url(self, key: str) -> str:
+        return f"s3://{self.location.bucket}/{key}"
 
     def _manifest_key(self, step: int) -> str:
         return self.location.key(layout.checkpoint_dir_name(step), layout.MANIFEST_NAME)

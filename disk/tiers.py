@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from ckptd.disk.durable import write_atomic
-from ckptd.proto.tiers import ROOT_TIER, TIERS_FILE, TierSpec, TierSpecError, parse_tiers
+from ckptd.proto.tiers import TIERS_FILE, TierSpec, TierSpecError, parse_tiers
 
 
 def write_tiers_record(root: str, tiers: Sequence[TierSpec]) -> None:
@@ -31,8 +31,3 @@ def read_tiers_record(root: str) -> Tuple[TierSpec, ...]:
         return parse_tiers([str(text) for text in raw])
     except (OSError, ValueError, AttributeError, TierSpecError):
         return ()
-
-
-def tier_roots(root: str) -> List[Tuple[str, str]]:
-    """(name, path) of `root` itself and of each tier it records, nearest first."""
-    return [(ROOT_TIER, root)] + [(tier.name, tier.path) for tier in read_tiers_record(root)]

@@ -303,10 +303,7 @@ def _verify_object_store(url: str) -> Dict[str, List[Problem]]:
         steps = root.committed_steps()
     except ObjectStoreError as exc:
         return {url: [Problem(url, f"cannot be listed: {exc}")]}
-    return {
-        f"{url}/{layout.checkpoint_dir_name(step)}": [Problem(url, reason) for reason in root.verify(step)]
-        for step in steps
-    }
+    return {f"{url}/{layout.checkpoint_dir_name(step)}": root.verify(step) for step in steps}
 
 
 def keygen(args: argparse.Namespace) -> int:

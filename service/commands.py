@@ -20,7 +20,7 @@ from ckptd.proto import layout, messages
 from ckptd.proto.config import ENDPOINT_ENV, ExitCode
 from ckptd.proto.manifest import ComponentRecord, Manifest, ManifestError
 from ckptd.proto.patterns import SharingPattern
-from ckptd.proto.retention import RetentionPolicy, kept_steps
+from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.sharding import chunks_in_scopes
 from ckptd.proto.tiers import TierSpec, is_object_store
 from ckptd.service.catalog import Catalog, catalog, object_store_catalog
@@ -262,13 +262,10 @@ def _gc_root(
 def _gc_object_store(args: argparse.Namespace, spec: TierSpec) -> Dict[str, Any]:
     """Abort an object-store tier's interrupted multipart uploads and apply its retention."""
     started = time.time()
-    target = ObjectStoreTarget(spec.path)
     if args.dry_run:
-        root = ObjectStoreRoot(spec.path)
-        steps, latest = root.committed_steps(), root.latest_step()
-        kept = kept_steps([(step, {}) for step in steps], spec.retention)
-        aborted, doomed = [], [step for step in steps if step not in kept and step != latest]
+        aborted, doomed = [], ObjectStoreTarget(spec.path, ObjectStoreRoot(spec.path)).plan_retention(spec.retention)
     else:
+        target = ObjectStoreTarget(spec.path)
         aborted = target.open()
         doomed = target.apply_retention(spec.retention)
     return {

@@ -108,9 +108,10 @@ class ObjectStoreTarget:
     interrupted copy resumes: files whose objects are complete and carry the same checksum are
     not uploaded again."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, root: Optional[ObjectStoreRoot] = None) -> None:
         self.url = url
-        self._root: Optional[ObjectStoreRoot] = None
+        self._root = root
+        """Set by `open`, or given already reachable (a dry run that must not abort uploads)."""
 
     def open(self) -> List[str]:
         """Reach the bucket with the configured credentials; abort interrupted multipart uploads."""
@@ -151,12 +152,16 @@ class ObjectStoreTarget:
             log.info("%s: step %d resumed: %d file(s) were already uploaded", self.url, manifest.step, reused)
         self.root.commit(manifest.step, manifest_json)
 
-    def apply_retention(self, policy: RetentionPolicy) -> List[int]:
-        """Delete the steps `policy` does not keep (manifest first), never the newest nor `latest`."""
+    def plan_retention(self, policy: RetentionPolicy) -> List[int]:
+        """The steps `policy` does not keep (never the newest nor `latest`)."""
         steps = self.root.committed_steps()
         kept = kept_steps([(step, {}) for step in steps], policy)
         latest = self.root.latest_step()
-        doomed = [step for step in steps if step not in kept and step != latest]
+        return [step for step in steps if step not in kept and step != latest]
+
+    def apply_retention(self, policy: RetentionPolicy) -> List[int]:
+        """Delete the steps `policy` does not keep (manifest first); returns them."""
+        doomed = self.plan_retention(policy)
         for step in doomed:
             self.root.delete(step)
         return doomed

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from ckptd.disk.files import FileProblem
@@ -59,7 +59,6 @@ class Tier:
     copies: int = 0
     last_copy_mbps: Optional[float] = None
     last_error: Optional[str] = None
-    skipped: List[int] = field(default_factory=list)
 
     def status(self) -> Dict[str, Any]:
         """What `ckptd status` shows for this tier."""
@@ -95,11 +94,6 @@ class TierCopier:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
-
-    @property
-    def tiers(self) -> List[Tier]:
-        """The tiers, nearest first."""
-        return list(self._tiers)
 
     def start(self) -> None:
         """Queue the newest step each tier wants, and start the copier thread, which first opens
@@ -186,7 +180,6 @@ class TierCopier:
                 log.warning(
                     "tier %s is behind: step %d is skipped for the newer step %d", tier.spec.name, tier.pending, step
                 )
-                tier.skipped.append(tier.pending)
                 assert tier.pin is not None
                 tier.pin.close()
             tier.pending, tier.pin = step, pin
