@@ -5,6 +5,10 @@ an authenticated TCP connection. A follower sends `NODE_HELLO` when it connects 
 every second (the leader answers each with `OK`, so both sides notice a dead peer), `NODE_REPORT`
 once every local rank's shards are durable, and `NODE_ABORT` when a local rank fails. The leader
 announces each decision with the client-facing `COMMITTED` / `ABORTED` bodies (`Outcome`).
+
+With node-local roots the leader also fills the slower tiers with every node's files: it sends
+`TIER_COPY` (`TierCopyOrder`), each follower copies its own files of that step into the tier and
+answers `TIER_COPIED` (`TierCopyDone`), and the leader commits the tier's copy once every node has.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ NODE_HELLO = "node_hello"
 HEARTBEAT = "heartbeat"
 NODE_REPORT = "node_report"
 NODE_ABORT = "node_abort"
+TIER_COPY = "tier_copy"
+TIER_COPIED = "tier_copied"
 
 DEFAULT_LEADER_PORT = 29600
 
@@ -52,6 +58,8 @@ class NodeReport:
     started_at: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     retention: Optional[RetentionPolicy] = None
+    node_local: bool = False
+    """The node writes into a root of its own (`--node-local-root`) and commits its copy itself."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a NODE_REPORT frame."""
@@ -71,6 +79,7 @@ class NodeReport:
             "started_at": self.started_at,
             "timings": self.timings,
             "retention": self.retention.to_wire() if self.retention else None,
+            "node_local": self.node_local,
         }
 
     @classmethod
@@ -119,6 +128,7 @@ class NodeReport:
         except ValueError as exc:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: retention: {exc}") from None
         return cls(
+            node_local=body.get("node_local") is True,
             retention=retention,
             job=job,
             step=step,
@@ -131,6 +141,56 @@ class NodeReport:
             started_at=float(started_at),
             timings={str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))},
         )
+
+
+@dataclass(frozen=True)
+class TierCopyOrder:
+    """Leader -> followers: copy this node's files of checkpoint `step` into tier `tier`, as copy `token`."""
+
+    tier: str
+    step: int
+    token: str
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a TIER_COPY frame."""
+        return {"tier": self.tier, "step": self.step, "token": self.token}
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> "TierCopyOrder":
+        """Checked inverse of `to_wire`."""
+        where = "tier copy order"
+        step = _field(body, "step", int, where)
+        try:
+            token = layout.check_safe_name(_field(body, "token", str, where), "copy token")
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.INVALID_NAME, f"{where}: {exc}") from None
+        if step < 0:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: step {step} out of range")
+        return cls(_field(body, "tier", str, where), step, token)
+
+
+@dataclass(frozen=True)
+class TierCopyDone:
+    """Follower -> leader: node `node` copied `files` (paths in the checkpoint) for `order`, or failed."""
+
+    order: TierCopyOrder
+    node: int
+    files: Tuple[str, ...] = ()
+    error: Optional[str] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Plain form for a TIER_COPIED frame."""
+        return {**self.order.to_wire(), "node": self.node, "files": list(self.files), "error": self.error}
+
+    @classmethod
+    def from_wire(cls, body: Dict[str, Any]) -> "TierCopyDone":
+        """Checked inverse of `to_wire`."""
+        where = "tier copy report"
+        files = _field(body, "files", list, where)
+        error = body.get("error")
+        if not all(isinstance(f, str) for f in files) or not (error is None or isinstance(error, str)):
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: files must be strings and error a string or null")
+        return cls(TierCopyOrder.from_wire(body), _field(body, "node", int, where), tuple(files), error)
 
 
 def _node_of(topology: Topology, rank: int) -> int:

@@ -98,6 +98,9 @@ class DaemonOptions:
     claim_ttl: Optional[float] = None
     tier: Optional[Tuple[str, ...]] = None
     tier_copy_mbps: Optional[float] = None
+    node_local_root: Optional[bool] = None
+    replicate_to_partner: Optional[bool] = None
+    partner_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         kinds = _option_kinds()
@@ -109,7 +112,7 @@ class DaemonOptions:
                     raise TypeError(
                         f"DaemonOptions.{name} must be a tuple of {kinds[name].__name__} or None, not {value!r}"
                     )
-            elif isinstance(value, bool) or not isinstance(value, kind):
+            elif isinstance(value, bool) is not (kinds[name] is bool) or not isinstance(value, kind):
                 raise TypeError(f"DaemonOptions.{name} must be {kinds[name].__name__} or None, not {value!r}")
 
     def values(self) -> Dict[str, Any]:
@@ -123,12 +126,14 @@ class DaemonOptions:
     def argv(self) -> List[str]:
         """The `ckptd serve` arguments that ask for these options (none for a field left None)."""
         repeated = _repeated_options()
-        return [
-            part
-            for name, value in self.values().items()
-            for one in (value if name in repeated else (value,))
-            for part in (flag(name), str(one))
-        ]
+        argv: List[str] = []
+        for name, value in self.values().items():
+            if isinstance(value, bool):  # a switch: given or not
+                argv.extend([flag(name)] if value else [])
+                continue
+            for one in value if name in repeated else (value,):
+                argv.extend((flag(name), str(one)))
+        return argv
 
 
 DaemonArgs = Union[DaemonOptions, Sequence[str]]

@@ -518,11 +518,17 @@ class Outcome:
     committed: bool
     path: Optional[str] = None
     reason: Optional[str] = None
+    manifest: Optional[str] = None
+    """The committed manifest's JSON, for the daemons of nodes that commit their own copy (never sent to
+    a client)."""
 
-    def to_wire(self) -> Tuple[str, Dict[str, Any]]:
-        """Message type and body."""
+    def to_wire(self, with_manifest: bool = False) -> Tuple[str, Dict[str, Any]]:
+        """Message type and body (the manifest only when asked for and known)."""
         if self.committed:
-            return COMMITTED, {"job": self.job, "step": self.step, "path": self.path}
+            body: Dict[str, Any] = {"job": self.job, "step": self.step, "path": self.path}
+            if with_manifest and self.manifest is not None:
+                body["manifest"] = self.manifest
+            return COMMITTED, body
         return ABORTED, {"job": self.job, "step": self.step, "reason": self.reason}
 
     @classmethod
@@ -532,7 +538,13 @@ class Outcome:
         if not isinstance(job, str) or type(step) is not int or msg_type not in (COMMITTED, ABORTED):
             return None
         if msg_type == COMMITTED:
-            path = body.get("path")
-            return cls(job, step, committed=True, path=path if isinstance(path, str) else None)
+            path, manifest = body.get("path"), body.get("manifest")
+            return cls(
+                job,
+                step,
+                committed=True,
+                path=path if isinstance(path, str) else None,
+                manifest=manifest if isinstance(manifest, str) else None,
+            )
         reason = body.get("reason")
         return cls(job, step, committed=False, reason=reason if isinstance(reason, str) else "aborted")

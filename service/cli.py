@@ -84,6 +84,15 @@ _SERVE_FLAGS: Dict[str, _Flag] = {
         metavar="NAME=PATH[:every=N][:keep_last=K][:keep_every=M]",
     ),
     "tier_copy_mbps": _Flag("cap on the bandwidth of the copies into the tiers, in MB/s", unset="no cap"),
+    "node_local_root": _Flag(
+        "the root is on this node only (tmpfs, local NVMe): each node commits its own files there, and a load "
+        "takes the files its node lacks from the other nodes or the next tier"
+    ),
+    "replicate_to_partner": _Flag(
+        "also send this node's files of each checkpoint to the next node's daemon (a ring), so that a replaced "
+        "node's state is still on a fast tier; implies --node-local-root"
+    ),
+    "partner_port": _Flag("TCP port the partner copies arrive on", unset="any free port", metavar="PORT"),
     "exit_when_idle": _Flag(
         "exit once no client process is alive and nothing happened for SECONDS", unset="never", metavar="SECONDS"
     ),
@@ -134,7 +143,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(DaemonConfig)
     for name, spec in _SERVE_FLAGS.items():
         kind, default = scalar_type(hints[name]), config_fields[name].default
-        if is_repeated(hints[name]):
+        if kind is bool:
+            serve.add_argument(flag(name), action="store_true", help=f"{spec.help} (default: off)")
+        elif is_repeated(hints[name]):
             serve.add_argument(
                 flag(name), type=kind, action=_AppendTuple, default=(), metavar=spec.metavar, help=_help(spec, None)
             )

@@ -15,23 +15,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from ckptd.proto import cluster, messages
-from ckptd.proto.cluster import NodeReport
+from ckptd.proto.cluster import NodeReport, TierCopyDone, TierCopyOrder
 from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.messages import Outcome
+from ckptd.proto.retention import RetentionPolicy
 from ckptd.service.curve import CurveKeys
-from ckptd.service.leader import Announce, LocalCommitLeader, Published, SaveKey, nobody_listens
+from ckptd.service.leader import Announce, LocalCommitLeader, NodeCopyCommitter, Published, SaveKey, nobody_listens
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
+from ckptd.service.tiers import CopyStopped, OtherNodesFailed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class ClusterConfig:
     peer_timeout: float = 10.0
     """Seconds without a heartbeat after which a peer daemon counts as gone."""
     heartbeat_s: float = 1.0
+    node_local_root: bool = False
+    """Each node's root is its own (`--node-local-root`): every node commits its copy of each checkpoint."""
 
     @property
     def is_leader(self) -> bool:
@@ -118,6 +123,10 @@ class ClusterLeader(_Endpoint):
         self._peers: Dict[int, _Peer] = {}
         self._auth: Optional[AsyncioAuthenticator] = None
         self.instance = uuid.uuid4().hex
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._copies = threading.Condition()
+        self._copy_answers: Dict[TierCopyOrder, Dict[int, TierCopyDone]] = {}
+        """Tier copies ordered from the followers and not yet collected, with their answers."""
 
     def deliver_outcomes_to(self, announce: Announce) -> None:
         """Where this node's outcomes go (every other node's go over the wire)."""
@@ -130,6 +139,7 @@ class ClusterLeader(_Endpoint):
 
     async def start(self) -> None:
         """Bind the authenticated socket and start serving followers."""
+        self._loop = asyncio.get_running_loop()
         self._auth = AsyncioAuthenticator(self._ctx)
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowFollowers(self._keys.client_public))
@@ -159,6 +169,9 @@ class ClusterLeader(_Endpoint):
     async def report(self, report: NodeReport) -> None:
         """A node (this one, or a follower over TCP) has every local rank's shards durable."""
         key = (report.job, report.step)
+        if report.node != self._config.node and report.node_local != self._config.node_local_root:
+            await self._commit.abort(report.job, report.step, _root_mode_mismatch(report.node, report.node_local))
+            return
         gone = sorted(
             n
             for n, p in self._peers.items()
@@ -173,9 +186,67 @@ class ClusterLeader(_Endpoint):
         """Abort a save on every node."""
         await self._commit.abort(job, step, reason)
 
+    def order_copies(self, order: TierCopyOrder) -> None:
+        """Ask every follower to copy its files of a step into a tier (from the copier's thread)."""
+        with self._copies:
+            self._copy_answers[order] = {}
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._spawn, self._send_everywhere(cluster.TIER_COPY, order.to_wire()))
+
+    def wait_for_copies(self, order: TierCopyOrder, stopping: Callable[[], bool]) -> List[str]:
+        """The files the followers copied for `order`, once every one has answered; raises
+        OtherNodesFailed when one failed, restarted, or is gone (no heartbeat for the peer timeout, or
+        never joined within it), CopyStopped when `stopping()`."""
+        ordered = time.monotonic()
+        followers = range(1, self._config.num_nodes)
+        with self._copies:
+            try:
+                while True:
+                    answers = self._copy_answers[order]
+                    failed = [answer.error for answer in answers.values() if answer.error]
+                    if failed:
+                        raise OtherNodesFailed(failed[0])
+                    if len(answers) == len(followers):
+                        return [path for answer in answers.values() for path in answer.files]
+                    late = time.monotonic() - ordered > self._config.peer_timeout
+                    gone = [
+                        n
+                        for n in followers
+                        if n not in answers and (not self._peers[n].alive if n in self._peers else late)
+                    ]
+                    if gone:
+                        raise OtherNodesFailed(
+                            f"node(s) {gone} did not answer the copy of step {order.step} into tier {order.tier!r}"
+                        )
+                    if stopping():
+                        raise CopyStopped()
+                    self._copies.wait(0.2)
+            finally:
+                self._copy_answers.pop(order, None)
+
+    def _copy_answered(self, answer: TierCopyDone) -> None:
+        with self._copies:
+            answers = self._copy_answers.get(answer.order)
+            if answers is not None:
+                answers[answer.node] = answer
+                self._copies.notify_all()
+
+    def _copies_lost(self, node: int) -> None:
+        """A follower restarted: the copies it was ordered will never be answered."""
+        with self._copies:
+            for order, answers in self._copy_answers.items():
+                answers.setdefault(
+                    node, TierCopyDone(order, node, error=f"node {node}'s daemon restarted during the copy")
+                )
+            self._copies.notify_all()
+
+    async def _send_everywhere(self, msg_type: str, body: Dict[str, Any]) -> None:
+        for peer in list(self._peers.values()):
+            await self._send(peer.identity, msg_type, body)
+
     async def _announce_everywhere(self, outcome: Outcome) -> None:
         await self._announce_local(outcome)
-        msg_type, body = outcome.to_wire()
+        msg_type, body = outcome.to_wire(with_manifest=self._config.node_local_root)
         for peer in self._peers.values():
             await self._send(peer.identity, msg_type, body)
 
@@ -216,6 +287,11 @@ class ClusterLeader(_Endpoint):
             self._check_sender(identity, report.node)
             await self.report(report)
             return None
+        if envelope.type == cluster.TIER_COPIED:
+            answer = TierCopyDone.from_wire(body)
+            self._check_sender(identity, answer.node)
+            self._copy_answered(answer)
+            return None
         if envelope.type == cluster.NODE_ABORT:
             job, step, reason = body.get("job"), body.get("step"), body.get("reason")
             if not (isinstance(job, str) and type(step) is int and isinstance(reason, str)):
@@ -239,6 +315,7 @@ class ClusterLeader(_Endpoint):
             if peer is not None:
                 log.warning("node %d's daemon restarted: aborting the saves still waiting for it", node)
                 await self._abort_waiting_for(node, f"node {node}'s daemon restarted while the save was in flight")
+                self._copies_lost(node)
             log.info("node %d's daemon joined (instance %s)", node, instance[:8])
             self._peers[node] = _Peer(identity, instance, now)
             return
@@ -277,15 +354,22 @@ class ClusterLeader(_Endpoint):
 
 
 class ClusterFollower(_Endpoint):
-    """A node-N daemon's side (N > 0): reports to the leader, resolves its ranks with its decisions."""
+    """A node-N daemon's side (N > 0): reports to the leader, resolves its ranks with its decisions
+    (after committing this node's own copy when the root is node-local)."""
 
-    def __init__(self, config: ClusterConfig, ctx: zmq.asyncio.Context) -> None:
+    def __init__(
+        self, config: ClusterConfig, ctx: zmq.asyncio.Context, node_copy: Optional[NodeCopyCommitter] = None
+    ) -> None:
         super().__init__()
         self._config = config
         self._announce: Announce = nobody_listens
         self._ctx = ctx
         self._keys = CurveKeys.derive(config.secret)
-        self._awaiting: Set[SaveKey] = set()
+        self._node_copy = node_copy
+        self._tier_orders: Optional[Callable[[TierCopyOrder], None]] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._awaiting: Dict[SaveKey, Optional[RetentionPolicy]] = {}
+        """Saves reported and not yet decided, with the retention policy their ranks asked for."""
         self._leader_instance: Optional[str] = None
         self._last_seen = time.monotonic()
         self._leader_alive = True
@@ -294,6 +378,15 @@ class ClusterFollower(_Endpoint):
     def deliver_outcomes_to(self, announce: Announce) -> None:
         """Where the leader's decisions for this node go."""
         self._announce = announce
+
+    def take_tier_orders(self, ordered: Callable[[TierCopyOrder], None]) -> None:
+        """Where the leader's orders to copy this node's files into a tier go (node-local roots)."""
+        self._tier_orders = ordered
+
+    def answer_tier_copy(self, answer: TierCopyDone) -> None:
+        """Tell the leader how a tier copy it ordered went (from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._spawn, self._send(cluster.TIER_COPIED, answer.to_wire()))
 
     @property
     def leader_endpoint(self) -> str:
@@ -305,6 +398,7 @@ class ClusterFollower(_Endpoint):
 
     async def start(self) -> None:
         """Connect to the leader (ZeroMQ retries until it is up) and start the heartbeats."""
+        self._loop = asyncio.get_running_loop()
         socket = self._ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.CURVE_SERVERKEY, self._keys.server_public)
         socket.setsockopt(zmq.CURVE_PUBLICKEY, self._keys.client_public)
@@ -330,8 +424,8 @@ class ClusterFollower(_Endpoint):
         if not self._leader_alive:
             await self._resolve_locally(key, self._leader_gone_reason(report.step))
             return
-        self._awaiting.add(key)
-        await self._send(cluster.NODE_REPORT, report.to_wire())
+        self._awaiting[key] = report.retention
+        await self._send(cluster.NODE_REPORT, replace(report, node_local=self._config.node_local_root).to_wire())
 
     async def abort(self, job: str, step: int, reason: str) -> None:
         """Abort here at once, and ask the leader to abort the save on every node."""
@@ -359,10 +453,27 @@ class ClusterFollower(_Endpoint):
             elif envelope.type in (messages.COMMITTED, messages.ABORTED):
                 outcome = Outcome.from_wire(envelope.type, envelope.body)
                 if outcome is not None:
-                    self._awaiting.discard((outcome.job, outcome.step))
+                    retention = self._awaiting.pop((outcome.job, outcome.step), None)
+                    if outcome.committed and self._node_copy is not None:
+                        outcome = await self._node_copy.commit(outcome, retention)
                     await self._announce(outcome)
+            elif envelope.type == cluster.TIER_COPY:
+                self._on_tier_order(envelope.body)
             elif envelope.type == messages.ERROR:
                 log.error("the commit leader refused a message: %s", envelope.body.get("message"))
+
+    def _on_tier_order(self, body: Dict[str, Any]) -> None:
+        try:
+            order = TierCopyOrder.from_wire(body)
+        except ProtocolError as exc:
+            log.warning("dropped a tier copy order from the leader: %s", exc.message)
+            return
+        if self._tier_orders is None:
+            self.answer_tier_copy(
+                TierCopyDone(order, self._config.node, error=f"node {self._config.node} serves no tiers")
+            )
+            return
+        self._tier_orders(order)
 
     async def _on_leader_instance(self, instance: str) -> None:
         if self._leader_instance is not None and instance != self._leader_instance:
@@ -393,7 +504,7 @@ class ClusterFollower(_Endpoint):
         )
 
     async def _resolve_locally(self, key: SaveKey, reason: str) -> None:
-        self._awaiting.discard(key)
+        self._awaiting.pop(key, None)
         await self._announce(Outcome(key[0], key[1], committed=False, reason=reason))
 
     async def _send(self, msg_type: str, body: Dict[str, Any]) -> None:
@@ -405,3 +516,11 @@ class ClusterFollower(_Endpoint):
             log.warning("the connection to the commit leader is backed up; dropped a %s", msg_type)
         except zmq.ZMQError as exc:
             log.warning("could not send %s to the commit leader: %s", msg_type, exc)
+
+
+def _root_mode_mismatch(node: int, node_local: bool) -> str:
+    ours, theirs = ("a shared root", "--node-local-root") if node_local else ("--node-local-root", "a shared root")
+    return (
+        f"node {node}'s daemon runs with {theirs} and node 0's with {ours}: start every node's daemon with "
+        "the same root mode"
+    )

@@ -11,6 +11,7 @@ import concurrent.futures
 import datetime
 import logging
 import time
+from dataclasses import replace
 from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from ckptd.proto.cluster import NodeReport, ScopeFiles
@@ -148,10 +149,10 @@ class LocalCommitLeader:
         """Write one save's manifest and rename its directory into place (not yet durable: `publish`)."""
         job, step = key
         try:
-            manifest = build_manifest(reports)
+            manifest_json = build_manifest(reports).to_json()
             committing = time.monotonic()
             path = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._store.commit, self._store.tmp_path(step, job), step, manifest.to_json()
+                self._executor, self._store.commit, self._store.tmp_path(step, job), step, manifest_json
             )
         except CommitRejected as exc:
             return Outcome(job, step, committed=False, reason=str(exc))
@@ -162,20 +163,10 @@ class LocalCommitLeader:
         if self._metrics is not None:
             self._metrics.observe_phase("commit", time.monotonic() - committing)
         log.info("committed step %d at %s", step, path)
-        return Outcome(job, step, committed=True, path=path)
+        return Outcome(job, step, committed=True, path=path, manifest=manifest_json)
 
     def _apply_retention(self, policy: RetentionPolicy) -> None:
-        """After a commit: delete what the policy does not keep. A failure here never fails the commit."""
-        try:
-            deleted = self._store.apply_retention(policy)
-        except OSError as exc:
-            log.error("retention pass failed (nothing is lost; it runs again after the next commit): %s", exc)
-            return
-        except Exception:  # the checkpoint is committed whatever the retention pass does
-            log.exception("retention pass failed (nothing is lost; it runs again after the next commit)")
-            return
-        if deleted:
-            log.info("retention deleted step(s) %s", deleted)
+        apply_retention(self._store, policy)
 
     async def abort(self, job: str, step: int, reason: str) -> None:
         """Abort `step` of run `job` on every node (a rank failed, timed out or sent an invalid part).
@@ -186,6 +177,61 @@ class LocalCommitLeader:
         self._reports.pop(key, None)
         self._ready.pop(key, None)
         await self._announce(Outcome(job, step, committed=False, reason=reason))
+
+
+def apply_retention(store: CheckpointStore, policy: RetentionPolicy) -> None:
+    """After a commit: delete what the policy does not keep. A failure here never fails the commit."""
+    try:
+        deleted = store.apply_retention(policy)
+    except OSError as exc:
+        log.error("retention pass failed (nothing is lost; it runs again after the next commit): %s", exc)
+        return
+    except Exception:  # the checkpoint is committed whatever the retention pass does
+        log.exception("retention pass failed (nothing is lost; it runs again after the next commit)")
+        return
+    if deleted:
+        log.info("retention deleted step(s) %s", deleted)
+
+
+class NodeCopyCommitter:
+    """Commits a follower's own copy of each checkpoint in its node-local root (`--node-local-root`):
+    the files this node wrote, under the manifest the leader committed (which also lists the files
+    that live on other nodes). Runs the same steps as the leader's commit, on this node's root."""
+
+    def __init__(
+        self, store: CheckpointStore, executor: concurrent.futures.Executor, on_published: Optional[Published] = None
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._on_published = on_published
+
+    async def commit(self, outcome: Outcome, retention: Optional[RetentionPolicy]) -> Outcome:
+        """`outcome` (COMMITTED, with its manifest) with the path of this node's copy; the outcome is
+        the job's whatever happens here (a copy that cannot be committed is logged: loads on this node
+        then take its files from the other nodes or the next tier)."""
+        if outcome.manifest is None:
+            log.error(
+                "the leader committed step %d without sending its manifest; this node keeps no copy", outcome.step
+            )
+            return outcome
+        loop = asyncio.get_running_loop()
+        try:
+            path = await loop.run_in_executor(self._executor, self._commit, outcome)
+        except OSError as exc:
+            log.error("step %d is committed, but this node's copy could not be: %s", outcome.step, exc)
+            return outcome
+        if self._on_published is not None:
+            await loop.run_in_executor(self._executor, self._on_published, [outcome.step])
+        if retention is not None:
+            await loop.run_in_executor(self._executor, apply_retention, self._store, retention)
+        return replace(outcome, path=path)
+
+    def _commit(self, outcome: Outcome) -> str:
+        assert outcome.manifest is not None
+        path = self._store.commit(self._store.tmp_path(outcome.step, outcome.job), outcome.step, outcome.manifest)
+        self._store.publish([outcome.step])
+        log.info("committed this node's copy of step %d at %s", outcome.step, path)
+        return path
 
 
 def build_manifest(reports: List[NodeReport]) -> Manifest:

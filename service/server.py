@@ -31,14 +31,14 @@ from ckptd.service.cluster import ClusterConfig, ClusterFollower, ClusterLeader
 from ckptd.service.coordinator import NodeCoordinator
 from ckptd.service.curve import load_secret
 from ckptd.service.errors import ClusterSecretError, DaemonConfigError, DaemonError, OwnershipRefused, SaveRejected
-from ckptd.service.leader import CommitChannel, LocalCommitLeader
+from ckptd.service.leader import CommitChannel, LocalCommitLeader, NodeCopyCommitter
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.ownership import RootOwnership
 from ckptd.service.plans import SavePlans
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
-from ckptd.service.tiers import TierCopier
+from ckptd.service.tiers import NodeTierCopies, TierCopier
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ class DaemonConfig:
     """Slower tiers filled from the root in the background, nearest first (`ckptd.proto.tiers`)."""
     tier_copy_mbps: Optional[float] = None
     """Cap on the bandwidth of the copies into the tiers, in MB/s."""
+    node_local_root: bool = False
+    """The root is on this node only (tmpfs, local NVMe): each node of a multi-node job commits its own
+    files there under the job's manifest."""
+    replicate_to_partner: bool = False
+    """Also keep a copy of this node's files of each checkpoint on the next node (a ring); implies
+    `node_local_root`."""
+    partner_port: Optional[int] = None
+    """TCP port for the partner copies this daemon receives (None: any free port)."""
 
     def tiers(self) -> Tuple[TierSpec, ...]:
         """The tiers, parsed and checked against the root; raises DaemonConfigError."""
@@ -118,7 +126,13 @@ class DaemonConfig:
             secret,
             peer_timeout=self.peer_timeout,
             heartbeat_s=min(1.0, self.peer_timeout / 4),
+            node_local_root=self.root_is_node_local,
         )
+
+    @property
+    def root_is_node_local(self) -> bool:
+        """True when every node keeps its own root (`--node-local-root`, or partner copies)."""
+        return self.node_local_root or self.replicate_to_partner
 
     def resolved_endpoint(self) -> str:
         """The endpoint to bind: the configured one, or the per-user default for the root."""
@@ -205,7 +219,10 @@ class DaemonServer:
             else None
         )
         """Fills the slower tiers: on the node that commits (node 0 of a multi-node job)."""
+        self.node_tiers: Optional[NodeTierCopies] = None
+        """Copies this node's files into the tiers when the leader asks (followers with node-local roots)."""
         self.channel = self._commit_channel()
+        self._share_tier_copies()
         self.coordinator = NodeCoordinator(
             self.store,
             config.node,
@@ -216,7 +233,9 @@ class DaemonServer:
             num_nodes=config.num_nodes,
             metrics=self.metrics,
         )
-        self.ownership = RootOwnership(self.store.root, keeps_claim=config.node == 0, claim_ttl=config.claim_ttl)
+        self.ownership = RootOwnership(
+            self.store.root, keeps_claim=config.node == 0 or config.root_is_node_local, claim_ttl=config.claim_ttl
+        )
         self.instance = uuid.uuid4().hex
         """Changes at every start: clients notice a restarted daemon by it."""
         self._clients: Dict[int, float] = {}
@@ -232,7 +251,26 @@ class DaemonServer:
             return LocalCommitLeader(self.store, self._executor, self.metrics, published)
         if self.cluster.is_leader:
             return ClusterLeader(self.cluster, self.store, self._executor, self._ctx, self.metrics, published)
-        return ClusterFollower(self.cluster, self._ctx)
+        node_copy = NodeCopyCommitter(self.store, self._executor) if self.cluster.node_local_root else None
+        return ClusterFollower(self.cluster, self._ctx, node_copy)
+
+    def _share_tier_copies(self) -> None:
+        """With node-local roots every node copies its own files into the tiers: the leader's copier
+        orders the followers' share, and each follower copies when ordered."""
+        if self.cluster is None or not self.cluster.node_local_root or not self.tier_specs:
+            return
+        if isinstance(self.channel, ClusterLeader):
+            assert self.tiers is not None
+            self.tiers.share_with(self.channel)
+        elif isinstance(self.channel, ClusterFollower):
+            self.node_tiers = NodeTierCopies(
+                self.store,
+                self.cluster.node,
+                self.tier_specs,
+                self.channel.answer_tier_copy,
+                self.config.tier_copy_mbps,
+            )
+            self.channel.take_tier_orders(self.node_tiers.ordered)
 
     async def serve(self) -> None:
         """Lock the root, clean leftovers, bind, and serve until `stop()` or idle exit."""
@@ -242,9 +280,12 @@ class DaemonServer:
         try:
             self._clean_root()
             self._sweep_regions()
-            if self.tiers is not None:
+            if self.tier_specs and (self.tiers is not None or self.node_tiers is not None):
                 write_tiers_record(self.store.root, self.tier_specs)
+            if self.tiers is not None:
                 self.tiers.start()
+            if self.node_tiers is not None:
+                self.node_tiers.start()
             self._socket = self._bind()
             if self.config.metrics_port is not None:
                 try:
@@ -277,13 +318,15 @@ class DaemonServer:
             await self.channel.close()
             if self.tiers is not None:
                 self.tiers.close()
+            if self.node_tiers is not None:
+                self.node_tiers.close()
             self._shutdown()
 
     def _clean_root(self) -> None:
         """Remove what interrupted saves left behind, unless another live run owns the root (its saves
         in flight look like leftovers). On a shared root only node 0 cleans: other nodes' leftovers may
-        be saves in flight."""
-        if self.config.node != 0:
+        be saves in flight. A node-local root is this node's alone."""
+        if self.config.node != 0 and not self.config.root_is_node_local:
             return
         owner = self.ownership.live_claim_at_start()
         if owner is not None:

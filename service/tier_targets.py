@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import List, Optional, Protocol
+from typing import List, Optional, Protocol, Sequence
 
 from ckptd.disk.files import FileProblem, check_listed_file, map_listed_file
 from ckptd.disk.objectstore import ObjectStoreRoot
@@ -27,9 +27,9 @@ COPY_TOKEN = "copy"
 class TierTarget(Protocol):
     """A tier's storage, as the copier uses it (every method may raise OSError or ObjectStoreError)."""
 
-    def open(self) -> List[str]:
-        """Make it ready (create the directory, reach the bucket) and remove what an interrupted copy
-        left; returns what was removed."""
+    def open(self, clean: bool = True) -> List[str]:
+        """Make it ready (create the directory, reach the bucket) and, with `clean` (the node that
+        commits the copies), remove what an interrupted copy left; returns what was removed."""
 
     def is_committed(self, step: int) -> bool:
         """True if checkpoint `step` is committed here."""
@@ -37,13 +37,45 @@ class TierTarget(Protocol):
     def latest_step(self) -> Optional[int]:
         """The step this tier's `latest` names."""
 
-    def copy(
-        self, source_dir: str, manifest: Manifest, manifest_json: str, throttle: Throttle, progress: PageRelease
+    def copy_files(
+        self,
+        source_dir: str,
+        step: int,
+        token: str,
+        records: Sequence[FileRecord],
+        throttle: Throttle,
+        progress: PageRelease,
     ) -> None:
-        """Copy the committed checkpoint at `source_dir` here and commit it (manifest last)."""
+        """Copy `records` of checkpoint `step` from `source_dir` into the copy named `token` (the
+        nodes of a job with node-local roots each copy their own files into one copy)."""
+
+    def commit_copy(self, step: int, token: str, manifest_json: str) -> None:
+        """Commit the copy named `token` (manifest last) and move `latest`."""
+
+    def discard_copy(self, step: int, token: str) -> None:
+        """Remove what an abandoned copy left (where its kind allows it: an object store's files stay,
+        and a later copy of the step reuses them)."""
 
     def apply_retention(self, policy: RetentionPolicy) -> List[int]:
         """Delete what `policy` does not keep (never the newest); returns the steps deleted."""
+
+
+def copy_checkpoint(
+    target: TierTarget,
+    source_dir: str,
+    manifest: Manifest,
+    manifest_json: str,
+    throttle: Throttle,
+    progress: PageRelease,
+) -> None:
+    """Copy the whole committed checkpoint at `source_dir` into `target` and commit it there."""
+    token = uuid.uuid4().hex[:12]
+    try:
+        target.copy_files(source_dir, manifest.step, token, manifest.files(), throttle, progress)
+        target.commit_copy(manifest.step, token, manifest_json)
+    except BaseException:
+        target.discard_copy(manifest.step, token)
+        raise
 
 
 def open_target(spec: TierSpec) -> TierTarget:
@@ -60,11 +92,11 @@ class DirectoryTarget:
         self.path = path
         self._store: Optional[CheckpointStore] = None
 
-    def open(self) -> List[str]:
+    def open(self, clean: bool = True) -> List[str]:
         """Create the directory (and its parents) and remove interrupted copies."""
         if self._store is None:
             self._store = CheckpointStore(self.path)
-        return self._store.remove_leftovers()
+        return self._store.remove_leftovers() if clean else []
 
     @property
     def store(self) -> CheckpointStore:
@@ -80,23 +112,36 @@ class DirectoryTarget:
         """The step the tier's `latest` names (None before `open`)."""
         return None if self._store is None else self._store.latest_step()
 
-    def copy(
-        self, source_dir: str, manifest: Manifest, manifest_json: str, throttle: Throttle, progress: PageRelease
+    def copy_files(
+        self,
+        source_dir: str,
+        step: int,
+        token: str,
+        records: Sequence[FileRecord],
+        throttle: Throttle,
+        progress: PageRelease,
     ) -> None:
-        """Files into a tmp directory, then the commit and `latest` of a save."""
-        store = self.store
-        tmp_dir = os.path.join(store.root, layout.tmp_dir_name(manifest.step, f"{COPY_TOKEN}{uuid.uuid4().hex[:12]}"))
-        os.mkdir(tmp_dir)
-        try:
-            for record in manifest.files():
-                destination = os.path.join(tmp_dir, record.path)
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                copy_listed_file(os.path.join(source_dir, record.path), destination, record, throttle, progress)
-            store.commit(tmp_dir, manifest.step, manifest_json)
-        except BaseException:
-            store.discard(tmp_dir)
-            raise
-        store.publish([manifest.step])
+        """Files into the copy's tmp directory (made by the first node to get there)."""
+        tmp_dir = self._tmp_dir(step, token)
+        os.makedirs(tmp_dir, exist_ok=True)
+        for record in records:
+            destination = os.path.join(tmp_dir, record.path)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            copy_listed_file(os.path.join(source_dir, record.path), destination, record, throttle, progress)
+
+    def commit_copy(self, step: int, token: str, manifest_json: str) -> None:
+        """The commit and `latest` of a save, for the copy's tmp directory."""
+        self.store.commit(self._tmp_dir(step, token), step, manifest_json)
+        self.store.publish([step])
+
+    def discard_copy(self, step: int, token: str) -> None:
+        """Remove the copy's tmp directory."""
+        self.store.discard(self._tmp_dir(step, token))
+
+    def _tmp_dir(self, step: int, token: str) -> str:
+        return os.path.join(
+            self.store.root, layout.tmp_dir_name(step, f"{COPY_TOKEN}{layout.check_safe_name(token, 'copy token')}")
+        )
 
     def apply_retention(self, policy: RetentionPolicy) -> List[int]:
         """The root's crash-safe retention pass, in the tier."""
@@ -113,13 +158,13 @@ class ObjectStoreTarget:
         self._root = root
         """Set by `open`, or given already reachable (a dry run that must not abort uploads)."""
 
-    def open(self) -> List[str]:
+    def open(self, clean: bool = True) -> List[str]:
         """Reach the bucket with the configured credentials; abort interrupted multipart uploads."""
         if self._root is None:
             root = ObjectStoreRoot(self.url)
             root.check()
             self._root = root
-        return self._root.abort_interrupted_uploads()
+        return self._root.abort_interrupted_uploads() if clean else []
 
     @property
     def root(self) -> ObjectStoreRoot:
@@ -135,22 +180,35 @@ class ObjectStoreTarget:
         """The step `latest` names (None before `open`)."""
         return None if self._root is None else self._root.latest_step()
 
-    def copy(
-        self, source_dir: str, manifest: Manifest, manifest_json: str, throttle: Throttle, progress: PageRelease
+    def copy_files(
+        self,
+        source_dir: str,
+        step: int,
+        token: str,
+        records: Sequence[FileRecord],
+        throttle: Throttle,
+        progress: PageRelease,
     ) -> None:
-        """Each file checked against its record, then uploaded unless already there; the manifest last."""
+        """Each file checked against its record, then uploaded unless already there."""
         reused = 0
-        for record in manifest.files():
+        for record in records:
             source = os.path.join(source_dir, record.path)
-            if self.root.has_file(manifest.step, record):
+            if self.root.has_file(step, record):
                 reused += 1
                 progress(0, record.size)
                 continue
             check_listed_file(source, record)  # the upload must carry the bytes the manifest describes
-            self.root.upload_file(manifest.step, source, record, _UploadProgress(throttle, progress))
+            self.root.upload_file(step, source, record, _UploadProgress(throttle, progress))
         if reused:
-            log.info("%s: step %d resumed: %d file(s) were already uploaded", self.url, manifest.step, reused)
-        self.root.commit(manifest.step, manifest_json)
+            log.info("%s: step %d resumed: %d file(s) were already uploaded", self.url, step, reused)
+
+    def commit_copy(self, step: int, token: str, manifest_json: str) -> None:
+        """The manifest last."""
+        self.root.commit(step, manifest_json)
+
+    def discard_copy(self, step: int, token: str) -> None:
+        """Nothing: the files uploaded stay for a later copy of the step to reuse (the tier's retention
+        and `ckptd gc` remove a step's objects)."""
 
     def plan_retention(self, policy: RetentionPolicy) -> List[int]:
         """The steps `policy` does not keep (never the newest nor `latest`)."""

@@ -13,23 +13,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Set
 
 from ckptd.disk.files import FileProblem
 from ckptd.disk.manifests import ManifestProblem, hold_for_loading, manifest_path, read_manifest
 from ckptd.disk.objectstore import ObjectStoreError
+from ckptd.proto.cluster import TierCopyDone, TierCopyOrder
+from ckptd.proto.manifest import FileRecord, Manifest
 from ckptd.proto.tiers import TierSpec
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.shard_writer import PageRelease, Throttle
 from ckptd.service.store import CheckpointStore
-from ckptd.service.tier_targets import TierTarget, open_target
+from ckptd.service.tier_targets import TierTarget, copy_checkpoint, open_target
 
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT_S = 2.0
+LOCAL_COMMIT_WAIT_S = 30.0
+"""How long a follower waits for its own commit of a step the leader orders copied."""
 DRAIN_STALL_S = 5.0
 """A stopping daemon gives up on the copies once this long passed without a byte copied."""
 """How long a stopping daemon waits for the copier (a tier's network call may not end sooner)."""
@@ -37,6 +43,21 @@ DRAIN_STALL_S = 5.0
 
 class CopyStopped(Exception):
     """The daemon is stopping: the copy in progress is abandoned (its tmp directory is a leftover)."""
+
+
+class OtherNodesFailed(Exception):
+    """Another node could not copy its files of a step into a tier (the copy is abandoned)."""
+
+
+class OtherNodes(Protocol):
+    """The other nodes' share of a tier copy, when every node's root holds only its own files."""
+
+    def order_copies(self, order: TierCopyOrder) -> None:
+        """Ask every other node to copy its files of `order.step` into the tier (from any thread)."""
+
+    def wait_for_copies(self, order: TierCopyOrder, stopping: Callable[[], bool]) -> List[str]:
+        """The files the other nodes copied for `order`, once all have; raises OtherNodesFailed, or
+        CopyStopped when `stopping()` turns true."""
 
 
 @dataclass
@@ -94,6 +115,12 @@ class TierCopier:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._others: Optional[OtherNodes] = None
+
+    def share_with(self, others: OtherNodes) -> None:
+        """Every node's root holds only its own files: each copy also takes the other nodes' files,
+        which they copy themselves when asked (before `start`)."""
+        self._others = others
 
     def start(self) -> None:
         """Queue the newest step each tier wants, and start the copier thread, which first opens
@@ -208,7 +235,7 @@ class TierCopier:
             except Exception as exc:
                 if self._stopping:  # the stop surfaced through the object store's transfer threads
                     log.info("tier %s: the copy of step %d stops with the daemon", tier.spec.name, step)
-                elif isinstance(exc, (OSError, ObjectStoreError, FileProblem, ManifestProblem)):
+                elif isinstance(exc, (OSError, ObjectStoreError, FileProblem, ManifestProblem, OtherNodesFailed)):
                     tier.last_error = f"copying step {step} into tier {tier.spec.name!r} failed: {exc}"
                     log.error("%s; the next step it wants is copied as usual", tier.last_error)
                 else:  # a bug: the copier must outlive any one copy
@@ -232,7 +259,10 @@ class TierCopier:
         manifest = read_manifest(source_dir)
         with open(manifest_path(source_dir), encoding="utf-8") as f:
             manifest_json = f.read()
-        tier.target.copy(source_dir, manifest, manifest_json, self._throttle, self._progress(tier))
+        if self._others is None:
+            copy_checkpoint(tier.target, source_dir, manifest, manifest_json, self._throttle, self._progress(tier))
+        else:
+            self._copy_with_others(tier, source_dir, manifest, manifest_json)
         self._look_at_latest(tier)
         copied = sum(record.size for record in manifest.files())
         seconds = time.monotonic() - started
@@ -243,6 +273,24 @@ class TierCopier:
         deleted = tier.target.apply_retention(tier.spec.retention)
         if deleted:
             log.info("tier %s: retention deleted step(s) %s", tier.spec.name, deleted)
+
+    def _copy_with_others(self, tier: Tier, source_dir: str, manifest: Manifest, manifest_json: str) -> None:
+        """This node's files and every other node's into one copy, committed once all are in."""
+        assert self._others is not None
+        order = TierCopyOrder(tier.spec.name, manifest.step, uuid.uuid4().hex[:12])
+        self._others.order_copies(order)
+        try:
+            own = files_held(source_dir, manifest)
+            tier.target.copy_files(source_dir, order.step, order.token, own, self._throttle, self._progress(tier))
+            copied = {record.path for record in own}
+            copied.update(self._others.wait_for_copies(order, lambda: self._stopping))
+            missing = sorted(record.path for record in manifest.files() if record.path not in copied)
+            if missing:
+                raise OtherNodesFailed(f"no node holds {len(missing)} file(s) of step {order.step}: {missing[:3]}")
+            tier.target.commit_copy(order.step, order.token, manifest_json)
+        except BaseException:
+            tier.target.discard_copy(order.step, order.token)
+            raise
 
     def _progress(self, tier: Tier) -> PageRelease:
         def progress(offset: int, nbytes: int) -> None:
@@ -270,6 +318,97 @@ class TierCopier:
         self._metrics.tier_bytes_waiting.labels(tier.spec.name).set(tier.bytes_waiting)
         if tier.latest is not None:
             self._metrics.tier_last_step.labels(tier.spec.name).set(tier.latest)
+
+
+class NodeTierCopies:
+    """On a follower whose root is node-local: copies this node's files of a step into a tier when the
+    leader orders it (`TierCopyOrder`), in one background thread, and answers with `TierCopyDone`.
+    The leader commits the tier's copy; this node never cleans a tier (another node's copy may be in
+    flight there)."""
+
+    def __init__(
+        self,
+        source: CheckpointStore,
+        node: int,
+        specs: Sequence[TierSpec],
+        answer: Callable[[TierCopyDone], None],
+        max_mbps: Optional[float] = None,
+    ) -> None:
+        self._source = source
+        self._node = node
+        self._targets = {spec.name: open_target(spec) for spec in specs}
+        self._opened: Set[str] = set()
+        self._answer = answer
+        self._throttle = Throttle(max_mbps * 1e6 if max_mbps else None)
+        self._orders: Dict[str, TierCopyOrder] = {}
+        """The newest order per tier not yet started (an older one is answered as skipped)."""
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Start the copying thread."""
+        self._thread = threading.Thread(target=self._run, name="ckptd-node-tiers", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop; a copy in progress is abandoned between two chunks (the leader gives up on it)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(CLOSE_WAIT_S)
+
+    def ordered(self, order: TierCopyOrder) -> None:
+        """The leader asks for this node's files of a step (called from the event loop)."""
+        if order.tier not in self._targets:
+            self._answer(TierCopyDone(order, self._node, error=f"node {self._node} has no tier {order.tier!r}"))
+            return
+        with self._cond:
+            older = self._orders.get(order.tier)
+            self._orders[order.tier] = order
+            self._cond.notify_all()
+        if older is not None:
+            self._answer(TierCopyDone(older, self._node, error=f"node {self._node} skipped it for step {order.step}"))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._orders:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                order = self._orders.pop(next(iter(self._orders)))
+            self._answer(self._copy(order))
+
+    def _copy(self, order: TierCopyOrder) -> TierCopyDone:
+        target = self._targets[order.tier]
+        source_dir = self._source.final_path(order.step)
+        committed_by = time.monotonic() + LOCAL_COMMIT_WAIT_S  # the order may overtake the commit's announcement
+        while not self._source.is_committed(order.step) and time.monotonic() < committed_by and not self._stopping:
+            time.sleep(0.05)
+        try:
+            with hold_for_loading(source_dir):
+                if order.tier not in self._opened:
+                    target.open(clean=False)
+                    self._opened.add(order.tier)
+                own = files_held(source_dir, read_manifest(source_dir))
+                target.copy_files(source_dir, order.step, order.token, own, self._throttle, self._progress)
+        except (OSError, ObjectStoreError, FileProblem, ManifestProblem, CopyStopped) as exc:
+            error = f"node {self._node} could not copy its files of step {order.step} into tier {order.tier!r}: {exc}"
+            log.error(error)
+            return TierCopyDone(order, self._node, error=error)
+        log.info("tier %s: copied this node's %d file(s) of step %d", order.tier, len(own), order.step)
+        return TierCopyDone(order, self._node, tuple(record.path for record in own))
+
+    def _progress(self, offset: int, nbytes: int) -> None:
+        if self._stopping:
+            raise CopyStopped()
+
+
+def files_held(checkpoint_dir: str, manifest: Manifest) -> List[FileRecord]:
+    """The files of `manifest` present in `checkpoint_dir` (a node-local copy holds its node's)."""
+    return [record for record in manifest.files() if os.path.exists(os.path.join(checkpoint_dir, record.path))]
 
 
 def _checkpoint_bytes(checkpoint_dir: str) -> int:

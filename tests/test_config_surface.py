@@ -60,7 +60,7 @@ def sample_options() -> DaemonOptions:
     values: Dict[str, Any] = {}
     for index, (name, hint) in enumerate(typing.get_type_hints(DaemonOptions).items(), start=2):
         kind = scalar_type(hint)
-        value = {int: index, float: index + 0.25, str: f"value-{index}"}[kind]
+        value = {int: index, float: index + 0.25, str: f"value-{index}", bool: True}[kind]
         values[name] = (value, value * 2) if is_repeated(hint) else value
     return DaemonOptions(**values)
 
@@ -89,7 +89,9 @@ def test_serve_help_shows_every_option_with_its_default(capsys: pytest.CaptureFi
         if field.default is dataclasses.MISSING:
             continue
         assert "(default" in entry, entry
-        if field.default not in (None, ()):
+        if field.default is False:  # a switch
+            assert "(default: off)" in entry, (name, entry)
+        elif field.default not in (None, ()):
             shown = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
             assert re.search(rf"\(default [^)]*\b{re.escape(shown)}\)", entry), (name, entry)
 
