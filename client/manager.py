@@ -8,10 +8,11 @@ import shutil
 import uuid
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch.distributed as dist
 
+from ckptd.client.assembly import Assembly, assemble_from_nodes
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError, VerificationError
 from ckptd.client.loading import (
@@ -111,6 +112,8 @@ class CheckpointManager:
         self.verify = self.options.verify
         self.rank_info = rank_info or detect_rank_info()
         self._client: Optional[CheckpointClient] = None
+        self._gloo: Any = None
+        """The process group that carries files between nodes at a load (made on first need)."""
         if not hasattr(provider, "get_state_components"):
             if not hasattr(provider, "get_statefuls_for_save"):
                 raise TypeError("the provider needs get_state_components() (or the older get_statefuls_for_save())")
@@ -193,15 +196,24 @@ class CheckpointManager:
         for step in self._steps_on_any_rank(copies):  # newest first
             states: Optional[List[tuple]] = None
             problems = []
-            for tier, candidate in copies.get(step, []):  # nearest tier first
+            candidates = copies.get(step, [])
+            gathered = self._gather_from_nodes(step, components)
+            if gathered is not None and gathered.directory is not None:  # this node's root copy is partial
+                candidates = [(ROOT_TIER, gathered.directory)] + [c for c in candidates if c[0] != ROOT_TIER]
+            for tier, candidate in candidates:  # nearest tier first
                 try:
                     states = self._read_copy(candidate, step, components)
-                except VerificationError as exc:
+                except VerificationError:
+                    if tier == ROOT_TIER and gathered is not None and gathered.problems:
+                        exc = VerificationError("; ".join(gathered.problems))
                     problems.append(f"{candidate} (tier {tier}): {exc}")
                     log.warning("skipping checkpoint %s (tier %s): %s", candidate, tier, exc)
                     continue
                 break
-            if self._all_ranks_agree(states is not None):
+            agreed = self._all_ranks_agree(states is not None)
+            if gathered is not None:  # every rank of the node has read it by now
+                gathered.remove()
+            if agreed:
                 assert states is not None
                 self._restore(states)
                 if tier != ROOT_TIER:
@@ -252,6 +264,38 @@ class CheckpointManager:
             raise VerificationError(str(exc)) from None
         finally:
             shutil.rmtree(fetched, ignore_errors=True)  # what was read is in memory (or mapped) by now
+
+    def _gather_from_nodes(self, step: int, components: List[PreparedComponent]) -> Optional[Assembly]:
+        """In a job of several ranks: the files this rank's node needs for `step` and its root lacks
+        (node-local roots), gathered from the other nodes (collective; None on one rank)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        if self._gloo is None:  # the files travel between CPU memories, whatever the job's backend
+            self._gloo = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        topology = self.rank_info.topology
+        return assemble_from_nodes(
+            self.root, step, topology.node_of, lambda manifest: self._files_needed(manifest, components), self._gloo
+        )
+
+    def _files_needed(self, manifest: Manifest, components: List[PreparedComponent]) -> Set[str]:
+        """The files this rank reads from a checkpoint with `manifest` (every file of a SHARDED
+        component, or of one resharded by its own function)."""
+        paths: Set[str] = set()
+        for prepared in components:
+            comp = prepared.component
+            record = manifest.components.get(comp.key)
+            if record is None:
+                continue
+            scopes = list(record.scopes.values())
+            resharded = record.pattern is SharingPattern.PER_RANK and comp.reshard is not None
+            if record.pattern is not SharingPattern.SHARDED and not resharded:
+                group_ranks = prepared.group_ranks if record.pattern is SharingPattern.PER_GROUP else ()
+                try:
+                    scopes = select_scopes(manifest, comp.key, record, self.rank_info, group_ranks)
+                except CheckpointError:
+                    continue  # the read says why
+            paths.update(path for scope in scopes for path in (scope.tensor_file.path, scope.state_file.path))
+        return paths
 
     def _steps_on_any_rank(self, copies: Dict[int, List[Tuple[str, str]]]) -> List[int]:
         """Every step some rank holds a copy of, newest first (the same list on every rank: a rank

@@ -37,6 +37,11 @@ def checkpoint_path(root: str, step: int) -> str:
     return os.path.join(root, layout.checkpoint_dir_name(step))
 
 
+def partner_root(root: str) -> str:
+    """Where a node-local root keeps the previous node's files (a checkpoint root of its own)."""
+    return os.path.join(root, layout.PARTNER_DIR)
+
+
 def committed_checkpoints(root: str) -> List[str]:
     """Final checkpoint directories under `root`, newest step first."""
     return [checkpoint_path(root, s) for s in reversed(checkpoint_steps(root))]

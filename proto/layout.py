@@ -14,6 +14,11 @@ CHECKPOINT_PREFIX = "step_"
 TENSOR_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".msgpack"
 REGION_PREFIX = "ckptd-"
+PARTNER_DIR = "partner"
+"""Under a node-local root: a checkpoint root of its own holding the previous node's files of each
+checkpoint (`--replicate-to-partner`)."""
+LOAD_TOKEN = "load"
+"""In the tmp directory name where a load gathers the files its node lacks (`.tmp-step_N-load<hex>`)."""
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _CHECKPOINT_DIR = re.compile(r"^step_(\d{8,})$")

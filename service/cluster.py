@@ -79,6 +79,8 @@ class _Peer:
     instance: str
     last_seen: float
     alive: bool = True
+    partner: Optional[str] = None
+    """Where the node's daemon takes partner copies (`--replicate-to-partner`)."""
 
 
 class _Endpoint:
@@ -127,6 +129,20 @@ class ClusterLeader(_Endpoint):
         self._copies = threading.Condition()
         self._copy_answers: Dict[TierCopyOrder, Dict[int, TierCopyDone]] = {}
         """Tier copies ordered from the followers and not yet collected, with their answers."""
+        self.partner_endpoint: Optional[str] = None
+        """Where this daemon takes partner copies, told to the last node (its predecessor in the ring)."""
+
+    def successor(self) -> Optional[str]:
+        """Where node 1's daemon takes partner copies, once it has said."""
+        peer = self._peers.get(1 % self._config.num_nodes)
+        return peer.partner if peer is not None and peer.alive else None
+
+    def _successor_of(self, node: int) -> Optional[str]:
+        following = (node + 1) % self._config.num_nodes
+        if following == 0:
+            return self.partner_endpoint
+        peer = self._peers.get(following)
+        return peer.partner if peer is not None and peer.alive else None
 
     def deliver_outcomes_to(self, announce: Announce) -> None:
         """Where this node's outcomes go (every other node's go over the wire)."""
@@ -281,7 +297,9 @@ class ClusterLeader(_Endpoint):
                     ErrorCode.INVALID_REQUEST, f"node must be 1..{self._config.num_nodes - 1} and instance a string"
                 )
             await self._seen(node, identity, instance)
-            return messages.OK, {"instance": self.instance}
+            partner = body.get("partner")
+            self._peers[node].partner = partner if isinstance(partner, str) else None
+            return messages.OK, {"instance": self.instance, "successor": self._successor_of(node)}
         if envelope.type == cluster.NODE_REPORT:
             report = NodeReport.from_wire(body)
             self._check_sender(identity, report.node)
@@ -368,6 +386,9 @@ class ClusterFollower(_Endpoint):
         self._node_copy = node_copy
         self._tier_orders: Optional[Callable[[TierCopyOrder], None]] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.partner_endpoint: Optional[str] = None
+        """Where this daemon takes partner copies (said in every heartbeat)."""
+        self._successor: Optional[str] = None
         self._awaiting: Dict[SaveKey, Optional[RetentionPolicy]] = {}
         """Saves reported and not yet decided, with the retention policy their ranks asked for."""
         self._leader_instance: Optional[str] = None
@@ -378,6 +399,10 @@ class ClusterFollower(_Endpoint):
     def deliver_outcomes_to(self, announce: Announce) -> None:
         """Where the leader's decisions for this node go."""
         self._announce = announce
+
+    def successor(self) -> Optional[str]:
+        """Where the next node's daemon takes partner copies, as the leader last said."""
+        return self._successor
 
     def take_tier_orders(self, ordered: Callable[[TierCopyOrder], None]) -> None:
         """Where the leader's orders to copy this node's files into a tier go (node-local roots)."""
@@ -433,7 +458,7 @@ class ClusterFollower(_Endpoint):
         await self._send(cluster.NODE_ABORT, {"job": job, "step": step, "reason": reason})
 
     def _hello(self) -> Dict[str, Any]:
-        return {"node": self._config.node, "instance": self.instance}
+        return {"node": self._config.node, "instance": self.instance, "partner": self.partner_endpoint}
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
@@ -450,6 +475,8 @@ class ClusterFollower(_Endpoint):
             self._leader_alive = True
             if envelope.type == messages.OK:
                 await self._on_leader_instance(str(envelope.body.get("instance", "")))
+                successor = envelope.body.get("successor")
+                self._successor = successor if isinstance(successor, str) else None
             elif envelope.type in (messages.COMMITTED, messages.ABORTED):
                 outcome = Outcome.from_wire(envelope.type, envelope.body)
                 if outcome is not None:

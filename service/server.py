@@ -12,7 +12,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import zmq
 import zmq.asyncio
@@ -34,6 +34,7 @@ from ckptd.service.errors import ClusterSecretError, DaemonConfigError, DaemonEr
 from ckptd.service.leader import CommitChannel, LocalCommitLeader, NodeCopyCommitter
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.ownership import RootOwnership
+from ckptd.service.partners import PartnerReceiver, PartnerSender, advertised_host
 from ckptd.service.plans import SavePlans
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
 from ckptd.service.shard_writer import Throttle
@@ -221,6 +222,12 @@ class DaemonServer:
         """Fills the slower tiers: on the node that commits (node 0 of a multi-node job)."""
         self.node_tiers: Optional[NodeTierCopies] = None
         """Copies this node's files into the tiers when the leader asks (followers with node-local roots)."""
+        self.partner_in: Optional[PartnerReceiver] = None
+        self.partner_out: Optional[PartnerSender] = None
+        if config.replicate_to_partner and self.cluster is not None:
+            host = self.cluster.leader_host if self.cluster.is_leader else advertised_host(self.cluster.leader_host)
+            self.partner_in = PartnerReceiver(self.store.root, self.cluster.secret, config.partner_port, host)
+            self.partner_out = PartnerSender(self.store, self.cluster.node, self.cluster.secret, self._successor)
         self.channel = self._commit_channel()
         self._share_tier_copies()
         self.coordinator = NodeCoordinator(
@@ -246,13 +253,25 @@ class DaemonServer:
     def _commit_channel(self) -> CommitChannel:
         """Where the node's reports go: the commit leader in this process (one node, or node 0 of
         several, which also serves the other nodes), or a link to node 0's."""
-        published = self.tiers.committed if self.tiers is not None else None
+        published = self._published if self.tiers is not None or self.partner_out is not None else None
         if self.cluster is None:
             return LocalCommitLeader(self.store, self._executor, self.metrics, published)
         if self.cluster.is_leader:
             return ClusterLeader(self.cluster, self.store, self._executor, self._ctx, self.metrics, published)
-        node_copy = NodeCopyCommitter(self.store, self._executor) if self.cluster.node_local_root else None
+        node_copy = NodeCopyCommitter(self.store, self._executor, published) if self.cluster.node_local_root else None
         return ClusterFollower(self.cluster, self._ctx, node_copy)
+
+    def _published(self, steps: List[int]) -> None:
+        """Steps committed (and durable) in this node's root: queue their copies."""
+        if self.tiers is not None:
+            self.tiers.committed(steps)
+        if self.partner_out is not None:
+            self.partner_out.committed(steps)
+
+    def _successor(self) -> Optional[str]:
+        """Where the next node's daemon takes partner copies (once the leader knows)."""
+        channel = self.channel
+        return channel.successor() if isinstance(channel, (ClusterLeader, ClusterFollower)) else None
 
     def _share_tier_copies(self) -> None:
         """With node-local roots every node copies its own files into the tiers: the leader's copier
@@ -286,6 +305,10 @@ class DaemonServer:
                 self.tiers.start()
             if self.node_tiers is not None:
                 self.node_tiers.start()
+            if self.partner_in is not None:
+                self.partner_in.start()
+                if isinstance(self.channel, (ClusterLeader, ClusterFollower)):
+                    self.channel.partner_endpoint = self.partner_in.endpoint
             self._socket = self._bind()
             if self.config.metrics_port is not None:
                 try:
@@ -296,6 +319,8 @@ class DaemonServer:
                 await self.channel.start()
             except zmq.ZMQError as exc:
                 raise DaemonError(f"cannot start the commit channel between nodes: {exc}") from None
+            if self.partner_out is not None:
+                self.partner_out.start()
             self._stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -320,6 +345,10 @@ class DaemonServer:
                 self.tiers.close()
             if self.node_tiers is not None:
                 self.node_tiers.close()
+            if self.partner_out is not None:
+                self.partner_out.close()
+            if self.partner_in is not None:
+                self.partner_in.close()
             self._shutdown()
 
     def _clean_root(self) -> None:
@@ -502,6 +531,7 @@ class DaemonServer:
             "last_committed": self.coordinator.last_committed,
             "owner": None if self.ownership.owner is None else self.ownership.owner.describe(),
             "tiers": [] if self.tiers is None else self.tiers.status(),
+            "partner": None if self.partner_out is None else self.partner_out.status(),
             "saves": [
                 {
                     "step": s.step,

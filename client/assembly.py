@@ -1,0 +1,235 @@
+"""Gathering the files a node lacks from the other nodes, for a load from node-local roots.
+
+With `--node-local-root` each node's root holds the files its own ranks wrote (and, with
+`--replicate-to-partner`, the previous node's under `partner/`); the files a rank loads may live on
+other nodes (rank 0's GLOBAL state, a replaced node's own state held by its partner). Every rank
+calls `assemble_from_nodes` for the same step, in the same order: the ranks agree, with a few
+collectives, on which node lacks which file and which rank holds it; each holder checks the file
+against the manifest and sends it (point-to-point, over a gloo group); the lowest rank of the
+needing node checks what arrives and puts it, with hard links to the files the node does hold, into
+a tmp directory of its root that every rank of the node then reads as the checkpoint.
+
+A file that no node holds intact leaves its node without a copy of the step: those ranks read the
+next tier (the caller's fallback) and say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ckptd.disk.files import FileProblem, check_listed_file
+from ckptd.disk.manifests import manifest_path
+from ckptd.disk.root import checkpoint_path, partner_root
+from ckptd.proto import layout
+from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
+
+log = logging.getLogger(__name__)
+
+NeededFiles = Callable[[Manifest], Set[str]]
+"""The paths (in the checkpoint) of the files this rank reads, given the checkpoint's manifest."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One file sent from a rank that holds it to the lowest rank of a node that lacks it."""
+
+    path: str
+    sender: int
+    receiver: int
+
+
+@dataclass
+class Assembly:
+    """This rank's view of a step gathered from the nodes: the directory to read (None: this rank's
+    node holds everything its ranks need where it is), and what could not be had."""
+
+    directory: Optional[str]
+    problems: List[str]
+    owner: bool = False
+    """This rank made the directory (the lowest rank of its node)."""
+
+    def remove(self) -> None:
+        """Remove the gathered directory (call once every rank of the node has read it)."""
+        if self.owner and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def local_copies(root: str, step: int) -> List[str]:
+    """The directories of this node's root that hold files of `step`: its own copy, then the copy it
+    keeps for the previous node."""
+    found = [checkpoint_path(root, step), checkpoint_path(partner_root(root), step)]
+    return [path for path in found if os.path.isfile(manifest_path(path))]
+
+
+def assemble_from_nodes(
+    root: str, step: int, node_of: Callable[[int], int], needed: NeededFiles, group: Any
+) -> Assembly:
+    """Collective over `group` (every rank, same step): make the files this rank's node needs for
+    `step` and lacks readable from one directory, taken from the ranks that hold them."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    node = node_of(rank)
+    copies = local_copies(root, step)
+    manifest_json = _read_text(manifest_path(copies[0])) if copies else None
+    holders_of_manifest = _gather(group, world, manifest_json is not None)
+    if not any(holders_of_manifest):
+        return Assembly(None, [f"no node holds step {step}"])
+    if not all(holders_of_manifest):  # a node lost its copy: the lowest rank that has one sends the manifest
+        src = holders_of_manifest.index(True)
+        box = [manifest_json if rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=group)
+        manifest_json = box[0]
+    try:
+        manifest = Manifest.from_json(str(manifest_json))
+    except ManifestError as exc:
+        return Assembly(None, [f"the manifest of step {step} is damaged: {exc}"])
+    held = _held(copies, manifest)
+    missing = sorted(needed(manifest) - set(held))
+    lacking = _gather(group, world, missing)
+    wanted = sorted({path for paths in lacking for path in paths})
+    if not wanted:
+        return Assembly(None, [])
+    holdings = _gather(group, world, sorted(set(wanted) & set(held)))
+    transfers, unheld = _plan(lacking, holdings, node_of)
+    owner = min(r for r in range(world) if node_of(r) == node)
+    records = {record.path: record for record in manifest.files()}
+    token = _token(group, world)
+    directory = None
+    if any(lacking[r] for r in range(world) if node_of(r) == node):
+        directory = os.path.join(root, layout.tmp_dir_name(step, f"{layout.LOAD_TOKEN}{token}"))
+    if directory is not None and rank == owner:
+        _link_held(directory, copies, held, manifest_json)
+    failed = _run_transfers(transfers, records, held, directory, rank, group)
+    failures = _gather(group, world, failed)
+    dist.barrier(group=group)  # the owner's files are in place before any rank of its node reads them
+    if directory is None:
+        return Assembly(None, [])
+    problems = [f"no node holds {path}" for r in range(world) if node_of(r) == node for path in unheld.get(r, [])]
+    problems += [problem for r in range(world) if node_of(r) == node for problem in failures[r]]
+    return Assembly(directory, problems, owner=rank == owner)
+
+
+def _plan(
+    lacking: List[List[str]], holdings: List[List[str]], node_of: Callable[[int], int]
+) -> Tuple[List[Transfer], Dict[int, List[str]]]:
+    """Each node's missing files, each from the lowest rank of another node that holds it, to the
+    lowest rank of the node; and what no rank holds, by the rank that needs it. The same on every rank."""
+    holders: Dict[str, List[int]] = {}
+    for rank, paths in enumerate(holdings):
+        for path in paths:
+            holders.setdefault(path, []).append(rank)
+    transfers: Dict[Tuple[int, str], Transfer] = {}
+    unheld: Dict[int, List[str]] = {}
+    for rank, paths in enumerate(lacking):
+        owner = min(r for r in range(len(lacking)) if node_of(r) == node_of(rank))
+        for path in paths:
+            senders = [r for r in holders.get(path, []) if node_of(r) != node_of(rank)]
+            if not senders:
+                unheld.setdefault(rank, []).append(path)
+                continue
+            transfers.setdefault((owner, path), Transfer(path, senders[0], owner))
+    return sorted(transfers.values(), key=lambda t: (t.receiver, t.path)), unheld
+
+
+def _run_transfers(
+    transfers: List[Transfer],
+    records: Dict[str, FileRecord],
+    held: Dict[str, str],
+    directory: Optional[str],
+    rank: int,
+    group: Any,
+) -> List[str]:
+    """This rank's part of every transfer, in the one global order (so blocking sends cannot
+    deadlock); returns the problems it met as a receiver. A sender first checks the file against
+    the manifest and sends a refusal instead of bytes that do not match."""
+    problems = []
+    for transfer in transfers:
+        record = records[transfer.path]
+        if rank == transfer.sender:
+            _send_file(held[transfer.path], record, transfer.receiver, group)
+        elif rank == transfer.receiver:
+            assert directory is not None
+            problem = _receive_file(os.path.join(directory, record.path), record, transfer.sender, group)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _send_file(path: str, record: FileRecord, receiver: int, group: Any) -> None:
+    try:
+        check_listed_file(path, record)
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        ok = 1
+    except (FileProblem, OSError) as exc:
+        log.warning("cannot send %s to rank %d: %s", path, receiver, exc)
+        data, ok = torch.empty(0, dtype=torch.uint8), 0
+    dist.send(torch.tensor([ok], dtype=torch.int64), receiver, group=group)
+    if ok:
+        dist.send(data, receiver, group=group)
+
+
+def _receive_file(destination: str, record: FileRecord, sender: int, group: Any) -> Optional[str]:
+    ok = torch.zeros(1, dtype=torch.int64)
+    dist.recv(ok, sender, group=group)
+    if not ok.item():
+        return f"rank {sender}'s copy of {record.path} does not match the manifest"
+    data = torch.empty(record.size, dtype=torch.uint8)
+    dist.recv(data, sender, group=group)
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    with open(destination, "wb") as f:
+        f.write(data.numpy().tobytes())
+    try:
+        check_listed_file(destination, record)
+    except FileProblem as exc:
+        os.unlink(destination)
+        return f"{record.path} from rank {sender} arrived damaged: {exc.reason}"
+    return None
+
+
+def _link_held(directory: str, copies: List[str], held: Dict[str, str], manifest_json: Any) -> None:
+    """The gathered directory: the manifest and a hard link to each file the node holds."""
+    os.makedirs(directory, exist_ok=True)
+    with open(manifest_path(directory), "w", encoding="utf-8") as f:
+        f.write(str(manifest_json))
+    for path, source in held.items():
+        destination = os.path.join(directory, path)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        os.link(source, destination)
+
+
+def _held(copies: List[str], manifest: Manifest) -> Dict[str, str]:
+    """Path in the checkpoint -> where this node holds it (its own copy first)."""
+    held: Dict[str, str] = {}
+    for copy in copies:
+        for record in manifest.files():
+            where = os.path.join(copy, record.path)
+            if record.path not in held and os.path.isfile(where):
+                held[record.path] = where
+    return held
+
+
+def _token(group: Any, world: int) -> str:
+    """A token every rank agrees on (rank 0's), for the gathered directory's name."""
+    return str(_gather(group, world, uuid.uuid4().hex[:12])[0])
+
+
+def _gather(group: Any, world: int, value: Any) -> List[Any]:
+    gathered: List[Any] = [None] * world
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None

@@ -1,0 +1,182 @@
+"""Node-local roots and partner copies (issue 16): simulated nodes on this machine, one daemon each
+with a root of its own (`--replicate-to-partner`, so also `--node-local-root`), a shared tier every
+node fills with its own files, and ranks in a real gloo process group (tests/workers/node_local_job.py).
+
+A replaced node is simulated by wiping its root: the restarted job must load that node's state from
+its partner's copy, bitwise; with the partner copy damaged too, from the shared tier, with a warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from helpers import Daemon, start_daemon
+
+from ckptd.client.loading import read_manifest, verify_file
+
+WORKER = Path(__file__).parent / "workers" / "node_local_job.py"
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Job:
+    base: Path
+    nodes: int
+    per_node: int
+    secret: Path
+    leader_port: int
+    daemons: List[Daemon]
+
+    @property
+    def shared(self) -> Path:
+        return self.base / "shared"
+
+    def root(self, node: int) -> Path:
+        return self.base / f"node{node}"
+
+    def start(self) -> None:
+        self.daemons = []
+        for node in range(self.nodes):
+            self.daemons.append(
+                start_daemon(
+                    self.root(node),
+                    self.base / f"daemon-node{node}.log",
+                    "--node", str(node),
+                    "--num-nodes", str(self.nodes),
+                    "--leader", f"127.0.0.1:{self.leader_port}",
+                    "--cluster-secret", str(self.secret),
+                    "--peer-timeout", "5",
+                    "--replicate-to-partner",
+                    "--tier", f"shared={self.shared}:every=1",
+                )
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+
+    def run(self, *args: str) -> str:
+        """Every rank of the job runs the worker with `args`; returns the ranks' output."""
+        port, processes = free_port(), []
+        out = self.base / "out"
+        out.mkdir(exist_ok=True)
+        world = self.nodes * self.per_node
+        for rank in range(world):
+            node = rank // self.per_node
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank % self.per_node),
+                "GROUP_RANK": str(node),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            command = [sys.executable, str(WORKER), *args, "--root", str(self.root(node))]
+            command += ["--endpoint", self.daemons[node].endpoint, "--tier", f"shared={self.shared}", "--out", str(out)]
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outputs = []
+        for rank, process in enumerate(processes):
+            try:
+                output, _ = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                for p in processes:
+                    p.kill()
+                raise AssertionError(f"rank {rank} timed out") from None
+            outputs.append(output.decode(errors="replace"))
+            assert process.returncode == 0, f"rank {rank} failed:\n{outputs[-1][-4000:]}\n{self.logs()}"
+        return "\n".join(outputs)
+
+    def loaded(self) -> Dict[int, Dict[str, str]]:
+        out = self.base / "out"
+        return {r: json.loads((out / f"load_rank{r}.json").read_text()) for r in range(self.nodes * self.per_node)}
+
+    def logs(self) -> str:
+        return "\n".join(f"--- node {n} ---\n{d.log()[-3000:]}" for n, d in enumerate(self.daemons))
+
+
+@pytest.fixture(params=[(2, 2), (3, 1)], ids=["2nodes-2ranks", "3nodes-1rank"])
+def job(request: pytest.FixtureRequest, tmp_path: Path) -> Job:
+    nodes, per_node = request.param
+    secret = tmp_path / "cluster.secret"
+    subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
+    job = Job(tmp_path, nodes, per_node, secret, free_port(), [])
+    job.start()
+    yield job
+    job.stop()
+
+
+def wait_for_copies(job: Job, step: int) -> None:
+    """Until every node holds its partner's copy of `step` and the shared tier has it."""
+    import time
+
+    deadline = time.monotonic() + 30
+    wanted = [job.root(n) / "partner" / f"step_{step:08d}" for n in range(job.nodes)]
+    wanted.append(job.shared / f"step_{step:08d}")
+    while not all(p.is_dir() for p in wanted):
+        assert time.monotonic() < deadline, f"copies of step {step} missing: {[str(p) for p in wanted if not p.is_dir()]}\n{job.logs()}"
+        time.sleep(0.1)
+
+
+def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier(job: Job) -> None:
+    job.run("save", str(STEPS))
+    wait_for_copies(job, STEPS)
+    step_dir = f"step_{STEPS:08d}"
+    manifest = read_manifest(str(job.root(0) / step_dir))
+    listed = {record.path for record in manifest.files()}
+    held = []
+    for node in range(job.nodes):
+        own = {str(p.relative_to(job.root(node) / step_dir)) for p in (job.root(node) / step_dir).rglob("*.*")}
+        own.discard("checkpoint_manifest.json")
+        assert own and own < listed, (node, own)  # each node's root holds its own files only
+        partner = job.root(node) / "partner" / step_dir
+        previous = (node - 1) % job.nodes
+        previous_files = {str(p.relative_to(job.root(previous) / step_dir)) for p in (job.root(previous) / step_dir).rglob("*.*")}
+        assert {str(p.relative_to(partner)) for p in partner.rglob("*.*")} == previous_files  # the previous node's files
+        held.append(own)
+    assert set().union(*held) == listed  # together the nodes hold the checkpoint, each file once
+    assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1 :])
+    for record in manifest.files():  # the shared tier got every node's files
+        verify_file(str(job.shared / step_dir), record)
+
+    job.stop()  # node 1 is replaced: its root is gone
+    shutil.rmtree(job.root(1))
+    job.start()
+    output = job.run("load")
+    loaded = job.loaded()
+    assert {r["step"] for r in loaded.values()} == {STEPS}, loaded
+    assert {r["tier"] for r in loaded.values()} == {"root"}, loaded  # node 1's state came from its partner
+    assert "skipping" not in output, output
+
+    # the partner copy of node 1's files is damaged, and node 1 is replaced again
+    partner = job.root(2 % job.nodes) / "partner" / step_dir
+    damaged = sorted(p for p in partner.rglob("*.safetensors") if p.stat().st_size > 0)[0]
+    with open(damaged, "r+b") as f:
+        f.seek(damaged.stat().st_size - 1)
+        last = f.read(1)
+        f.seek(damaged.stat().st_size - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    job.stop()
+    shutil.rmtree(job.root(1))
+    job.start()
+    output = job.run("load")
+    loaded = job.loaded()
+    assert {r["step"] for r in loaded.values()} == {STEPS}, loaded  # still the newest step, bitwise
+    node1 = [r for r in range(job.nodes * job.per_node) if r // job.per_node == 1]
+    assert {loaded[r]["tier"] for r in node1} == {"shared"}, loaded
+    assert "does not match the manifest" in output and "skipping checkpoint" in output, output
