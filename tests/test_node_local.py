@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,10 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
+import msgpack
 import pytest
-from helpers import Daemon, start_daemon
+import torch
+import zmq
+from helpers import Daemon, Holder, start_daemon, wait_for
 
+from ckptd.client import CheckpointManager, SharingPattern, StateComponent
 from ckptd.client.loading import read_manifest, verify_file
+from ckptd.service.curve import CurveKeys
+from ckptd.service.partners import BEGIN, CHUNK, END_FILE, PartnerReceiver, PartnerSender
+from ckptd.service.store import CheckpointStore
 
 WORKER = Path(__file__).parent / "workers" / "node_local_job.py"
 STEPS = 3
@@ -123,14 +131,9 @@ def job(request: pytest.FixtureRequest, tmp_path: Path) -> Job:
 
 def wait_for_copies(job: Job, step: int) -> None:
     """Until every node holds its partner's copy of `step` and the shared tier has it."""
-    import time
-
-    deadline = time.monotonic() + 30
     wanted = [job.root(n) / "partner" / f"step_{step:08d}" for n in range(job.nodes)]
     wanted.append(job.shared / f"step_{step:08d}")
-    while not all(p.is_dir() for p in wanted):
-        assert time.monotonic() < deadline, f"copies of step {step} missing: {[str(p) for p in wanted if not p.is_dir()]}\n{job.logs()}"
-        time.sleep(0.1)
+    assert wait_for(lambda: all(p.is_dir() for p in wanted), timeout=30), f"copies of step {step} missing\n{job.logs()}"
 
 
 def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier(job: Job) -> None:
@@ -146,8 +149,12 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
         assert own and own < listed, (node, own)  # each node's root holds its own files only
         partner = job.root(node) / "partner" / step_dir
         previous = (node - 1) % job.nodes
-        previous_files = {str(p.relative_to(job.root(previous) / step_dir)) for p in (job.root(previous) / step_dir).rglob("*.*")}
-        assert {str(p.relative_to(partner)) for p in partner.rglob("*.*")} == previous_files  # the previous node's files
+        previous_files = {
+            str(p.relative_to(job.root(previous) / step_dir)) for p in (job.root(previous) / step_dir).rglob("*.*")
+        }
+        assert {
+            str(p.relative_to(partner)) for p in partner.rglob("*.*")
+        } == previous_files  # the previous node's files
         held.append(own)
     assert set().union(*held) == listed  # together the nodes hold the checkpoint, each file once
     assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1 :])
@@ -180,3 +187,82 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
     node1 = [r for r in range(job.nodes * job.per_node) if r // job.per_node == 1]
     assert {loaded[r]["tier"] for r in node1} == {"shared"}, loaded
     assert "does not match the manifest" in output and "skipping checkpoint" in output, output
+
+
+def _one_committed_step(tmp_path: Path) -> Path:
+    """A root holding one committed checkpoint, saved through a real one-node daemon."""
+
+    class Provider:
+        model = Holder({"w": torch.full((4096,), 7.0)})
+
+        def get_state_components(self) -> List[StateComponent]:
+            return [StateComponent("model", self.model, SharingPattern.GLOBAL)]
+
+    root = tmp_path / "source"
+    daemon = start_daemon(root, tmp_path / "source-daemon.log")
+    try:
+        with CheckpointManager(Provider(), str(root), endpoint=daemon.endpoint, auto_start=False) as manager:
+            manager.save_checkpoint(7).wait(60)
+    finally:
+        daemon.stop()
+    return root
+
+
+def test_the_partner_channel_refuses_strangers_and_bad_frames_and_keeps_serving(tmp_path: Path) -> None:
+    source = _one_committed_step(tmp_path)
+    step_dir = source / "step_00000007"
+    manifest_text = (step_dir / "checkpoint_manifest.json").read_text()
+    record = read_manifest(str(step_dir)).files()[0]
+    secret = secrets.token_bytes(32)
+    receiver = PartnerReceiver(str(tmp_path / "node1"), secret, None, "127.0.0.1")
+    receiver.start()
+    ctx = zmq.Context()
+
+    job_keys = CurveKeys.derive(secret)
+
+    def request(frames: List[bytes], keys: CurveKeys = job_keys, timeout_ms: int = 5000) -> Dict:
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, job_keys.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.client_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.client_secret)
+        sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(receiver.endpoint)
+        try:
+            sock.send_multipart(frames)
+            return dict(msgpack.unpackb(sock.recv()))
+        finally:
+            sock.close(0)
+
+    def header(**fields: object) -> bytes:
+        return msgpack.packb(fields)
+
+    try:
+        stranger = CurveKeys.derive(secrets.token_bytes(32))  # a peer without the job's secret gets no answer at all
+        with pytest.raises(zmq.Again):
+            request([header(type=BEGIN, step=7, node=0, manifest=manifest_text)], keys=stranger, timeout_ms=1500)
+        refused = request([header(type=CHUNK, step=7, path=record.path, offset=0), b"x"])
+        assert not refused["ok"] and "not begun" in refused["error"]
+        assert request([b"\xc1not msgpack"])["error"] == "a frame without a readable header"
+        assert request([header(type=BEGIN, step=7, node=0, manifest="{")])["ok"] is False
+        assert request([header(type=BEGIN, step=7, node=0, manifest=manifest_text)]) == {"ok": True, "have": False}
+        hostile = request([header(type=CHUNK, step=7, path="../../x", offset=0), b"x"])
+        assert not hostile["ok"] and "is not a file of step 7" in hostile["error"]
+        assert not (tmp_path / "x").exists() and not (tmp_path / "node1" / "x").exists()
+        wrong = b"\0" * record.size  # the right size, the wrong bytes
+        assert request([header(type=CHUNK, step=7, path=record.path, offset=0), wrong])["ok"]
+        damaged = request([header(type=END_FILE, step=7, path=record.path)])
+        assert not damaged["ok"] and "arrived damaged" in damaged["error"]
+        assert CheckpointStore(str(tmp_path / "node1" / "partner")).committed_steps() == []
+
+        # the receiver still serves: a real sender's copy commits, every file verified
+        sender = PartnerSender(CheckpointStore(str(source)), 0, secret, lambda: receiver.endpoint)
+        sender.start()
+        copy = tmp_path / "node1" / "partner" / "step_00000007"
+        assert wait_for(lambda: (copy / "checkpoint_manifest.json").exists(), timeout=20), sender.status()
+        sender.close()
+        for listed in read_manifest(str(copy)).files():
+            verify_file(str(copy), listed)
+    finally:
+        ctx.destroy(linger=0)
+        receiver.close()
