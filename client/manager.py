@@ -203,11 +203,12 @@ class CheckpointManager:
             for tier, candidate in candidates:  # nearest tier first
                 try:
                     states = self._read_copy(candidate, step, components)
-                except VerificationError:
+                except VerificationError as exc:
+                    why = str(exc)
                     if tier == ROOT_TIER and gathered is not None and gathered.problems:
-                        exc = VerificationError("; ".join(gathered.problems))
-                    problems.append(f"{candidate} (tier {tier}): {exc}")
-                    log.warning("skipping checkpoint %s (tier %s): %s", candidate, tier, exc)
+                        why = "; ".join(gathered.problems)
+                    problems.append(f"{candidate} (tier {tier}): {why}")
+                    log.warning("skipping checkpoint %s (tier %s): %s", candidate, tier, why)
                     continue
                 break
             agreed = self._all_ranks_agree(states is not None)
