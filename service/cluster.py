@@ -30,7 +30,7 @@ from ckptd.proto.cluster import NodeReport, TierCopyDone, TierCopyOrder
 from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.messages import Outcome
 from ckptd.proto.retention import RetentionPolicy
-from ckptd.service.curve import CurveKeys
+from ckptd.service.curve import AllowJobDaemons, CurveKeys
 from ckptd.service.leader import Announce, LocalCommitLeader, NodeCopyCommitter, Published, SaveKey, nobody_listens
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
@@ -58,19 +58,6 @@ class ClusterConfig:
     def is_leader(self) -> bool:
         """True on node 0, whose daemon commits."""
         return self.node == 0
-
-
-class _AllowFollowers:
-    """ZAP credentials check: admit only the followers' public key."""
-
-    def __init__(self, allowed: bytes) -> None:
-        self._allowed = allowed
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key != self._allowed:
-            log.warning("refused a daemon connection with an unknown CURVE key (not derived from this job's secret)")
-            return False
-        return True
 
 
 @dataclass
@@ -158,7 +145,7 @@ class ClusterLeader(_Endpoint):
         self._loop = asyncio.get_running_loop()
         self._auth = AsyncioAuthenticator(self._ctx)
         self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowFollowers(self._keys.client_public))
+        self._auth.configure_curve_callback(domain="*", credentials_provider=AllowJobDaemons(self._keys.client_public))
         socket = self._ctx.socket(zmq.ROUTER)
         socket.setsockopt(zmq.CURVE_SERVER, 1)
         socket.setsockopt(zmq.CURVE_SECRETKEY, self._keys.server_secret)

@@ -10,6 +10,7 @@ and everything on the wire is encrypted.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import stat
@@ -22,6 +23,8 @@ from ckptd.service.errors import ClusterSecretError
 
 SECRET_BYTES = 32
 _LABEL = b"ckptd-curve-v1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,21 @@ class CurveKeys:
         server_public, server_secret = pair(b"leader")
         client_public, client_secret = pair(b"follower")
         return cls(server_public, server_secret, client_public, client_secret)
+
+
+class AllowJobDaemons:
+    """ZAP credentials check for a daemon's CURVE server: admit only the client key derived from the
+    job's secret (the other daemons of the job)."""
+
+    def __init__(self, allowed: bytes) -> None:
+        self._allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """True for the job's daemons; a stranger is refused and logged."""
+        if key != self._allowed:
+            log.warning("refused a daemon connection with an unknown CURVE key (not derived from this job's secret)")
+            return False
+        return True
 
 
 def write_secret(path: str) -> None:

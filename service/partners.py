@@ -33,7 +33,7 @@ from ckptd.disk.root import partner_root
 from ckptd.proto import layout
 from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
 from ckptd.proto.retention import RetentionPolicy
-from ckptd.service.curve import CurveKeys
+from ckptd.service.curve import AllowJobDaemons, CurveKeys
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class PartnerReceiver:
         self._auth = ThreadAuthenticator(self._ctx)
         self._auth.start()
         allowed = self._keys.client_public
-        self._auth.configure_curve_callback(domain="*", credentials_provider=_Allow(allowed))
+        self._auth.configure_curve_callback(domain="*", credentials_provider=AllowJobDaemons(allowed))
         self._sock = _curve_server(self._ctx, self._keys)
         self._sock.setsockopt(zmq.RCVTIMEO, 200)
         if self._port:
@@ -243,19 +243,6 @@ class PartnerReceiver:
         if incoming["file"] is not None:
             incoming["file"][1].close()
         removal.remove_tree(incoming["dir"])
-
-
-class _Allow:
-    """ZAP credentials check: admit only the job's daemons' client key."""
-
-    def __init__(self, allowed: bytes) -> None:
-        self._allowed = allowed
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key != self._allowed:
-            log.warning("refused a partner connection with an unknown CURVE key (not derived from this job's secret)")
-            return False
-        return True
 
 
 class PartnerSender:

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from helpers import Daemon, Holder, start_daemon, wait_for
+from helpers import Daemon, Holder, free_port, start_daemon, wait_for
 
 from ckptd.client import CheckpointManager, SharingPattern, StateComponent
 from ckptd.client.loading import read_manifest, verify_file
@@ -32,12 +31,6 @@ from ckptd.service.store import CheckpointStore
 
 WORKER = Path(__file__).parent / "workers" / "node_local_job.py"
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -12,26 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from helpers import Holder
+
 from ckptd.client import CheckpointManager, SharingPattern, StateComponent
-
-
-class Holder:
-    """Stateful around a plain state dict."""
-
-    def __init__(self, value: Dict[str, Any]) -> None:
-        self.value = value
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.value
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.value = state
 
 
 def tagged_state(step: int, rank: int, node: int) -> Dict[str, Dict[str, Any]]:
