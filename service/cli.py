@@ -235,6 +235,12 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--cluster",
+        action="store_true",
+        help="every node's daemon as node 0's daemon (the commit leader) sees it: alive, last heartbeat, "
+        "saves in flight with durable ranks, lag",
+    )
 
 
 class _ProgressBar:

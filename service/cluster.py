@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import zmq
@@ -68,6 +68,31 @@ class _Peer:
     alive: bool = True
     partner: Optional[str] = None
     """Where the node's daemon takes partner copies (`--replicate-to-partner`)."""
+    summary: Dict[str, Any] = field(default_factory=dict)
+    """What the node said of itself in its last heartbeat (`NodeSummary`)."""
+
+
+@dataclass
+class Traffic:
+    """Frames and bytes through one side's socket, by message type (for `ckptd status` and bench_scale)."""
+
+    received: Dict[str, List[int]] = field(default_factory=dict)
+    sent: Dict[str, List[int]] = field(default_factory=dict)
+
+    def count(self, direction: Dict[str, List[int]], msg_type: str, nbytes: int) -> None:
+        """One frame of `nbytes` of type `msg_type`."""
+        counts = direction.setdefault(msg_type, [0, 0])
+        counts[0] += 1
+        counts[1] += nbytes
+
+    def to_wire(self) -> Dict[str, Any]:
+        """{"received": {type: [frames, bytes]}, "sent": ...}."""
+        return {"received": dict(self.received), "sent": dict(self.sent)}
+
+
+NodeSummary = Callable[[], Dict[str, Any]]
+"""A node's view of itself for the cluster status: its saves in flight (step, ranks expected, ranks
+durable, reported) and its last committed step."""
 
 
 class _Endpoint:
@@ -118,6 +143,29 @@ class ClusterLeader(_Endpoint):
         """Tier copies ordered from the followers and not yet collected, with their answers."""
         self.partner_endpoint: Optional[str] = None
         """Where this daemon takes partner copies, told to the last node (its predecessor in the ring)."""
+        self.traffic = Traffic()
+        self._gone: Set[int] = set()
+        """Followers whose heartbeats stopped (kept apart so that a report costs O(1), not O(nodes))."""
+
+    def cluster_status(self, own: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Every node's daemon as the leader sees it (this node's from `own`): alive, seconds since its
+        last heartbeat, its saves in flight and durable ranks, and how many steps it lags the newest
+        step any node reported."""
+        now = time.monotonic()
+        rows = [{"node": 0, "alive": True, "heartbeat_age_s": 0.0, **own}]
+        for node in range(1, self._config.num_nodes):
+            peer = self._peers.get(node)
+            if peer is None:
+                rows.append({"node": node, "alive": False, "heartbeat_age_s": None, "joined": False})
+                continue
+            rows.append(
+                {"node": node, "alive": peer.alive, "heartbeat_age_s": round(now - peer.last_seen, 3), **peer.summary}
+            )
+        newest = max((row.get("newest_reported") or -1 for row in rows), default=-1)
+        for row in rows:
+            reported = row.get("newest_reported")
+            row["lag_steps"] = None if newest < 0 else newest - (reported if reported is not None else -1)
+        return rows
 
     def successor(self) -> Optional[str]:
         """Where node 1's daemon takes partner copies, once it has said."""
@@ -175,11 +223,11 @@ class ClusterLeader(_Endpoint):
         if report.node != self._config.node and report.node_local != self._config.node_local_root:
             await self._commit.abort(report.job, report.step, _root_mode_mismatch(report.node, report.node_local))
             return
-        gone = sorted(
-            n
-            for n, p in self._peers.items()
-            if not p.alive and n != report.node and n not in self._commit.reported_nodes().get(key, set())
-        )
+        if self._gone:
+            reported = self._commit.reported_for(key)
+            gone = sorted(n for n in self._gone if n != report.node and n not in reported)
+        else:
+            gone = []
         if gone:
             await self._commit.abort(report.job, report.step, self._gone_reason(report.step, gone))
             return
@@ -244,14 +292,13 @@ class ClusterLeader(_Endpoint):
             self._copies.notify_all()
 
     async def _send_everywhere(self, msg_type: str, body: Dict[str, Any]) -> None:
+        frame = messages.encode(msg_type, body)  # once, whatever the number of nodes
         for peer in list(self._peers.values()):
-            await self._send(peer.identity, msg_type, body)
+            await self._send_frame(peer.identity, msg_type, frame)
 
     async def _announce_everywhere(self, outcome: Outcome) -> None:
         await self._announce_local(outcome)
-        msg_type, body = outcome.to_wire(with_manifest=self._config.node_local_root)
-        for peer in self._peers.values():
-            await self._send(peer.identity, msg_type, body)
+        await self._send_everywhere(*outcome.to_wire(with_manifest=self._config.node_local_root))
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
@@ -263,6 +310,7 @@ class ClusterLeader(_Endpoint):
             identity, payload = frames
             try:
                 envelope = messages.decode(payload)
+                self.traffic.count(self.traffic.received, envelope.type, len(payload))
                 reply = await self._dispatch(identity, envelope)
             except ProtocolError as exc:
                 log.warning("rejected a frame from a follower: %s", exc.message)
@@ -284,8 +332,11 @@ class ClusterLeader(_Endpoint):
                     ErrorCode.INVALID_REQUEST, f"node must be 1..{self._config.num_nodes - 1} and instance a string"
                 )
             await self._seen(node, identity, instance)
-            partner = body.get("partner")
-            self._peers[node].partner = partner if isinstance(partner, str) else None
+            peer = self._peers[node]
+            partner, summary = body.get("partner"), body.get("summary")
+            peer.partner = partner if isinstance(partner, str) else None
+            if isinstance(summary, dict):
+                peer.summary = summary
             return messages.OK, {"instance": self.instance, "successor": self._successor_of(node)}
         if envelope.type == cluster.NODE_REPORT:
             report = NodeReport.from_wire(body)
@@ -327,6 +378,7 @@ class ClusterLeader(_Endpoint):
         if not peer.alive:
             log.info("node %d's daemon answers again", node)
         peer.identity, peer.last_seen, peer.alive = identity, now, True
+        self._gone.discard(node)
 
     async def _watch_peers(self) -> None:
         while True:
@@ -335,6 +387,7 @@ class ClusterLeader(_Endpoint):
             for node, peer in self._peers.items():
                 if peer.alive and now - peer.last_seen > self._config.peer_timeout:
                     peer.alive = False
+                    self._gone.add(node)
                     log.error("node %d's daemon sent no heartbeat for %.0f s", node, now - peer.last_seen)
                     await self._abort_waiting_for(node, None)
 
@@ -350,10 +403,14 @@ class ClusterLeader(_Endpoint):
         )
 
     async def _send(self, identity: bytes, msg_type: str, body: Dict[str, Any], msg_id: int = 0) -> None:
+        await self._send_frame(identity, msg_type, messages.encode(msg_type, body, msg_id))
+
+    async def _send_frame(self, identity: bytes, msg_type: str, frame: bytes) -> None:
         if self._socket is None:
             return
         try:
-            await self._socket.send_multipart([identity, messages.encode(msg_type, body, msg_id)], flags=zmq.NOBLOCK)
+            await self._socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
+            self.traffic.count(self.traffic.sent, msg_type, len(frame))
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a follower: %s", msg_type, exc)
 
@@ -376,6 +433,8 @@ class ClusterFollower(_Endpoint):
         self.partner_endpoint: Optional[str] = None
         """Where this daemon takes partner copies (said in every heartbeat)."""
         self._successor: Optional[str] = None
+        self.summary: Optional[NodeSummary] = None
+        """This node's view of itself, sent in every heartbeat for the leader's cluster status."""
         self._awaiting: Dict[SaveKey, Optional[RetentionPolicy]] = {}
         """Saves reported and not yet decided, with the retention policy their ranks asked for."""
         self._leader_instance: Optional[str] = None
@@ -399,6 +458,11 @@ class ClusterFollower(_Endpoint):
         """Tell the leader how a tier copy it ordered went (from any thread)."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._spawn, self._send(cluster.TIER_COPIED, answer.to_wire()))
+
+    @property
+    def node(self) -> int:
+        """This daemon's node."""
+        return self._config.node
 
     @property
     def leader_endpoint(self) -> str:
@@ -445,7 +509,10 @@ class ClusterFollower(_Endpoint):
         await self._send(cluster.NODE_ABORT, {"job": job, "step": step, "reason": reason})
 
     def _hello(self) -> Dict[str, Any]:
-        return {"node": self._config.node, "instance": self.instance, "partner": self.partner_endpoint}
+        hello: Dict[str, Any] = {"node": self._config.node, "instance": self.instance, "partner": self.partner_endpoint}
+        if self.summary is not None:
+            hello["summary"] = self.summary()
+        return hello
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None

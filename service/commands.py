@@ -366,12 +366,20 @@ def status(args: argparse.Namespace) -> int:
             body = query_status(endpoint, args.timeout)
         except (TimeoutError, messages.ProtocolError, zmq.ZMQError) as exc:
             return _fail("status", str(exc))
+        if args.cluster:
+            cluster_view = body.get("cluster") or {}
+            if not cluster_view.get("leader"):
+                where = cluster_view.get("leader_endpoint")
+                return _fail(
+                    "status",
+                    "the cluster view is served by node 0's daemon (the commit leader)"
+                    + (f"; this daemon reports to {where}" if where else "; this daemon serves a one-node job"),
+                )
         if args.json:
-            _emit_json(body)
+            _emit_json(body["cluster"] if args.cluster else body)
         else:
-            sys.stdout.write(
-                ("\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else "") + render_status(body, previous) + "\n"
-            )
+            text = render_cluster(body["cluster"]) if args.cluster else render_status(body, previous)
+            sys.stdout.write(("\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else "") + text + "\n")
         sys.stdout.flush()
         if not args.watch:
             return ExitCode.OK
@@ -379,6 +387,25 @@ def status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
         except KeyboardInterrupt:
             return ExitCode.OK
+
+
+def render_cluster(view: Dict[str, Any]) -> str:
+    """One line per node's daemon: alive, last heartbeat, saves in flight with durable ranks, lag."""
+    lines = [
+        f"{'node':>5} {'alive':>5} {'heartbeat':>10} {'committed':>9} {'lag':>4}  saves in flight (step: durable/ranks)"
+    ]
+    for row in view.get("nodes", []):
+        age = row.get("heartbeat_age_s")
+        saves = ", ".join(
+            f"{s['step']}: {s['ranks_durable']}/{s['ranks_expected']}{' reported' if s.get('reported') else ''}"
+            for s in row.get("saves_in_flight") or []
+        )
+        lines.append(
+            f"{row['node']:>5} {('yes' if row.get('alive') else 'NO'):>5} "
+            f"{('-' if age is None else f'{age:.1f} s ago'):>10} {str(row.get('last_committed')):>9} "
+            f"{str(row.get('lag_steps')):>4}  {saves or '-'}"
+        )
+    return "\n".join(lines)
 
 
 def render_status(body: Dict[str, Any], previous: Dict[int, tuple]) -> str:

@@ -95,6 +95,10 @@ class LocalCommitLeader:
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
 
+    def reported_for(self, key: SaveKey) -> Set[int]:
+        """The nodes that have reported save `key` so far."""
+        return set(self._reports.get(key, ()))
+
     def reported_nodes(self) -> Dict[SaveKey, Set[int]]:
         """Saves waiting for reports, with the nodes that have reported so far."""
         return {key: set(reports) for key, reports in self._reports.items()}

@@ -229,6 +229,8 @@ class DaemonServer:
             self.partner_in = PartnerReceiver(self.store.root, self.cluster.secret, config.partner_port, host)
             self.partner_out = PartnerSender(self.store, self.cluster.node, self.cluster.secret, self._successor)
         self.channel = self._commit_channel()
+        if isinstance(self.channel, ClusterFollower):
+            self.channel.summary = self.node_summary
         self._share_tier_copies()
         self.coordinator = NodeCoordinator(
             self.store,
@@ -521,9 +523,40 @@ class DaemonServer:
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a client: %s", msg_type, exc)
 
-    def status(self) -> Dict[str, Any]:
-        """Saves in flight and the last commit, for `ckptd status`."""
+    def node_summary(self) -> Dict[str, Any]:
+        """This node's saves in flight and last commit, as the leader's cluster status shows them."""
+        sessions = self.coordinator.sessions()
+        reported = [s.step for s in sessions if s.reported]
+        last = self.coordinator.last_committed
         return {
+            "saves_in_flight": [
+                {
+                    "step": s.step,
+                    "ranks_expected": len(s.expected),
+                    "ranks_durable": sum(1 for p in s.ranks.values() if p.durable),
+                    "reported": s.reported,
+                }
+                for s in sessions
+            ],
+            "last_committed": last,
+            "newest_reported": max(reported + ([last] if last is not None else []), default=None),
+        }
+
+    def status(self) -> Dict[str, Any]:
+        """Saves in flight and the last commit, for `ckptd status` (with every node's view on node 0
+        of a multi-node job)."""
+        channel = self.channel
+        cluster_view = None
+        if isinstance(channel, ClusterLeader):
+            cluster_view = {
+                "leader": True,
+                "nodes": channel.cluster_status(self.node_summary()),
+                "traffic": channel.traffic.to_wire(),
+            }
+        elif isinstance(channel, ClusterFollower):
+            cluster_view = {"leader": False, "node": channel.node, "leader_endpoint": channel.leader_endpoint}
+        return {
+            "cluster": cluster_view,
             "pid": os.getpid(),
             "root": self.store.root,
             "endpoint": self.endpoint,
