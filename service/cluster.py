@@ -147,6 +147,10 @@ class ClusterLeader(_Endpoint):
         self._gone: Set[int] = set()
         """Followers whose heartbeats stopped (kept apart so that a report costs O(1), not O(nodes))."""
 
+    def timeline(self) -> List[Dict[str, Any]]:
+        """The last saves' moments at the leader (`LocalCommitLeader.timeline`)."""
+        return self._commit.timeline()
+
     def cluster_status(self, own: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Every node's daemon as the leader sees it (this node's from `own`): alive, seconds since its
         last heartbeat, its saves in flight and durable ranks, and how many steps it lags the newest

@@ -12,7 +12,7 @@ import datetime
 import logging
 import time
 from dataclasses import replace
-from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.formats import STATE_DIGEST_KEY
@@ -33,6 +33,7 @@ Published = Callable[[List[int]], None]
 """Told the steps of each batch once committed and durable, before retention runs (in a worker thread)."""
 SaveKey = Tuple[str, int]
 """(job run, step): one save."""
+TIMELINE_KEPT = 256
 
 
 class CommitChannel(Protocol):
@@ -82,6 +83,9 @@ class LocalCommitLeader:
         self._ready: Dict[SaveKey, List[NodeReport]] = {}
         self._committing: Set[SaveKey] = set()
         self._committer: Optional[asyncio.Task] = None
+        self._timeline: Dict[SaveKey, Dict[str, float]] = {}
+        """The last saves' moments (time.monotonic(), comparable across the processes of one host):
+        the last node's report, the commit's rename, the outcome sent."""
 
     async def start(self) -> None:
         """Nothing to set up on one node."""
@@ -114,6 +118,7 @@ class LocalCommitLeader:
             return
         del self._reports[key]
         self._ready[key] = list(reports.values())
+        self._mark(key, "last_report")
         if self._committer is None or self._committer.done():
             self._committer = asyncio.get_running_loop().create_task(self._commit_ready())
 
@@ -127,6 +132,8 @@ class LocalCommitLeader:
             self._committing.update(key for key, _ in batch)
             try:
                 outcomes = [await self._commit(key, reports) for key, reports in batch]
+                for key, _ in batch:
+                    self._mark(key, "committed")
                 committed = [reports for outcome, (_, reports) in zip(outcomes, batch) if outcome.committed]
                 if committed:
                     await self._publish([o.step for o in outcomes if o.committed], committed[-1])
@@ -134,6 +141,16 @@ class LocalCommitLeader:
                 self._committing.difference_update(key for key, _ in batch)
             for outcome in outcomes:
                 await self._announce(outcome)
+                self._mark((outcome.job, outcome.step), "announced")
+
+    def _mark(self, key: SaveKey, moment: str) -> None:
+        self._timeline.setdefault(key, {})[moment] = time.monotonic()
+        while len(self._timeline) > TIMELINE_KEPT:
+            del self._timeline[next(iter(self._timeline))]
+
+    def timeline(self) -> List[Dict[str, Any]]:
+        """The last saves' moments, oldest first: job, step, last_report, committed, announced."""
+        return [{"job": job, "step": step, **moments} for (job, step), moments in self._timeline.items()]
 
     async def _publish(self, steps: List[int], newest: List[NodeReport]) -> None:
         """Make a batch's renames durable and move `latest`, then apply the newest save's retention

@@ -552,6 +552,7 @@ class DaemonServer:
                 "leader": True,
                 "nodes": channel.cluster_status(self.node_summary()),
                 "traffic": channel.traffic.to_wire(),
+                "timeline": channel.timeline(),
             }
         elif isinstance(channel, ClusterFollower):
             cluster_view = {"leader": False, "node": channel.node, "leader_endpoint": channel.leader_endpoint}

@@ -115,7 +115,9 @@ class NetnsCluster:
                 return
             dead = [n for n, p in enumerate(self.processes) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"{joined}/{self.nodes - 1} followers joined; dead daemons {dead}\n{self.logs(dead[:3] or [0])}")
+                raise RuntimeError(
+                    f"{joined}/{self.nodes - 1} followers joined; dead daemons {dead}\n{self.logs(dead[:3] or [0])}"
+                )
             time.sleep(0.2)
 
     def status(self, node: int = 0, timeout: float = 5.0) -> Dict[str, Any]:
@@ -195,6 +197,8 @@ class SaveResult:
     """From the first request sent to the last ACCEPTED received."""
     commit_latency_s: float
     """From the last ACCEPTED (every rank handed over) to the last outcome received."""
+    told_at: float
+    """time.monotonic() when the last rank got its outcome (comparable with the leader's timeline)."""
 
 
 class LightRanks:
@@ -205,7 +209,9 @@ class LightRanks:
         self.ranks_per_node = ranks_per_node
         self.world = cluster.nodes * ranks_per_node
         self.job = job or f"scale-{uuid.uuid4().hex[:8]}"
-        self.topology = {"nodes": [list(range(n * ranks_per_node, (n + 1) * ranks_per_node)) for n in range(cluster.nodes)]}
+        self.topology = {
+            "nodes": [list(range(n * ranks_per_node, (n + 1) * ranks_per_node)) for n in range(cluster.nodes)]
+        }
         self._ctx = zmq.asyncio.Context()
         self._sockets: List[zmq.asyncio.Socket] = []
 
@@ -262,6 +268,7 @@ class LightRanks:
             reasons=reasons,
             handed_over_s=accepted_at - started,
             commit_latency_s=done - accepted_at,
+            told_at=done,
         )
 
     async def _collect(self, step: int) -> tuple:

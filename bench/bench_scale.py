@@ -1,0 +1,214 @@
+"""How the commit path grows with the number of nodes (issue 17).
+
+N simulated nodes, each a real daemon in a network namespace of its own (tests/netns_cluster.py,
+needs root), all ranks played by one light process over the real protocol with a tiny state (a
+GLOBAL and a PER_RANK component). For each N it measures, over timed saves one after another:
+
+  commit latency   from the leader receiving the last node's report (every node durable) to the
+                   last rank told the outcome (median; both sides' time.monotonic(), one host);
+                   "leader commit" is the manifest, fsyncs and rename inside it, and
+                   "accepted->told" the whole way from the last hand-over accepted
+  leader CPU       the node-0 daemon's user+system CPU per commit, its idle CPU (heartbeats)
+                   over the same time taken off
+  leader msgs      frames and bytes the leader received and sent per save (heartbeats excluded)
+  manifest         bytes of checkpoint_manifest.json
+  heartbeats       frames and bytes per second at the leader while idle
+  daemon memory    resident memory per daemon (median and max)
+
+Prints a table and writes a PNG of latency and leader CPU against N (with matplotlib installed).
+
+    sudo .venv/bin/python bench/bench_scale.py [--nodes 2,8,32,64,128,256] [--saves 20]
+    sudo .venv/bin/python bench/bench_scale.py --nodes 8,16,32 --ranks-per-node 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from netns_cluster import LightRanks, NetnsCluster, netns_available  # noqa: E402
+
+HEARTBEAT_TYPES = ("heartbeat", "node_hello", "ok")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def totals(traffic: Dict[str, Any], heartbeats: bool) -> List[int]:
+    """[frames, bytes] received + sent, of heartbeat types only or of every other type."""
+    frames = nbytes = 0
+    for direction in ("received", "sent"):
+        for msg_type, (count, size) in traffic[direction].items():
+            if (msg_type in HEARTBEAT_TYPES) == heartbeats:
+                frames, nbytes = frames + count, nbytes + size
+    return [frames, nbytes]
+
+
+def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: float) -> Dict[str, Any]:
+    cluster = NetnsCluster(nodes, peer_timeout=30.0)
+    with cluster:
+        started = time.monotonic()
+        cluster.start(secret)
+        startup_s = time.monotonic() - started
+        leader = cluster.pid(0)
+
+        async def run() -> List[Any]:
+            ranks = LightRanks(cluster, ranks_per_node)
+            await ranks.connect()
+            try:
+                for step in range(1, 4):  # warm up: first connections, first plans
+                    await ranks.save(step)
+                time.sleep(idle_s / 2)
+                before_idle = (
+                    time.monotonic(),
+                    cpu_seconds(leader),
+                    totals(cluster.status(0)["cluster"]["traffic"], True),
+                )
+                time.sleep(idle_s)
+                after_idle = (
+                    time.monotonic(),
+                    cpu_seconds(leader),
+                    totals(cluster.status(0)["cluster"]["traffic"], True),
+                )
+                traffic_before = totals(cluster.status(0)["cluster"]["traffic"], False)
+                cpu_before, t_before = cpu_seconds(leader), time.monotonic()
+                results = [await ranks.save(step) for step in range(4, 4 + saves)]
+                cpu_after, t_after = cpu_seconds(leader), time.monotonic()
+                status = cluster.status(0)["cluster"]
+                traffic_after = totals(status["traffic"], False)
+                moments = {m["step"]: m for m in status["timeline"] if m["job"] == ranks.job}
+                busy = [cpu_after - cpu_before, t_after - t_before]
+                return [results, before_idle, after_idle, traffic_before, traffic_after, *busy, moments]
+            finally:
+                ranks.close()
+
+        results, before_idle, after_idle, traffic_before, traffic_after, cpu_busy, busy_s, moments = asyncio.run(run())
+        latencies = [
+            r.told_at - moments[r.step]["last_report"] for r in results if "last_report" in moments.get(r.step, {})
+        ]
+        leader_commit = [
+            m["committed"] - m["last_report"] for m in moments.values() if "committed" in m and "last_report" in m
+        ]
+        failed = [r for r in results if not r.committed]
+        idle_s_measured = after_idle[0] - before_idle[0]
+        idle_cpu_rate = (after_idle[1] - before_idle[1]) / idle_s_measured
+        memory = [resident_mb(cluster.pid(n)) for n in range(nodes)]
+        manifest = cluster.root / f"step_{3 + saves:08d}" / "checkpoint_manifest.json"
+        return {
+            "nodes": nodes,
+            "ranks": nodes * ranks_per_node,
+            "startup_s": round(startup_s, 1),
+            "failed": len(failed),
+            "failures": sorted({reason for r in failed for reason in r.reasons})[:3],
+            "commit_latency_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
+            "leader_commit_ms": round(statistics.median(leader_commit) * 1000, 2) if leader_commit else None,
+            "accepted_to_told_ms": round(statistics.median(r.commit_latency_s for r in results) * 1000, 2),
+            "handover_ms": round(statistics.median(r.handed_over_s for r in results) * 1000, 2),
+            "leader_cpu_ms": round(max(0.0, cpu_busy - idle_cpu_rate * busy_s) / saves * 1000, 2),
+            "leader_msgs": round((traffic_after[0] - traffic_before[0]) / saves, 1),
+            "leader_kb": round((traffic_after[1] - traffic_before[1]) / saves / 1024, 1),
+            "manifest_kb": round(manifest.stat().st_size / 1024, 1) if manifest.exists() else None,
+            "heartbeat_per_s": round((after_idle[2][0] - before_idle[2][0]) / idle_s_measured, 1),
+            "heartbeat_kb_per_s": round((after_idle[2][1] - before_idle[2][1]) / idle_s_measured / 1024, 2),
+            "daemon_mb_median": round(statistics.median(memory), 1),
+            "daemon_mb_max": round(max(memory), 1),
+        }
+
+
+COLUMNS = [
+    ("nodes", "nodes"),
+    ("ranks", "ranks"),
+    ("commit_latency_ms", "commit ms"),
+    ("leader_commit_ms", "leader commit ms"),
+    ("accepted_to_told_ms", "accepted->told ms"),
+    ("leader_cpu_ms", "leader CPU ms/commit"),
+    ("leader_msgs", "leader msgs/save"),
+    ("leader_kb", "leader KB/save"),
+    ("manifest_kb", "manifest KB"),
+    ("heartbeat_per_s", "hb frames/s"),
+    ("heartbeat_kb_per_s", "hb KB/s"),
+    ("daemon_mb_median", "daemon MB (med)"),
+    ("daemon_mb_max", "daemon MB (max)"),
+    ("startup_s", "start s"),
+    ("failed", "failed"),
+]
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    widths = [max(len(title), *(len(str(row[key])) for row in rows)) for key, title in COLUMNS]
+    lines = ["  ".join(title.rjust(w) for (_, title), w in zip(COLUMNS, widths))]
+    lines += ["  ".join(str(row[key]).rjust(w) for (key, _), w in zip(COLUMNS, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    nodes = [row["nodes"] for row in rows]
+    figure, latency = plt.subplots(figsize=(7, 4))
+    latency.plot(nodes, [row["commit_latency_ms"] for row in rows], "o-", color="tab:blue", label="commit latency (ms)")
+    latency.set_xscale("log", base=2)
+    latency.set_xlabel("nodes")
+    latency.set_ylabel("commit latency, median (ms)", color="tab:blue")
+    cpu = latency.twinx()
+    cpu.plot(nodes, [row["leader_cpu_ms"] for row in rows], "s--", color="tab:red", label="leader CPU (ms/commit)")
+    cpu.set_ylabel("leader CPU per commit (ms)", color="tab:red")
+    figure.suptitle(f"ckptd commit path, {rows[0]['ranks'] // rows[0]['nodes']} rank(s) per node, 2 shared cores")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", default="2,8,32,64,128,256")
+    parser.add_argument("--ranks-per-node", type=int, default=1)
+    parser.add_argument("--saves", type=int, default=20)
+    parser.add_argument("--idle", type=float, default=4.0, help="seconds of idle heartbeats measured")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if not netns_available():
+        sys.exit("bench_scale needs root and iproute2 (it creates network namespaces)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    secret = args.out / "scale.secret"
+    if not secret.exists():
+        subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
+    rows = []
+    for nodes in (int(n) for n in args.nodes.split(",")):
+        row = measure(nodes, args.ranks_per_node, args.saves, secret, args.idle)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    print(table(rows))
+    name = f"scale_{args.ranks_per_node}rpn"
+    (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    png = args.out / f"{name}.png"
+    print(f"plot: {png}" if plot(rows, png) else "plot: skipped (pip install matplotlib for the PNG)")
+
+
+if __name__ == "__main__":
+    main()
