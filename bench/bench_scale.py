@@ -5,9 +5,10 @@ needs root), all ranks played by one light process over the real protocol with a
 GLOBAL and a PER_RANK component). For each N it measures, over timed saves one after another:
 
   commit latency   from the leader receiving the last node's report (every node durable) to the
-                   last rank told the outcome (median; both sides' time.monotonic(), one host);
-                   "leader commit" is the manifest, fsyncs and rename inside it, and
-                   "accepted->told" the whole way from the last hand-over accepted
+                   last node's daemon told the outcome (median; every process's time.monotonic(),
+                   one host); "leader commit" is the manifest, fsyncs and rename inside it, "ranks
+                   told" runs on to the last rank told, "accepted->told" from the last hand-over
+                   accepted to the last rank told
   leader CPU       the node-0 daemon's user+system CPU per commit, its idle CPU (heartbeats)
                    over the same time taken off
   leader msgs      frames and bytes the leader received and sent per save (heartbeats excluded)
@@ -97,6 +98,11 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
                 status = cluster.status(0)["cluster"]
                 traffic_after = totals(status["traffic"], False)
                 moments = {m["step"]: m for m in status["timeline"] if m["job"] == ranks.job}
+                for node in range(1, nodes):  # when each follower got each outcome
+                    for told in cluster.status(node)["cluster"]["told"]:
+                        if told["job"] == ranks.job and told["step"] in moments:
+                            moment = moments[told["step"]]
+                            moment["nodes_told"] = max(moment.get("nodes_told", 0.0), told["at"])
                 busy = [cpu_after - cpu_before, t_after - t_before]
                 return [results, before_idle, after_idle, traffic_before, traffic_after, *busy, moments]
             finally:
@@ -104,6 +110,9 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
 
         results, before_idle, after_idle, traffic_before, traffic_after, cpu_busy, busy_s, moments = asyncio.run(run())
         latencies = [
+            m["nodes_told"] - m["last_report"] for m in moments.values() if "nodes_told" in m and "last_report" in m
+        ]
+        ranks_told = [
             r.told_at - moments[r.step]["last_report"] for r in results if "last_report" in moments.get(r.step, {})
         ]
         leader_commit = [
@@ -122,6 +131,7 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
             "failures": sorted({reason for r in failed for reason in r.reasons})[:3],
             "commit_latency_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
             "leader_commit_ms": round(statistics.median(leader_commit) * 1000, 2) if leader_commit else None,
+            "ranks_told_ms": round(statistics.median(ranks_told) * 1000, 2) if ranks_told else None,
             "accepted_to_told_ms": round(statistics.median(r.commit_latency_s for r in results) * 1000, 2),
             "handover_ms": round(statistics.median(r.handed_over_s for r in results) * 1000, 2),
             "leader_cpu_ms": round(max(0.0, cpu_busy - idle_cpu_rate * busy_s) / saves * 1000, 2),
@@ -140,6 +150,7 @@ COLUMNS = [
     ("ranks", "ranks"),
     ("commit_latency_ms", "commit ms"),
     ("leader_commit_ms", "leader commit ms"),
+    ("ranks_told_ms", "ranks told ms"),
     ("accepted_to_told_ms", "accepted->told ms"),
     ("leader_cpu_ms", "leader CPU ms/commit"),
     ("leader_msgs", "leader msgs/save"),

@@ -61,13 +61,15 @@ class NodeReport:
     node_local: bool = False
     """The node writes into a root of its own (`--node-local-root`) and commits its copy itself."""
 
-    def to_wire(self) -> Dict[str, Any]:
-        """Plain form for a NODE_REPORT frame."""
+    def to_wire(self, with_topology: bool = True) -> Dict[str, Any]:
+        """Plain form for a NODE_REPORT frame; without the topology's ranks, only its digest, when the
+        leader already has it (a report then costs O(local ranks), not O(world size))."""
         return {
             "job": self.job,
             "step": self.step,
             "node": self.node,
-            "topology": self.topology.to_wire(),
+            "topology": self.topology.to_wire() if with_topology else None,
+            "topology_id": self.topology.digest,
             "parts": [[rank, [p.to_wire() for p in parts]] for rank, parts in self.parts.items()],
             "files": [
                 [key, scope, _file_to_wire(f.tensor_file), _file_to_wire(f.state_file)]
@@ -83,14 +85,12 @@ class NodeReport:
         }
 
     @classmethod
-    def from_wire(cls, body: Dict[str, Any]) -> "NodeReport":
-        """Checked inverse of `to_wire`. File paths are rebuilt from the component key and scope, so a
-        report cannot point the manifest outside the checkpoint directory."""
+    def from_wire(cls, body: Dict[str, Any], topologies: Optional[Dict[str, Topology]] = None) -> "NodeReport":
+        """Checked inverse of `to_wire`; `topologies` (by digest) are those the receiver already has.
+        File paths are rebuilt from the component key and scope, so a report cannot point the manifest
+        outside the checkpoint directory."""
         where = "node report"
-        try:
-            topology = Topology.from_wire(body.get("topology"))
-        except ValueError as exc:
-            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
+        topology = _report_topology(body, topologies or {}, where)
         node = _field(body, "node", int, where)
         step = _field(body, "step", int, where)
         if not 0 <= node < topology.num_nodes or step < 0:
@@ -191,6 +191,24 @@ class TierCopyDone:
         if not all(isinstance(f, str) for f in files) or not (error is None or isinstance(error, str)):
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: files must be strings and error a string or null")
         return cls(TierCopyOrder.from_wire(body), _field(body, "node", int, where), tuple(files), error)
+
+
+def _report_topology(body: Dict[str, Any], known: Dict[str, Topology], where: str) -> Topology:
+    digest = body.get("topology_id")
+    if body.get("topology") is None:
+        topology = known.get(digest) if isinstance(digest, str) else None
+        if topology is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"{where}: topology {digest!r} is unknown here; send it in full"
+            )
+        return topology
+    try:
+        topology = Topology.from_wire(body.get("topology"))
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: {exc}") from None
+    if digest is not None and digest != topology.digest:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: the topology does not match its digest {digest!r}")
+    return topology
 
 
 def _node_of(topology: Topology, rank: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -41,10 +43,20 @@ class Topology:
 
     def node_of(self, rank: int) -> int:
         """The node that holds `rank`."""
-        for index, node in enumerate(self.nodes):
-            if rank in node:
-                return index
-        raise ValueError(f"rank {rank} is not in a job of world size {self.world_size}")
+        try:
+            return self._node_by_rank[rank]
+        except (KeyError, TypeError):
+            raise ValueError(f"rank {rank} is not in a job of world size {self.world_size}") from None
+
+    @functools.cached_property
+    def _node_by_rank(self) -> Dict[int, int]:
+        return {rank: index for index, node in enumerate(self.nodes) for rank in node}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short fingerprint of the topology: a message may name a topology its receiver already has
+        by it instead of listing every rank again."""
+        return hashlib.sha256(repr(self.nodes).encode()).hexdigest()[:32]
 
     def node_ranks(self, node: int) -> Tuple[int, ...]:
         """Global ranks on `node`, local rank 0 first."""

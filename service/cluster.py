@@ -30,8 +30,17 @@ from ckptd.proto.cluster import NodeReport, TierCopyDone, TierCopyOrder
 from ckptd.proto.errors import ErrorCode, ProtocolError
 from ckptd.proto.messages import Outcome
 from ckptd.proto.retention import RetentionPolicy
+from ckptd.proto.topology import Topology
 from ckptd.service.curve import AllowJobDaemons, CurveKeys
-from ckptd.service.leader import Announce, LocalCommitLeader, NodeCopyCommitter, Published, SaveKey, nobody_listens
+from ckptd.service.leader import (
+    TIMELINE_KEPT,
+    Announce,
+    LocalCommitLeader,
+    NodeCopyCommitter,
+    Published,
+    SaveKey,
+    nobody_listens,
+)
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 from ckptd.service.tiers import CopyStopped, OtherNodesFailed
@@ -90,6 +99,8 @@ class Traffic:
         return {"received": dict(self.received), "sent": dict(self.sent)}
 
 
+TOPOLOGIES_KEPT = 16
+
 NodeSummary = Callable[[], Dict[str, Any]]
 """A node's view of itself for the cluster status: its saves in flight (step, ranks expected, ranks
 durable, reported) and its last committed step."""
@@ -144,8 +155,15 @@ class ClusterLeader(_Endpoint):
         self.partner_endpoint: Optional[str] = None
         """Where this daemon takes partner copies, told to the last node (its predecessor in the ring)."""
         self.traffic = Traffic()
+        self._topologies: Dict[str, Topology] = {}
+        """The job topologies followers have sent in full, by digest (later reports name them only)."""
         self._gone: Set[int] = set()
         """Followers whose heartbeats stopped (kept apart so that a report costs O(1), not O(nodes))."""
+
+    def _remember_topology(self, topology: Topology) -> None:
+        self._topologies[topology.digest] = topology
+        while len(self._topologies) > TOPOLOGIES_KEPT:
+            del self._topologies[next(iter(self._topologies))]
 
     def timeline(self) -> List[Dict[str, Any]]:
         """The last saves' moments at the leader (`LocalCommitLeader.timeline`)."""
@@ -343,7 +361,8 @@ class ClusterLeader(_Endpoint):
                 peer.summary = summary
             return messages.OK, {"instance": self.instance, "successor": self._successor_of(node)}
         if envelope.type == cluster.NODE_REPORT:
-            report = NodeReport.from_wire(body)
+            report = NodeReport.from_wire(body, self._topologies)
+            self._remember_topology(report.topology)
             self._check_sender(identity, report.node)
             await self.report(report)
             return None
@@ -437,6 +456,9 @@ class ClusterFollower(_Endpoint):
         self.partner_endpoint: Optional[str] = None
         """Where this daemon takes partner copies (said in every heartbeat)."""
         self._successor: Optional[str] = None
+        self._told_at: Dict[SaveKey, float] = {}
+        self._told: Set[Tuple[str, Optional[str]]] = set()
+        """(topology digest, leader instance) pairs sent in full: later reports name them only."""
         self.summary: Optional[NodeSummary] = None
         """This node's view of itself, sent in every heartbeat for the leader's cluster status."""
         self._awaiting: Dict[SaveKey, Optional[RetentionPolicy]] = {}
@@ -449,6 +471,16 @@ class ClusterFollower(_Endpoint):
     def deliver_outcomes_to(self, announce: Announce) -> None:
         """Where the leader's decisions for this node go."""
         self._announce = announce
+
+    def _mark_told(self, outcome: Outcome) -> None:
+        self._told_at[(outcome.job, outcome.step)] = time.monotonic()
+        while len(self._told_at) > TIMELINE_KEPT:
+            del self._told_at[next(iter(self._told_at))]
+
+    def told(self) -> List[Dict[str, Any]]:
+        """When the last outcomes reached this node (time.monotonic(), comparable with the leader's
+        timeline on one host), oldest first."""
+        return [{"job": job, "step": step, "at": at} for (job, step), at in self._told_at.items()]
 
     def successor(self) -> Optional[str]:
         """Where the next node's daemon takes partner copies, as the leader last said."""
@@ -505,7 +537,10 @@ class ClusterFollower(_Endpoint):
             await self._resolve_locally(key, self._leader_gone_reason(report.step))
             return
         self._awaiting[key] = report.retention
-        await self._send(cluster.NODE_REPORT, replace(report, node_local=self._config.node_local_root).to_wire())
+        told = (report.topology.digest, self._leader_instance)
+        body = replace(report, node_local=self._config.node_local_root).to_wire(with_topology=told not in self._told)
+        self._told.add(told)
+        await self._send(cluster.NODE_REPORT, body)
 
     async def abort(self, job: str, step: int, reason: str) -> None:
         """Abort here at once, and ask the leader to abort the save on every node."""
@@ -538,6 +573,7 @@ class ClusterFollower(_Endpoint):
             elif envelope.type in (messages.COMMITTED, messages.ABORTED):
                 outcome = Outcome.from_wire(envelope.type, envelope.body)
                 if outcome is not None:
+                    self._mark_told(outcome)
                     retention = self._awaiting.pop((outcome.job, outcome.step), None)
                     if outcome.committed and self._node_copy is not None:
                         outcome = await self._node_copy.commit(outcome, retention)
@@ -546,6 +582,7 @@ class ClusterFollower(_Endpoint):
                 self._on_tier_order(envelope.body)
             elif envelope.type == messages.ERROR:
                 log.error("the commit leader refused a message: %s", envelope.body.get("message"))
+                self._told.clear()  # it may have missed a topology: the next report sends it in full
 
     def _on_tier_order(self, body: Dict[str, Any]) -> None:
         try:

@@ -555,7 +555,12 @@ class DaemonServer:
                 "timeline": channel.timeline(),
             }
         elif isinstance(channel, ClusterFollower):
-            cluster_view = {"leader": False, "node": channel.node, "leader_endpoint": channel.leader_endpoint}
+            cluster_view = {
+                "leader": False,
+                "node": channel.node,
+                "leader_endpoint": channel.leader_endpoint,
+                "told": channel.told(),
+            }
         return {
             "cluster": cluster_view,
             "pid": os.getpid(),
