@@ -6,11 +6,12 @@ GLOBAL and a PER_RANK component). For each N it measures, over timed saves one a
 
   commit latency   from the leader receiving the last node's report (every node durable) to the
                    last node's daemon told the outcome (median; every process's time.monotonic(),
-                   one host); "leader commit" is the manifest, fsyncs and rename inside it, "ranks
-                   told" runs on to the last rank told, "accepted->told" from the last hand-over
+                   one host); "leader commit" is the manifest, fsyncs and rename inside it, "announced"
+                   the leader's last send of the outcome, "ranks told" runs on to the last rank told, "accepted->told" from the last hand-over
                    accepted to the last rank told
   leader CPU       the node-0 daemon's user+system CPU per commit, its idle CPU (heartbeats)
                    over the same time taken off
+  follower CPU     a follower daemon's CPU per save (median over followers, heartbeats included)
   leader msgs      frames and bytes the leader received and sent per save (heartbeats excluded)
   manifest         bytes of checkpoint_manifest.json
   heartbeats       frames and bytes per second at the leader while idle
@@ -73,6 +74,8 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
         startup_s = time.monotonic() - started
         leader = cluster.pid(0)
 
+        follower_cpu: List[float] = []
+
         async def run() -> List[Any]:
             ranks = LightRanks(cluster, ranks_per_node)
             await ranks.connect()
@@ -92,9 +95,12 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
                     totals(cluster.status(0)["cluster"]["traffic"], True),
                 )
                 traffic_before = totals(cluster.status(0)["cluster"]["traffic"], False)
+                followers = [cluster.pid(n) for n in range(1, nodes)]
+                followers_before = [cpu_seconds(pid) for pid in followers]
                 cpu_before, t_before = cpu_seconds(leader), time.monotonic()
                 results = [await ranks.save(step) for step in range(4, 4 + saves)]
                 cpu_after, t_after = cpu_seconds(leader), time.monotonic()
+                follower_cpu.extend(cpu_seconds(pid) - before for pid, before in zip(followers, followers_before))
                 status = cluster.status(0)["cluster"]
                 traffic_after = totals(status["traffic"], False)
                 moments = {m["step"]: m for m in status["timeline"] if m["job"] == ranks.job}
@@ -118,6 +124,9 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
         leader_commit = [
             m["committed"] - m["last_report"] for m in moments.values() if "committed" in m and "last_report" in m
         ]
+        announced = [
+            m["announced"] - m["last_report"] for m in moments.values() if "announced" in m and "last_report" in m
+        ]
         failed = [r for r in results if not r.committed]
         idle_s_measured = after_idle[0] - before_idle[0]
         idle_cpu_rate = (after_idle[1] - before_idle[1]) / idle_s_measured
@@ -131,10 +140,12 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
             "failures": sorted({reason for r in failed for reason in r.reasons})[:3],
             "commit_latency_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
             "leader_commit_ms": round(statistics.median(leader_commit) * 1000, 2) if leader_commit else None,
+            "announced_ms": round(statistics.median(announced) * 1000, 2) if announced else None,
             "ranks_told_ms": round(statistics.median(ranks_told) * 1000, 2) if ranks_told else None,
             "accepted_to_told_ms": round(statistics.median(r.commit_latency_s for r in results) * 1000, 2),
             "handover_ms": round(statistics.median(r.handed_over_s for r in results) * 1000, 2),
             "leader_cpu_ms": round(max(0.0, cpu_busy - idle_cpu_rate * busy_s) / saves * 1000, 2),
+            "follower_cpu_ms": round(statistics.median(follower_cpu) / saves * 1000, 2) if follower_cpu else None,
             "leader_msgs": round((traffic_after[0] - traffic_before[0]) / saves, 1),
             "leader_kb": round((traffic_after[1] - traffic_before[1]) / saves / 1024, 1),
             "manifest_kb": round(manifest.stat().st_size / 1024, 1) if manifest.exists() else None,
@@ -150,9 +161,11 @@ COLUMNS = [
     ("ranks", "ranks"),
     ("commit_latency_ms", "commit ms"),
     ("leader_commit_ms", "leader commit ms"),
+    ("announced_ms", "announced ms"),
     ("ranks_told_ms", "ranks told ms"),
     ("accepted_to_told_ms", "accepted->told ms"),
     ("leader_cpu_ms", "leader CPU ms/commit"),
+    ("follower_cpu_ms", "follower CPU ms/save"),
     ("leader_msgs", "leader msgs/save"),
     ("leader_kb", "leader KB/save"),
     ("manifest_kb", "manifest KB"),

@@ -14,6 +14,7 @@ from ckptd.disk.manifests import read_manifest
 from ckptd.disk.root import read_latest
 from ckptd.proto import layout
 from ckptd.proto.cluster import NodeReport, ScopeFiles
+from ckptd.proto.errors import ProtocolError
 from ckptd.proto.manifest import FileRecord
 from ckptd.proto.messages import ComponentPart, Outcome
 from ckptd.proto.patterns import SharingPattern, place
@@ -170,3 +171,20 @@ def test_sharded_chunks_that_tile_commit_and_any_rank_reads_them() -> None:
 def test_sharded_chunks_that_do_not_tile_reject_the_commit(rows: Dict[int, Tuple[int, int]], problem: str) -> None:
     with pytest.raises(CommitRejected, match=problem):
         build_manifest([sharded_report(n, rows) for n in (0, 1)])
+
+
+def test_a_report_names_a_known_topology_by_its_digest_and_an_unknown_one_is_refused() -> None:
+    report = node_report(3, 1)
+    full = report.to_wire()
+    named = report.to_wire(with_topology=False)
+    assert named["topology"] is None and named["topology_id"] == TWO_NODES.digest
+    known = {TWO_NODES.digest: NodeReport.from_wire(full).topology}
+    assert NodeReport.from_wire(named, known).topology == TWO_NODES
+    with pytest.raises(ProtocolError, match="is unknown here; send it in full"):
+        NodeReport.from_wire(named, {})
+    with pytest.raises(ProtocolError, match="does not match its digest"):
+        NodeReport.from_wire({**full, "topology_id": Topology(((0, 1),)).digest})
+    assert Topology(((0, 2), (1,))).digest != Topology(((0,), (1, 2))).digest
+    assert [TWO_NODES.node_of(rank) for rank in (0, 1)] == [0, 1]
+    with pytest.raises(ValueError, match="rank 2 is not in a job of world size 2"):
+        TWO_NODES.node_of(2)
