@@ -30,7 +30,10 @@ class CheckpointStore:
         """Raise OSError unless this process can create files in the root (creates and removes one)."""
         probe = os.path.join(self.root, f"{layout.TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
-        os.unlink(probe)
+        try:
+            os.unlink(probe)
+        except FileNotFoundError:  # node 0's leftover cleanup got to it first, on a shared root
+            pass
 
     def final_path(self, step: int) -> str:
         """Where the committed checkpoint of `step` lives."""
