@@ -14,7 +14,7 @@ GLOBAL and a PER_RANK component). For each N it measures, over timed saves one a
   follower CPU     a follower daemon's CPU per save (median over followers, heartbeats included)
   leader msgs      frames and bytes the leader received and sent per save (heartbeats excluded)
   manifest         bytes of checkpoint_manifest.json
-  heartbeats       frames and bytes per second at the leader while idle
+  heartbeats       frames and bytes per second at the leader while idle, and the leader's idle CPU
   daemon memory    resident memory per daemon (median and max)
 
 Prints a table and writes a PNG of latency and leader CPU against N (with matplotlib installed).
@@ -149,6 +149,7 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
             "leader_msgs": round((traffic_after[0] - traffic_before[0]) / saves, 1),
             "leader_kb": round((traffic_after[1] - traffic_before[1]) / saves / 1024, 1),
             "manifest_kb": round(manifest.stat().st_size / 1024, 1) if manifest.exists() else None,
+            "leader_idle_cpu_pct": round(idle_cpu_rate * 100, 2),
             "heartbeat_per_s": round((after_idle[2][0] - before_idle[2][0]) / idle_s_measured, 1),
             "heartbeat_kb_per_s": round((after_idle[2][1] - before_idle[2][1]) / idle_s_measured / 1024, 2),
             "daemon_mb_median": round(statistics.median(memory), 1),
@@ -171,6 +172,7 @@ COLUMNS = [
     ("manifest_kb", "manifest KB"),
     ("heartbeat_per_s", "hb frames/s"),
     ("heartbeat_kb_per_s", "hb KB/s"),
+    ("leader_idle_cpu_pct", "leader idle CPU %"),
     ("daemon_mb_median", "daemon MB (med)"),
     ("daemon_mb_max", "daemon MB (max)"),
     ("startup_s", "start s"),
@@ -195,7 +197,9 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
         return False
     nodes = [row["nodes"] for row in rows]
     figure, latency = plt.subplots(figsize=(7, 4))
-    latency.plot(nodes, [row["commit_latency_ms"] for row in rows], "o-", color="tab:blue", label="commit latency (ms)")
+    latency.plot(nodes, [row["commit_latency_ms"] for row in rows], "o-", color="tab:blue", label="every node told")
+    latency.plot(nodes, [row["announced_ms"] for row in rows], "^:", color="tab:cyan", label="leader done announcing")
+    latency.legend(loc="upper left")
     latency.set_xscale("log", base=2)
     latency.set_xlabel("nodes")
     latency.set_ylabel("commit latency, median (ms)", color="tab:blue")
@@ -215,7 +219,13 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=20)
     parser.add_argument("--idle", type=float, default=4.0, help="seconds of idle heartbeats measured")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--replot", type=Path, help="only draw the PNG (next to it) of a JSON this bench wrote")
     args = parser.parse_args()
+    if args.replot:
+        rows = json.loads(args.replot.read_text())
+        print(table(rows))
+        plot(rows, args.replot.with_suffix(".png"))
+        return
     if not netns_available():
         sys.exit("bench_scale needs root and iproute2 (it creates network namespaces)")
     args.out.mkdir(parents=True, exist_ok=True)
