@@ -33,6 +33,9 @@ from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
 
 log = logging.getLogger(__name__)
 
+MAX_ROUNDS = 3
+"""Holders asked for one file at most (a node keeps its own copy, and its partner another)."""
+
 NeededFiles = Callable[[Manifest], Set[str]]
 """The paths (in the checkpoint) of the files this rank reads, given the checkpoint's manifest."""
 
@@ -91,36 +94,58 @@ def assemble_from_nodes(
     except ManifestError as exc:
         return Assembly(None, [f"the manifest of step {step} is damaged: {exc}"])
     held = _held(copies, manifest)
-    missing = sorted(needed(manifest) - set(held))
-    lacking = _gather(group, world, missing)
+    wants = needed(manifest)
+    own_copy = checkpoint_path(root, step)
+    elsewhere = any(not held[path].startswith(own_copy + os.sep) for path in wants if path in held)
+    gathered = _gather(group, world, [sorted(wants - set(held)), elsewhere])
+    lacking: List[List[str]] = [missing for missing, _ in gathered]
     wanted = sorted({path for paths in lacking for path in paths})
-    if not wanted:
-        return Assembly(None, [])
+    if not wanted and not any(uses_partner for _, uses_partner in gathered):
+        return Assembly(None, [])  # every rank reads its node's own copy as it is
     holdings = _gather(group, world, sorted(set(wanted) & set(held)))
-    transfers, unheld = _plan(lacking, holdings, node_of)
     owner = min(r for r in range(world) if node_of(r) == node)
     records = {record.path: record for record in manifest.files()}
     token = _token(group, world)
     directory = None
-    if any(lacking[r] for r in range(world) if node_of(r) == node):
+    if any(lacking[r] or gathered[r][1] for r in range(world) if node_of(r) == node):
         directory = os.path.join(root, layout.tmp_dir_name(step, f"{layout.LOAD_TOKEN}{token}"))
     if directory is not None and rank == owner:
         _link_held(directory, copies, held, manifest_json)
-    failed = _run_transfers(transfers, records, held, directory, rank, group)
-    failures = _gather(group, world, failed)
+    unresolved: Dict[Tuple[int, str], str] = {}
+    """(node, path) -> why the node still lacks the file."""
+    refused: Set[Tuple[int, str]] = set()
+    for _ in range(MAX_ROUNDS):  # a copy refused or damaged is asked of the next holder
+        transfers, unheld = _plan(lacking, holdings, node_of, refused)
+        for needing, paths in unheld.items():
+            for path in paths:
+                unresolved.setdefault((node_of(needing), path), f"no other node holds {path} intact")
+        failed = _gather(group, world, _run_transfers(transfers, records, held, directory, rank, group))
+        for transfer in transfers:
+            unresolved.pop((node_of(transfer.receiver), transfer.path), None)
+        lacking = [[] for _ in range(world)]
+        for receiver, failures in enumerate(failed):
+            for path, sender, problem in failures:
+                refused.add((sender, path))
+                lacking[receiver].append(path)
+                unresolved[(node_of(receiver), path)] = problem
+        if not any(lacking):
+            break
     dist.barrier(group=group)  # the owner's files are in place before any rank of its node reads them
     if directory is None:
         return Assembly(None, [])
-    problems = [f"no node holds {path}" for r in range(world) if node_of(r) == node for path in unheld.get(r, [])]
-    problems += [problem for r in range(world) if node_of(r) == node for problem in failures[r]]
+    problems = [why for (where, _), why in sorted(unresolved.items()) if where == node]
     return Assembly(directory, problems, owner=rank == owner)
 
 
 def _plan(
-    lacking: List[List[str]], holdings: List[List[str]], node_of: Callable[[int], int]
+    lacking: List[List[str]],
+    holdings: List[List[str]],
+    node_of: Callable[[int], int],
+    refused: Set[Tuple[int, str]],
 ) -> Tuple[List[Transfer], Dict[int, List[str]]]:
-    """Each node's missing files, each from the lowest rank of another node that holds it, to the
-    lowest rank of the node; and what no rank holds, by the rank that needs it. The same on every rank."""
+    """Each node's missing files, each from the lowest rank of another node that holds it (and has
+    not failed to send it: `refused`, (sender, path) pairs), to the lowest rank of the node; and
+    what no such rank holds, by the rank that needs it. The same on every rank."""
     holders: Dict[str, List[int]] = {}
     for rank, paths in enumerate(holdings):
         for path in paths:
@@ -130,7 +155,7 @@ def _plan(
     for rank, paths in enumerate(lacking):
         owner = min(r for r in range(len(lacking)) if node_of(r) == node_of(rank))
         for path in paths:
-            senders = [r for r in holders.get(path, []) if node_of(r) != node_of(rank)]
+            senders = [r for r in holders.get(path, []) if node_of(r) != node_of(rank) and (r, path) not in refused]
             if not senders:
                 unheld.setdefault(rank, []).append(path)
                 continue
@@ -145,11 +170,12 @@ def _run_transfers(
     directory: Optional[str],
     rank: int,
     group: Any,
-) -> List[str]:
+) -> List[List[Any]]:
     """This rank's part of every transfer, in the one global order (so blocking sends cannot
-    deadlock); returns the problems it met as a receiver. A sender first checks the file against
-    the manifest and sends a refusal instead of bytes that do not match."""
-    problems = []
+    deadlock); returns, as a receiver, [path, sender, problem] for each file that did not arrive
+    intact. A sender first checks the file against the manifest and sends a refusal instead of
+    bytes that do not match."""
+    failures: List[List[Any]] = []
     for transfer in transfers:
         record = records[transfer.path]
         if rank == transfer.sender:
@@ -158,8 +184,8 @@ def _run_transfers(
             assert directory is not None
             problem = _receive_file(os.path.join(directory, record.path), record, transfer.sender, group)
             if problem:
-                problems.append(problem)
-    return problems
+                failures.append([transfer.path, transfer.sender, problem])
+    return failures
 
 
 def _send_file(path: str, record: FileRecord, receiver: int, group: Any) -> None:

@@ -310,7 +310,9 @@ class PartnerSender:
             try:
                 self._send(endpoint, step)
                 self.last_sent, self.last_error = step, None
-            except (PartnerError, OSError, FileProblem, ManifestError) as exc:
+            except (PartnerError, OSError, FileProblem, ManifestError, zmq.ZMQError) as exc:
+                if self._stopping:
+                    return
                 self.last_error = f"sending step {step} to the partner at {endpoint} failed: {exc}"
                 log.error("%s; the next committed step is sent as usual", self.last_error)
 

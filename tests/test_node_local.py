@@ -122,6 +122,15 @@ def job(request: pytest.FixtureRequest, tmp_path: Path) -> Job:
     job.stop()
 
 
+def flip_last_byte(path: Path) -> None:
+    """Damage a file (a second call repairs it)."""
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
 def wait_for_copies(job: Job, step: int) -> None:
     """Until every node holds its partner's copy of `step` and the shared tier has it."""
     wanted = [job.root(n) / "partner" / f"step_{step:08d}" for n in range(job.nodes)]
@@ -154,6 +163,23 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
     for record in manifest.files():  # the shared tier got every node's files
         verify_file(str(job.shared / step_dir), record)
 
+    # a plain restart: each node reads its own files and its partner copy, and gathers the rest
+    output = job.run("load")
+    assert {(r["step"], r["tier"]) for r in job.loaded().values()} == {(STEPS, "root")}, output
+    # node 0's own copy of the GLOBAL optimizer state is damaged: node 0 reads the shared tier, and
+    # a node that lacks the file gets it from the next holder (node 1's partner copy) after node 0 refuses
+    optimizer = sorted((job.root(0) / step_dir / "optimizer").glob("*.safetensors"))[0]
+    flip_last_byte(optimizer)
+    try:
+        output = job.run("load")
+    finally:
+        flip_last_byte(optimizer)
+    loaded = job.loaded()
+    node0 = range(job.per_node)
+    assert {r: loaded[r]["tier"] for r in node0} == {r: "shared" for r in node0}, loaded
+    assert {loaded[r]["tier"] for r in loaded if r not in node0} == {"root"}, (loaded, output)
+    assert {r["step"] for r in loaded.values()} == {STEPS}
+
     job.stop()  # node 1 is replaced: its root is gone
     shutil.rmtree(job.root(1))
     job.start()
@@ -165,12 +191,7 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
 
     # the partner copy of node 1's files is damaged, and node 1 is replaced again
     partner = job.root(2 % job.nodes) / "partner" / step_dir
-    damaged = sorted(p for p in partner.rglob("*.safetensors") if p.stat().st_size > 0)[0]
-    with open(damaged, "r+b") as f:
-        f.seek(damaged.stat().st_size - 1)
-        last = f.read(1)
-        f.seek(damaged.stat().st_size - 1)
-        f.write(bytes([last[0] ^ 0xFF]))
+    flip_last_byte(sorted(p for p in partner.rglob("*.safetensors") if p.stat().st_size > 0)[0])
     job.stop()
     shutil.rmtree(job.root(1))
     job.start()
