@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 import torch.distributed as dist
 
-from ckptd.disk.files import FileProblem, check_listed_file
+from ckptd.disk.files import FileProblem, check_listed_file, map_listed_file
 from ckptd.disk.manifests import manifest_path
 from ckptd.disk.root import checkpoint_path, partner_root
 from ckptd.proto import layout
@@ -33,6 +33,8 @@ from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
 
 log = logging.getLogger(__name__)
 
+TRANSFER_CHUNK = 64 << 20
+"""Bytes per point-to-point send of a file."""
 MAX_ROUNDS = 3
 """Holders asked for one file at most (a node keeps its own copy, and its partner another)."""
 
@@ -189,29 +191,36 @@ def _run_transfers(
 
 
 def _send_file(path: str, record: FileRecord, receiver: int, group: Any) -> None:
+    """Check the file against its record, then send it in chunks from a private mapping (memory stays
+    bounded by the chunk, whatever the file's size); a file that does not match is refused."""
     try:
-        check_listed_file(path, record)
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        ok = 1
-    except (FileProblem, OSError) as exc:
-        log.warning("cannot send %s to rank %d: %s", path, receiver, exc)
-        data, ok = torch.empty(0, dtype=torch.uint8), 0
-    dist.send(torch.tensor([ok], dtype=torch.int64), receiver, group=group)
-    if ok:
-        dist.send(data, receiver, group=group)
+        mapped = map_listed_file(path, record, verify=True)
+    except FileProblem as exc:
+        log.warning("not sending %s to rank %d: %s", path, receiver, exc.reason)
+        dist.send(torch.tensor([0], dtype=torch.int64), receiver, group=group)
+        return
+    try:
+        dist.send(torch.tensor([1], dtype=torch.int64), receiver, group=group)
+        for offset in range(0, record.size, TRANSFER_CHUNK):
+            count = min(TRANSFER_CHUNK, record.size - offset)
+            dist.send(torch.frombuffer(mapped, dtype=torch.uint8, count=count, offset=offset), receiver, group=group)
+    finally:
+        mapped.close()
 
 
 def _receive_file(destination: str, record: FileRecord, sender: int, group: Any) -> Optional[str]:
+    """Receive a file in chunks, written as they come, then checked against its record."""
     ok = torch.zeros(1, dtype=torch.int64)
     dist.recv(ok, sender, group=group)
     if not ok.item():
         return f"rank {sender}'s copy of {record.path} does not match the manifest"
-    data = torch.empty(record.size, dtype=torch.uint8)
-    dist.recv(data, sender, group=group)
     os.makedirs(os.path.dirname(destination), exist_ok=True)
+    chunk = torch.empty(min(TRANSFER_CHUNK, record.size), dtype=torch.uint8)
     with open(destination, "wb") as f:
-        f.write(data.numpy().tobytes())
+        for offset in range(0, record.size, TRANSFER_CHUNK):
+            part = chunk[: min(TRANSFER_CHUNK, record.size - offset)]
+            dist.recv(part, sender, group=group)
+            f.write(part.numpy().data)
     try:
         check_listed_file(destination, record)
     except FileProblem as exc:

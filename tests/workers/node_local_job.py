@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import Holder
 
-from ckptd.client import CheckpointManager, SharingPattern, StateComponent
+from ckptd.client import CheckpointManager, SharingPattern, StateComponent, assembly
 
 
 def tagged_state(step: int, rank: int, node: int) -> Dict[str, Dict[str, Any]]:
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--tier", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    assembly.TRANSFER_CHUNK = 512  # files gathered from other nodes travel in many chunks, as large ones do
     dist.init_process_group("gloo")
     rank, node = dist.get_rank(), int(os.environ["GROUP_RANK"])
     provider = Provider(tagged_state(0, rank, node))
