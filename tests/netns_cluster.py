@@ -51,6 +51,8 @@ class NetnsCluster:
     nodes: int
     peer_timeout: float = 10.0
     daemon_args: Sequence[str] = ()
+    node_args: Dict[int, Sequence[str]] = field(default_factory=dict)
+    """Extra `ckptd serve` arguments for single nodes."""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cks")))
     processes: List[subprocess.Popen] = field(default_factory=list)
@@ -104,7 +106,7 @@ class NetnsCluster:
                 "--node", str(node), "--num-nodes", str(self.nodes),
                 "--leader", f"{node_address(0)}:{LEADER_PORT}", "--cluster-secret", str(secret),
                 "--peer-timeout", f"{self.peer_timeout:g}", "--write-threads", "1", "--nice", "0",
-                *self.daemon_args,
+                *self.daemon_args, *self.node_args.get(node, ()),
             ]  # fmt: skip
             with open(self.log_path(node), "ab") as log:
                 self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))

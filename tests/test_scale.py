@@ -138,3 +138,24 @@ def test_a_partition_shorter_than_the_peer_timeout_costs_no_save(cluster: NetnsC
     assert all(r.committed for r in results), results
     for step in (1, 2, 3):
         assert_every_rank_in(cluster, step)
+
+
+def test_a_node_in_the_other_root_mode_gets_every_save_aborted_with_the_reason(tmp_path: Path) -> None:
+    secret = tmp_path / "cluster.secret"
+    subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
+    with NetnsCluster(2, peer_timeout=PEER_TIMEOUT, node_args={1: ["--node-local-root"]}) as nodes:
+        nodes.start(secret)
+
+        async def one_save() -> SaveResult:
+            ranks = LightRanks(nodes, 1)
+            await ranks.connect()
+            try:
+                return await ranks.save(1, timeout=30)
+            finally:
+                ranks.close()
+
+        result = asyncio.run(one_save())
+    assert not result.committed
+    assert any(
+        "node 1's daemon runs with --node-local-root and node 0's with a shared root" in r for r in result.reasons
+    )
