@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -252,14 +253,16 @@ class CheckpointManager:
         return copies
 
     def _read_copy(self, copy: str, step: int, components: List[PreparedComponent]) -> List[tuple]:
-        """`_read` of a directory; a copy in an object store is first fetched into a temporary
-        directory of the root (ranged GETs, every file checked), read from there, and removed."""
+        """`_read` of a directory; of a copy in an object store, the files this rank reads are first
+        fetched into a temporary directory of the root (ranged GETs, every file checked), read from
+        there, and removed."""
         if not is_object_store(copy):
             return self._read(copy, components)
         fetched = os.path.join(self.root, layout.tmp_dir_name(step, f"fetch{os.getpid()}-{uuid.uuid4().hex[:8]}"))
         os.makedirs(self.root, exist_ok=True)
         try:
-            fetch_checkpoint(ObjectStoreRoot(copy.rsplit("/", 1)[0]), step, fetched)
+            wanted = functools.partial(self._files_needed, components=components)
+            fetch_checkpoint(ObjectStoreRoot(copy.rsplit("/", 1)[0]), step, fetched, wanted)
             return self._read(fetched, components)
         except (ObjectStoreError, FileProblem, ManifestError) as exc:
             raise VerificationError(str(exc)) from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Set
 
 from ckptd.disk.files import CHECK_CHUNK, FileProblem
 from ckptd.disk.manifests import write_manifest
@@ -328,14 +328,20 @@ def _code(exc: Exception) -> Optional[str]:
     return None
 
 
-def fetch_checkpoint(root: ObjectStoreRoot, step: int, destination: str) -> str:
+def fetch_checkpoint(
+    root: ObjectStoreRoot, step: int, destination: str, wanted: Optional[Callable[[Manifest], Set[str]]] = None
+) -> str:
     """Download checkpoint `step` from an object-store root into the new directory `destination`
     (files with parallel ranged GETs, each checked against the manifest, the manifest last), so it
-    loads like a local checkpoint; returns `destination`. Raises ObjectStoreError, FileProblem or
-    ManifestError; the caller removes `destination` either way once it is done with it."""
+    loads like a local checkpoint; returns `destination`. `wanted` picks the files (by path) a loader
+    reads, from the manifest (default: all). Raises ObjectStoreError, FileProblem or ManifestError;
+    the caller removes `destination` either way once it is done with it."""
     manifest = root.read_manifest(step)
     os.makedirs(destination)
+    paths = wanted(manifest) if wanted is not None else None
     for record in manifest.files():
+        if paths is not None and record.path not in paths:
+            continue
         target = os.path.join(destination, record.path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         root.download(step, record, target)

@@ -20,7 +20,7 @@ import pytest
 from helpers import Daemon, running_s3_server, wait_for
 from test_tiers import MIB, Trainer, ckptd, loaded_step, manager_for, tier_status
 
-from ckptd.disk.objectstore import CHECKSUM_METADATA, ObjectStoreError, ObjectStoreRoot
+from ckptd.disk.objectstore import CHECKSUM_METADATA, ObjectStoreError, ObjectStoreRoot, fetch_checkpoint
 from ckptd.disk.root import checkpoint_steps
 
 BUCKET = "ckptd-test"
@@ -83,6 +83,16 @@ def test_steps_are_uploaded_manifest_last_with_their_own_retention_and_load_from
     loaded = loaded_step(daemon.root, (tier,))
     assert (loaded.step, loaded.tier, loaded) == (6, "s3", f"{url}/step_00000006")
     assert not [n for n in os.listdir(daemon.root) if n.startswith(".tmp-")], "the fetched copy was left behind"
+    # a loader fetches only the files it reads
+    only = tmp_path / "only-model"
+    fetch_checkpoint(
+        store, 6, str(only), lambda manifest: {f.path for f in manifest.files() if f.path.startswith("model/")}
+    )
+    assert sorted(str(p.relative_to(only)) for p in only.rglob("*") if p.is_file()) == [
+        "checkpoint_manifest.json",
+        "model/global.msgpack",
+        "model/global.safetensors",
+    ]
 
 
 def test_an_upload_cut_by_kill_9_resumes_at_the_next_start(
