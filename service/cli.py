@@ -83,7 +83,9 @@ _SERVE_FLAGS: Dict[str, _Flag] = {
         unset="none",
         metavar="NAME=PATH[:every=N][:keep_last=K][:keep_every=M]",
     ),
-    "tier_copy_mbps": _Flag("cap on the bandwidth of the copies into the tiers, in MB/s", unset="no cap"),
+    "tier_copy_mbps": _Flag(
+        "cap on the bandwidth of the copies into the tiers and to the partner node, in MB/s", unset="no cap"
+    ),
     "node_local_root": _Flag(
         "the root is on this node only (tmpfs, local NVMe): each node commits its own files there, and a load "
         "takes the files its node lacks from the other nodes or the next tier"

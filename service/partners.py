@@ -34,6 +34,7 @@ from ckptd.proto import layout
 from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.service.curve import AllowJobDaemons, CurveKeys
+from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class PartnerReceiver:
         assert self._sock is not None
         while not self._stopping:
             try:
-                frames = self._sock.recv_multipart()
+                frames = [frame.buffer for frame in self._sock.recv_multipart(copy=False)]  # no copy of a chunk
             except zmq.Again:
                 continue
             except zmq.ZMQError:
@@ -140,7 +141,7 @@ class PartnerReceiver:
             except zmq.ZMQError:
                 return
 
-    def _handle(self, frames: List[bytes]) -> Dict[str, Any]:
+    def _handle(self, frames: List[memoryview]) -> Dict[str, Any]:
         try:
             header = msgpack.unpackb(frames[0])
             kind = header["type"]
@@ -186,7 +187,7 @@ class PartnerReceiver:
         }
         return {"ok": True, "have": False}
 
-    def _chunk(self, incoming: Dict[str, Any], header: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+    def _chunk(self, incoming: Dict[str, Any], header: Dict[str, Any], data: memoryview) -> Dict[str, Any]:
         record = incoming["records"].get(header.get("path"))
         if record is None:
             raise PartnerError(f"{header.get('path')!r} is not a file of step {incoming['step']}")
@@ -249,9 +250,15 @@ class PartnerSender:
     """Sends this node's files of the newest committed checkpoint to the next node's daemon."""
 
     def __init__(
-        self, source: CheckpointStore, node: int, secret: bytes, successor: Callable[[], Optional[str]]
+        self,
+        source: CheckpointStore,
+        node: int,
+        secret: bytes,
+        successor: Callable[[], Optional[str]],
+        max_mbps: Optional[float] = None,
     ) -> None:
         self._source = source
+        self._throttle = Throttle(max_mbps * 1e6 if max_mbps else None)
         self._node = node
         self._keys = CurveKeys.derive(secret)
         self._successor = successor
@@ -352,6 +359,7 @@ class PartnerSender:
                 data = f.read(CHUNK_BYTES)
                 if not data:
                     break
+                self._throttle.consume(len(data))
                 self._request(sock, {"type": CHUNK, "step": step, "path": record.path, "offset": offset}, data)
                 offset += len(data)
         self._request(sock, {"type": END_FILE, "step": step, "path": record.path})

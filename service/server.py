@@ -76,7 +76,7 @@ class DaemonConfig:
     tier: Tuple[str, ...] = ()
     """Slower tiers filled from the root in the background, nearest first (`ckptd.proto.tiers`)."""
     tier_copy_mbps: Optional[float] = None
-    """Cap on the bandwidth of the copies into the tiers, in MB/s."""
+    """Cap on the bandwidth of the copies into the tiers, and of the partner copies, in MB/s."""
     node_local_root: bool = False
     """The root is on this node only (tmpfs, local NVMe): each node of a multi-node job commits its own
     files there under the job's manifest."""
@@ -227,7 +227,9 @@ class DaemonServer:
         if config.replicate_to_partner and self.cluster is not None:
             host = self.cluster.leader_host if self.cluster.is_leader else advertised_host(self.cluster.leader_host)
             self.partner_in = PartnerReceiver(self.store.root, self.cluster.secret, config.partner_port, host)
-            self.partner_out = PartnerSender(self.store, self.cluster.node, self.cluster.secret, self._successor)
+            self.partner_out = PartnerSender(
+                self.store, self.cluster.node, self.cluster.secret, self._successor, config.tier_copy_mbps
+            )
         self.channel = self._commit_channel()
         if isinstance(self.channel, ClusterFollower):
             self.channel.summary = self.node_summary
