@@ -3,6 +3,7 @@ interrupted saves and deletes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import List, Optional
@@ -40,6 +41,29 @@ def checkpoint_path(root: str, step: int) -> str:
 def partner_root(root: str) -> str:
     """Where a node-local root keeps the previous node's files (a checkpoint root of its own)."""
     return os.path.join(root, layout.PARTNER_DIR)
+
+
+def write_node_copy_record(root: str, node: Optional[int]) -> None:
+    """Record that `root` holds node `node`'s copy of each checkpoint (None: the whole checkpoints;
+    removes the record)."""
+    path = os.path.join(root, layout.NODE_COPY_FILE)
+    if node is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    write_atomic(path, json.dumps({"node": node}).encode())
+
+
+def node_copy_of(root: str) -> Optional[int]:
+    """The node whose copy `root` holds, if its daemon recorded one (`write_node_copy_record`)."""
+    try:
+        with open(os.path.join(root, layout.NODE_COPY_FILE), encoding="utf-8") as f:
+            node = json.load(f).get("node")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return node if type(node) is int else None
 
 
 def committed_checkpoints(root: str) -> List[str]:

@@ -17,6 +17,9 @@ REGION_PREFIX = "ckptd-"
 PARTNER_DIR = "partner"
 """Under a node-local root: a checkpoint root of its own holding the previous node's files of each
 checkpoint (`--replicate-to-partner`)."""
+NODE_COPY_FILE = "node_copy.json"
+"""In a node-local root (`--node-local-root`): which node's copy of the job's checkpoints it holds
+(their manifests list the files of every node; the others' are on their nodes)."""
 LOAD_TOKEN = "load"
 """In the tmp directory name where a load gathers the files its node lacks (`.tmp-step_N-load<hex>`)."""
 

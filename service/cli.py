@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from ckptd.disk.manifests import read_manifest
 from ckptd.disk.objectstore import ObjectStoreError, ObjectStoreRoot
-from ckptd.disk.root import checkpoint_dirs
+from ckptd.disk.root import checkpoint_dirs, node_copy_of, partner_root
 from ckptd.disk.tiers import read_tiers_record
 from ckptd.disk.verify import Problem, verify_checkpoint
 from ckptd.proto import layout
@@ -280,6 +280,12 @@ def verify(args: argparse.Namespace) -> int:
     given a root, its tiers' checkpoints are checked too (an object store's read in full)."""
     directories = checkpoint_dirs(args.path) if os.path.isdir(args.path) else []
     stores: List[str] = []
+    node = node_copy_of(os.path.realpath(args.path))
+    partial = set(directories) if node is not None else set()  # one node's copies: the others hold the rest
+    if node is not None:
+        partners = checkpoint_dirs(partner_root(args.path))
+        directories += partners
+        partial.update(partners)
     if directories and directories != [args.path]:  # a root: its tiers' checkpoints too
         for spec in read_tiers_record(os.path.realpath(args.path)):
             if is_object_store(spec.path):
@@ -294,7 +300,10 @@ def verify(args: argparse.Namespace) -> int:
         if args.progress or (args.progress is None and sys.stderr.isatty())
         else None
     )
-    results = {directory: verify_checkpoint(directory, bar.advance if bar else None) for directory in directories}
+    results = {
+        directory: verify_checkpoint(directory, bar.advance if bar else None, held_only=directory in partial)
+        for directory in directories
+    }
     if bar:
         bar.finish()
     for url in stores:
@@ -308,6 +317,11 @@ def verify(args: argparse.Namespace) -> int:
             + "\n"
         )
     else:
+        if node is not None:
+            sys.stdout.write(
+                f"{args.path} is node {node}'s root (--node-local-root): its checkpoints hold that node's files, "
+                "and partner/ the previous node's; the other files are on the other nodes\n"
+            )
         for directory, problems in results.items():
             sys.stdout.write(f"{'BAD' if problems else 'OK '} {directory}\n")
             for problem in problems:

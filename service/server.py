@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from ckptd.disk import runtime
+from ckptd.disk.root import write_node_copy_record
 from ckptd.disk.tiers import write_tiers_record
 from ckptd.proto import messages
 from ckptd.proto.cluster import parse_address
@@ -303,6 +304,9 @@ class DaemonServer:
         try:
             self._clean_root()
             self._sweep_regions()
+            write_node_copy_record(
+                self.store.root, self.config.node if self.cluster is not None and self.cluster.node_local_root else None
+            )
             if self.tier_specs and (self.tiers is not None or self.node_tiers is not None):
                 write_tiers_record(self.store.root, self.tier_specs)
             if self.tiers is not None:

@@ -122,6 +122,10 @@ def job(request: pytest.FixtureRequest, tmp_path: Path) -> Job:
     job.stop()
 
 
+def ckptd_verify(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptd.service", "verify", str(root)], capture_output=True, text=True)
+
+
 def flip_last_byte(path: Path) -> None:
     """Damage a file (a second call repairs it)."""
     with open(path, "r+b") as f:
@@ -162,6 +166,12 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
     assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1 :])
     for record in manifest.files():  # the shared tier got every node's files
         verify_file(str(job.shared / step_dir), record)
+    verified = ckptd_verify(job.root(1))  # a node's own copies and partner copies verify as such
+    assert verified.returncode == 0 and "is node 1's root" in verified.stdout, verified.stdout + verified.stderr
+    assert (
+        f"OK  {job.root(1) / step_dir}" in verified.stdout
+        and f"OK  {job.root(1) / 'partner' / step_dir}" in verified.stdout
+    )
 
     # a restart with node 0's own copy of the GLOBAL optimizer state damaged: node 0 reads the shared
     # tier; node 1 reads rank 0's files from its partner copy; a node that lacks them (node 2) gets
@@ -190,6 +200,8 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
     # the partner copy of node 1's files is damaged, and node 1 is replaced again
     partner = job.root(2 % job.nodes) / "partner" / step_dir
     flip_last_byte(sorted(p for p in partner.rglob("*.safetensors") if p.stat().st_size > 0)[0])
+    verified = ckptd_verify(job.root(2 % job.nodes))
+    assert verified.returncode != 0 and f"BAD {partner}" in verified.stdout, verified.stdout
     job.stop()
     shutil.rmtree(job.root(1))
     job.start()
