@@ -15,6 +15,7 @@ next tier (the caller's fallback) and say so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -82,19 +83,17 @@ def assemble_from_nodes(
     rank, world = dist.get_rank(), dist.get_world_size()
     node = node_of(rank)
     copies = local_copies(root, step)
-    manifest_json = _read_text(manifest_path(copies[0])) if copies else None
-    holders_of_manifest = _gather(group, world, manifest_json is not None)
+    manifest_json, manifest = _first_readable_manifest(copies)
+    holders_of_manifest = _gather(group, world, manifest is not None)
     if not any(holders_of_manifest):
-        return Assembly(None, [f"no node holds step {step}"])
+        return Assembly(None, [f"no node holds step {step} with a readable manifest"])
     if not all(holders_of_manifest):  # a node lost its copy: the lowest rank that has one sends the manifest
         src = holders_of_manifest.index(True)
         box = [manifest_json if rank == src else None]
         dist.broadcast_object_list(box, src=src, group=group)
-        manifest_json = box[0]
-    try:
-        manifest = Manifest.from_json(str(manifest_json))
-    except ManifestError as exc:
-        return Assembly(None, [f"the manifest of step {step} is damaged: {exc}"])
+        manifest_json = str(box[0])
+        manifest = Manifest.from_json(manifest_json)  # the sender read it: it parses on every rank
+    assert manifest is not None
     held = _held(copies, manifest)
     wants = needed(manifest)
     own_copy = checkpoint_path(root, step)
@@ -112,7 +111,10 @@ def assemble_from_nodes(
     if any(lacking[r] or gathered[r][1] for r in range(world) if node_of(r) == node):
         directory = os.path.join(root, layout.tmp_dir_name(step, f"{layout.LOAD_TOKEN}{token}"))
     if directory is not None and rank == owner:
-        _link_held(directory, copies, held, manifest_json)
+        try:
+            _link_held(directory, copies, held, manifest_json)
+        except OSError as exc:  # the node's ranks then read an incomplete directory and go to the next tier
+            log.warning("cannot gather step %d's files in %s: %s", step, directory, exc)
     unresolved: Dict[Tuple[int, str], str] = {}
     """(node, path) -> why the node still lacks the file."""
     refused: Set[Tuple[int, str]] = set()
@@ -195,8 +197,8 @@ def _send_file(path: str, record: FileRecord, receiver: int, group: Any) -> None
     bounded by the chunk, whatever the file's size); a file that does not match is refused."""
     try:
         mapped = map_listed_file(path, record, verify=True)
-    except FileProblem as exc:
-        log.warning("not sending %s to rank %d: %s", path, receiver, exc.reason)
+    except (FileProblem, OSError) as exc:
+        log.warning("not sending %s to rank %d: %s", path, receiver, exc)
         dist.send(torch.tensor([0], dtype=torch.int64), receiver, group=group)
         return
     try:
@@ -209,22 +211,36 @@ def _send_file(path: str, record: FileRecord, receiver: int, group: Any) -> None
 
 
 def _receive_file(destination: str, record: FileRecord, sender: int, group: Any) -> Optional[str]:
-    """Receive a file in chunks, written as they come, then checked against its record."""
+    """Receive a file in chunks, written as they come, then checked against its record. Every chunk
+    is received even when writing fails (the sender would wait for it otherwise)."""
     ok = torch.zeros(1, dtype=torch.int64)
     dist.recv(ok, sender, group=group)
     if not ok.item():
         return f"rank {sender}'s copy of {record.path} does not match the manifest"
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
     chunk = torch.empty(min(TRANSFER_CHUNK, record.size), dtype=torch.uint8)
-    with open(destination, "wb") as f:
-        for offset in range(0, record.size, TRANSFER_CHUNK):
-            part = chunk[: min(TRANSFER_CHUNK, record.size - offset)]
-            dist.recv(part, sender, group=group)
-            f.write(part.numpy().data)
+    failed: Optional[OSError] = None
+    try:
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        out = open(destination, "wb")
+    except OSError as exc:
+        failed, out = exc, None
+    for offset in range(0, record.size, TRANSFER_CHUNK):
+        part = chunk[: min(TRANSFER_CHUNK, record.size - offset)]
+        dist.recv(part, sender, group=group)
+        if out is not None and failed is None:
+            try:
+                out.write(part.numpy().data)
+            except OSError as exc:
+                failed = exc
+    if out is not None:
+        out.close()
+    if failed is not None:
+        return f"{record.path} from rank {sender} could not be written to {destination}: {failed}"
     try:
         check_listed_file(destination, record)
     except FileProblem as exc:
-        os.unlink(destination)
+        with contextlib.suppress(OSError):
+            os.unlink(destination)
         return f"{record.path} from rank {sender} arrived damaged: {exc.reason}"
     return None
 
@@ -262,9 +278,14 @@ def _gather(group: Any, world: int, value: Any) -> List[Any]:
     return gathered
 
 
-def _read_text(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError:
-        return None
+def _first_readable_manifest(copies: List[str]) -> Tuple[Optional[str], Optional[Manifest]]:
+    """The manifest of the first copy whose manifest reads and parses (text and parsed), else Nones.
+    Decided before any collective: a damaged manifest on one node must not leave the others waiting."""
+    for copy in copies:
+        try:
+            with open(manifest_path(copy), encoding="utf-8") as f:
+                text = f.read()
+            return text, Manifest.from_json(text)
+        except (OSError, UnicodeDecodeError, ManifestError) as exc:
+            log.warning("the manifest of %s cannot be read: %s", copy, exc)
+    return None, None

@@ -188,6 +188,16 @@ def test_a_replaced_node_resumes_from_its_partner_copy_then_from_the_shared_tier
     assert {loaded[r]["tier"] for r in loaded if r not in node0} == {"root"}, (loaded, output)
     assert {r["step"] for r in loaded.values()} == {STEPS}
 
+    if job.nodes == 3:  # node 1's own manifest is unreadable: it takes another node's and still reads its own files
+        own_manifest = job.root(1) / step_dir / "checkpoint_manifest.json"
+        good = own_manifest.read_bytes()
+        own_manifest.write_bytes(b"{not json")
+        try:
+            output = job.run("load")
+        finally:
+            own_manifest.write_bytes(good)
+        assert {(r["step"], r["tier"]) for r in job.loaded().values()} == {(STEPS, "root")}, output
+
     job.stop()  # node 1 is replaced: its root is gone
     shutil.rmtree(job.root(1))
     job.start()
