@@ -100,6 +100,8 @@ class Traffic:
 
 
 TOPOLOGIES_KEPT = 16
+TIER_COPY_ANSWER_S = 3600.0
+"""A follower alive but silent about a tier copy this long (a hung disk) no longer holds up the tiers."""
 
 NodeSummary = Callable[[], Dict[str, Any]]
 """A node's view of itself for the cluster status: its saves in flight (step, ranks expected, ranks
@@ -155,6 +157,8 @@ class ClusterLeader(_Endpoint):
         self.partner_endpoint: Optional[str] = None
         """Where this daemon takes partner copies, told to the last node (its predecessor in the ring)."""
         self.traffic = Traffic()
+        self.tier_copy_answer_s = TIER_COPY_ANSWER_S
+        """How long the followers' share of a tier copy may take before the copy is given up."""
         self._topologies: Dict[str, Topology] = {}
         """The job topologies followers have sent in full, by digest (later reports name them only)."""
         self._gone: Set[int] = set()
@@ -268,8 +272,9 @@ class ClusterLeader(_Endpoint):
 
     def wait_for_copies(self, order: TierCopyOrder, stopping: Callable[[], bool]) -> List[str]:
         """The files the followers copied for `order`, once every one has answered; raises
-        OtherNodesFailed when one failed, restarted, or is gone (no heartbeat for the peer timeout, or
-        never joined within it), CopyStopped when `stopping()`."""
+        OtherNodesFailed when one failed, restarted, is gone (no heartbeat for the peer timeout, or
+        never joined within it) or has not answered within `tier_copy_answer_s`, CopyStopped when
+        `stopping()`."""
         ordered = time.monotonic()
         followers = range(1, self._config.num_nodes)
         with self._copies:
@@ -290,6 +295,12 @@ class ClusterLeader(_Endpoint):
                     if gone:
                         raise OtherNodesFailed(
                             f"node(s) {gone} did not answer the copy of step {order.step} into tier {order.tier!r}"
+                        )
+                    if time.monotonic() - ordered > self.tier_copy_answer_s:
+                        silent = [n for n in followers if n not in answers]
+                        raise OtherNodesFailed(
+                            f"node(s) {silent} did not finish copying step {order.step} into tier {order.tier!r} "
+                            f"within {self.tier_copy_answer_s:g} s; the tier gets the next step it wants"
                         )
                     if stopping():
                         raise CopyStopped()
