@@ -19,20 +19,12 @@ from typing import List
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import Holder  # noqa: E402
+
 from ckptd.client import CheckpointManager, SharingPattern, StateComponent
 from ckptd.service.partners import PartnerReceiver, PartnerSender
 from ckptd.service.store import CheckpointStore
-
-
-class Holder:
-    def __init__(self, value: dict) -> None:
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return self.value
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state
 
 
 class Provider:
