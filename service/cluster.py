@@ -195,8 +195,7 @@ class ClusterLeader(_Endpoint):
 
     def successor(self) -> Optional[str]:
         """Where node 1's daemon takes partner copies, once it has said."""
-        peer = self._peers.get(1 % self._config.num_nodes)
-        return peer.partner if peer is not None and peer.alive else None
+        return self._successor_of(self._config.node)
 
     def _successor_of(self, node: int) -> Optional[str]:
         following = (node + 1) % self._config.num_nodes
@@ -401,6 +400,7 @@ class ClusterLeader(_Endpoint):
     async def _seen(self, node: int, identity: bytes, instance: str) -> None:
         peer = self._peers.get(node)
         now = time.monotonic()
+        self._gone.discard(node)  # alive again, restarted or not
         if peer is None or peer.instance != instance:
             if peer is not None:
                 log.warning("node %d's daemon restarted: aborting the saves still waiting for it", node)
@@ -412,7 +412,6 @@ class ClusterLeader(_Endpoint):
         if not peer.alive:
             log.info("node %d's daemon answers again", node)
         peer.identity, peer.last_seen, peer.alive = identity, now, True
-        self._gone.discard(node)
 
     async def _watch_peers(self) -> None:
         while True:

@@ -8,12 +8,14 @@ import concurrent.futures
 import secrets
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 import zmq.asyncio
+from test_commit_logic import node_report
 
 from ckptd.proto.cluster import TierCopyDone, TierCopyOrder
+from ckptd.proto.messages import Outcome
 from ckptd.service.cluster import ClusterConfig, ClusterLeader
 from ckptd.service.store import CheckpointStore
 from ckptd.service.tiers import CopyStopped, OtherNodesFailed
@@ -63,3 +65,29 @@ def test_a_failed_silent_or_stopped_copy_is_given_up_with_the_reason(leader: Clu
     leader.order_copies(stopped)
     with pytest.raises(CopyStopped):
         leader.wait_for_copies(stopped, lambda: True)
+
+
+@pytest.mark.asyncio
+async def test_a_follower_that_went_silent_and_restarted_no_longer_counts_as_gone(tmp_path: Path) -> None:
+    config = ClusterConfig(0, 2, "127.0.0.1", 1, secrets.token_bytes(32), peer_timeout=0.2, heartbeat_s=0.05)
+    ctx = zmq.asyncio.Context()
+    announced: List[Outcome] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        leader = ClusterLeader(config, CheckpointStore(str(tmp_path / "root")), executor, ctx)
+
+        async def record(outcome: Outcome) -> None:
+            announced.append(outcome)
+
+        leader.deliver_outcomes_to(record)
+        await leader._seen(1, b"id1", "first")
+        watcher = asyncio.get_running_loop().create_task(leader._watch_peers())
+        try:
+            await asyncio.sleep(0.5)  # node 1 sends nothing: the leader counts it gone
+            assert leader.cluster_status({})[1]["alive"] is False
+            await leader._seen(1, b"id1b", "second")  # its daemon restarted and said hello
+            await leader.report(node_report(3, 0))  # node 0 reports before node 1 does
+            await asyncio.sleep(0.1)
+            assert announced == [], announced  # not aborted as waiting for a gone node
+        finally:
+            watcher.cancel()
+    ctx.term()
