@@ -98,21 +98,21 @@ def assemble_from_nodes(
     wants = needed(manifest)
     own_copy = checkpoint_path(root, step)
     elsewhere = any(not held[path].startswith(own_copy + os.sep) for path in wants if path in held)
-    gathered = _gather(group, world, [sorted(wants - set(held)), elsewhere])
-    lacking: List[List[str]] = [missing for missing, _ in gathered]
+    gathered = _gather(group, world, [sorted(wants - set(held)), elsewhere, uuid.uuid4().hex[:12]])
+    lacking: List[List[str]] = [missing for missing, _, _ in gathered]
     wanted = sorted({path for paths in lacking for path in paths})
-    if not wanted and not any(uses_partner for _, uses_partner in gathered):
+    if not wanted and not any(uses_partner for _, uses_partner, _ in gathered):
         return Assembly(None, [])  # every rank reads its node's own copy as it is
     holdings = _gather(group, world, sorted(set(wanted) & set(held)))
     owner = min(r for r in range(world) if node_of(r) == node)
     records = {record.path: record for record in manifest.files()}
-    token = _token(group, world)
     directory = None
     if any(lacking[r] or gathered[r][1] for r in range(world) if node_of(r) == node):
+        token = gathered[0][2]  # rank 0's: the same name on every rank of the node
         directory = os.path.join(root, layout.tmp_dir_name(step, f"{layout.LOAD_TOKEN}{token}"))
     if directory is not None and rank == owner:
         try:
-            _link_held(directory, copies, held, manifest_json)
+            _link_held(directory, held, manifest_json)
         except OSError as exc:  # the node's ranks then read an incomplete directory and go to the next tier
             log.warning("cannot gather step %d's files in %s: %s", step, directory, exc)
     unresolved: Dict[Tuple[int, str], str] = {}
@@ -245,7 +245,7 @@ def _receive_file(destination: str, record: FileRecord, sender: int, group: Any)
     return None
 
 
-def _link_held(directory: str, copies: List[str], held: Dict[str, str], manifest_json: Any) -> None:
+def _link_held(directory: str, held: Dict[str, str], manifest_json: Any) -> None:
     """The gathered directory: the manifest and a hard link to each file the node holds."""
     os.makedirs(directory, exist_ok=True)
     with open(manifest_path(directory), "w", encoding="utf-8") as f:
@@ -265,11 +265,6 @@ def _held(copies: List[str], manifest: Manifest) -> Dict[str, str]:
             if record.path not in held and os.path.isfile(where):
                 held[record.path] = where
     return held
-
-
-def _token(group: Any, world: int) -> str:
-    """A token every rank agrees on (rank 0's), for the gathered directory's name."""
-    return str(_gather(group, world, uuid.uuid4().hex[:12])[0])
 
 
 def _gather(group: Any, world: int, value: Any) -> List[Any]:

@@ -276,10 +276,8 @@ class CheckpointManager:
             return None
         if self._gloo is None:  # the files travel between CPU memories, whatever the job's backend
             self._gloo = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        topology = self.rank_info.topology
-        return assemble_from_nodes(
-            self.root, step, topology.node_of, lambda manifest: self._files_needed(manifest, components), self._gloo
-        )
+        needed = functools.partial(self._files_needed, components=components)
+        return assemble_from_nodes(self.root, step, self.rank_info.topology.node_of, needed, self._gloo)
 
     def _files_needed(self, manifest: Manifest, components: List[PreparedComponent]) -> Set[str]:
         """The files this rank reads from a checkpoint with `manifest` (every file of a SHARDED

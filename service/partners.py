@@ -20,7 +20,8 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 import zmq
@@ -29,7 +30,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from ckptd.disk import removal
 from ckptd.disk.files import FileProblem, check_listed_file
 from ckptd.disk.manifests import hold_for_loading, manifest_path, read_manifest
-from ckptd.disk.root import partner_root
+from ckptd.disk.root import checkpoint_steps, partner_root
 from ckptd.proto import layout
 from ckptd.proto.manifest import FileRecord, Manifest, ManifestError
 from ckptd.proto.retention import RetentionPolicy
@@ -40,6 +41,8 @@ from ckptd.service.store import CheckpointStore
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
+MAX_FRAME_BYTES = 64 << 20
+"""The largest frame the receiver takes: a chunk, or a begin frame with its manifest."""
 REPLY_TIMEOUT_MS = 30_000
 """A partner that does not answer a frame within this long counts as gone (the copy is retried
 with the next committed step)."""
@@ -67,7 +70,7 @@ def _curve_server(ctx: zmq.Context, keys: CurveKeys) -> zmq.Socket:
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.server_secret)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.server_public)
-    sock.setsockopt(zmq.MAXMSGSIZE, CHUNK_BYTES + (1 << 20) + (64 << 20))
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
     return sock
 
@@ -86,8 +89,7 @@ class PartnerReceiver:
         self._sock: Optional[zmq.Socket] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self._incoming: Optional[Dict[str, Any]] = None
-        """The copy being received: step, node, manifest, tmp directory, open file."""
+        self._incoming: Optional[_Incoming] = None
         self.endpoint = ""
 
     def start(self) -> None:
@@ -150,7 +152,7 @@ class PartnerReceiver:
         if kind == BEGIN:
             return self._begin(header)
         incoming = self._incoming
-        if incoming is None or header.get("step") != incoming["step"]:
+        if incoming is None or header.get("step") != incoming.step:
             raise PartnerError(f"a {kind} frame for a copy that was not begun")
         if kind == CHUNK and len(frames) == 2:
             return self._chunk(incoming, header, frames[1])
@@ -176,64 +178,54 @@ class PartnerReceiver:
         tmp_dir = os.path.join(self._store.root, layout.tmp_dir_name(step, f"partner{node}"))
         removal.remove_tree(tmp_dir)
         os.makedirs(tmp_dir)
-        records = {record.path: record for record in manifest.files()}
-        self._incoming = {
-            "step": step,
-            "node": node,
-            "manifest": text,
-            "records": records,
-            "dir": tmp_dir,
-            "file": None,
-        }
+        self._incoming = _Incoming(step, node, text, {record.path: record for record in manifest.files()}, tmp_dir)
         return {"ok": True, "have": False}
 
-    def _chunk(self, incoming: Dict[str, Any], header: Dict[str, Any], data: memoryview) -> Dict[str, Any]:
-        record = incoming["records"].get(header.get("path"))
+    def _chunk(self, incoming: _Incoming, header: Dict[str, Any], data: memoryview) -> Dict[str, Any]:
+        path = header.get("path")
+        record = incoming.records.get(path) if isinstance(path, str) else None
         if record is None:
-            raise PartnerError(f"{header.get('path')!r} is not a file of step {incoming['step']}")
-        current = incoming["file"]
-        if current is None or current[0] != record.path:
-            if current is not None:
-                current[1].close()
-            destination = os.path.join(incoming["dir"], record.path)
+            raise PartnerError(f"{path!r} is not a file of step {incoming.step}")
+        if incoming.receiving is None or incoming.receiving[0] != record.path:
+            if incoming.receiving is not None:
+                incoming.receiving[1].close()
+            destination = os.path.join(incoming.directory, record.path)
             os.makedirs(os.path.dirname(destination), exist_ok=True)
-            incoming["file"] = (record.path, open(destination, "wb"))
-        handle = incoming["file"][1]
+            incoming.receiving = (record.path, open(destination, "wb"))
+        handle = incoming.receiving[1]
         if header.get("offset") != handle.tell() or handle.tell() + len(data) > record.size:
             raise PartnerError(f"{record.path}: a chunk out of order or past the file's size")
         handle.write(data)
         return {"ok": True}
 
-    def _end_file(self, incoming: Dict[str, Any], header: Dict[str, Any]) -> Dict[str, Any]:
-        current = incoming["file"]
-        if current is None or current[0] != header.get("path"):
+    def _end_file(self, incoming: _Incoming, header: Dict[str, Any]) -> Dict[str, Any]:
+        if incoming.receiving is None or incoming.receiving[0] != header.get("path"):
             raise PartnerError(f"end of {header.get('path')!r}, which was not being received")
-        path, handle = current
+        path, handle = incoming.receiving
+        incoming.receiving = None
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
-        incoming["file"] = None
-        record: FileRecord = incoming["records"][path]
         try:
-            check_listed_file(os.path.join(incoming["dir"], path), record)
+            check_listed_file(os.path.join(incoming.directory, path), incoming.records[path])
         except FileProblem as exc:
             raise PartnerError(f"{path} arrived damaged: {exc.reason}") from None
         return {"ok": True}
 
-    def _commit(self, incoming: Dict[str, Any]) -> Dict[str, Any]:
-        step = incoming["step"]
+    def _commit(self, incoming: _Incoming) -> Dict[str, Any]:
+        if incoming.receiving is not None:
+            raise PartnerError(f"commit while {incoming.receiving[0]} was still being received")
         self._incoming = None
-        self._store.commit(incoming["dir"], step, incoming["manifest"])
-        self._store.publish([step])
-        log.info("partner copies: holding node %d's files of step %d", incoming["node"], step)
+        self._store.commit(incoming.directory, incoming.step, incoming.manifest)
+        self._store.publish([incoming.step])
+        log.info("partner copies: holding node %d's files of step %d", incoming.node, incoming.step)
         self._keep_what_the_root_keeps()
         return {"ok": True}
 
     def _keep_what_the_root_keeps(self) -> None:
         """As many partner steps as the node's own root holds (at least the newest)."""
-        own = CheckpointStore(self._root).committed_steps()
         try:
-            self._store.apply_retention(RetentionPolicy(keep_last=max(1, len(own))))
+            self._store.apply_retention(RetentionPolicy(keep_last=max(1, len(checkpoint_steps(self._root)))))
         except OSError as exc:
             log.error("partner copies: retention pass failed (it runs again after the next copy): %s", exc)
 
@@ -241,9 +233,25 @@ class PartnerReceiver:
         incoming, self._incoming = self._incoming, None
         if incoming is None:
             return
-        if incoming["file"] is not None:
-            incoming["file"][1].close()
-        removal.remove_tree(incoming["dir"])
+        if incoming.receiving is not None:
+            incoming.receiving[1].close()
+        removal.remove_tree(incoming.directory)
+
+
+@dataclass
+class _Incoming:
+    """The partner copy being received."""
+
+    step: int
+    node: int
+    manifest: str
+    """Its manifest's JSON, written last."""
+    records: Dict[str, FileRecord]
+    """The files it may hold, by path: the manifest's."""
+    directory: str
+    """Its tmp directory."""
+    receiving: Optional[Tuple[str, BinaryIO]] = None
+    """The file being written, and its handle."""
 
 
 class PartnerSender:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from typing import List, Optional, Protocol, Sequence
 
 from ckptd.disk.files import FileProblem, check_listed_file, map_listed_file
 from ckptd.disk.objectstore import ObjectStoreRoot
 from ckptd.proto import layout
-from ckptd.proto.manifest import FileRecord, Manifest
+from ckptd.proto.manifest import FileRecord
 from ckptd.proto.retention import RetentionPolicy, kept_steps
 from ckptd.proto.tiers import TierSpec, is_object_store
 from ckptd.service.shard_writer import PageRelease, Throttle, write_shard
@@ -58,24 +57,6 @@ class TierTarget(Protocol):
 
     def apply_retention(self, policy: RetentionPolicy) -> List[int]:
         """Delete what `policy` does not keep (never the newest); returns the steps deleted."""
-
-
-def copy_checkpoint(
-    target: TierTarget,
-    source_dir: str,
-    manifest: Manifest,
-    manifest_json: str,
-    throttle: Throttle,
-    progress: PageRelease,
-) -> None:
-    """Copy the whole committed checkpoint at `source_dir` into `target` and commit it there."""
-    token = uuid.uuid4().hex[:12]
-    try:
-        target.copy_files(source_dir, manifest.step, token, manifest.files(), throttle, progress)
-        target.commit_copy(manifest.step, token, manifest_json)
-    except BaseException:
-        target.discard_copy(manifest.step, token)
-        raise
 
 
 def open_target(spec: TierSpec) -> TierTarget:

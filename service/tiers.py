@@ -29,7 +29,7 @@ from ckptd.proto.tiers import TierSpec
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.shard_writer import PageRelease, Throttle
 from ckptd.service.store import CheckpointStore
-from ckptd.service.tier_targets import TierTarget, copy_checkpoint, open_target
+from ckptd.service.tier_targets import TierTarget, open_target
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +259,7 @@ class TierCopier:
         manifest = read_manifest(source_dir)
         with open(manifest_path(source_dir), encoding="utf-8") as f:
             manifest_json = f.read()
-        if self._others is None:
-            copy_checkpoint(tier.target, source_dir, manifest, manifest_json, self._throttle, self._progress(tier))
-        else:
-            self._copy_with_others(tier, source_dir, manifest, manifest_json)
+        self._copy_files_and_commit(tier, source_dir, manifest, manifest_json)
         self._look_at_latest(tier)
         copied = sum(record.size for record in manifest.files())
         seconds = time.monotonic() - started
@@ -274,19 +271,22 @@ class TierCopier:
         if deleted:
             log.info("tier %s: retention deleted step(s) %s", tier.spec.name, deleted)
 
-    def _copy_with_others(self, tier: Tier, source_dir: str, manifest: Manifest, manifest_json: str) -> None:
-        """This node's files and every other node's into one copy, committed once all are in."""
-        assert self._others is not None
+    def _copy_files_and_commit(self, tier: Tier, source_dir: str, manifest: Manifest, manifest_json: str) -> None:
+        """The checkpoint's files into one copy, committed once all are in: every file from this root,
+        or, when each node's root holds its own files, this node's and every other node's."""
         order = TierCopyOrder(tier.spec.name, manifest.step, uuid.uuid4().hex[:12])
-        self._others.order_copies(order)
+        others = self._others
+        if others is not None:
+            others.order_copies(order)
         try:
-            own = files_held(source_dir, manifest)
+            own = manifest.files() if others is None else files_held(source_dir, manifest)
             tier.target.copy_files(source_dir, order.step, order.token, own, self._throttle, self._progress(tier))
-            copied = {record.path for record in own}
-            copied.update(self._others.wait_for_copies(order, lambda: self._stopping))
-            missing = sorted(record.path for record in manifest.files() if record.path not in copied)
-            if missing:
-                raise OtherNodesFailed(f"no node holds {len(missing)} file(s) of step {order.step}: {missing[:3]}")
+            if others is not None:
+                copied = {record.path for record in own}
+                copied.update(others.wait_for_copies(order, lambda: self._stopping))
+                missing = sorted(record.path for record in manifest.files() if record.path not in copied)
+                if missing:
+                    raise OtherNodesFailed(f"no node holds {len(missing)} file(s) of step {order.step}: {missing[:3]}")
             tier.target.commit_copy(order.step, order.token, manifest_json)
         except BaseException:
             tier.target.discard_copy(order.step, order.token)
