@@ -35,3 +35,8 @@ class DaemonRequestError(CheckpointError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class UnsupportedFrameworkError(CheckpointError):
+    """A training framework (Lightning, transformers, Accelerate) is installed at a version outside
+    the range a ckptd integration supports; the message names both."""

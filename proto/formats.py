@@ -13,6 +13,9 @@ CKPTD_VERSION = "0.1.0"
 STATE_DIGEST_KEY = "__state__"
 """Key of a component's non-tensor state in replication digests, beside its tensors' names."""
 
+HF_CONFIG_METADATA = "hf_config"
+"""Component metadata key: a Hugging Face model's `config.json` text, which `ckptd export` writes beside the weights."""
+
 # msgpack extension codes used in `.msgpack` state files (the skeleton of a state dict).
 EXT_TUPLE = 1
 EXT_TENSOR_REF = 2

@@ -324,12 +324,19 @@ def export(args: argparse.Namespace) -> int:
         return _fail("export", str(exc))
     if args.json:
         _emit_json(
-            {"files": result.files, "index": result.index, "tensors": result.tensors, "bytes": result.total_bytes}
+            {
+                "files": result.files,
+                "index": result.index,
+                "config": result.config,
+                "tensors": result.tensors,
+                "bytes": result.total_bytes,
+            }
         )
     else:
         sys.stdout.write(
             f"exported {result.tensors} tensors ({human_bytes(result.total_bytes)}) of "
-            f"{args.component!r} into {len(result.files)} file(s) in {args.out}\n"
+            f"{args.component!r} into {len(result.files)} file(s) in {args.out}"
+            f"{' with its config.json' if result.config else ''}\n"
         )
     return ExitCode.OK
 

@@ -1,4 +1,5 @@
-"""`ckptd export`: one component's tensors as plain safetensors files with a Hugging Face style index.
+"""`ckptd export`: one component's tensors as plain safetensors files with a Hugging Face style index
+(and its `config.json`, when the component carries a Hugging Face model's config).
 
 Pure byte copying (no torch): each tensor's bytes are copied from its verified shard into new
 safetensors files of at most `max_shard_bytes`, named like Hugging Face checkpoints
@@ -19,7 +20,7 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 from ckptd.disk.files import FileProblem, check_listed_file
 from ckptd.disk.manifests import read_manifest
 from ckptd.disk.safetensors import EXPORT_ALIGNMENT, TensorSpan, encode_header, read_header, tensor_spans
-from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
+from ckptd.proto.formats import HF_CONFIG_METADATA, SAFETENSORS_DTYPES, TensorEntry
 from ckptd.proto.manifest import ComponentRecord, FileRecord, ScopeRecord
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.sharding import Box, chunks_in_scopes, coverage_problem, distinct_chunks
@@ -57,6 +58,8 @@ class ExportResult:
     index: Optional[str]
     tensors: int
     total_bytes: int
+    config: Optional[str] = None
+    """The `config.json` written from the component's Hugging Face config, if it has one."""
 
 
 def export_component(
@@ -101,7 +104,13 @@ def export_component(
         weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
         with open(index, "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return ExportResult([os.path.join(out_dir, n) for n in names], index, len(tensors), total)
+    config = None
+    hf_config = record.metadata.get(HF_CONFIG_METADATA)
+    if isinstance(hf_config, str):
+        config = os.path.join(out_dir, "config.json")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(hf_config)
+    return ExportResult([os.path.join(out_dir, n) for n in names], index, len(tensors), total, config)
 
 
 def _scopes(component: str, record: ComponentRecord, scope: Optional[str]) -> List[ScopeRecord]:
