@@ -85,4 +85,3 @@ def warn_lossy(what: str, lossy: List[str]) -> None:
             len(lossy),
             ", ".join(lossy[:5]) + (", ..." if len(lossy) > 5 else ""),
         )
-
