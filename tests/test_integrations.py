@@ -136,6 +136,16 @@ def check_lightning(workdir: Path, steps: List[int]) -> None:
     assert "last.ckpt" in pointers and pointers["last.ckpt"]["step"] == STEPS, pointers
     named = {pointer["step"] for pointer in pointers.values()}
     assert len(pointers) == 3 and set(steps) == named, (pointers, steps)
+    # a last* pointer to a step that never committed loads the newest committed one; any other such
+    # pointer, and a file that is no pointer, is refused by name
+    loaded = json.loads((workdir / "pointers.json").read_text())
+    assert loaded["last-v1.ckpt"] == STEPS, loaded
+    assert loaded["epoch=9-step=21.ckpt"].startswith("CheckpointError: "), loaded
+    assert f"step {STEPS + 1} was never committed" in loaded["epoch=9-step=21.ckpt"], loaded
+    assert (
+        loaded["plain.ckpt"].startswith("CheckpointError: ")
+        and "is not a ckptd checkpoint pointer" in loaded["plain.ckpt"]
+    )
 
 
 def check_transformers(workdir: Path, steps: List[int]) -> None:

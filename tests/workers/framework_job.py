@@ -143,6 +143,29 @@ def lightning_run(workdir: Path, run: str, rank: int) -> None:
     record.write()
 
 
+def lightning_pointers(workdir: Path) -> None:
+    """Load pointers that name a step never committed, and a file that is no pointer; write what each
+    gave (the step loaded, or the error) to WORKDIR/pointers.json."""
+    import json
+
+    from ckptd.client.integrations.lightning import CkptdCheckpointIO, Pointer
+
+    root = job_dir(workdir, "resume") / "ckpt"
+    io = CkptdCheckpointIO(str(root))
+    lost = STEPS + 1  # a save the job died before committing
+    cases = {"last-v1.ckpt": Pointer(str(root), lost), "epoch=9-step=21.ckpt": Pointer(str(root), lost)}
+    for name, pointer in cases.items():
+        pointer.write(str(workdir / name))
+    torch.save({"state_dict": {}}, workdir / "plain.ckpt")
+    outcome: Dict[str, Any] = {}
+    for name in [*cases, "plain.ckpt"]:
+        try:
+            outcome[name] = io.load_checkpoint(workdir / name)["global_step"]
+        except Exception as exc:  # the test checks the type and the words
+            outcome[name] = f"{type(exc).__name__}: {exc}"
+    (workdir / "pointers.json").write_text(json.dumps(outcome))
+
+
 def lightning_version_error(workdir: Path) -> str:
     import lightning
 
@@ -328,7 +351,7 @@ def accelerate_version_error(workdir: Path) -> str:
 
 FRAMEWORKS: Dict[str, Dict[str, Callable[..., Any]]] = {
     "accelerate": {"run": accelerate_run, "version_error": accelerate_version_error},
-    "lightning": {"run": lightning_run, "version_error": lightning_version_error},
+    "lightning": {"run": lightning_run, "version_error": lightning_version_error, "after": lightning_pointers},
     "transformers": {
         "run": transformers_run,
         "version_error": transformers_version_error,
