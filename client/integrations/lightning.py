@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError, VerificationError
-from ckptd.client.integrations.support import SupportedRange, ValueHolder, plain, warn_lossy
+from ckptd.client.integrations.support import SupportedRange, ValueHolder, plain, raise_failed_saves, warn_lossy
 from ckptd.client.loading import read_manifest
 from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.client.saving import SaveHandle
@@ -177,7 +177,7 @@ class CkptdCheckpointIO(CheckpointIO):
         """Stage `checkpoint` as ckptd step `global_step` (once per step) and point `path` at it."""
         if storage_options is not None:
             raise TypeError("CkptdCheckpointIO takes no storage_options; configure the daemon instead")
-        self._raise_failed_saves()
+        raise_failed_saves(self._handles)
         step = int(checkpoint["global_step"])
         if step != self._last_step:  # ModelCheckpoint saves a step twice: its own file and last.ckpt
             lossy: List[str] = []
@@ -229,7 +229,7 @@ class CkptdCheckpointIO(CheckpointIO):
     def teardown(self) -> None:
         """Wait for the saves in flight to commit, then release the staging memory."""
         try:
-            self._raise_failed_saves(wait=True)
+            raise_failed_saves(self._handles, wait=True)
         finally:
             if self._manager is not None:
                 self._manager.close()
@@ -242,17 +242,6 @@ class CkptdCheckpointIO(CheckpointIO):
                 _Components(self._holders), self.root, self.options, rank_info=_one_rank(), **self.overrides
             )
         return self._manager
-
-    def _raise_failed_saves(self, wait: bool = False) -> None:
-        """Forget resolved saves; raise CheckpointError for one that failed."""
-        for step, handle in sorted(self._handles.items()):
-            if not (wait or handle.done()):
-                continue
-            del self._handles[step]
-            try:
-                handle.wait()
-            except CheckpointError as exc:
-                raise CheckpointError(f"ckptd could not commit the checkpoint of step {step}: {exc}") from exc
 
     def _load_step(self, checkpoint_dir: str) -> Dict[str, Any]:
         holders = {key: ValueHolder() for key in read_manifest(checkpoint_dir).components}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Dict, List
 
 import torch
 from packaging.version import InvalidVersion, Version
 
-from ckptd.client.errors import UnsupportedFrameworkError
+from ckptd.client.errors import CheckpointError, UnsupportedFrameworkError
+from ckptd.client.saving import SaveHandle
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +86,16 @@ def warn_lossy(what: str, lossy: List[str]) -> None:
             len(lossy),
             ", ".join(lossy[:5]) + (", ..." if len(lossy) > 5 else ""),
         )
+
+
+def raise_failed_saves(handles: Dict[int, SaveHandle], wait: bool = False) -> None:
+    """Forget the resolved saves in `handles` (step -> handle; all of them, waiting, with `wait`);
+    raise CheckpointError naming the step of one that failed."""
+    for step, handle in sorted(handles.items()):
+        if not (wait or handle.done()):
+            continue
+        del handles[step]
+        try:
+            handle.wait()
+        except CheckpointError as exc:
+            raise CheckpointError(f"ckptd could not commit the checkpoint of step {step}: {exc}") from exc

@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ckptd.client.components import StateComponent
 from ckptd.client.errors import CheckpointError
-from ckptd.client.integrations.support import SupportedRange, ValueHolder
+from ckptd.client.integrations.support import SupportedRange, ValueHolder, raise_failed_saves
 from ckptd.client.loading import read_manifest
 from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.client.rng import RNGState
@@ -120,7 +120,7 @@ class CkptdTrainer(Trainer):
             resume_from_checkpoint = resume_dir
         try:
             result = super().train(resume_from_checkpoint, *args, **kwargs)
-            self._raise_failed_saves(wait=True)
+            raise_failed_saves(self._ckptd_handles, wait=True)
             return result
         finally:
             self._ckptd_resumed = None
@@ -136,7 +136,7 @@ class CkptdTrainer(Trainer):
             raise CheckpointError("CkptdTrainer does not save hyper-parameter search trials; use Trainer for those")
         self.store_flos()
         self._update_stateful_callbacks()
-        self._raise_failed_saves()
+        raise_failed_saves(self._ckptd_handles)
         if self._ckptd is None:
             self._ckptd = CheckpointManager(_TrainerComponents(self), self.ckptd_root, self.ckptd_options)
         step = self.state.global_step
@@ -211,16 +211,6 @@ class CkptdTrainer(Trainer):
                 self.state.stateful_callbacks[name].append(cb.state())
             else:
                 self.state.stateful_callbacks[name] = cb.state()
-
-    def _raise_failed_saves(self, wait: bool = False) -> None:
-        for step, handle in sorted(self._ckptd_handles.items()):
-            if not (wait or handle.done()):
-                continue
-            del self._ckptd_handles[step]
-            try:
-                handle.wait()
-            except CheckpointError as exc:
-                raise CheckpointError(f"ckptd could not commit the checkpoint of step {step}: {exc}") from exc
 
 
 def _is_ckptd_checkpoint(path: Any) -> bool:
