@@ -2,7 +2,7 @@
 
 - `ckptd.client.integrations.lightning`: `CkptdCheckpointIO`, a Lightning checkpoint plugin.
 - `ckptd.client.integrations.transformers`: `CkptdTrainer`, a Hugging Face `Trainer` that saves through ckptd.
-- `ckptd.client.integrations.accelerate`: `AcceleratorState`, the state of an `Accelerator` as ckptd components.
+- `ckptd.client.integrations.accelerate`: `AcceleratorComponents`, the state of an `Accelerator` as ckptd components.
 
 docs/integrations.md shows the few lines each needs and what is saved under which pattern.
 """

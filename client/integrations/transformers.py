@@ -57,11 +57,12 @@ class _TrainerComponents:
         self.loading = loading
         self.optimizer, self.lr_scheduler, self.rng = ValueHolder(), ValueHolder(), ValueHolder()
         self.trainer_state, self.scaler = ValueHolder(), ValueHolder()
+        config_json = getattr(getattr(trainer.model, "config", None), "to_json_string", None)
+        self.model_metadata = {HF_CONFIG_METADATA: config_json()} if callable(config_json) else None
+        """The model's config.json text, taken once rather than at every save."""
 
     def get_state_components(self) -> List[StateComponent]:
         t = self.trainer
-        config_json = getattr(getattr(t.model, "config", None), "to_json_string", None)
-        metadata = {HF_CONFIG_METADATA: config_json()} if callable(config_json) else None
         optimizer: Any
         scheduler: Any
         rng: Any
@@ -73,7 +74,7 @@ class _TrainerComponents:
             scaler = getattr(t.accelerator, "scaler", None)
             self.trainer_state.value = json.dumps(dataclasses.asdict(t.state), sort_keys=True)  # as save_to_json
         components = [
-            StateComponent("model", t.model, SharingPattern.REPLICATED, metadata=metadata),
+            StateComponent("model", t.model, SharingPattern.REPLICATED, metadata=self.model_metadata),
             StateComponent("optimizer", optimizer, SharingPattern.REPLICATED),
             StateComponent("lr_scheduler", scheduler, SharingPattern.REPLICATED),
             StateComponent("rng", rng, SharingPattern.PER_RANK),
@@ -196,9 +197,12 @@ class CkptdTrainer(Trainer):
         return metric if metric.startswith("eval_") else f"eval_{metric}"
 
     def _metrics_at(self, step: int) -> Dict[str, float]:
-        """The evaluation metrics logged at `step` (for keep_best retention)."""
+        """The evaluation metrics logged at `step` (for keep_best retention). The log grows in step order,
+        so only its tail is read: a save never walks the whole run's history."""
         metrics: Dict[str, float] = {}
-        for entry in self.state.log_history:
+        for entry in reversed(self.state.log_history):
+            if entry.get("step", step) < step:
+                break
             if entry.get("step") == step:
                 metrics.update({k: float(v) for k, v in entry.items() if k.startswith("eval_") and _is_number(v)})
         return metrics
