@@ -17,21 +17,27 @@ from typing import Any, Dict, List
 import pytest
 import torch
 from test_examples_ddp_resume import AutoStartedDaemons, assert_bitwise_equal
-from workers.framework_job import CRASH_AT, STEPS, WORLD
+from workers.framework_job import BEST_STEPS, CRASH_AT, STEPS, WORLD
 
-from ckptd.client import RankInfo, Topology
+from ckptd.client import RankInfo, SharingPattern, Topology
 from ckptd.client.loading import read_manifest, read_scopes, select_scopes
+from ckptd.client.sharded import read_sharded
 from ckptd.disk.root import checkpoint_path, checkpoint_steps
 
 WORKER = Path(__file__).parent / "workers" / "framework_job.py"
 SUPPORTED = {
     "lightning": "lightning>=2.2,<2.7",
+    "lightning-sharded": "lightning>=2.2,<2.7",
     "transformers": "transformers>=5.0,<6",
     "accelerate": "accelerate>=1.0,<2",
 }
 PATTERNS = {
     "lightning": {
         name: "GLOBAL"
+        for name in ("model", "optimizers", "lr_schedulers", "loops", "callbacks", "hyper_parameters", "trainer")
+    },
+    "lightning-sharded": {
+        name: "SHARDED" if name in ("model", "optimizers") else "GLOBAL"
         for name in ("model", "optimizers", "lr_schedulers", "loops", "callbacks", "hyper_parameters", "trainer")
     },
     "transformers": {
@@ -64,6 +70,8 @@ def run_worker(framework: str, workdir: Path) -> Dict[str, List[Dict[str, Any]]]
     daemons = AutoStartedDaemons()
     for run in ("reference", "job"):
         daemons.track(ckptd_root(workdir, run, framework))
+    if framework == "transformers":
+        daemons.track(workdir / "best" / "hf" / "ckptd")
     try:
         result = subprocess.run(
             [sys.executable, str(WORKER), framework, str(workdir)],
@@ -82,18 +90,23 @@ def run_worker(framework: str, workdir: Path) -> Dict[str, List[Dict[str, Any]]]
     }
 
 
-def model_state_in(checkpoint: str, framework: str) -> Dict[str, torch.Tensor]:
-    """The model a committed checkpoint holds, read with ckptd's own reader (checksums verified)."""
+def model_state_in(checkpoint: str, framework: str, like: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The model a committed checkpoint holds, read with ckptd's own readers (checksums verified); a
+    SHARDED one whole, its chunks filling tensors shaped as in `like`."""
     manifest = read_manifest(checkpoint)
     record = manifest.components["model"]
-    rank0 = RankInfo(0, manifest.topology)
-    state = read_scopes(checkpoint, select_scopes(manifest, "model", record, rank0, ()), verify=True)
-    if framework == "lightning":  # the LightningModule's state dict; the worker records its `net`
+    if record.pattern is SharingPattern.SHARDED:
+        target = {f"net.{key}": torch.zeros_like(value) for key, value in like.items()}
+        state = read_sharded(checkpoint, "model", record, target, verify=True)
+    else:
+        rank0 = RankInfo(0, manifest.topology)
+        state = read_scopes(checkpoint, select_scopes(manifest, "model", record, rank0, ()), verify=True)
+    if framework.startswith("lightning"):  # the LightningModule's state dict; the worker records its `net`
         return {key.removeprefix("net."): value for key, value in state.items()}
     return state
 
 
-@pytest.mark.parametrize("framework", ["lightning", "transformers", "accelerate"])
+@pytest.mark.parametrize("framework", ["lightning", "lightning-sharded", "transformers", "accelerate"])
 def test_a_killed_job_resumes_with_the_uninterrupted_losses(framework: str, tmp_path: Path) -> None:
     records = run_worker(framework, tmp_path)
     crash_at = CRASH_AT[framework]
@@ -114,14 +127,12 @@ def test_a_killed_job_resumes_with_the_uninterrupted_losses(framework: str, tmp_
     assert steps and steps[-1] == STEPS, steps
     for step in steps:  # each holds its own step's model, as the uninterrupted run had it then
         checkpoint = checkpoint_path(str(root), step)
-        assert_bitwise_equal(
-            records["reference"][0]["states"][step], model_state_in(checkpoint, framework), f"step {step}"
-        )
+        reference = records["reference"][0]["states"][step]
+        assert_bitwise_equal(reference, model_state_in(checkpoint, framework, reference), f"step {step}")
         patterns = {key: c.pattern.value for key, c in read_manifest(checkpoint).components.items()}
         assert patterns == PATTERNS[framework], patterns
-        assert read_manifest(checkpoint).topology == (
-            Topology.single_node(1) if framework == "lightning" else Topology.single_node(WORLD)
-        )
+        saved_by = 1 if framework == "lightning" else WORLD  # CkptdCheckpointIO saves rank 0's dict alone
+        assert read_manifest(checkpoint).topology == Topology.single_node(saved_by)
 
     error = (tmp_path / "version_error.txt").read_text()
     assert error.startswith("UnsupportedFrameworkError: "), error
@@ -129,13 +140,18 @@ def test_a_killed_job_resumes_with_the_uninterrupted_losses(framework: str, tmp_
     CHECKS[framework](tmp_path, steps)
 
 
-def check_lightning(workdir: Path, steps: List[int]) -> None:
+def check_lightning_pointers(workdir: Path, steps: List[int]) -> None:
     """ModelCheckpoint's files are pointers, and the daemon kept exactly the steps they name
     (save_top_k=2 by train_loss, mapped onto keep_best, plus the newest, which last.ckpt names)."""
     pointers = {p.name: json.loads(p.read_text()) for p in (workdir / "job" / "lightning").iterdir()}
     assert "last.ckpt" in pointers and pointers["last.ckpt"]["step"] == STEPS, pointers
     named = {pointer["step"] for pointer in pointers.values()}
     assert len(pointers) == 3 and set(steps) == named, (pointers, steps)
+
+
+def check_lightning(workdir: Path, steps: List[int]) -> None:
+    """The pointers as above, and what pointers to steps that did not commit load."""
+    check_lightning_pointers(workdir, steps)
     # a last* pointer to a step that never committed loads the newest committed one; any other such
     # pointer, and a file that is no pointer, is refused by name
     loaded = json.loads((workdir / "pointers.json").read_text())
@@ -156,6 +172,28 @@ def check_transformers(workdir: Path, steps: List[int]) -> None:
     exported = torch.load(workdir / "export.pt", weights_only=False)
     assert exported["files"] == ["config.json", "model.safetensors"], exported["files"]
     assert torch.equal(exported["exported"], exported["trained"])
+    check_transformers_best(workdir)
+
+
+def check_transformers_best(workdir: Path) -> None:
+    """load_best_model_at_end with metric_for_best_model and save_total_limit=1: the daemon kept the best
+    step by that metric and the newest, the manifest holds the score, and the model the Trainer ends
+    with is the best step's, loaded from ckptd, on every rank."""
+    records = [torch.load(workdir / f"best.rank{rank}", weights_only=False) for rank in range(WORLD)]
+    evaluations = records[0]["final"]["evaluations"]
+    assert sorted(evaluations) == [2, 4, 6, BEST_STEPS], evaluations
+    best = max(evaluations, key=lambda step: evaluations[step])  # greater_is_better=True
+    assert best != BEST_STEPS, f"the best step is the newest, so keep-best is not seen apart: {evaluations}"
+    root = workdir / "best" / "hf" / "ckptd"
+    assert checkpoint_steps(str(root), with_manifest=True) == [best, BEST_STEPS]
+    metrics = read_manifest(checkpoint_path(str(root), best)).metrics
+    assert metrics["eval_loss"] == pytest.approx(evaluations[best]), metrics
+    for rank, record in enumerate(records):
+        assert_bitwise_equal(record["states"][best], record["final"]["model"], f"rank {rank}: the best model")
+        assert not torch.equal(
+            record["states"][BEST_STEPS]["model.embed_tokens.weight"],
+            record["final"]["model"]["model.embed_tokens.weight"],
+        ), f"rank {rank}: the model did not change after the best step"
 
 
 def check_accelerate(workdir: Path, steps: List[int]) -> None:
@@ -163,4 +201,18 @@ def check_accelerate(workdir: Path, steps: List[int]) -> None:
     assert steps == [3, 6, 9, 12, 15, 18, 20], steps
 
 
-CHECKS = {"lightning": check_lightning, "transformers": check_transformers, "accelerate": check_accelerate}
+def check_lightning_sharded(workdir: Path, steps: List[int]) -> None:
+    """The pointers as for CkptdCheckpointIO; and one rank, resuming the 2-rank job's last checkpoint,
+    holds the whole model and optimizer state the uninterrupted 2-rank run ended with."""
+    check_lightning_pointers(workdir, steps)
+    reference = torch.load(workdir / "reference.rank0", weights_only=False)["final"]
+    resharded = torch.load(workdir / "reshard.rank0", weights_only=False)["final"]
+    assert_bitwise_equal(reference, resharded, "loaded on 1 rank")
+
+
+CHECKS = {
+    "lightning": check_lightning,
+    "lightning-sharded": check_lightning_sharded,
+    "transformers": check_transformers,
+    "accelerate": check_accelerate,
+}

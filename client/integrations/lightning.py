@@ -19,7 +19,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import lightning
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -37,7 +37,7 @@ from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
-__all__ = ["CkptdCheckpointIO", "SUPPORTED", "retention_for"]
+__all__ = ["CkptdCheckpointIO", "SUPPORTED", "retention_for", "load_pointed"]
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +138,97 @@ def retention_for(callback: ModelCheckpoint) -> Optional[RetentionPolicy]:
     return RetentionPolicy(keep_best=k, best_metric=callback.monitor, best_mode=callback.mode)
 
 
-class _Components:
-    """The provider CheckpointManager asks for components: the held states, all GLOBAL (rank 0's)."""
+class HeldComponents:
+    """The provider CheckpointManager asks for components: the held states, GLOBAL (rank 0's) unless
+    `patterns` names another pattern."""
 
-    def __init__(self, holders: Dict[str, ValueHolder]) -> None:
+    def __init__(self, holders: Mapping[str, Any], patterns: Optional[Mapping[str, SharingPattern]] = None) -> None:
         self.holders = holders
+        self.patterns = patterns or {}
 
     def get_state_components(self) -> List[StateComponent]:
-        return [StateComponent(key, holder, SharingPattern.GLOBAL) for key, holder in self.holders.items()]
+        return [
+            StateComponent(key, holder, self.patterns.get(key, SharingPattern.GLOBAL))
+            for key, holder in self.holders.items()
+        ]
 
 
 def _one_rank() -> RankInfo:
     """Rank 0 of a one-rank ckptd job: Lightning saves rank 0's dict alone, and any rank may load it."""
     return RankInfo(0, Topology.single_node(1), job_id=uuid.uuid4().hex)
+
+
+class StepSaver:
+    """Stages Lightning checkpoint dicts as ckptd steps (once per step: ModelCheckpoint saves a step
+    twice, its own file and last.ckpt) and keeps their handles, so a failed save is raised later."""
+
+    def __init__(self, root: str, options: Optional[CheckpointManagerOptions], overrides: Dict[str, Any]) -> None:
+        self.root = root
+        self.options = options
+        self.overrides = overrides
+        self.holders: Dict[str, ValueHolder] = {}
+        self.manager: Optional[CheckpointManager] = None
+        self.handles: Dict[int, SaveHandle] = {}
+        self.last_step: Optional[int] = None
+
+    def save(
+        self,
+        step: int,
+        states: Dict[str, Any],
+        metrics: Dict[str, float],
+        patterns: Mapping[str, SharingPattern],
+        rank_info: Optional[RankInfo],
+    ) -> None:
+        """Stage `states` as step `step` (unless that step is staged already); components not in
+        `patterns` are GLOBAL. `rank_info` None: the job's ranks, from torch.distributed."""
+        raise_failed_saves(self.handles)
+        if step == self.last_step:
+            return
+        for key, state in states.items():
+            self.holders.setdefault(key, ValueHolder()).value = state
+        if self.manager is None:
+            provider = HeldComponents(self.holders, patterns)
+            self.manager = CheckpointManager(provider, self.root, self.options, rank_info=rank_info, **self.overrides)
+        self.handles[step] = self.manager.save_checkpoint(step, metrics)
+        self.last_step = step
+
+    def finish(self) -> None:
+        """Wait for the saves in flight to commit (CheckpointError names a failed one), then release
+        the staging memory."""
+        try:
+            raise_failed_saves(self.handles, wait=True)
+        finally:
+            if self.manager is not None:
+                self.manager.close()
+                self.manager = None
+            self.handles.clear()
+
+
+def load_pointed(path: str, load_step: Callable[[str], Dict[str, Any]]) -> Dict[str, Any]:
+    """The checkpoint dict of the step the pointer at `path` names, read by `load_step(checkpoint_dir)`
+    (which raises VerificationError for a copy that does not verify).
+
+    A `last*.ckpt` pointer whose step is not committed, or does not verify, loads the newest older
+    committed step that does, with a warning; any other such pointer raises CheckpointError."""
+    pointer = Pointer.read(path)
+    committed = checkpoint_steps(pointer.root, with_manifest=True)
+    is_last = os.path.basename(path).startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST)
+    candidates = [s for s in reversed(committed) if s <= pointer.step] if is_last else [pointer.step]
+    problems: List[str] = []
+    if pointer.step not in committed:
+        problems.append(f"step {pointer.step} was never committed under {pointer.root} (did the job die first?)")
+        if not is_last:
+            candidates = []
+    for step in candidates:
+        try:
+            checkpoint = load_step(checkpoint_path(pointer.root, step))
+        except VerificationError as exc:
+            problems.append(f"step {step}: {exc}")
+            continue
+        if problems:
+            log.warning("%s: loaded step %d instead of %d: %s", path, step, pointer.step, "; ".join(problems))
+        return checkpoint
+    raise CheckpointError(f"{path} cannot be loaded: {'; '.join(problems) or 'nothing is committed'}")
 
 
 class CkptdCheckpointIO(CheckpointIO):
@@ -160,91 +238,54 @@ class CkptdCheckpointIO(CheckpointIO):
     The other arguments are CheckpointManager settings (`retention`, `daemon_args`, `when_busy`,
     ...; see CheckpointManagerOptions). Raises UnsupportedFrameworkError for a Lightning outside
     SUPPORTED. A save that fails in the daemon raises CheckpointError at the next save or at the end
-    of `fit`, naming the step.
+    of `fit`, naming the step. For sharded model state (FSDP2 through ModelParallelStrategy) use
+    CkptdModelParallelStrategy instead: Lightning's sharded strategies do not call a CheckpointIO.
     """
 
     def __init__(self, root: str, options: Optional[CheckpointManagerOptions] = None, **overrides: Any) -> None:
         SUPPORTED.check(lightning.__version__)
         self.root = os.path.realpath(root)
-        self.options = options
-        self.overrides = overrides
-        self._holders: Dict[str, ValueHolder] = {}
-        self._manager: Optional[CheckpointManager] = None
-        self._handles: Dict[int, SaveHandle] = {}
-        self._last_step: Optional[int] = None
+        self._saver = StepSaver(self.root, options, overrides)
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         """Stage `checkpoint` as ckptd step `global_step` (once per step) and point `path` at it."""
         if storage_options is not None:
             raise TypeError("CkptdCheckpointIO takes no storage_options; configure the daemon instead")
-        raise_failed_saves(self._handles)
         step = int(checkpoint["global_step"])
-        if step != self._last_step:  # ModelCheckpoint saves a step twice: its own file and last.ckpt
+        if step != self._saver.last_step:
             lossy: List[str] = []
-            for key, state in split_checkpoint(checkpoint, lossy).items():
-                self._holders.setdefault(key, ValueHolder()).value = state
-            if self._manager is None:  # said once, at the first save
+            states = split_checkpoint(checkpoint, lossy)
+            if self._saver.manager is None:  # said once, at the first save
                 warn_lossy("Lightning hyper-parameters", lossy)
-            self._handles[step] = self._save_manager().save_checkpoint(
-                step, monitored_metrics(checkpoint, os.fspath(path))
-            )
-            self._last_step = step
+            metrics = monitored_metrics(checkpoint, os.fspath(path))
+            self._saver.save(step, states, metrics, {}, _one_rank())
         Pointer(self.root, step).write(os.fspath(path))
 
     def load_checkpoint(
         self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
     ) -> Dict[str, Any]:
-        """The checkpoint dict of the step `path` points at, every file verified by checksum.
-
-        A `last*.ckpt` pointer whose step is not committed, or does not verify, loads the newest
-        older committed step that does, with a warning; any other such pointer raises CheckpointError."""
-        path = os.fspath(path)
-        pointer = Pointer.read(path)
-        committed = checkpoint_steps(pointer.root, with_manifest=True)
-        is_last = os.path.basename(path).startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST)
-        candidates = [s for s in reversed(committed) if s <= pointer.step] if is_last else [pointer.step]
-        problems: List[str] = []
-        if pointer.step not in committed:
-            problems.append(f"step {pointer.step} was never committed under {pointer.root} (did the job die first?)")
-            if not is_last:
-                candidates = []
-        for step in candidates:
-            try:
-                checkpoint = self._load_step(checkpoint_path(pointer.root, step))
-            except VerificationError as exc:
-                problems.append(f"step {step}: {exc}")
-                continue
-            if problems:
-                log.warning("%s: loaded step %d instead of %d: %s", path, step, pointer.step, "; ".join(problems))
-            return checkpoint
-        raise CheckpointError(f"{path} cannot be loaded: {'; '.join(problems) or 'nothing is committed'}")
+        """The checkpoint dict of the step `path` points at, every file verified by checksum (see
+        `load_pointed` for a pointer whose step did not commit)."""
+        return load_pointed(os.fspath(path), self._load_step)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the pointer (the daemon's retention removes checkpoints; see `retention_for`)."""
-        try:
-            os.remove(os.fspath(path))
-        except FileNotFoundError:
-            pass
+        remove_pointer(path)
 
     def teardown(self) -> None:
         """Wait for the saves in flight to commit, then release the staging memory."""
-        try:
-            raise_failed_saves(self._handles, wait=True)
-        finally:
-            if self._manager is not None:
-                self._manager.close()
-                self._manager = None
-            self._handles.clear()
-
-    def _save_manager(self) -> CheckpointManager:
-        if self._manager is None:
-            self._manager = CheckpointManager(
-                _Components(self._holders), self.root, self.options, rank_info=_one_rank(), **self.overrides
-            )
-        return self._manager
+        self._saver.finish()
 
     def _load_step(self, checkpoint_dir: str) -> Dict[str, Any]:
         holders = {key: ValueHolder() for key in read_manifest(checkpoint_dir).components}
-        manager = CheckpointManager(_Components(holders), self.root, connect=False, rank_info=_one_rank())
+        manager = CheckpointManager(HeldComponents(holders), self.root, connect=False, rank_info=_one_rank())
         manager.load_checkpoint(checkpoint_dir)
         return join_checkpoint({key: holder.value for key, holder in holders.items()})
+
+
+def remove_pointer(path: Any) -> None:
+    """Remove a pointer file; one already gone is no error."""
+    try:
+        os.remove(os.fspath(path))
+    except FileNotFoundError:
+        pass

@@ -37,6 +37,7 @@ from ckptd.client.loading import read_manifest
 from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.client.rng import RNGState
 from ckptd.client.saving import SaveHandle
+from ckptd.disk.root import checkpoint_path
 from ckptd.proto.formats import HF_CONFIG_METADATA
 from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
@@ -83,6 +84,16 @@ class _TrainerComponents:
         if scaler is not None:
             components.append(StateComponent("scaler", scaler, SharingPattern.REPLICATED, required=False))
         return components
+
+
+class _ModelOnly:
+    """The provider of the model alone, to load the best model at the end of training."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def get_state_components(self) -> List[StateComponent]:
+        return [StateComponent("model", self.model, SharingPattern.REPLICATED)]
 
 
 class CkptdTrainer(Trainer):
@@ -141,8 +152,28 @@ class CkptdTrainer(Trainer):
         if self._ckptd is None:
             self._ckptd = CheckpointManager(_TrainerComponents(self), self.ckptd_root, self.ckptd_options)
         step = self.state.global_step
+        self.state.best_model_checkpoint = self._best_checkpoint()
         self._ckptd_handles[step] = self._ckptd.save_checkpoint(step, self._metrics_at(step))
-        self.state.best_model_checkpoint = None  # the Trainer's own checkpoint folders are not written
+
+    def _best_checkpoint(self) -> Optional[str]:
+        """The ckptd checkpoint of the best step so far, which `load_best_model_at_end` loads at the end
+        (retention keeps it: see `_retention`); None without one (the Trainer then loads nothing)."""
+        if not self.args.load_best_model_at_end or not self.state.best_global_step:
+            return None
+        return checkpoint_path(self.ckptd_root, self.state.best_global_step)
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: the model of the best step, from its ckptd checkpoint (verified),
+        once every save in flight has committed."""
+        best = self.state.best_model_checkpoint
+        if best is None or os.path.dirname(os.path.realpath(best)) != self.ckptd_root:  # the Trainer's own
+            super()._load_best_model()
+            return
+        raise_failed_saves(self._ckptd_handles, wait=True)
+        log.info(
+            "loading the best model (%s %s) from %s", self.args.metric_for_best_model, self.state.best_metric, best
+        )
+        CheckpointManager(_ModelOnly(self.model), self.ckptd_root, connect=False).load_checkpoint(best)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if self._ckptd_resumed is None:

@@ -26,8 +26,8 @@ from torch import nn
 
 WORLD = 2
 STEPS = 20
-SAVE_EVERY = {"lightning": 4, "transformers": 3, "accelerate": 3}
-CRASH_AT = {"lightning": 8, "transformers": 9, "accelerate": 9}
+SAVE_EVERY = {"lightning": 4, "lightning-sharded": 4, "transformers": 3, "accelerate": 3}
+CRASH_AT = {"lightning": 8, "lightning-sharded": 8, "transformers": 9, "accelerate": 9}
 """A save step: its save is handed over, then every rank dies. 8 steps make an epoch: Lightning's crash
 falls at an epoch's end, since its mid-epoch resume replays other batches even from its own checkpoints
 (a StatefulDataLoader under DDP; seen with TorchCheckpointIO too); the others' falls mid-epoch."""
@@ -141,6 +141,118 @@ def lightning_run(workdir: Path, run: str, rank: int) -> None:
     trainer.fit(model, loader, ckpt_path="last" if run == "resume" else None)
     record.final = {"model": model.net.state_dict(), "optimizer": trainer.optimizers[0].state_dict()}
     record.write()
+
+
+def full_tensors(state: Any) -> Any:
+    """`state` with every DTensor gathered into a plain tensor (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.full_tensor()
+    if isinstance(state, dict):
+        return {key: full_tensors(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full_tensors(value) for value in state)
+    return state
+
+
+def lightning_sharded_run(workdir: Path, run: str, rank: int) -> None:
+    """FSDP2 (`fully_shard` in configure_model) under CkptdModelParallelStrategy: the model and the
+    optimizer are SHARDED DTensors, each rank saving its own half. The run "reshard" is one rank that
+    loads the resumed job's last checkpoint and trains no further."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.distributed.fsdp import fully_shard
+
+    from ckptd.client.integrations.lightning import retention_for
+    from ckptd.client.integrations.lightning_sharded import CkptdModelParallelStrategy
+
+    record = Record(workdir, run, rank)
+
+    class ShardedRegression(L.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = make_model()
+
+        def configure_model(self) -> None:
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss, sync_dist=True)
+            return loss
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            record.step(self.global_step, float(outputs["loss"]), None, batch[0])
+            record.states[self.global_step] = full_tensors(self.net.state_dict())
+            if run == "crash" and self.global_step == CRASH_AT[FRAMEWORK]:  # ModelCheckpoint's hook has saved by now
+                crash(record)
+
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)]
+
+    checkpoints = ModelCheckpoint(
+        dirpath=job_dir(workdir, run) / "lightning",
+        every_n_train_steps=SAVE_EVERY[FRAMEWORK],
+        monitor="train_loss",
+        save_top_k=2,
+        save_last=True,
+    )
+    root = str(job_dir(workdir, run) / "ckpt")
+    world = 1 if run == "reshard" else WORLD
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=CkptdModelParallelStrategy(
+            root, data_parallel_size=world, tensor_parallel_size=1, retention=retention_for(checkpoints)
+        ),
+        max_steps=STEPS,
+        callbacks=[] if run == "reshard" else [checkpoints],
+        enable_checkpointing=run != "reshard",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=job_dir(workdir, run),
+    )
+    model = ShardedRegression()
+    loader = torch.utils.data.DataLoader(data(), batch_size=4)  # Lightning adds a DistributedSampler
+    resume_from = {"resume": "last", "reshard": str(job_dir(workdir, run) / "lightning" / "last.ckpt")}
+    trainer.fit(model, loader, ckpt_path=resume_from.get(run))
+    record.final = {
+        "model": full_tensors(model.net.state_dict()),
+        "optimizer": full_tensors(trainer.optimizers[0].state_dict()),
+    }
+    record.write()
+
+
+def lightning_sharded_reshard(workdir: Path) -> None:
+    """Load the 2-rank job's last checkpoint on 1 rank (WORKDIR/reshard.rank0)."""
+    codes = launch(lightning_sharded_run, workdir, "reshard", world=1)
+    if codes != [0]:
+        sys.exit(f"run reshard ended with {codes}")
+
+
+def lightning_sharded_version_error(workdir: Path) -> str:
+    import lightning
+
+    from ckptd.client.integrations.lightning_sharded import CkptdModelParallelStrategy
+
+    real, lightning.__version__ = lightning.__version__, "2.1.4"
+    try:
+        CkptdModelParallelStrategy(str(workdir / "unused"))
+    except Exception as exc:  # the test checks the type and the words
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        lightning.__version__ = real
+    return "no error"
 
 
 def lightning_pointers(workdir: Path) -> None:
@@ -279,6 +391,64 @@ def transformers_export(workdir: Path) -> None:
     torch.save({**logits, "files": sorted(p.name for p in out.iterdir())}, workdir / "export.pt")
 
 
+BEST_STEPS = 8
+"""The keep-best run: evaluated and saved every 2 steps, the best by the *highest* eval loss (an early
+step, not the newest), save_total_limit=1."""
+
+
+def transformers_best_run(workdir: Path, run: str, rank: int) -> None:
+    """Train with `load_best_model_at_end`; record each step's model, each evaluation's loss, and the
+    model the Trainer holds at the end (the best one, loaded from ckptd)."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from ckptd.client.integrations.transformers import CkptdTrainer
+
+    record = Record(workdir, run, rank)
+    evaluations: Dict[int, float] = {}
+
+    class Recording(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            record.model_after(state.global_step, model)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+            evaluations[state.global_step] = float(metrics["eval_loss"])
+
+    args = TrainingArguments(
+        output_dir=str(workdir / run / "hf"),
+        max_steps=BEST_STEPS,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        seed=5,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    model = tiny_llama()
+    trainer = CkptdTrainer(
+        model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(samples=16), callbacks=[Recording()]
+    )
+    trainer.train()
+    record.final = {"model": model.state_dict(), "evaluations": evaluations}
+    record.write()
+
+
+def transformers_after(workdir: Path) -> None:
+    """The export check, then the keep-best run."""
+    transformers_export(workdir)
+    codes = launch(transformers_best_run, workdir, "best")
+    if codes != [0] * WORLD:
+        sys.exit(f"run best ended with {codes}")
+
+
 def transformers_version_error(workdir: Path) -> str:
     import transformers
 
@@ -352,10 +522,15 @@ def accelerate_version_error(workdir: Path) -> str:
 FRAMEWORKS: Dict[str, Dict[str, Callable[..., Any]]] = {
     "accelerate": {"run": accelerate_run, "version_error": accelerate_version_error},
     "lightning": {"run": lightning_run, "version_error": lightning_version_error, "after": lightning_pointers},
+    "lightning-sharded": {
+        "run": lightning_sharded_run,
+        "version_error": lightning_sharded_version_error,
+        "after": lightning_sharded_reshard,
+    },
     "transformers": {
         "run": transformers_run,
         "version_error": transformers_version_error,
-        "after": transformers_export,
+        "after": transformers_after,
     },
 }
 
@@ -369,18 +544,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(run: Callable[[Path, str, int], None], workdir: Path, name: str) -> List[int]:
-    """Fork WORLD ranks that run `run` with torchrun's environment; their exit statuses."""
+def launch(run: Callable[[Path, str, int], None], workdir: Path, name: str, world: int = WORLD) -> List[int]:
+    """Fork `world` ranks that run `run` with torchrun's environment; their exit statuses."""
     port, pids = free_port(), []
-    for rank in range(WORLD):
+    for rank in range(world):
         pid = os.fork()
         if pid == 0:
             os.environ.update(
                 RANK=str(rank),
                 LOCAL_RANK=str(rank),
                 GROUP_RANK="0",
-                WORLD_SIZE=str(WORLD),
-                LOCAL_WORLD_SIZE=str(WORLD),
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
                 TORCHELASTIC_RUN_ID=f"{name}-{port}",
