@@ -130,6 +130,19 @@ class CkptdModelParallelStrategy(ModelParallelStrategy):
         self.root = os.path.realpath(root)
         self._saver = StepSaver(self.root, options, overrides)
 
+    def lightning_module_state_dict(self) -> Dict[str, Any]:
+        """The model's sharded state as it lies, on its device: ckptd copies it into staging memory
+        itself, so Lightning's copy to the CPU first (`cpu_offload`) would be a second, blocking copy."""
+        assert self.model is not None
+        return get_model_state_dict(self.model)
+
+    def optimizer_state(self, optimizer: Optimizer) -> Dict[str, Any]:
+        """The optimizer's sharded state keyed by parameter name, as it lies (see above)."""
+        assert self.model is not None
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return get_optimizer_state_dict(self.model, optimizer)
+
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """On every rank: stage `checkpoint` as ckptd step `global_step` (once per step); rank 0
         points `filepath` at it."""
