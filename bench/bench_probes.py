@@ -59,10 +59,13 @@ class TrainingProbe:
             if elapsed >= seconds:
                 return steps / elapsed
 
-    def train_until(self, deadline: float) -> None:
-        """Train until perf_counter() reaches `deadline`."""
+    def train_until(self, deadline: float) -> int:
+        """Train until perf_counter() reaches `deadline`; returns the steps trained."""
+        steps = 0
         while time.perf_counter() < deadline:
             self.step()
+            steps += 1
+        return steps
 
 
 @dataclass
