@@ -96,10 +96,6 @@ def _manager(ctx: Any, root: str, tiers: tuple, **options: Any) -> Any:
     )
 
 
-RATE_WINDOW_S = 2.0
-"""Seconds of training alone, before the saves and after them, that set the undisturbed step rate."""
-
-
 def save_part(args: argparse.Namespace) -> Dict[str, Any]:
     """A training loop that saves at every step (policy "wait"); blocked seconds per save, and the
     training seconds each save costs: the loop trains on until every save is durable, and the steps
@@ -117,7 +113,8 @@ def save_part(args: argparse.Namespace) -> Dict[str, Any]:
     tiers = tuple(args.tier)
     manager = _manager(ctx, args.root, tiers)
     manager.wait_staging_allocated()
-    rate_before = probe.rate_for(RATE_WINDOW_S)
+    window = min(2.0, args.steps * args.step_s / 2)  # training alone, before and after: the undisturbed rate
+    rate_before = probe.rate_for(window)
     blocked: List[float] = []
     handles = []
     trained = 0
@@ -132,7 +129,7 @@ def save_part(args: argparse.Namespace) -> Dict[str, Any]:
         trained += 1
     elapsed = time.perf_counter() - started
     handles[-1].wait()
-    rate = (rate_before + probe.rate_for(RATE_WINDOW_S)) / 2
+    rate = (rate_before + probe.rate_for(window)) / 2
     copied_s = None
     if tiers:
         newest = max(s for s in range(1, args.steps + 1) if s % args.every == 0)

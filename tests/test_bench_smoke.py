@@ -208,3 +208,5 @@ def test_the_tiers_bench_runs_end_to_end(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["resume"]["shared_tier_cold"]["tier"] == "shared"
     assert all(_is_number(r["blocked_median_s"]) for r in report["save_every_step"].values())
+    assert all(_is_number(r["training_lost_per_save_s"]) for r in report["save_every_step"].values())
+    assert "costs the training loop no more than a save today" in done.stdout
