@@ -62,6 +62,18 @@ class Record:
         )
 
 
+def version_error(package: Any, too_old: str, construct: Callable[[], Any]) -> str:
+    """What `construct()` raises (type and words, for the test) while `package` claims `too_old`."""
+    real, package.__version__ = package.__version__, too_old
+    try:
+        construct()
+    except Exception as exc:  # the test checks the type and the words
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        package.__version__ = real
+    return "no error"
+
+
 def job_dir(workdir: Path, run: str) -> Path:
     """Where a run keeps its checkpoints: the crashed run and its resumption share one."""
     return workdir / ("reference" if run == "reference" else "job")
@@ -87,13 +99,11 @@ def make_model() -> nn.Module:
 # --- Lightning -------------------------------------------------------------------------------------
 
 
-def lightning_run(workdir: Path, run: str, rank: int) -> None:
+def lightning_module(record: Record, run: str, sharded: bool) -> Any:
+    """The LightningModule class both Lightning tests train; `sharded`: FSDP2 in configure_model, and
+    the states recorded gathered whole."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from ckptd.client.integrations.lightning import CkptdCheckpointIO, retention_for
-
-    record = Record(workdir, run, rank)
+    from torch.distributed.fsdp import fully_shard
 
     class Regression(L.LightningModule):
         def __init__(self, lr: float = 0.05, note: Any = None) -> None:
@@ -101,14 +111,25 @@ def lightning_run(workdir: Path, run: str, rank: int) -> None:
             self.save_hyperparameters()
             self.net = make_model()
 
+        def configure_model(self) -> None:
+            if not sharded:
+                return
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             loss = nn.functional.mse_loss(self.net(x), y)
-            self.log("train_loss", loss)
+            self.log("train_loss", loss, sync_dist=sharded)
             return loss
 
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-            record.step(self.global_step, float(outputs["loss"]), self.net, batch[0])
+            record.step(self.global_step, float(outputs["loss"]), None if sharded else self.net, batch[0])
+            if sharded:
+                record.states[self.global_step] = full_tensors(self.net.state_dict())
             if run == "crash" and self.global_step == CRASH_AT[FRAMEWORK]:  # ModelCheckpoint's hook has saved by now
                 crash(record)
 
@@ -116,27 +137,54 @@ def lightning_run(workdir: Path, run: str, rank: int) -> None:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)]
 
-    checkpoints = ModelCheckpoint(
+    return Regression
+
+
+def lightning_trainer(workdir: Path, run: str, devices: int, **settings: Any) -> Any:
+    """A quiet CPU Trainer for `run`; `settings` add the strategy, callbacks and plugins."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        max_steps=STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=job_dir(workdir, run),
+        **settings,
+    )
+
+
+def model_checkpoint(workdir: Path, run: str) -> Any:
+    """The ModelCheckpoint of both Lightning tests: every SAVE_EVERY steps, the 2 best by train_loss, and last."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(
         dirpath=job_dir(workdir, run) / "lightning",
         every_n_train_steps=SAVE_EVERY[FRAMEWORK],
         monitor="train_loss",
         save_top_k=2,
         save_last=True,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
+
+
+def lightning_run(workdir: Path, run: str, rank: int) -> None:
+    """DDP with CkptdCheckpointIO: rank 0's checkpoint dict saved as a one-rank ckptd job."""
+    from ckptd.client.integrations.lightning import CkptdCheckpointIO, retention_for
+
+    record = Record(workdir, run, rank)
+    checkpoints = model_checkpoint(workdir, run)
+    trainer = lightning_trainer(
+        workdir,
+        run,
+        WORLD,
         strategy="ddp",
-        max_steps=STEPS,
         callbacks=[checkpoints],
         plugins=[CkptdCheckpointIO(str(job_dir(workdir, run) / "ckpt"), retention=retention_for(checkpoints))],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=job_dir(workdir, run),
     )
-    model = Regression(note=Path("/not/a/supported/value"))  # a hyper-parameter ckptd keeps as its repr
+    model = lightning_module(record, run, sharded=False)(note=Path("/not/a/supported/value"))  # kept as its repr
     loader = torch.utils.data.DataLoader(data(), batch_size=4)  # Lightning adds a DistributedSampler
     trainer.fit(model, loader, ckpt_path="last" if run == "resume" else None)
     record.final = {"model": model.net.state_dict(), "optimizer": trainer.optimizers[0].state_dict()}
@@ -160,69 +208,28 @@ def lightning_sharded_run(workdir: Path, run: str, rank: int) -> None:
     """FSDP2 (`fully_shard` in configure_model) under CkptdModelParallelStrategy: the model and the
     optimizer are SHARDED DTensors, each rank saving its own half. The run "reshard" is one rank that
     loads the resumed job's last checkpoint and trains no further."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.distributed.fsdp import fully_shard
-
     from ckptd.client.integrations.lightning import retention_for
     from ckptd.client.integrations.lightning_sharded import CkptdModelParallelStrategy
 
     record = Record(workdir, run, rank)
-
-    class ShardedRegression(L.LightningModule):
-        def __init__(self, lr: float = 0.05) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            self.net = make_model()
-
-        def configure_model(self) -> None:
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            loss = nn.functional.mse_loss(self.net(x), y)
-            self.log("train_loss", loss, sync_dist=True)
-            return loss
-
-        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-            record.step(self.global_step, float(outputs["loss"]), None, batch[0])
-            record.states[self.global_step] = full_tensors(self.net.state_dict())
-            if run == "crash" and self.global_step == CRASH_AT[FRAMEWORK]:  # ModelCheckpoint's hook has saved by now
-                crash(record)
-
-        def configure_optimizers(self) -> Any:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)]
-
-    checkpoints = ModelCheckpoint(
-        dirpath=job_dir(workdir, run) / "lightning",
-        every_n_train_steps=SAVE_EVERY[FRAMEWORK],
-        monitor="train_loss",
-        save_top_k=2,
-        save_last=True,
+    checkpoints = model_checkpoint(workdir, run)
+    resharding = run == "reshard"
+    world = 1 if resharding else WORLD
+    strategy = CkptdModelParallelStrategy(
+        str(job_dir(workdir, run) / "ckpt"),
+        data_parallel_size=world,
+        tensor_parallel_size=1,
+        retention=retention_for(checkpoints),
     )
-    root = str(job_dir(workdir, run) / "ckpt")
-    world = 1 if run == "reshard" else WORLD
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=CkptdModelParallelStrategy(
-            root, data_parallel_size=world, tensor_parallel_size=1, retention=retention_for(checkpoints)
-        ),
-        max_steps=STEPS,
-        callbacks=[] if run == "reshard" else [checkpoints],
-        enable_checkpointing=run != "reshard",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=job_dir(workdir, run),
+    trainer = lightning_trainer(
+        workdir,
+        run,
+        world,
+        strategy=strategy,
+        callbacks=[] if resharding else [checkpoints],
+        enable_checkpointing=not resharding,
     )
-    model = ShardedRegression()
+    model = lightning_module(record, run, sharded=True)()
     loader = torch.utils.data.DataLoader(data(), batch_size=4)  # Lightning adds a DistributedSampler
     resume_from = {"resume": "last", "reshard": str(job_dir(workdir, run) / "lightning" / "last.ckpt")}
     trainer.fit(model, loader, ckpt_path=resume_from.get(run))
@@ -245,14 +252,7 @@ def lightning_sharded_version_error(workdir: Path) -> str:
 
     from ckptd.client.integrations.lightning_sharded import CkptdModelParallelStrategy
 
-    real, lightning.__version__ = lightning.__version__, "2.1.4"
-    try:
-        CkptdModelParallelStrategy(str(workdir / "unused"))
-    except Exception as exc:  # the test checks the type and the words
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        lightning.__version__ = real
-    return "no error"
+    return version_error(lightning, "2.1.4", lambda: CkptdModelParallelStrategy(str(workdir / "unused")))
 
 
 def lightning_pointers(workdir: Path) -> None:
@@ -283,14 +283,7 @@ def lightning_version_error(workdir: Path) -> str:
 
     from ckptd.client.integrations.lightning import CkptdCheckpointIO
 
-    real, lightning.__version__ = lightning.__version__, "2.1.4"
-    try:
-        CkptdCheckpointIO(str(workdir / "unused"))
-    except Exception as exc:  # the test checks the type and the words
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        lightning.__version__ = real
-    return "no error"
+    return version_error(lightning, "2.1.4", lambda: CkptdCheckpointIO(str(workdir / "unused")))
 
 
 # --- Hugging Face Trainer ---------------------------------------------------------------------------
@@ -454,14 +447,7 @@ def transformers_version_error(workdir: Path) -> str:
 
     from ckptd.client.integrations.transformers import CkptdTrainer
 
-    real, transformers.__version__ = transformers.__version__, "4.57.1"
-    try:
-        CkptdTrainer(model=tiny_llama())
-    except Exception as exc:  # the test checks the type and the words
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        transformers.__version__ = real
-    return "no error"
+    return version_error(transformers, "4.57.1", lambda: CkptdTrainer(model=tiny_llama()))
 
 
 # --- Accelerate -------------------------------------------------------------------------------------
@@ -509,14 +495,7 @@ def accelerate_version_error(workdir: Path) -> str:
 
     from ckptd.client.integrations.accelerate import AcceleratorComponents
 
-    real, accelerate.__version__ = accelerate.__version__, "0.34.2"
-    try:
-        AcceleratorComponents(None)
-    except Exception as exc:  # the test checks the type and the words
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        accelerate.__version__ = real
-    return "no error"
+    return version_error(accelerate, "0.34.2", lambda: AcceleratorComponents(None))
 
 
 FRAMEWORKS: Dict[str, Dict[str, Callable[..., Any]]] = {
