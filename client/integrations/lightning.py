@@ -37,7 +37,7 @@ from ckptd.proto.patterns import SharingPattern
 from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.topology import Topology
 
-__all__ = ["CkptdCheckpointIO", "SUPPORTED", "retention_for", "load_pointed"]
+__all__ = ["CkptdCheckpointIO", "SUPPORTED", "retention_for"]
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ ModelCheckpoint's files are pointers to the ckptd step (written by rank 0), so `
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import timedelta
 from typing import Any, Dict, List, Literal, Optional, Union
@@ -53,8 +52,6 @@ from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.proto.patterns import SharingPattern
 
 __all__ = ["CkptdModelParallelStrategy"]
-
-log = logging.getLogger(__name__)
 
 MODEL = COMPONENT_OF_KEY["state_dict"]
 OPTIMIZERS = COMPONENT_OF_KEY["optimizer_states"]
@@ -182,11 +179,10 @@ class CkptdModelParallelStrategy(ModelParallelStrategy):
         assert self.model is not None and self.lightning_module is not None
         saved = read_manifest(checkpoint_dir).components
         holders = {key: ValueHolder() for key in saved if key not in SHARDED}
-        live = {
-            MODEL: _ShardedModel(self.model, self.lightning_module.strict_loading),
-            OPTIMIZERS: _ShardedOptimizers(self.model, self.optimizers),
-        }
-        provider = HeldComponents({**holders, **{key: live[key] for key in SHARDED if key in saved}}, SHARDED)
+        live: Dict[str, Any] = {MODEL: _ShardedModel(self.model, self.lightning_module.strict_loading)}
+        if self.optimizers:  # none outside fit (validate, test, predict): the saved ones are not read
+            live[OPTIMIZERS] = _ShardedOptimizers(self.model, self.optimizers)
+        provider = HeldComponents({**holders, **{key: c for key, c in live.items() if key in saved}}, SHARDED)
         problem: Optional[VerificationError] = None
         try:
             CheckpointManager(provider, self.root, connect=False).load_checkpoint(checkpoint_dir)
