@@ -1,7 +1,7 @@
 """Torture test (issue 11): trainers save every step with step-tagged state while faults hit at random moments.
 
 A trainer (tests/workers/tagged_trainer.py, one plain process or two ranks under torchrun) saves every
-step; every tensor of step N holds N. Each trial waits a random 0.3-4 s and then injects one fault:
+step; every tensor of step N holds N. Each trial waits a random 0.3-2.5 s and then injects one fault:
 
   daemon-kill              the daemon is SIGKILLed and started again
   daemon-and-trainer-kill  both are SIGKILLed; the trainer restarts and resumes from `latest`
@@ -59,7 +59,7 @@ DAEMON_TIMEOUT_S = 3.0
 """The trainers' CheckpointManager(daemon_timeout=...): a stall-short stays under it, a stall-long exceeds it."""
 SAVE_TIMEOUT_S = 20
 """`ckptd serve --save-timeout` and the manager's `timeout`, as in the original report."""
-FAULT_DELAY_S = (0.3, 4.0)
+FAULT_DELAY_S = (0.3, 2.5)
 SHORT_STALL_S = (0.5, 2.0)
 LONG_STALL_S = (DAEMON_TIMEOUT_S + 1.0, DAEMON_TIMEOUT_S + 3.0)
 COMMIT_WITHIN_S = 60.0
