@@ -31,14 +31,11 @@ SUPPORTED = {
     "transformers": "transformers>=5.0,<6",
     "accelerate": "accelerate>=1.0,<2",
 }
+LIGHTNING_COMPONENTS = ("model", "optimizers", "lr_schedulers", "loops", "callbacks", "hyper_parameters", "trainer")
 PATTERNS = {
-    "lightning": {
-        name: "GLOBAL"
-        for name in ("model", "optimizers", "lr_schedulers", "loops", "callbacks", "hyper_parameters", "trainer")
-    },
+    "lightning": {name: "GLOBAL" for name in LIGHTNING_COMPONENTS},
     "lightning-sharded": {
-        name: "SHARDED" if name in ("model", "optimizers") else "GLOBAL"
-        for name in ("model", "optimizers", "lr_schedulers", "loops", "callbacks", "hyper_parameters", "trainer")
+        name: "SHARDED" if name in ("model", "optimizers") else "GLOBAL" for name in LIGHTNING_COMPONENTS
     },
     "transformers": {
         "model": "REPLICATED",

@@ -160,37 +160,48 @@ def _one_rank() -> RankInfo:
 
 class StepSaver:
     """Stages Lightning checkpoint dicts as ckptd steps (once per step: ModelCheckpoint saves a step
-    twice, its own file and last.ckpt) and keeps their handles, so a failed save is raised later."""
+    twice, its own file and last.ckpt) and keeps their handles, so a failed save is raised later.
 
-    def __init__(self, root: str, options: Optional[CheckpointManagerOptions], overrides: Dict[str, Any]) -> None:
+    Components not in `patterns` are GLOBAL; `rank_info` None: the job's ranks, from torch.distributed."""
+
+    def __init__(
+        self,
+        root: str,
+        options: Optional[CheckpointManagerOptions],
+        overrides: Dict[str, Any],
+        patterns: Optional[Mapping[str, SharingPattern]] = None,
+        rank_info: Optional[RankInfo] = None,
+    ) -> None:
         self.root = root
         self.options = options
         self.overrides = overrides
+        self.rank_info = rank_info
         self.holders: Dict[str, ValueHolder] = {}
+        self.provider = HeldComponents(self.holders, patterns)
         self.manager: Optional[CheckpointManager] = None
         self.handles: Dict[int, SaveHandle] = {}
         self.last_step: Optional[int] = None
 
-    def save(
-        self,
-        step: int,
-        states: Dict[str, Any],
-        metrics: Dict[str, float],
-        patterns: Mapping[str, SharingPattern],
-        rank_info: Optional[RankInfo],
-    ) -> None:
-        """Stage `states` as step `step` (unless that step is staged already); components not in
-        `patterns` are GLOBAL. `rank_info` None: the job's ranks, from torch.distributed."""
+    def save(self, checkpoint: Mapping[str, Any], path: str, say_lossy: bool = True) -> int:
+        """Stage Lightning's `checkpoint` as ckptd step `global_step` unless that step is staged
+        already, with the score `path` has in a ModelCheckpoint's top k; returns the step. The first
+        save warns (with `say_lossy`) of hyper-parameters kept as their repr."""
         raise_failed_saves(self.handles)
+        step = int(checkpoint["global_step"])
         if step == self.last_step:
-            return
-        for key, state in states.items():
+            return step
+        lossy: List[str] = []
+        for key, state in split_checkpoint(checkpoint, lossy).items():
             self.holders.setdefault(key, ValueHolder()).value = state
         if self.manager is None:
-            provider = HeldComponents(self.holders, patterns)
-            self.manager = CheckpointManager(provider, self.root, self.options, rank_info=rank_info, **self.overrides)
-        self.handles[step] = self.manager.save_checkpoint(step, metrics)
+            if say_lossy:
+                warn_lossy("Lightning hyper-parameters", lossy)
+            self.manager = CheckpointManager(
+                self.provider, self.root, self.options, rank_info=self.rank_info, **self.overrides
+            )
+        self.handles[step] = self.manager.save_checkpoint(step, monitored_metrics(checkpoint, path))
         self.last_step = step
+        return step
 
     def finish(self) -> None:
         """Wait for the saves in flight to commit (CheckpointError names a failed one), then release
@@ -245,20 +256,13 @@ class CkptdCheckpointIO(CheckpointIO):
     def __init__(self, root: str, options: Optional[CheckpointManagerOptions] = None, **overrides: Any) -> None:
         SUPPORTED.check(lightning.__version__)
         self.root = os.path.realpath(root)
-        self._saver = StepSaver(self.root, options, overrides)
+        self._saver = StepSaver(self.root, options, overrides, rank_info=_one_rank())
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         """Stage `checkpoint` as ckptd step `global_step` (once per step) and point `path` at it."""
         if storage_options is not None:
             raise TypeError("CkptdCheckpointIO takes no storage_options; configure the daemon instead")
-        step = int(checkpoint["global_step"])
-        if step != self._saver.last_step:
-            lossy: List[str] = []
-            states = split_checkpoint(checkpoint, lossy)
-            if self._saver.manager is None:  # said once, at the first save
-                warn_lossy("Lightning hyper-parameters", lossy)
-            metrics = monitored_metrics(checkpoint, os.fspath(path))
-            self._saver.save(step, states, metrics, {}, _one_rank())
+        step = self._saver.save(checkpoint, os.fspath(path))
         Pointer(self.root, step).write(os.fspath(path))
 
     def load_checkpoint(

@@ -42,11 +42,9 @@ from ckptd.client.integrations.lightning import (
     StepSaver,
     join_checkpoint,
     load_pointed,
-    monitored_metrics,
     remove_pointer,
-    split_checkpoint,
 )
-from ckptd.client.integrations.support import ValueHolder, warn_lossy
+from ckptd.client.integrations.support import ValueHolder
 from ckptd.client.loading import read_manifest
 from ckptd.client.manager import CheckpointManager, CheckpointManagerOptions
 from ckptd.proto.patterns import SharingPattern
@@ -125,7 +123,7 @@ class CkptdModelParallelStrategy(ModelParallelStrategy):
             **strategy_args,
         )
         self.root = os.path.realpath(root)
-        self._saver = StepSaver(self.root, options, overrides)
+        self._saver = StepSaver(self.root, options, overrides, SHARDED)
 
     def lightning_module_state_dict(self) -> Dict[str, Any]:
         """The model's sharded state as it lies, on its device: ckptd copies it into staging memory
@@ -146,13 +144,7 @@ class CkptdModelParallelStrategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError("CkptdModelParallelStrategy takes no storage_options; configure the daemon instead")
         path = os.fspath(self.broadcast(filepath))
-        step = int(checkpoint["global_step"])
-        if step != self._saver.last_step:
-            lossy: List[str] = []
-            states = split_checkpoint(checkpoint, lossy)
-            if self._saver.manager is None and self.is_global_zero:  # said once, at the first save
-                warn_lossy("Lightning hyper-parameters", lossy)
-            self._saver.save(step, states, monitored_metrics(checkpoint, path), SHARDED, rank_info=None)
+        step = self._saver.save(checkpoint, path, say_lossy=self.is_global_zero)
         if self.is_global_zero:  # Trainer.save_checkpoint's barrier follows
             Pointer(self.root, step).write(path)
 
