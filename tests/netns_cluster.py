@@ -53,6 +53,8 @@ class NetnsCluster:
     daemon_args: Sequence[str] = ()
     node_args: Dict[int, Sequence[str]] = field(default_factory=dict)
     """Extra `ckptd serve` arguments for single nodes."""
+    local_roots: Dict[int, Path] = field(default_factory=dict)
+    """Nodes whose daemon writes its own root instead of the shared one."""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cks")))
     processes: List[subprocess.Popen] = field(default_factory=list)
@@ -60,6 +62,10 @@ class NetnsCluster:
     @property
     def root(self) -> Path:
         return self.base / "root"
+
+    def root_of(self, node: int) -> Path:
+        """The root node `node`'s daemon writes."""
+        return self.local_roots.get(node, self.root)
 
     @property
     def bridge(self) -> str:
@@ -97,12 +103,12 @@ class NetnsCluster:
 
     def start(self, secret: Path) -> None:
         """One daemon per namespace; returns once every follower has joined the leader."""
-        self.root.mkdir(exist_ok=True)
         for node in range(self.nodes):
+            self.root_of(node).mkdir(exist_ok=True)
             command = [
                 "ip", "netns", "exec", self.namespace(node),
                 sys.executable, "-m", "ckptd.service", "serve",
-                "--root", str(self.root), "--endpoint", self.endpoint(node),
+                "--root", str(self.root_of(node)), "--endpoint", self.endpoint(node),
                 "--node", str(node), "--num-nodes", str(self.nodes),
                 "--leader", f"{node_address(0)}:{LEADER_PORT}", "--cluster-secret", str(secret),
                 "--peer-timeout", f"{self.peer_timeout:g}", "--write-threads", "1", "--nice", "0",
@@ -241,7 +247,7 @@ class LightRanks:
             }  # fmt: skip
 
         return {
-            "root": str(self.cluster.root),
+            "root": str(self.cluster.root_of(rank // self.ranks_per_node)),
             "step": step,
             "rank": rank,
             "pid": os.getpid(),

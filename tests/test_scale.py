@@ -143,7 +143,14 @@ def test_a_partition_shorter_than_the_peer_timeout_costs_no_save(cluster: NetnsC
 def test_a_node_in_the_other_root_mode_gets_every_save_aborted_with_the_reason(tmp_path: Path) -> None:
     secret = tmp_path / "cluster.secret"
     subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
-    with NetnsCluster(2, peer_timeout=PEER_TIMEOUT, node_args={1: ["--node-local-root"]}) as nodes:
+    # Node 1's node-local root is its own directory, as on a real node: were it the shared root, node 0's
+    # start-up sweep of leftovers could take node 1's temporary files mid-write.
+    with NetnsCluster(
+        2,
+        peer_timeout=PEER_TIMEOUT,
+        node_args={1: ["--node-local-root"]},
+        local_roots={1: tmp_path / "node1-local"},
+    ) as nodes:
         nodes.start(secret)
 
         async def one_save() -> SaveResult:
