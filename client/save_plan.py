@@ -283,10 +283,10 @@ class ComponentPlan:
     def region_views(self, region: Any) -> List[torch.Tensor]:
         """A view of `region` per entry, typed like its source (kept while the region stays the same)."""
         if self.views is None or self.views[0] is not region:
-            self.views = (region, region_views(region, self.staged.entries))
+            self.views = (region, region_views(region, self.staged.entries, self.staged.header_room))
         return self.views[1]
 
 
-def region_views(region: Any, entries: Sequence[Any]) -> List[torch.Tensor]:
-    """A view of `region` for each entry, with the entry's dtype and shape."""
-    return [region.tensor(entry, torch_dtype(entry.dtype)) for entry in entries]
+def region_views(region: Any, entries: Sequence[Any], base: int) -> List[torch.Tensor]:
+    """A view of `region` for each entry of a body that starts at `base`, with the entry's dtype and shape."""
+    return [region.tensor(entry, torch_dtype(entry.dtype), base) for entry in entries]

@@ -254,7 +254,7 @@ class CheckpointClient:
         """Size the staging regions from the components' current state and allocate and prefault
         them in the background, and plan the components (their save plans), so that the first save
         costs a warm copy."""
-        sizes = {s.key: s.total for s in snapshot(components, self.rank_info, self._plans) if s.writer and s.total}
+        sizes = {s.key: s.region_bytes for s in snapshot(components, self.rank_info, self._plans) if s.region_bytes}
         if sizes:
             self._pool.allocate_ahead(sizes)
 
@@ -281,7 +281,7 @@ class CheckpointClient:
                 del self._handles[handle.step]
 
     def _reserve(self, staged: List[StagedComponent]) -> None:
-        sizes = {s.key: s.total for s in staged if s.writer and s.total}
+        sizes = {s.key: s.region_bytes for s in staged if s.region_bytes}
         if not sizes:
             return
         regions = self._pool.reserve(sizes, wait=self.when_busy == "wait", timeout=self.timeout)

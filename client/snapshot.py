@@ -16,6 +16,7 @@ from ckptd.client.save_plan import ComponentPlan, region_views
 from ckptd.client.sharded import plan_sharded
 from ckptd.client.staging import StagingRegion
 from ckptd.client.topology import RankInfo
+from ckptd.disk.safetensors import header_room
 from ckptd.proto.formats import STATE_DIGEST_KEY, TensorEntry, content_digest, layout_tensors
 from ckptd.proto.messages import ComponentPart, PartUpdate
 from ckptd.proto.patterns import SharingPattern, place, share_of_tensors
@@ -50,13 +51,20 @@ class StagedComponent:
     """The non-tensor state this rank writes (None: none)."""
     plan: Optional[ComponentPlan] = None
     """The plan of this snapshot's structure, reused or made by it (None: none can be made)."""
+    header_room: int = 0
+    """Bytes of the region before the body: room for the shard's header (see disk.safetensors.header_room)."""
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of staging region this component needs (0: none)."""
+        return self.header_room + self.total if self.writer and self.total else 0
 
     def region_views(self) -> List[torch.Tensor]:
         """A view of the region per entry (kept by the plan across saves)."""
         assert self.region is not None
         if self.plan is not None:
             return self.plan.region_views(self.region)
-        return region_views(self.region, self.entries)
+        return region_views(self.region, self.entries, self.header_room)
 
     @property
     def key(self) -> str:
@@ -79,6 +87,7 @@ class StagedComponent:
             region=self.region.name if self.region is not None else None,
             lease=(self.region.lease or 0) if self.region is not None else 0,
             region_size=self.total,
+            header_room=self.header_room,
             tensors=tuple(self.entries),
             state=self.state,
             digests=self._digests() if comp.validate_replication else None,
@@ -99,7 +108,7 @@ class StagedComponent:
         """A digest of every tensor (from its staged copy where this rank staged it) and of the rest."""
         staged = {e.name: e for e in self.entries} if self.region is not None else {}
         digests = {
-            name: content_digest(self.region.bytes_view(staged[name].offset, staged[name].nbytes))  # type: ignore[union-attr]
+            name: content_digest(self.region.bytes_view(self.header_room + staged[name].offset, staged[name].nbytes))  # type: ignore[union-attr]
             if name in staged
             else _tensor_digest(tensor)
             for name, tensor in self.flat.tensors.items()
@@ -154,6 +163,7 @@ def _from_plan(plan: ComponentPlan, prepared: PreparedComponent, state: Any) -> 
         chunks=planned.chunks,
         state=flat.skeleton if plan.state_is_skeleton else planned.state,
         plan=plan,
+        header_room=planned.header_room,
     )
 
 
@@ -188,6 +198,7 @@ def _snapshot_placed(prepared: PreparedComponent, rank_info: RankInfo, state: An
         total,
         sources=[mine[e.name] for e in entries],
         state=flat.skeleton if writer else None,
+        header_room=header_room(entries, comp.key) if writer and total else 0,
     )
 
 
@@ -211,6 +222,7 @@ def _snapshot_sharded(prepared: PreparedComponent, rank_info: RankInfo, state: A
         sources=[plan.sources[e.name] for e in entries],
         chunks=plan.chunks,
         state=skeleton,
+        header_room=header_room(entries, comp.key) if total else 0,
     )
 
 

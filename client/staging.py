@@ -10,13 +10,13 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
 from ckptd.client.errors import CheckpointError, PoolBusyError
 from ckptd.proto.formats import TensorEntry
-from ckptd.proto.layout import REGION_PREFIX
+from ckptd.proto.layout import REGION_PREFIX, REGIONS_PER_COMPONENT
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,27 @@ class StagingRegion:
         except OSError:
             self._bytes.fill_(0)
 
-    def tensor(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor view of the region where `entry` is staged."""
-        flat = self._bytes[entry.offset : entry.offset + entry.nbytes]
+    @property
+    def path(self) -> str:
+        """The region's file."""
+        return os.path.join(SHM_DIR, self.name)
+
+    def held_by_checkpoint(self) -> bool:
+        """True while a checkpoint's shard file is this region (the daemon kept it: a root on /dev/shm)."""
+        try:
+            return os.stat(self.path).st_nlink > 1
+        except FileNotFoundError:
+            return False
+
+    def restore_size(self) -> None:
+        """Give the file back its full size where the daemon trimmed it to a shard's (within its last
+        page: no mapped page is lost)."""
+        if os.stat(self.path).st_size < self.size:
+            os.truncate(self.path, self.size)
+
+    def tensor(self, entry: TensorEntry, dtype: torch.dtype, base: int = 0) -> torch.Tensor:
+        """A tensor view of the region where `entry` is staged, in a body that starts at `base`."""
+        flat = self._bytes[base + entry.offset : base + entry.offset + entry.nbytes]
         return flat.view(dtype).view(entry.shape)
 
     def block(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -118,22 +136,28 @@ def _unlink(path: str) -> None:
 
 
 class StagingPool:
-    """One region per component key, reused while large enough; a held region blocks or skips a save.
+    """Staging regions per component key, reused while large enough; a held region blocks or skips a save.
 
     A reservation is a lease: every region it hands out gets a new generation, and a release frees a
     region only when it names the generation the region holds now, so a late or repeated release of
     an older save never frees a region that already holds the next save's bytes.
 
-    Memory stays bounded: a key never holds more than one region, and a region is only replaced
-    (unlinked, then reallocated larger) while it is free.
+    A key normally has one region. Where the daemon keeps a region as a shard file (a root on
+    /dev/shm), the region belongs to that checkpoint until retention deletes it, so the key gets
+    another: allocated in the background when a release finds its region kept, at most
+    REGIONS_PER_COMPONENT per key (beyond that the oldest kept one is let go: its checkpoint holds
+    the pages). A region is only written while neither a save nor a checkpoint holds it.
     """
 
     def __init__(self) -> None:
-        self._regions: Dict[str, StagingRegion] = {}
-        self._by_name: Dict[str, StagingRegion] = {}
+        self._rings: Dict[str, List[StagingRegion]] = {}
+        self._key_of: Dict[str, str] = {}
+        """Region name -> component key."""
         self._generations = itertools.count(1)
         self._cond = threading.Condition()
         self._allocating: Optional[threading.Thread] = None
+        self._spares: Set[str] = set()
+        """Keys whose next region is being allocated in the background."""
         self.allocated_at: Optional[float] = None
         """time.perf_counter() when the last allocate_ahead() finished."""
 
@@ -142,7 +166,10 @@ class StagingPool:
         waits for held ones or raises PoolBusyError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while any(self._regions.get(k) is not None and self._regions[k].lease is not None for k in sizes):
+            while True:
+                picked = {key: self._pick(key, size) for key, size in sizes.items()}
+                if all(region is not None for region in picked.values()):
+                    break
                 if not wait:
                     raise PoolBusyError("the previous save still holds this rank's staging regions")
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -153,17 +180,41 @@ class StagingPool:
                     )
                 self._cond.wait(remaining)
             reserved = {}
-            for key, size in sizes.items():
-                region = self._regions.get(key)
-                if region is None or region.size < size:
-                    if region is not None:
-                        self._drop(key)
-                    region = StagingRegion(size)
-                    self._regions[key] = region
-                    self._by_name[region.name] = region
+            for key, region in picked.items():
+                assert region is not None
                 region.lease = next(self._generations)
                 reserved[key] = region
             return reserved
+
+    def _pick(self, key: str, size: int) -> Optional[StagingRegion]:
+        """A region of `key` that may be written now (allocated if need be), or None to wait."""
+        ring = self._rings.setdefault(key, [])
+        free = [r for r in ring if r.lease is None]
+        kept = [r for r in free if r.held_by_checkpoint()]
+        for region in free:
+            if region not in kept and region.size >= size:
+                region.restore_size()
+                return region
+        if key in self._spares or any(r.lease is not None for r in ring):  # one is on its way back
+            return None
+        for region in free:
+            if region not in kept:  # too small: replaced
+                self._discard(key, region)
+        if len(ring) >= REGIONS_PER_COMPONENT:
+            if not kept:
+                return None
+            self._discard(key, kept[0])
+        return self._add(key, StagingRegion(size))
+
+    def _add(self, key: str, region: StagingRegion) -> StagingRegion:
+        self._rings.setdefault(key, []).append(region)
+        self._key_of[region.name] = key
+        return region
+
+    def _discard(self, key: str, region: StagingRegion) -> None:
+        self._rings[key].remove(region)
+        self._key_of.pop(region.name, None)
+        region.close()
 
     def allocate_ahead(self, sizes: Dict[str, int]) -> threading.Thread:
         """Allocate and prefault regions for `sizes` in a background thread (a save that comes first
@@ -194,43 +245,66 @@ class StagingPool:
 
     def release(self, leases: Iterable[Lease]) -> None:
         """Free the regions whose current lease is one of `leases` ((name, generation) pairs: the
-        daemon wrote them, or the save was refused); any other pair is stale and ignored."""
+        daemon wrote them, or the save was refused); any other pair is stale and ignored. A region the
+        daemon kept as a shard file gets its key a spare, allocated in the background."""
         with self._cond:
             for name, generation in leases:
-                region = self._by_name.get(name)
+                key = self._key_of.get(name)
+                region = next((r for r in self._rings[key] if r.name == name), None) if key is not None else None
                 if region is not None and region.lease == generation:
                     region.lease = None
+                    if region.held_by_checkpoint():
+                        self._allocate_spare(key, region.size)  # type: ignore[arg-type]
                 elif region is not None:
                     log.debug(
                         "ignored a stale release of %s (generation %s, held by %s)", name, generation, region.lease
                     )
             self._cond.notify_all()
 
+    def _allocate_spare(self, key: str, size: int) -> None:
+        """Start allocating another region for `key` unless one is free or the key has its most."""
+        ring = self._rings[key]
+        if key in self._spares or len(ring) >= REGIONS_PER_COMPONENT:
+            return
+        if any(r.lease is None and r.size >= size and not r.held_by_checkpoint() for r in ring):
+            return
+        self._spares.add(key)
+
+        def allocate() -> None:
+            region: Optional[StagingRegion] = None
+            try:
+                region = StagingRegion(size)
+            except CheckpointError as exc:
+                log.warning("could not allocate a spare staging region for %r: %s", key, exc)
+            with self._cond:
+                self._spares.discard(key)
+                if region is not None:
+                    self._add(key, region)
+                self._cond.notify_all()
+
+        threading.Thread(target=allocate, name="ckptd-allocate-spare", daemon=True).start()
+
     def busy(self) -> bool:
         """True while the daemon still holds any region."""
         with self._cond:
-            return any(r.lease is not None for r in self._regions.values())
+            return any(r.lease is not None for ring in self._rings.values() for r in ring)
 
     def staged_bytes(self) -> int:
         """Total bytes of shared memory this pool holds."""
         with self._cond:
-            return sum(r.size for r in self._regions.values())
+            return sum(r.size for ring in self._rings.values() for r in ring)
 
     def close(self) -> None:
         """Unlink every region (waits for nothing: call after the saves in flight are done)."""
         with self._cond:
-            for key in list(self._regions):
-                self._drop(key)
-
-    def _drop(self, key: str) -> None:
-        region = self._regions.pop(key)
-        self._by_name.pop(region.name, None)
-        region.close()
+            for key, ring in self._rings.items():
+                for region in list(ring):
+                    self._discard(key, region)
 
     def names(self) -> List[str]:
         """Names of the regions this pool owns."""
         with self._cond:
-            return list(self._by_name)
+            return list(self._key_of)
 
 
 def leases_of(regions: Iterable[StagingRegion]) -> List[Lease]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ckptd.proto.formats import HEADER_ALIGNMENT, TensorEntry
 
@@ -18,12 +18,34 @@ Header = Dict[str, Any]
 """Tensor name -> {"dtype", "shape", "data_offsets"} (and METADATA_KEY -> str map, if any)."""
 
 
+SCOPE_NAME_ROOM = 160
+"""Characters reserved for a shard's scope name in `header_room` (a scope is a safe name, at most 128,
+with a prefix such as "group-"): the client reserves the room before the daemon names the scope."""
+
+
+def shard_metadata(component: str, scope: str) -> Dict[str, str]:
+    """The `__metadata__` of the shard of `component`'s `scope` that the daemon writes."""
+    return {"format": "pt", "ckptd_component": component, "ckptd_scope": scope}
+
+
+def header_room(entries: Sequence[TensorEntry], component: str) -> int:
+    """Bytes (a page multiple) that hold the header of any shard of `component` with these tensors:
+    a staging region that starts with this room can become the shard file itself (see
+    `encode_header`'s `room`)."""
+    longest = encode_header(entries, shard_metadata(component, "x" * SCOPE_NAME_ROOM), alignment=1)
+    return -(-len(longest) // HEADER_ALIGNMENT) * HEADER_ALIGNMENT
+
+
 def encode_header(
-    entries: Iterable[TensorEntry], metadata: Optional[Dict[str, str]] = None, alignment: int = HEADER_ALIGNMENT
+    entries: Iterable[TensorEntry],
+    metadata: Optional[Dict[str, str]] = None,
+    alignment: int = HEADER_ALIGNMENT,
+    room: Optional[int] = None,
 ) -> bytes:
     """The length prefix plus JSON header for tensors laid out as `entries` describe, padded with
     spaces so that the data starts at a multiple of `alignment` (a page, by default: the daemon writes
-    the body with O_DIRECT straight from page-aligned staging memory)."""
+    the body with O_DIRECT straight from page-aligned staging memory), or to exactly `room` bytes
+    (ValueError if it needs more)."""
     header: Dict[str, object] = {}
     if metadata:
         header[METADATA_KEY] = dict(metadata)
@@ -34,7 +56,12 @@ def encode_header(
             "data_offsets": [entry.offset, entry.offset + entry.nbytes],
         }
     body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-(8 + len(body)) % alignment)
+    if room is not None:  # exactly `room` bytes with the prefix
+        if 8 + len(body) > room:
+            raise ValueError(f"the header needs {8 + len(body)} bytes, more than the {room} reserved")
+        body += b" " * (room - 8 - len(body))
+    else:
+        body += b" " * (-(8 + len(body)) % alignment)
     return len(body).to_bytes(8, "little") + body
 
 

@@ -14,6 +14,10 @@ CHECKPOINT_PREFIX = "step_"
 TENSOR_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".msgpack"
 REGION_PREFIX = "ckptd-"
+REGIONS_PER_COMPONENT = 6
+"""Most staging regions a client keeps per component (and the daemon keeps mapped). In a root on
+/dev/shm the daemon keeps a staged region as the shard file itself, so each checkpoint retention
+keeps holds one region, one may be held for a tier copy, and the next save stages into another."""
 PARTNER_DIR = "partner"
 """Under a node-local root: a checkpoint root of its own holding the previous node's files of each
 checkpoint (`--replicate-to-partner`)."""

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import msgpack
 
 from ckptd.proto.errors import ErrorCode, ProtocolError
-from ckptd.proto.formats import SAFETENSORS_DTYPES, TensorEntry
+from ckptd.proto.formats import HEADER_ALIGNMENT, SAFETENSORS_DTYPES, TensorEntry
 from ckptd.proto.layout import REGION_PREFIX, check_safe_name
 from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.patterns import SharingPattern
@@ -22,8 +22,9 @@ from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.sharding import ChunkSpec
 from ckptd.proto.topology import Topology
 
-PROTOCOL_VERSION = 2
-"""2: staging regions are handed over as leases (region name + generation)."""
+PROTOCOL_VERSION = 3
+"""2: staging regions are handed over as leases (region name + generation). 3: a part's body starts
+`header_room` bytes into its region (a daemon of 2 would read the body from the region's start)."""
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 # request types
@@ -170,6 +171,10 @@ class ComponentPart:
     lease: int = 0
     """The generation under which the client handed `region` over for this save."""
     region_size: int = 0
+    """Bytes of the body staged in `region`, after its `header_room`."""
+    header_room: int = 0
+    """Bytes before the body in `region` (a multiple of HEADER_ALIGNMENT): room where the daemon may
+    write the shard's header and keep the region itself as the shard file."""
     tensors: Tuple[TensorEntry, ...] = ()
     state: Optional[bytes] = None
     digests: Optional[Dict[str, str]] = None
@@ -191,6 +196,7 @@ class ComponentPart:
             "region": self.region,
             "lease": self.lease,
             "region_size": self.region_size,
+            "header_room": self.header_room,
             "tensors": self.tensors,
             "state": self.state,
             "digests": self.digests,
@@ -229,6 +235,12 @@ class ComponentPart:
             raise ProtocolError(
                 ErrorCode.INVALID_NAME, f"{where}: region name {region!r} is not a ckptd shared-memory region"
             )
+        header_room = body.get("header_room", 0)
+        if type(header_room) is not int or header_room < 0 or header_room % HEADER_ALIGNMENT:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"{where}: header_room must be a non-negative multiple of {HEADER_ALIGNMENT}, not {header_room!r}",
+            )
         spread = body.get("spread", False)
         if type(spread) is not bool or (spread and pattern is not SharingPattern.REPLICATED):
             raise ProtocolError(
@@ -254,6 +266,7 @@ class ComponentPart:
             region=region,
             lease=_field(body, "lease", int, where),
             region_size=_field(body, "region_size", int, where),
+            header_room=header_room,
             tensors=_tensor_entries(_field(body, "tensors", (list, tuple), where), where),
             state=_optional(body, "state", bytes, where),
             digests=_digests(body.get("digests"), where),

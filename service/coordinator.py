@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Set
 
-from ckptd.disk.safetensors import encode_header
+from ckptd.disk.safetensors import encode_header, shard_metadata
 from ckptd.proto import layout, messages
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.errors import ErrorCode
@@ -24,8 +24,8 @@ from ckptd.proto.sharding import Box, checksum_blocks, chunk_index_entry
 from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.regions import MappedRegion, RegionMaps
-from ckptd.service.shard_writer import Throttle, write_file, write_shard
+from ckptd.service.regions import SHM_DIR, MappedRegion, RegionMaps, same_filesystem
+from ckptd.service.shard_writer import Throttle, describe_kept_shard, write_file, write_shard
 from ckptd.service.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ class NodeCoordinator:
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
         self.regions = RegionMaps()
         """The clients' staging regions, mapped once and kept between their saves."""
+        self._root_beside_regions = same_filesystem(store.root, SHM_DIR)
+        """The root shares the regions' filesystem (/dev/shm): regions become shard files, uncopied."""
 
     @property
     def busy(self) -> bool:
@@ -259,7 +261,7 @@ class NodeCoordinator:
                             ErrorCode.INVALID_REQUEST, f"region {part.region!r} is named by two components"
                         )
                     regions[part.region] = self.regions.acquire(
-                        link.identity, part.key, part.region, part.region_size, request.pid
+                        link.identity, part.key, part.region, part.header_room + part.region_size, request.pid
                     )
         except RegionError as exc:
             raise SaveRejected(ErrorCode.BAD_REGION, str(exc)) from None
@@ -378,9 +380,11 @@ class NodeCoordinator:
         tensor_rel, state_rel = layout.shard_paths(comp.key, scope)
         self._store.make_component_dir(session.tmp_dir, comp.key)
         body_bytes = sum(t.nbytes for t in comp.tensors)
-        header = encode_header(comp.tensors, {"format": "pt", "ckptd_component": comp.key, "ckptd_scope": scope})
+        metadata = shard_metadata(comp.key, scope)
+        header = encode_header(comp.tensors, metadata)
         region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]
-        body = region.view(body_bytes) if region is not None else memoryview(b"")
+        body = region.view(body_bytes, comp.header_room) if region is not None else memoryview(b"")
+        path = os.path.join(session.tmp_dir, tensor_rel)
 
         def done_with(offset: int, length: int) -> None:
             session.add_written(length)
@@ -391,9 +395,11 @@ class NodeCoordinator:
         blocks = [checksum_blocks(t.nbytes) for t in comp.tensors] if sharded else []
         spans = [(t.offset + start, length) for t, own in zip(comp.tensors, blocks) for start, length in own]
         try:
-            written = write_shard(
-                os.path.join(session.tmp_dir, tensor_rel), header, body, self._throttle, done_with, spans
-            )
+            kept = self._keep_region(region, comp, body_bytes, metadata, path) if region is not None else None
+            if kept is not None:
+                written = describe_kept_shard(kept, body, done_with, spans)
+            else:
+                written = write_shard(path, header, body, self._throttle, done_with, spans)
         finally:
             body.release()
         state = write_file(os.path.join(session.tmp_dir, state_rel), [comp.state or b""], self._throttle)
@@ -410,6 +416,19 @@ class NodeCoordinator:
             FileRecord(tensor_rel, written.size, written.checksum, index),
             FileRecord(state_rel, state.size, state.checksum),
         )
+
+    def _keep_region(
+        self, region: MappedRegion, comp: ComponentPart, body_bytes: int, metadata: Dict[str, str], path: str
+    ) -> Optional[bytes]:
+        """In a root on the staging regions' filesystem, keep the region as the shard file at `path`
+        (no copy); returns the header written into it, or None where it was not kept."""
+        if not self._root_beside_regions or not comp.header_room or region.size != comp.header_room + body_bytes:
+            return None
+        try:
+            header = encode_header(comp.tensors, metadata, room=comp.header_room)
+        except ValueError:  # the client reserved too little room: copy
+            return None
+        return header if region.become_file(header, path) else None
 
     @staticmethod
     def _ready_to_report(session: SaveSession) -> bool:

@@ -8,12 +8,15 @@ import os
 import stat
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from ckptd.proto.layout import REGION_PREFIX
+from ckptd.proto.layout import REGION_PREFIX, REGIONS_PER_COMPONENT
 from ckptd.service.errors import RegionError
 
 SHM_DIR = "/dev/shm"
 
 log = logging.getLogger(__name__)
+
+Slot = Tuple[bytes, str, str]
+"""(client connection, component key, region name)."""
 
 
 class MappedRegion:
@@ -40,14 +43,60 @@ class MappedRegion:
         finally:
             os.close(fd)
         self.size = size
+        self.inode = (info.st_dev, info.st_ino)
 
-    def view(self, nbytes: int) -> memoryview:
-        """The first `nbytes` of the region."""
-        if nbytes > self.size:
-            raise RegionError(f"{nbytes} bytes requested from region {self.name!r} of {self.size}")
+    @property
+    def path(self) -> str:
+        """The region's file."""
+        return os.path.join(SHM_DIR, self.name)
+
+    def view(self, nbytes: int, offset: int = 0) -> memoryview:
+        """`nbytes` of the region from `offset`."""
+        if offset + nbytes > self.size:
+            raise RegionError(f"{offset + nbytes} bytes requested from region {self.name!r} of {self.size}")
         if self._map is None:
             return memoryview(b"")
-        return memoryview(self._map)[:nbytes]
+        return memoryview(self._map)[offset : offset + nbytes]
+
+    def become_file(self, header: bytes, path: str) -> bool:
+        """Make the region's file the shard at `path` without copying its body: `header`, exactly the
+        room the client left before the body, is written into that room, the file is trimmed to header
+        plus body and hard-linked at `path` (on the same filesystem). False, with the body untouched,
+        where that cannot be done: another file has the region's name now, a checkpoint already holds
+        it, trimming would drop a page the client maps, or the link fails.
+
+        Measured on 1.2 GB in a root on /dev/shm: the copy this saves costs 0.4-0.5 s of CPU, which
+        the trainer shares, and twice the memory while the copy and the region both exist."""
+        end = self.size
+        page = mmap.PAGESIZE
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+        try:
+            info = os.fstat(fd)
+            if (
+                (info.st_dev, info.st_ino) != self.inode
+                or info.st_nlink != 1
+                or info.st_size not in (end, -(-end // page) * page)
+                or len(header) > end
+            ):
+                return False
+            view = memoryview(header)
+            while view:
+                view = view[os.pwrite(fd, view, len(header) - len(view)) :]
+            os.ftruncate(fd, end)
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+            try:  # a dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW): this very file, not the fd's symlink
+                os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            log.debug("could not keep region %s as %s (%s); copying it", self.name, path, exc)
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def close(self) -> None:
         """Unmap; if the owning client is gone, also unlink the name it can no longer clean up."""
@@ -69,25 +118,31 @@ class RegionMaps:
     per 1.2 GB save, CPU the trainer shares. The pages are the client's shared memory (counted as
     RssShmem here, not as memory of the daemon's own).
 
-    A mapping is kept per (client connection, component key) and replaced when that component
-    names another region (the client outgrew the old one). Those of a client go when it says
-    goodbye or its process is gone; one replaced or dropped while a write reads it is unmapped
-    when that write releases it.
+    A mapping is kept per (client connection, component key, region name), the most recently used
+    REGIONS_PER_COMPONENT of a component (a client stages into several where regions become shard
+    files). Those of a client go when it says goodbye or its process is gone; one replaced or dropped
+    while a write reads it is unmapped when that write releases it.
     """
 
     def __init__(self) -> None:
-        self._maps: Dict[Tuple[bytes, str], MappedRegion] = {}
+        self._maps: Dict[Slot, MappedRegion] = {}
+        """Insertion order is use order: the least recently used first."""
 
     def acquire(self, client: bytes, key: str, name: str, size: int, owner_pid: int) -> MappedRegion:
         """The mapping of region `name` (`size` bytes) that `client` names for component `key`."""
-        slot = (client, key)
-        kept = self._maps.get(slot)
-        if kept is not None and kept.name == name and kept.size == size and kept.owner_pid == owner_pid:
+        slot = (client, key, name)
+        kept = self._maps.pop(slot, None)
+        if kept is not None and kept.size == size and kept.owner_pid == owner_pid:
+            self._maps[slot] = kept
             return kept
-        region = MappedRegion(name, size, owner_pid)
         if kept is not None:
             _close(kept)
+        region = MappedRegion(name, size, owner_pid)
         self._maps[slot] = region
+        others = [s for s in self._maps if s[:2] == slot[:2] and s != slot]
+        gone = [s for s in others if not os.path.exists(self._maps[s].path)]  # the client let them go
+        kept = [s for s in others if s not in gone]  # least recently used first
+        self._drop(gone + kept[: max(0, len(kept) + 1 - REGIONS_PER_COMPONENT)])
         return region
 
     def release(self, regions: Iterable[MappedRegion]) -> None:
@@ -113,7 +168,7 @@ class RegionMaps:
         """Unmap everything (the daemon stops)."""
         self._drop(list(self._maps))
 
-    def _drop(self, slots: Iterable[Tuple[bytes, str]]) -> None:
+    def _drop(self, slots: Iterable[Slot]) -> None:
         for slot in slots:
             _close(self._maps.pop(slot))
 
@@ -126,6 +181,14 @@ def _close(region: MappedRegion) -> None:
         region.close()
     except BufferError:  # a write still reads it: the mapping goes when that write drops its view
         log.debug("region %s still has readers; it is unmapped when they finish", region.name)
+
+
+def same_filesystem(path: str, other: str) -> bool:
+    """True if `path` and `other` exist on one filesystem (a hard link between them can work)."""
+    try:
+        return os.stat(path).st_dev == os.stat(other).st_dev
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

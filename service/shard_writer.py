@@ -155,6 +155,22 @@ def write_shard(
     return WrittenFile(len(header) + len(body), checksum.hexdigest(), fsync_s, span_sums.hexdigests())
 
 
+def describe_kept_shard(
+    header: bytes, body: memoryview, done_with: Optional[PageRelease] = None, spans: Sequence[Tuple[int, int]] = ()
+) -> WrittenFile:
+    """Size and checksums of a shard whose file is a kept staging region (`header` then `body`): what
+    `write_shard` returns, without writing anything."""
+    checksum = Checksum()
+    span_sums = SpanChecksums(spans)
+    checksum.update(header)
+    for start in range(0, len(body), DIRECT_CHUNK_BYTES):
+        chunk = body[start : start + DIRECT_CHUNK_BYTES]
+        checksum.update(chunk)
+        span_sums.update(start, chunk)
+        (done_with or _ignore)(start, len(chunk))
+    return WrittenFile(len(header) + len(body), checksum.hexdigest(), 0.0, span_sums.hexdigests())
+
+
 def _ignore(offset: int, length: int) -> None:
     pass
 

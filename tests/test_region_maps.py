@@ -26,7 +26,9 @@ def mapped_regions(pid: int) -> Dict[str, int]:
     counts: Dict[str, int] = {}
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
-            name = os.path.basename(line.split()[-1]) if "/dev/shm/" in line else ""
+            fields = line.split(maxsplit=5)  # address perms offset dev inode [path[ (deleted)]]
+            path = fields[5].strip().removesuffix(" (deleted)") if len(fields) > 5 else ""
+            name = os.path.basename(path) if path.startswith("/dev/shm/") else ""
             if name.startswith("ckptd-"):
                 counts[name] = counts.get(name, 0) + 1
     return counts

@@ -1,0 +1,98 @@
+"""In a root on /dev/shm (a node-local fast tier), the daemon keeps each staged region as the shard
+file itself instead of copying it; the client stages the next saves into other regions and reuses a
+region only once no checkpoint holds it. Every checkpoint must still hold exactly its own step."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Set
+
+import pytest
+import torch
+from helpers import Daemon, Holder
+from safetensors import safe_open
+
+from ckptd.client import CheckpointClient, PreparedComponent, RetentionPolicy, SharingPattern, StateComponent
+from ckptd.client.loading import read_manifest, read_scope
+from ckptd.disk.root import committed_checkpoints
+from ckptd.proto.layout import REGIONS_PER_COMPONENT
+
+MIB = 2**20
+
+
+@pytest.fixture(params=["dev-shm", "disk"])
+def root_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon], root_kind: str) -> Iterator[Daemon]:
+    """The daemon the client fixtures use: its root on /dev/shm, or on disk under tmp_path."""
+    if root_kind == "disk":
+        yield daemon_factory()
+        return
+    root = Path(tempfile.mkdtemp(prefix="kept-regions-", dir="/dev/shm"))
+    try:
+        yield daemon_factory(root=root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def own_regions() -> Set[str]:
+    """The staging regions of this process (the test's client) in /dev/shm."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"ckptd-{os.getuid()}-{os.getpid()}-")}
+
+
+def step_held(checkpoint: str) -> Dict[str, float]:
+    """The values the checkpoint's model holds (each tensor is filled with one value), and the shards
+    opened with the safetensors library."""
+    (scope,) = read_manifest(checkpoint).components["model"].scopes.values()
+    state = read_scope(checkpoint, scope)
+    for shard in glob.glob(os.path.join(checkpoint, "**", "*.safetensors"), recursive=True):
+        with safe_open(shard, framework="pt") as f:
+            assert set(f.keys()) == {"w", "b"}
+    values = {name: tensor.unique().tolist() for name, tensor in state.items()}
+    assert all(len(v) == 1 for v in values.values()), values
+    return {name: v[0] for name, v in values.items()}
+
+
+def test_each_checkpoint_holds_its_own_step_whether_its_region_was_kept_or_copied(
+    daemon: Daemon, client_factory: Callable[..., CheckpointClient], root_kind: str
+) -> None:
+    client = client_factory(retention=RetentionPolicy(keep_last=2))
+    state = OrderedDict(w=torch.zeros(4 * MIB // 4), b=torch.zeros(1000, dtype=torch.float64))
+    parts = [PreparedComponent(StateComponent("model", Holder(state), SharingPattern.GLOBAL))]
+    used: Set[str] = set()
+    for step in range(1, 9):
+        state["w"].fill_(step)
+        state["b"].fill_(-step)
+        latest = client.save(step, parts).wait(60)
+        used |= own_regions()
+        assert len(own_regions()) <= REGIONS_PER_COMPONENT
+        (shard,) = glob.glob(os.path.join(latest, "**", "*.safetensors"), recursive=True)
+        links = os.stat(shard).st_nlink
+        assert links == (2 if root_kind == "dev-shm" else 1), f"step {step}: {links} links to {shard}"
+        for checkpoint in committed_checkpoints(str(daemon.root)):
+            step_of = int(os.path.basename(checkpoint).split("_")[1])
+            assert step_held(checkpoint) == {"w": step_of, "b": -step_of}, checkpoint
+    # kept regions come back once retention deletes their checkpoint: a few serve every save
+    assert len(used) == 1 if root_kind == "disk" else 2 < len(used) < 8, used
+
+    client.close(timeout=10)
+    assert not own_regions()
+    kept = committed_checkpoints(str(daemon.root))
+    assert len(kept) == 2
+    for checkpoint in kept:  # the client's names are gone; the checkpoints' files keep the bytes
+        step_of = int(os.path.basename(checkpoint).split("_")[1])
+        assert step_held(checkpoint) == {"w": step_of, "b": -step_of}
+    verify = subprocess.run(
+        [sys.executable, "-m", "ckptd.service", "verify", str(daemon.root)], capture_output=True, text=True
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
