@@ -141,8 +141,8 @@ class RegionMaps:
         self._maps[slot] = region
         others = [s for s in self._maps if s[:2] == slot[:2] and s != slot]
         gone = [s for s in others if not os.path.exists(self._maps[s].path)]  # the client let them go
-        kept = [s for s in others if s not in gone]  # least recently used first
-        self._drop(gone + kept[: max(0, len(kept) + 1 - REGIONS_PER_COMPONENT)])
+        named = [s for s in others if s not in gone]  # least recently used first
+        self._drop(gone + named[: max(0, len(named) + 1 - REGIONS_PER_COMPONENT)])
         return region
 
     def release(self, regions: Iterable[MappedRegion]) -> None:
