@@ -216,7 +216,9 @@ def run_diverge(args: argparse.Namespace, rank: int, world: int) -> Dict[str, An
 def run_lose_node(args: argparse.Namespace, rank: int, world: int) -> Dict[str, Any]:
     trainer = Trainer(rank, world, init_seed=0, pair_stride=args.pair_stride, spread=args.spread)
     result: Dict[str, Any] = {}
-    with CheckpointManager(trainer, args.root, endpoint=args.endpoint, auto_start=False) as manager:
+    # daemon_timeout: the ranks of the node whose daemon is killed settle its save after 3 s (the
+    # default 10 s only makes the test wait)
+    with CheckpointManager(trainer, args.root, endpoint=args.endpoint, auto_start=False, daemon_timeout=3.0) as manager:
         trainer.train_step()
         result["first"] = manager.save_checkpoint(1).wait(120)
         trainer.train_step()
