@@ -25,13 +25,14 @@ from ckptd.client.snapshot import (
     snapshot,
     step_only_tensor_addresses,
 )
-from ckptd.client.staging import Lease, StagingPool, leases_of
+from ckptd.client.staging import Lease, StagingPool, beside_regions, leases_of
 from ckptd.client.topology import RankInfo
 from ckptd.disk.removal import fence_save
 from ckptd.proto import messages
 from ckptd.proto.config import DaemonArgs, DaemonOptions, serve_argv, with_fallbacks
 from ckptd.proto.errors import ErrorCode
 from ckptd.proto.formats import CKPTD_VERSION
+from ckptd.proto.layout import REGIONS_PER_COMPONENT
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.ownership import RunIdentity
 from ckptd.proto.retention import RetentionPolicy
@@ -256,7 +257,16 @@ class CheckpointClient:
         costs a warm copy."""
         sizes = {s.key: s.region_bytes for s in snapshot(components, self.rank_info, self._plans) if s.region_bytes}
         if sizes:
-            self._pool.allocate_ahead(sizes)
+            self._pool.allocate_ahead(sizes, self._regions_per_component())
+
+    def _regions_per_component(self) -> int:
+        """Regions a component will stage into: one, or, where the daemon keeps regions as the shard
+        files of a root on /dev/shm, one per checkpoint retention keeps, one for a checkpoint a tier
+        copy holds a while longer, and one for the next save (the most where retention keeps all)."""
+        if not beside_regions(self.root):
+            return 1
+        keep_last = self.retention.keep_last if self.retention is not None else None
+        return min(REGIONS_PER_COMPONENT, keep_last + 2) if keep_last is not None else REGIONS_PER_COMPONENT
 
     def wait_staging_allocated(self, timeout: Optional[float] = None) -> bool:
         """Wait until the memory allocate_ahead() started is allocated and prefaulted; False on timeout."""

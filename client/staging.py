@@ -128,6 +128,17 @@ class StagingRegion:
         self._unlink_at_exit()
 
 
+def beside_regions(path: str) -> bool:
+    """True if `path` (or, before it exists, its nearest existing parent) is on the staging regions'
+    filesystem: a daemon with its root there keeps regions as shard files."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return os.stat(path).st_dev == os.stat(SHM_DIR).st_dev
+    except OSError:
+        return False
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -158,6 +169,8 @@ class StagingPool:
         self._allocating: Optional[threading.Thread] = None
         self._spares: Set[str] = set()
         """Keys whose next region is being allocated in the background."""
+        self._spares_up_to = REGIONS_PER_COMPONENT
+        """Regions per key up to which a spare is allocated in the background (beyond: by the save)."""
         self.allocated_at: Optional[float] = None
         """time.perf_counter() when the last allocate_ahead() finished."""
 
@@ -216,19 +229,30 @@ class StagingPool:
         self._key_of.pop(region.name, None)
         region.close()
 
-    def allocate_ahead(self, sizes: Dict[str, int]) -> threading.Thread:
+    def allocate_ahead(self, sizes: Dict[str, int], regions_per_key: int = 1) -> threading.Thread:
         """Allocate and prefault regions for `sizes` in a background thread (a save that comes first
-        waits for them), so the first save costs a warm copy; returns the thread."""
+        waits for the first of each key), so the first save costs a warm copy; returns the thread.
+        `regions_per_key` > 1 where regions will be kept as shard files: the ones later saves need
+        (spares are allocated in the background up to that many)."""
+        self._spares_up_to = min(regions_per_key, REGIONS_PER_COMPONENT)
 
         def allocate() -> None:
             try:
                 reserved = self.reserve(sizes, wait=True, timeout=None)
+                self.release(leases_of(reserved.values()))
+                for key, size in sizes.items():
+                    with self._cond:
+                        missing = self._spares_up_to - len(self._rings[key])
+                    for _ in range(missing):
+                        region = StagingRegion(size)
+                        with self._cond:
+                            self._add(key, region)
+                            self._cond.notify_all()
             except CheckpointError as exc:
                 log.warning("could not allocate staging memory ahead of the first save: %s", exc)
                 return
-            self.release(leases_of(reserved.values()))
             self.allocated_at = time.perf_counter()
-            log.info("staging memory ready: %.0f MiB", sum(sizes.values()) / 2**20)
+            log.info("staging memory ready: %.0f MiB", self.staged_bytes() / 2**20)
 
         thread = threading.Thread(target=allocate, name="ckptd-allocate", daemon=True)
         thread.start()
@@ -264,7 +288,7 @@ class StagingPool:
     def _allocate_spare(self, key: str, size: int) -> None:
         """Start allocating another region for `key` unless one is free or the key has its most."""
         ring = self._rings[key]
-        if key in self._spares or len(ring) >= REGIONS_PER_COMPONENT:
+        if key in self._spares or len(ring) >= self._spares_up_to:
             return
         if any(r.lease is None and r.size >= size and not r.held_by_checkpoint() for r in ring):
             return
