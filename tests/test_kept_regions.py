@@ -100,3 +100,38 @@ def test_each_checkpoint_holds_its_own_step_whether_its_region_was_kept_or_copie
         [sys.executable, "-m", "ckptd.service", "verify", str(daemon.root)], capture_output=True, text=True
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_two_ranks_each_keep_their_regions_and_every_checkpoint_holds_one_step(
+    daemon: Daemon, client_factory: Callable[..., CheckpointClient], root_kind: str
+) -> None:
+    """Rank 0 writes a GLOBAL model, each rank its PER_RANK optimizer state: each rank's regions are
+    its own, and every checkpoint holds one step of each, with each rank's own values."""
+    clients = [client_factory(rank=r, world_size=2, retention=RetentionPolicy(keep_last=1)) for r in (0, 1)]
+    states = [OrderedDict(m=torch.zeros(MIB // 4)) for _ in clients]
+    opts = [OrderedDict(o=torch.zeros(MIB // 8), rank=torch.tensor(r)) for r in (0, 1)]
+    parts = [
+        [
+            PreparedComponent(StateComponent("model", Holder(states[r]), SharingPattern.GLOBAL)),
+            PreparedComponent(StateComponent("opt", Holder(opts[r]), SharingPattern.PER_RANK)),
+        ]
+        for r in (0, 1)
+    ]
+    for step in range(1, 6):
+        for r in (1, 0):
+            states[r]["m"].fill_(step)
+            opts[r]["o"].fill_(step * 10 + r)
+        handles = [clients[r].save(step, parts[r]) for r in (1, 0)]
+        (latest,) = {h.wait(60) for h in handles}
+        shards = glob.glob(os.path.join(latest, "**", "*.safetensors"), recursive=True)
+        assert len(shards) == 3  # the model once, each rank's optimizer state
+        assert {os.stat(s).st_nlink for s in shards} == ({2} if root_kind == "dev-shm" else {1})
+        (checkpoint,) = committed_checkpoints(str(daemon.root))  # keep_last=1
+        manifest = read_manifest(checkpoint)
+        (model,) = manifest.components["model"].scopes.values()
+        assert read_scope(checkpoint, model)["m"].unique().tolist() == [step]
+        held = {}
+        for scope in manifest.components["opt"].scopes.values():
+            state = read_scope(checkpoint, scope)
+            held[int(state["rank"])] = state["o"].unique().tolist()
+        assert held == {0: [step * 10], 1: [step * 10 + 1]}, (step, held)

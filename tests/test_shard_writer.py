@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.proto.formats import Checksum
-from ckptd.service.shard_writer import Throttle, write_shard
+from ckptd.service.shard_writer import Throttle, describe_kept_shard, write_shard
 
 
 def page_aligned(data: bytes) -> mmap.mmap:
@@ -79,6 +79,12 @@ def test_span_checksums_cover_each_chunk_in_the_same_pass(tmp_path: Path, where:
             one.update(body[start : start + size])
             expected.append(one.hexdigest())
         assert list(written.span_checksums) == expected
+        kept = describe_kept_shard(b"H" * 4096, memoryview(region)[: len(body)], spans=spans)
+        assert (kept.size, kept.checksum, kept.span_checksums) == (
+            written.size,
+            written.checksum,
+            written.span_checksums,
+        ), "a region kept as the shard file must be described as its written copy would be"
     finally:
         region.close()
         if where == "tmpfs":
