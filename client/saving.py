@@ -25,8 +25,9 @@ from ckptd.client.snapshot import (
     snapshot,
     step_only_tensor_addresses,
 )
-from ckptd.client.staging import Lease, StagingPool, beside_regions, leases_of
+from ckptd.client.staging import Lease, StagingPool, leases_of
 from ckptd.client.topology import RankInfo
+from ckptd.disk.files import beside_regions
 from ckptd.disk.removal import fence_save
 from ckptd.proto import messages
 from ckptd.proto.config import DaemonArgs, DaemonOptions, serve_argv, with_fallbacks

@@ -16,11 +16,10 @@ import torch
 
 from ckptd.client.errors import CheckpointError, PoolBusyError
 from ckptd.proto.formats import TensorEntry
-from ckptd.proto.layout import REGION_PREFIX, REGIONS_PER_COMPONENT
+from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # the constant is missing before Python 3.13
 PAGE = mmap.PAGESIZE
 
@@ -42,7 +41,7 @@ class StagingRegion:
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.lease: Optional[int] = None
         """The generation of the save that holds this region (None while it is free)."""
-        path = os.path.join(SHM_DIR, self.name)
+        path = os.path.join(REGION_DIR, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
@@ -51,8 +50,8 @@ class StagingRegion:
         except OSError as exc:
             os.unlink(path)
             raise CheckpointError(
-                f"cannot allocate a {self.size / 2**20:.0f} MiB staging region in {SHM_DIR}: {exc.strerror}; "
-                f"{SHM_DIR} needs room for this rank's state (containers: raise --shm-size)"
+                f"cannot allocate a {self.size / 2**20:.0f} MiB staging region in {REGION_DIR}: {exc.strerror}; "
+                f"{REGION_DIR} needs room for this rank's state (containers: raise --shm-size)"
             ) from None
         except BaseException:
             os.unlink(path)
@@ -76,7 +75,7 @@ class StagingRegion:
     @property
     def path(self) -> str:
         """The region's file."""
-        return os.path.join(SHM_DIR, self.name)
+        return os.path.join(REGION_DIR, self.name)
 
     def held_by_checkpoint(self) -> bool:
         """True while a checkpoint's shard file is this region (the daemon kept it: a root on /dev/shm)."""
@@ -126,17 +125,6 @@ class StagingRegion:
             log.debug("region %s still viewed; leaving the unmap to garbage collection", self.name)
         self._map = None
         self._unlink_at_exit()
-
-
-def beside_regions(path: str) -> bool:
-    """True if `path` (or, before it exists, its nearest existing parent) is on the staging regions'
-    filesystem: a daemon with its root there keeps regions as shard files."""
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    try:
-        return os.stat(path).st_dev == os.stat(SHM_DIR).st_dev
-    except OSError:
-        return False
 
 
 def _unlink(path: str) -> None:

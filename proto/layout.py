@@ -14,6 +14,8 @@ CHECKPOINT_PREFIX = "step_"
 TENSOR_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".msgpack"
 REGION_PREFIX = "ckptd-"
+REGION_DIR = "/dev/shm"
+"""Where clients create their staging regions (named REGION_PREFIX<uid>-<pid>-<token>)."""
 REGIONS_PER_COMPONENT = 6
 """Most staging regions a client keeps per component (and the daemon keeps mapped). In a root on
 /dev/shm the daemon keeps a staged region as the shard file itself, so each checkpoint retention

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Set
 
+from ckptd.disk.files import beside_regions
 from ckptd.disk.safetensors import encode_header, shard_metadata
 from ckptd.proto import layout, messages
 from ckptd.proto.cluster import NodeReport, ScopeFiles
@@ -24,7 +25,7 @@ from ckptd.proto.sharding import Box, checksum_blocks, chunk_index_entry
 from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.regions import SHM_DIR, MappedRegion, RegionMaps, same_filesystem
+from ckptd.service.regions import MappedRegion, RegionMaps
 from ckptd.service.shard_writer import Throttle, describe_kept_shard, write_file, write_shard
 from ckptd.service.store import CheckpointStore
 
@@ -119,7 +120,7 @@ class NodeCoordinator:
         self.last_committed: Optional[int] = store.latest_step()  # the daemon repairs `latest` before serving
         self.regions = RegionMaps()
         """The clients' staging regions, mapped once and kept between their saves."""
-        self._root_beside_regions = same_filesystem(store.root, SHM_DIR)
+        self._root_beside_regions = beside_regions(store.root)
         """The root shares the regions' filesystem (/dev/shm): regions become shard files, uncopied."""
 
     @property

@@ -8,10 +8,8 @@ import os
 import stat
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from ckptd.proto.layout import REGION_PREFIX, REGIONS_PER_COMPONENT
+from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 from ckptd.service.errors import RegionError
-
-SHM_DIR = "/dev/shm"
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +26,7 @@ class MappedRegion:
             raise RegionError(f"region name {name!r} is not a ckptd shared-memory region")
         self.name = name
         self.owner_pid = owner_pid
-        path = os.path.join(SHM_DIR, name)
+        path = os.path.join(REGION_DIR, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -48,7 +46,7 @@ class MappedRegion:
     @property
     def path(self) -> str:
         """The region's file."""
-        return os.path.join(SHM_DIR, self.name)
+        return os.path.join(REGION_DIR, self.name)
 
     def view(self, nbytes: int, offset: int = 0) -> memoryview:
         """`nbytes` of the region from `offset`."""
@@ -105,7 +103,7 @@ class MappedRegion:
             self._map = None
         if self.owner_pid is not None and not pid_alive(self.owner_pid):
             try:
-                os.unlink(os.path.join(SHM_DIR, self.name))
+                os.unlink(os.path.join(REGION_DIR, self.name))
             except FileNotFoundError:
                 pass
 
@@ -183,14 +181,6 @@ def _close(region: MappedRegion) -> None:
         log.debug("region %s still has readers; it is unmapped when they finish", region.name)
 
 
-def same_filesystem(path: str, other: str) -> bool:
-    """True if `path` and `other` exist on one filesystem (a hard link between them can work)."""
-    try:
-        return os.stat(path).st_dev == os.stat(other).st_dev
-    except OSError:
-        return False
-
-
 def pid_alive(pid: int) -> bool:
     """True if a process with `pid` runs on this node (a zombie, killed but not yet reaped, does not)."""
     try:
@@ -214,7 +204,7 @@ def sweep_orphaned_regions() -> list[str]:
     prefix = f"{REGION_PREFIX}{os.getuid()}-"
     removed: list[str] = []
     try:
-        names = os.listdir(SHM_DIR)
+        names = os.listdir(REGION_DIR)
     except FileNotFoundError:
         return removed
     for name in names:
@@ -223,7 +213,7 @@ def sweep_orphaned_regions() -> list[str]:
         pid = name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             try:
-                os.unlink(os.path.join(SHM_DIR, name))
+                os.unlink(os.path.join(REGION_DIR, name))
                 removed.append(name)
             except FileNotFoundError:
                 pass

@@ -229,7 +229,7 @@ def copy_listed_file(
     mapped and written the way a save's shard is, with O_DIRECT where the destination allows it: the
     copy then costs the checksum and no memory copy. Raises FileProblem naming the source when it
     does not match (nothing is left at `destination`), OSError when the destination cannot be written."""
-    mapped = map_listed_file(source, record, verify=False)
+    mapped = map_listed_file(source, record, verify=False, held=True)  # the copier holds the step
     try:
         with memoryview(mapped) as body:
             written = write_shard(destination, b"", body, throttle, progress)

@@ -86,6 +86,10 @@ def test_each_checkpoint_holds_its_own_step_whether_its_region_was_kept_or_copie
         for checkpoint in committed_checkpoints(str(daemon.root)):
             step_of = int(os.path.basename(checkpoint).split("_")[1])
             assert step_held(checkpoint) == {"w": step_of, "b": -step_of}, checkpoint
+        if step == 2:  # loaded tensors outlive their checkpoint, whose region the client writes again
+            (scope,) = read_manifest(latest).components["model"].scopes.values()
+            loaded = read_scope(latest, scope)
+    assert loaded["w"].unique().tolist() == [2] and loaded["b"].unique().tolist() == [-2]
     # kept regions come back once retention deletes their checkpoint: those allocated ahead serve every save
     assert (used == ahead) if root_kind == "disk" else (3 <= len(used) and used <= ahead), (used, ahead)
 
