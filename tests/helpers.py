@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import msgpack
 import pytest
@@ -214,3 +218,69 @@ def running_s3_server(monkeypatch: pytest.MonkeyPatch, log_path: Path, authentic
         server.terminate()
         server.wait(10)
         log.close()
+
+
+RANK_FORKER = Path(__file__).parent / "workers" / "rank_forker.py"
+
+
+class RankForker:
+    """Starts the ranks of jobs as processes forked from one that imported torch and ckptd once
+    (tests/workers/rank_forker.py): fresh rank processes without paying torch's import for each."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(RANK_FORKER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        self.replies: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.replies.put(json.loads(line))
+        self.replies.put(None)
+
+    def _reply(self, key: str, timeout: float) -> List[int]:
+        try:
+            reply = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no {key} from the rank forker within {timeout} s") from None
+        if reply is None:
+            raise AssertionError(f"the rank forker exited: {self.log_path.read_text(errors='replace')[-4000:]}")
+        return list(reply[key])
+
+    def run(self, ranks: Sequence[Tuple[Sequence[str], Dict[str, str], Path]], timeout: float) -> List[int]:
+        """Run one job: each rank (argv: script and arguments, its whole environment, its output file)
+        forked at once; the ranks' exit statuses once all have exited. After `timeout` every rank
+        still running is SIGKILLed and TimeoutError raised."""
+        assert self.process.stdin is not None
+        job = [{"argv": list(argv), "env": env, "log": str(log)} for argv, env, log in ranks]
+        self.process.stdin.write(json.dumps({"ranks": job}) + "\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + timeout
+        pids = self._reply("pids", timeout)
+        try:
+            return self._reply("codes", max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self._reply("codes", 30)
+            raise
+
+    def close(self) -> None:
+        """End the forker (its ranks have all exited by now)."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

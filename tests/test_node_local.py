@@ -1,6 +1,7 @@
 """Node-local roots and partner copies (issue 16): simulated nodes on this machine, one daemon each
 with a root of its own (`--replicate-to-partner`, so also `--node-local-root`), a shared tier every
-node fills with its own files, and ranks in a real gloo process group (tests/workers/node_local_job.py).
+node fills with its own files, and ranks in a real gloo process group (tests/workers/node_local_job.py;
+each run's ranks are fresh processes, forked by tests/workers/rank_forker.py so as not to import torch each time).
 
 A replaced node is simulated by wiping its root: the restarted job must load that node's state from
 its partner's copy, bitwise; with the partner copy damaged too, from the shared tier, with a warning."""
@@ -15,13 +16,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import msgpack
 import pytest
 import torch
 import zmq
-from helpers import Daemon, Holder, free_port, start_daemon, wait_for
+from helpers import Daemon, Holder, RankForker, free_port, start_daemon, wait_for
 
 from ckptd.client import CheckpointManager, SharingPattern, StateComponent
 from ckptd.client.loading import read_manifest, verify_file
@@ -41,6 +42,8 @@ class Job:
     secret: Path
     leader_port: int
     daemons: List[Daemon]
+    forker: RankForker
+    runs: int = 0
 
     @property
     def shared(self) -> Path:
@@ -71,10 +74,12 @@ class Job:
             daemon.stop()
 
     def run(self, *args: str) -> str:
-        """Every rank of the job runs the worker with `args`; returns the ranks' output."""
-        port, processes = free_port(), []
+        """Every rank of the job runs the worker with `args` (a fresh process each, forked by the
+        job's RankForker); returns the ranks' output."""
+        port, ranks = free_port(), []
         out = self.base / "out"
         out.mkdir(exist_ok=True)
+        self.runs += 1
         world = self.nodes * self.per_node
         for rank in range(world):
             node = rank // self.per_node
@@ -88,19 +93,16 @@ class Job:
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": "1",
             }
-            command = [sys.executable, str(WORKER), *args, "--root", str(self.root(node))]
+            command = [str(WORKER), *args, "--root", str(self.root(node))]
             command += ["--endpoint", self.daemons[node].endpoint, "--tier", f"shared={self.shared}", "--out", str(out)]
-            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        outputs = []
-        for rank, process in enumerate(processes):
-            try:
-                output, _ = process.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                for p in processes:
-                    p.kill()
-                raise AssertionError(f"rank {rank} timed out") from None
-            outputs.append(output.decode(errors="replace"))
-            assert process.returncode == 0, f"rank {rank} failed:\n{outputs[-1][-4000:]}\n{self.logs()}"
+            ranks.append((command, env, self.base / f"run{self.runs}-rank{rank}.log"))
+        try:
+            codes = self.forker.run(ranks, timeout=120)
+        except TimeoutError:
+            raise AssertionError(f"job {args} timed out\n{self.logs()}") from None
+        outputs = [log.read_text(errors="replace") for _, _, log in ranks]
+        for rank, code in enumerate(codes):
+            assert code == 0, f"rank {rank} failed ({code}):\n{outputs[rank][-4000:]}\n{self.logs()}"
         return "\n".join(outputs)
 
     def loaded(self) -> Dict[int, Dict[str, str]]:
@@ -112,14 +114,17 @@ class Job:
 
 
 @pytest.fixture(params=[(2, 2), (3, 1)], ids=["2nodes-2ranks", "3nodes-1rank"])
-def job(request: pytest.FixtureRequest, tmp_path: Path) -> Job:
+def job(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Job]:
     nodes, per_node = request.param
     secret = tmp_path / "cluster.secret"
     subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
-    job = Job(tmp_path, nodes, per_node, secret, free_port(), [])
+    job = Job(tmp_path, nodes, per_node, secret, free_port(), [], RankForker(tmp_path / "rank-forker.log"))
     job.start()
-    yield job
-    job.stop()
+    try:
+        yield job
+    finally:
+        job.stop()
+        job.forker.close()
 
 
 def ckptd_verify(root: Path) -> subprocess.CompletedProcess:
