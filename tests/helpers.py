@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -144,29 +147,58 @@ class Holder:
 def torchrun(
     script: Path, nproc: int, *args: str, timeout: float = 240, env: Optional[dict] = None
 ) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun (standalone rendezvous, gloo) and fail with its output if it fails."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(script),
-        *args,
-    ]
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"torchrun {script.name} {' '.join(args)} failed ({result.returncode}):\n"
-            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
+    """Run `script` as a standalone job of `nproc` ranks with the environment torchrun gives them (one
+    node, rendezvous on loopback; the script makes its gloo group), and fail with its output if a rank
+    fails (the others are then terminated, as torchrun does). Each rank is a fresh process forked by
+    the session's RankForker, which imported torch once: the examples' own tests, the multi-node tests
+    and the deploy wrapper's run `python -m torch.distributed.run` itself."""
+    port, run_id = free_port(), uuid.uuid4().hex[:12]
+    logs = Path(tempfile.mkdtemp(prefix="ckptd-ranks-"))
+    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    ranks = []
+    for rank in range(nproc):
+        rank_env = {
+            **base,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "GROUP_RANK": "0",
+            "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default",
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "ROLE_WORLD_SIZE": str(nproc),
+            "GROUP_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TORCHELASTIC_RUN_ID": run_id,
+            "TORCHELASTIC_RESTART_COUNT": "0",
+            "TORCHELASTIC_MAX_RESTARTS": "0",
+        }
+        ranks.append(([str(script), *args], rank_env, logs / f"rank{rank}.log"))
+    try:
+        try:
+            codes = rank_forker().run(ranks, timeout)
+        except TimeoutError:
+            codes = None
+        output = "\n".join(f"[rank{r}] " + log.read_text(errors="replace") for r, (_, _, log) in enumerate(ranks))
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    if codes is None or any(codes):
+        what = f"timed out after {timeout} s" if codes is None else f"exit statuses {codes}"
+        raise AssertionError(f"torchrun {script.name} {' '.join(args)} failed ({what}):\n{output[-12000:]}")
+    return subprocess.CompletedProcess([str(script), *args], 0, output, "")
+
+
+_FORKER: Optional["RankForker"] = None
+
+
+def rank_forker() -> "RankForker":
+    """This test session's RankForker (started at the first use, ended when the session ends)."""
+    global _FORKER
+    if _FORKER is None or _FORKER.process.poll() is not None:
+        _FORKER = RankForker(Path(tempfile.gettempdir()) / f"ckptd-rank-forker-{os.getpid()}.log")
+        atexit.register(_FORKER.close)
+    return _FORKER
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:

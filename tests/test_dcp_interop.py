@@ -1,5 +1,5 @@
 """torch.distributed.checkpoint.load reads a ckptd SHARDED component (ckptd.client.dcp): an FSDP2 job saved on
-2 ranks through a real daemon loads bitwise in fresh torchrun jobs (gloo, CPU) on 2 and 1 ranks, DCP doing
+2 ranks through a real daemon loads bitwise in fresh jobs (gloo, CPU; helpers.torchrun) on 2 and 1 ranks, DCP doing
 the resharding; its non-tensor state comes back without pickle; a tampered chunk, a default planner asked
 for non-tensor values and a component DCP cannot read each give a clear error. One save and two torchrun
 loads serve every test."""

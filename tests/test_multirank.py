@@ -1,5 +1,6 @@
-"""Real multi-rank jobs under torchrun (gloo): save with every sharing pattern, reload bitwise,
-check the files on disk, and refuse a checkpoint whose REPLICATED copies differ."""
+"""Real multi-rank jobs (gloo; ranks with torchrun's environment, tests/helpers.py torchrun): save with
+every sharing pattern, reload bitwise, check the files on disk, and refuse a checkpoint whose
+REPLICATED copies differ."""
 
 from __future__ import annotations
 

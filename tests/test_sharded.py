@@ -1,7 +1,8 @@
 """SHARDED components (issue 14): FSDP2, HSDP and FSDP x TP state saved as the chunks its ranks hold,
 each distinct chunk once, and loaded bitwise at another world size and parallelism; the saved
-per-rank sample stream resharded by its component's own function. Real torchrun jobs (gloo, CPU)
-against real daemons; the full state is gathered with full_state_dict=True on both sides."""
+per-rank sample stream resharded by its component's own function. Real multi-rank jobs (gloo, CPU; ranks
+started with torchrun's environment by tests/helpers.py torchrun) against real daemons; the full state
+is gathered with full_state_dict=True on both sides."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ it only skips importing torch again, which is most of what starting a rank costs
 
 Protocol, one JSON line each way: a job {"ranks": [{"argv": [script, *args], "env": {...}, "log": path}]}
 on stdin is answered with {"pids": [...]} once its ranks are forked and {"codes": [...]} (exit statuses,
--N for a signal) once every one of them has exited. EOF on stdin ends the forker.
+-N for a signal) once every one of them has exited; as under torchrun, the first rank that fails has
+the others terminated. EOF on stdin ends the forker.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import sys
+import time
 import traceback
-from typing import Any, Dict, List, NoReturn
+from typing import Any, Dict, List, NoReturn, Optional
 
 import torch  # noqa: F401  (what every rank imports: here once)
 import torch.distributed  # noqa: F401
 
 import ckptd.client  # noqa: F401
+
+TERM_GRACE_S = 10.0
 
 
 def run_rank(spec: Dict[str, Any]) -> NoReturn:
@@ -60,8 +65,37 @@ def main() -> None:
                 run_rank(spec)
             pids.append(pid)
         print(json.dumps({"pids": pids}), flush=True)
-        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
-        print(json.dumps({"codes": codes}), flush=True)
+        print(json.dumps({"codes": wait_for_ranks(pids)}), flush=True)
+
+
+def wait_for_ranks(pids: List[int]) -> List[int]:
+    """Every rank's exit status. As torchrun does, once a rank fails the others are sent SIGTERM (and
+    SIGKILL if they outlive it by TERM_GRACE_S): a rank waiting in a collective for a dead peer ends."""
+    codes: Dict[int, int] = {}
+    terminated_at: Optional[float] = None
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+        failed = any(code != 0 for code in codes.values())
+        if failed and terminated_at is None:
+            terminated_at = time.monotonic()
+            signal_ranks(pids, codes, signal.SIGTERM)
+        elif terminated_at is not None and time.monotonic() - terminated_at > TERM_GRACE_S:
+            signal_ranks(pids, codes, signal.SIGKILL)
+        time.sleep(0.01)
+    return [codes[pid] for pid in pids]
+
+
+def signal_ranks(pids: List[int], exited: Dict[int, int], signum: int) -> None:
+    for pid in pids:
+        if pid not in exited:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 if __name__ == "__main__":
