@@ -144,6 +144,28 @@ class Holder:
         self.value = state_dict
 
 
+def torchrun_environment(rank: int, world: int, nodes: int, port: int, run_id: str) -> Dict[str, str]:
+    """What torchrun puts in a rank's environment: `world` ranks over `nodes` nodes of equal size, the
+    rendezvous store of rank 0 on loopback `port`."""
+    per_node = world // nodes
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank % per_node),
+        "GROUP_RANK": str(rank // per_node),
+        "ROLE_RANK": str(rank),
+        "ROLE_NAME": "default",
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(per_node),
+        "ROLE_WORLD_SIZE": str(world),
+        "GROUP_WORLD_SIZE": str(nodes),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+    }
+
+
 def torchrun(
     script: Path, nproc: int, *args: str, timeout: float = 240, env: Optional[dict] = None
 ) -> subprocess.CompletedProcess:
@@ -157,23 +179,7 @@ def torchrun(
     base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     ranks = []
     for rank in range(nproc):
-        rank_env = {
-            **base,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "GROUP_RANK": "0",
-            "ROLE_RANK": str(rank),
-            "ROLE_NAME": "default",
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "ROLE_WORLD_SIZE": str(nproc),
-            "GROUP_WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "TORCHELASTIC_RUN_ID": run_id,
-            "TORCHELASTIC_RESTART_COUNT": "0",
-            "TORCHELASTIC_MAX_RESTARTS": "0",
-        }
+        rank_env = {**base, **torchrun_environment(rank, nproc, 1, port, run_id)}
         ranks.append(([str(script), *args], rank_env, logs / f"rank{rank}.log"))
     try:
         try:
@@ -187,6 +193,28 @@ def torchrun(
         what = f"timed out after {timeout} s" if codes is None else f"exit statuses {codes}"
         raise AssertionError(f"torchrun {script.name} {' '.join(args)} failed ({what}):\n{output[-12000:]}")
     return subprocess.CompletedProcess([str(script), *args], 0, output, "")
+
+
+class ForkedJob:
+    """The ranks of one job a RankForker started."""
+
+    def __init__(self, forker: RankForker, pids: List[int]) -> None:
+        self.forker, self.pids = forker, pids
+        self.codes: Optional[List[int]] = None
+
+    def wait(self, timeout: float) -> List[int]:
+        """Every rank's exit status (-N: killed by signal N); TimeoutError if one still runs after `timeout`."""
+        if self.codes is None:
+            self.codes = self.forker._reply("codes", timeout)
+        return self.codes
+
+    def kill(self) -> None:
+        """SIGKILL every rank still running and reap them."""
+        if self.codes is None:
+            for pid in self.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.wait(30)
 
 
 _FORKER: Optional["RankForker"] = None
@@ -288,23 +316,23 @@ class RankForker:
             raise AssertionError(f"the rank forker exited: {self.log_path.read_text(errors='replace')[-4000:]}")
         return list(reply[key])
 
-    def run(self, ranks: Sequence[Tuple[Sequence[str], Dict[str, str], Path]], timeout: float) -> List[int]:
-        """Run one job: each rank (argv: script and arguments, its whole environment, its output file)
-        forked at once; the ranks' exit statuses once all have exited. After `timeout` every rank
-        still running is SIGKILLed and TimeoutError raised."""
+    def start(self, ranks: Sequence[Tuple[Sequence[str], Dict[str, str], Path]]) -> "ForkedJob":
+        """Start one job: each rank (argv: script and arguments, its whole environment, the file its
+        output is appended to) forked at once. One job at a time: wait for it before the next."""
         assert self.process.stdin is not None
         job = [{"argv": list(argv), "env": env, "log": str(log)} for argv, env, log in ranks]
         self.process.stdin.write(json.dumps({"ranks": job}) + "\n")
         self.process.stdin.flush()
-        deadline = time.monotonic() + timeout
-        pids = self._reply("pids", timeout)
+        return ForkedJob(self, self._reply("pids", 120))
+
+    def run(self, ranks: Sequence[Tuple[Sequence[str], Dict[str, str], Path]], timeout: float) -> List[int]:
+        """Run one job (as `start`); the ranks' exit statuses once all have exited. After `timeout`
+        every rank still running is SIGKILLed and TimeoutError raised."""
+        job = self.start(ranks)
         try:
-            return self._reply("codes", max(0.0, deadline - time.monotonic()))
+            return job.wait(timeout)
         except TimeoutError:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self._reply("codes", 30)
+            job.kill()
             raise
 
     def close(self) -> None:

@@ -1,5 +1,7 @@
 """Two simulated nodes on this machine: two daemons (node 0 leads the commit over CURVE-authenticated
-TCP), two torchrun launches (--nnodes 2, static rendezvous on 127.0.0.1), 2 ranks each."""
+TCP), 2 ranks each. The job that saves the checkpoints the first tests share runs as two torchrun
+launches (--nnodes 2, static rendezvous on 127.0.0.1); the other jobs' ranks get the environment those
+give them, forked by the session's RankForker (tests/helpers.py) so as not to import torch each time."""
 
 from __future__ import annotations
 
@@ -11,14 +13,24 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 import torch
 import zmq
-from helpers import Daemon, Holder, short_endpoint, start_daemon, wait_for
+from helpers import (
+    Daemon,
+    ForkedJob,
+    Holder,
+    rank_forker,
+    short_endpoint,
+    start_daemon,
+    torchrun_environment,
+    wait_for,
+)
 
 from ckptd.client import CheckpointError, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.errors import DaemonUnavailableError
@@ -95,10 +107,26 @@ def torchrun_nodes(
     *extra: str,
     env: Sequence[Dict[str, str]] = ({}, {}),
     worker: Path = WORKER,
-) -> List[subprocess.Popen]:
-    """Launch `worker` on every simulated node (as a cluster job script would), without waiting.
-    `endpoints`: each node's daemon (none: the worker auto-starts one); `env`: extra env per node."""
+    launcher: str = "forked",
+) -> List[Any]:
+    """Launch `worker` on every simulated node (as a cluster job script would), without waiting; one
+    handle per node (wait(timeout), returncode, kill()). `endpoints`: each node's daemon (none: the
+    worker auto-starts one); `env`: extra env per node. `launcher` "torchrun": a `torchrun --nnodes 2`
+    per node (static rendezvous); "forked": the ranks with the environment those give them, forked by
+    the session's RankForker (tests/helpers.py), which spares each rank and launcher importing torch."""
     master_port = free_port()
+    args = [str(worker), mode, "--root", str(root), "--out", str(out), *extra]
+    if launcher == "forked":
+        run_id, ranks = uuid.uuid4().hex[:12], []
+        for rank in range(WORLD):
+            node = rank // PER_NODE
+            rank_env = {**os.environ, "OMP_NUM_THREADS": "1", **env[node]}
+            rank_env.update(torchrun_environment(rank, WORLD, NODES, master_port, run_id))
+            command = [*args, *(["--endpoint", endpoints[node]] if endpoints else [])]
+            ranks.append((command, rank_env, out / f"torchrun-{mode}-node{node}.log"))
+        job = rank_forker().start(ranks)
+        return [ForkedNode(job, node) for node in range(NODES)]
+    assert launcher == "torchrun", launcher
     processes = []
     for node in range(NODES):
         command = [
@@ -110,13 +138,7 @@ def torchrun_nodes(
             f"--nproc-per-node={PER_NODE}",
             "--master-addr=127.0.0.1",
             f"--master-port={master_port}",
-            str(worker),
-            mode,
-            "--root",
-            str(root),
-            "--out",
-            str(out),
-            *extra,
+            *args,
         ]
         if endpoints:
             command += ["--endpoint", endpoints[node]]
@@ -129,7 +151,27 @@ def torchrun_nodes(
     return processes
 
 
-def wait_all(processes: List[subprocess.Popen], out: Path, mode: str, timeout: float = 240) -> None:
+class ForkedNode:
+    """One simulated node's ranks of a forked job, handled like the node's torchrun process."""
+
+    def __init__(self, job: ForkedJob, node: int) -> None:
+        self.job, self.node = job, node
+        self.returncode: Optional[int] = None
+
+    def wait(self, timeout: float) -> int:
+        try:
+            codes = self.job.wait(timeout)
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(f"node {self.node}", timeout) from None
+        mine = codes[self.node * PER_NODE : (self.node + 1) * PER_NODE]
+        self.returncode = next((code for code in mine if code != 0), 0)
+        return self.returncode
+
+    def kill(self) -> None:
+        self.job.kill()
+
+
+def wait_all(processes: List[Any], out: Path, mode: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     for node, process in enumerate(processes):
         try:
@@ -157,7 +199,8 @@ def two_node_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, 
     out.mkdir()
     nodes = start_cluster(base)
     try:
-        processes = torchrun_nodes("save", nodes.root, out, [d.endpoint for d in nodes.daemons], *TWO_NODE_JOB)
+        endpoints = [d.endpoint for d in nodes.daemons]
+        processes = torchrun_nodes("save", nodes.root, out, endpoints, *TWO_NODE_JOB, launcher="torchrun")
         wait_all(processes, out, "save")
     finally:
         nodes.stop()

@@ -4,7 +4,7 @@ running its script from the top as `__main__`, and exiting as a script does (ate
 it only skips importing torch again, which is most of what starting a rank costs.
 
 Protocol, one JSON line each way: a job {"ranks": [{"argv": [script, *args], "env": {...}, "log": path}]}
-on stdin is answered with {"pids": [...]} once its ranks are forked and {"codes": [...]} (exit statuses,
+on stdin (each rank's output is appended to its log) is answered with {"pids": [...]} once its ranks are forked and {"codes": [...]} (exit statuses,
 -N for a signal) once every one of them has exited; as under torchrun, the first rank that fails has
 the others terminated. EOF on stdin ends the forker.
 """
@@ -30,7 +30,7 @@ TERM_GRACE_S = 10.0
 
 def run_rank(spec: Dict[str, Any]) -> NoReturn:
     """In the forked child: become the rank `spec` describes and run its script."""
-    log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # ranks may share one
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
