@@ -20,6 +20,7 @@ import mmap
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -443,7 +444,40 @@ class Cluster:
             self.daemon.process.wait()
         gc.collect()  # checkpoints loaded by check_root hold their shards open until collected: the mount is busy
         self.powerfs.unmount()
-        self.client.close(timeout=5)
+        # in the background: its goodbye to the dead daemon waits out daemon_timeout (1 s), while the
+        # next mount (another mountpoint) comes up; `settled_clients` joins it and fails on its errors
+        CLOSING.append(Closing(self.client))
+
+
+class Closing:
+    """A client's close(timeout=5) in a thread of its own; the error it raised, if any."""
+
+    def __init__(self, client: CheckpointClient) -> None:
+        self.client = client
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._close, daemon=True)
+        self.thread.start()
+
+    def _close(self) -> None:
+        try:
+            self.client.close(timeout=5)
+        except BaseException as exc:  # reported by settled_clients
+            self.error = exc
+
+
+CLOSING: list[Closing] = []
+
+
+@pytest.fixture(autouse=True)
+def settled_clients() -> Iterator[None]:
+    """Every client a power-off closed in the background has closed, without an error, by the end of the test."""
+    yield
+    closing, CLOSING[:] = list(CLOSING), []
+    for each in closing:
+        each.thread.join(60)
+    assert all(not each.thread.is_alive() for each in closing), "a client's close did not finish within 60 s"
+    errors = [repr(each.error) for each in closing if each.error is not None]
+    assert not errors, errors
 
 
 def save_until_cut(cluster: Cluster, chain: Chain, timeout: float = 30.0) -> dict[str, Any]:
