@@ -1,6 +1,7 @@
 """Trains with a real framework (Lightning, transformers, Accelerate) on 2 gloo ranks through ckptd's
 integration, three times: uninterrupted, killed (every rank SIGKILLs itself right after a save was
-handed over), and resumed from the newest committed checkpoint. tests/test_integrations.py runs it.
+handed over), and resumed from the newest committed checkpoint (the first two side by side).
+tests/test_integrations.py runs it.
 
     python tests/workers/framework_job.py FRAMEWORK WORKDIR
 
@@ -525,6 +526,16 @@ def free_port() -> int:
 
 def launch(run: Callable[[Path, str, int], None], workdir: Path, name: str, world: int = WORLD) -> List[int]:
     """Fork `world` ranks that run `run` with torchrun's environment; their exit statuses."""
+    return reap(start(run, workdir, name, world))
+
+
+def reap(pids: List[int]) -> List[int]:
+    """The exit statuses of the ranks `start` forked."""
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+def start(run: Callable[[Path, str, int], None], workdir: Path, name: str, world: int = WORLD) -> List[int]:
+    """Fork `world` ranks that run `run` with torchrun's environment; their pids."""
     port, pids = free_port(), []
     for rank in range(world):
         pid = os.fork()
@@ -549,7 +560,7 @@ def launch(run: Callable[[Path, str, int], None], workdir: Path, name: str, worl
             sys.stderr.flush()
             os._exit(status)
         pids.append(pid)
-    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    return pids
 
 
 def main() -> None:
@@ -559,8 +570,10 @@ def main() -> None:
     torch.set_num_threads(1)
     jobs = FRAMEWORKS[framework]
     (workdir / "version_error.txt").write_text(jobs["version_error"](workdir))
+    # the uninterrupted run and the one that crashes are independent: they run side by side; then the resume
+    started = {name: start(jobs["run"], workdir, name) for name in ("reference", "crash")}
     for name in RUNS:
-        codes = launch(jobs["run"], workdir, name)
+        codes = reap(started[name]) if name in started else launch(jobs["run"], workdir, name)
         expected = [-signal.SIGKILL] * WORLD if name == "crash" else [0] * WORLD
         print(f"run {name}: exit statuses {codes}", flush=True)
         if codes != expected:
