@@ -408,6 +408,7 @@ class CheckpointClient:
             retention=self.retention,
             expires_at=expires_at,
             plan_id=plan_id,
+            daemon=self._daemon_instance,
         )
         self._wire_plan = None
         reply = self._send_save(messages.SAVE, request.to_wire(), expires_at)
@@ -437,6 +438,11 @@ class CheckpointClient:
             try:
                 return self._connection.request(msg_type, body, timeout=max(remaining, 0.001))
             except DaemonRequestError as exc:
+                if exc.code == ErrorCode.WRONG_DAEMON and remaining > pause:  # restarted: address the new one
+                    self._daemon_instance = body["daemon"] = hello(
+                        self._connection, self.root, max(remaining, 0.001), self._run
+                    )
+                    continue
                 if exc.code not in NOT_NOW_CODES or self.when_busy != "wait" or remaining <= pause:
                     raise
             time.sleep(pause)
@@ -518,6 +524,7 @@ class CheckpointClient:
             if idle:
                 last_answer = time.monotonic()
                 continue
+            asked_at = time.monotonic()
             try:
                 instance = hello(
                     self._connection, self.root, min(2 * WATCH_INTERVAL_S, self.daemon_timeout / 2), self._run
@@ -532,6 +539,12 @@ class CheckpointClient:
                     last_answer = time.monotonic()
                 continue
             last_answer = time.monotonic()
+            if instance != self._daemon_instance:
+                # What the old daemon never answered, it never will, and the new one refuses unread (a
+                # request is addressed to its daemon): give it up now rather than at its deadline.
+                self._connection.fail_sent_before(
+                    asked_at, f"the ckptd daemon at {self.endpoint} was restarted before it answered"
+                )
             try:
                 self._lose_daemon(instance, "was restarted")
             except Exception:  # the watchdog must outlive any one failure (the disk may be failing)

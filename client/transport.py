@@ -8,6 +8,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, Optional
 
 import zmq
@@ -29,6 +30,8 @@ class DaemonConnection:
         self._on_notification = on_notification
         self._ids = itertools.count(1)
         self._pending: Dict[int, asyncio.Future] = {}
+        self._sent_at: Dict[int, float] = {}
+        """time.monotonic() when each pending request was sent."""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._ctx: Optional[zmq.asyncio.Context] = None
@@ -62,12 +65,27 @@ class DaemonConnection:
         msg_id = next(self._ids)
         future = self._loop.create_future()
         self._pending[msg_id] = future
+        self._sent_at[msg_id] = time.monotonic()
         try:
             assert self._socket is not None
             await self._socket.send(messages.encode(msg_type, body, msg_id))
             return await future
         finally:
             self._pending.pop(msg_id, None)
+            self._sent_at.pop(msg_id, None)
+
+    def fail_sent_before(self, moment: float, reason: str) -> None:
+        """Fail every request still waiting for its reply that was sent before `moment`
+        (time.monotonic()) with DaemonUnavailableError(`reason`): the daemon it went to is gone, and
+        its reply would never come (the caller would otherwise wait out its whole timeout)."""
+
+        def fail() -> None:
+            for msg_id, future in list(self._pending.items()):
+                if self._sent_at.get(msg_id, moment) < moment and not future.done():
+                    future.set_exception(DaemonUnavailableError(reason))
+
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(fail)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -42,6 +42,9 @@ class ErrorCode(str, enum.Enum):
     """Another live run owns the root."""
     ROOT_CLAIM_PENDING = "root_claim_pending"
     """Another host's recent claim on the root is being watched: ask again."""
+    WRONG_DAEMON = "wrong_daemon"
+    """A save request addressed to another instance of the daemon (this one started since): refused
+    unread; ask again."""
     UNKNOWN_PLAN = "unknown_plan"
     """A planned save naming a plan this daemon does not hold (restarted, or the plan was evicted):
     send the full request again."""
@@ -56,6 +59,7 @@ class ErrorCode(str, enum.Enum):
 _KEEPS_THE_SAVE = frozenset(
     {
         ErrorCode.ABORTED,
+        ErrorCode.WRONG_DAEMON,
         ErrorCode.CONFLICT,
         ErrorCode.DUPLICATE,
         ErrorCode.WRONG_ROOT,

@@ -352,10 +352,15 @@ class SaveRequest:
     plan_id: Optional[int] = None
     """Set to ask the daemon to keep this request as a plan: later saves with the same structure
     send only a `PlannedSave` naming it."""
+    daemon: Optional[str] = None
+    """The daemon instance the client addressed (the one it last heard from): any other refuses the
+    request unread (WRONG_DAEMON), so a request the old daemon took and died with can be given up at
+    once, its regions reused. A planned save is addressed by its plan, which only that daemon holds."""
 
     def to_wire(self) -> Dict[str, Any]:
         """Plain form for a frame."""
         return {
+            "daemon": self.daemon,
             "plan_id": self.plan_id,
             "root": self.root,
             "step": self.step,
@@ -412,6 +417,7 @@ class SaveRequest:
             expires_at=float(_field(body, "expires_at", (int, float), where)),
             skip_reason=_optional(body, "skip_reason", str, where),
             plan_id=_optional(body, "plan_id", int, where),
+            daemon=_optional(body, "daemon", str, where),
         )
 
     def planned(self, save: "PlannedSave") -> "SaveRequest":

@@ -493,6 +493,12 @@ class DaemonServer:
                 body = {"step": request.step, "rank": request.rank, "job": request.job}  # for the abort below
             else:
                 request = SaveRequest.from_wire(body)
+                if request.daemon is not None and request.daemon != self.instance:
+                    raise SaveRejected(
+                        ErrorCode.WRONG_DAEMON,
+                        f"step {request.step} from rank {request.rank} was sent to daemon instance "
+                        f"{request.daemon}; this daemon ({self.instance}) started since and read none of it",
+                    )
             stopping = self._stopping is not None and self._stopping.is_set()
             if stopping and not self.coordinator.holds(request.job, request.step):
                 raise SaveRejected(

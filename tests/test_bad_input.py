@@ -186,6 +186,12 @@ CASES: List[Any] = [
         "expired",
         "after the client stopped waiting",
     ),
+    (
+        "addressed to an earlier daemon",
+        lambda d: messages.encode("save", {**save_body(d), "daemon": "0123abcd"}, 1),
+        "wrong_daemon",
+        "was sent to daemon instance 0123abcd",
+    ),
     ("hello without pid", lambda d: messages.encode("hello", {"root": str(d.root)}, 1), "invalid_request", "'pid'"),
     (
         "hello with a malformed run",
