@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -25,19 +25,24 @@ def model(value: float) -> list[PreparedComponent]:
     return [PreparedComponent(StateComponent("model", Holder(state), SharingPattern.GLOBAL))]
 
 
+def client_of(daemon: Daemon, **options: Any) -> CheckpointClient:
+    """Rank 0 of a one-rank job, talking to `daemon` (never starting one)."""
+    return CheckpointClient(
+        str(daemon.root),
+        RankInfo(0, Topology.single_node(1)),
+        endpoint=daemon.endpoint,
+        auto_start=False,
+        connect_timeout=30,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("restart_at_once", [False, True], ids=["stays-dead", "restarted"])
 def test_killed_daemon_fails_the_handle_and_the_next_save_commits(
     daemon_factory: Callable[..., Daemon], restart_at_once: bool
 ) -> None:
     daemon = daemon_factory("--max-write-mbps", "2")
-    client = CheckpointClient(
-        str(daemon.root),
-        RankInfo(0, Topology.single_node(1)),
-        endpoint=daemon.endpoint,
-        auto_start=False,
-        timeout=60,
-        connect_timeout=30,
-    )
+    client = client_of(daemon, timeout=60)
     try:
         client.save(
             1, [PreparedComponent(StateComponent("model", Holder({"w": torch.ones(4)}), SharingPattern.GLOBAL))]
@@ -74,15 +79,7 @@ def test_a_hand_over_the_killed_daemon_never_answered_fails_once_a_new_daemon_an
     soon as the restarted daemon answers the watchdog, not after the whole `timeout`, and that step
     never commits; the next save does, holding its own step."""
     daemon = daemon_factory()
-    client = CheckpointClient(
-        str(daemon.root),
-        RankInfo(0, Topology.single_node(1)),
-        endpoint=daemon.endpoint,
-        auto_start=False,
-        timeout=120,
-        daemon_timeout=60,  # the restart, not silence, must be what ends the wait
-        connect_timeout=30,
-    )
+    client = client_of(daemon, timeout=120, daemon_timeout=60)  # the restart, not silence, must end the wait
     outcome: list = []
     try:
         client.save(1, model(1.0)).wait(30)
@@ -130,9 +127,7 @@ def test_a_save_after_a_restart_the_client_did_not_see_is_addressed_again_and_co
     """Between saves (nothing in flight: no watchdog asks) the daemon is restarted. The next request,
     addressed to the old instance, is refused unread by the new one; the client addresses it again."""
     daemon = daemon_factory()
-    client = CheckpointClient(
-        str(daemon.root), RankInfo(0, Topology.single_node(1)), endpoint=daemon.endpoint, auto_start=False, timeout=60
-    )
+    client = client_of(daemon, timeout=60)
     try:
         client.save(1, model(1.0)).wait(30)
         daemon.stop()
