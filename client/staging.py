@@ -41,7 +41,7 @@ class StagingRegion:
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.lease: Optional[int] = None
         """The generation of the save that holds this region (None while it is free)."""
-        path = os.path.join(REGION_DIR, self.name)
+        path = self.path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
@@ -84,11 +84,15 @@ class StagingRegion:
         except FileNotFoundError:
             return False
 
-    def restore_size(self) -> None:
-        """Give the file back its full size where the daemon trimmed it to a shard's (within its last
-        page: no mapped page is lost)."""
-        if os.stat(self.path).st_size < self.size:
+    def reclaim(self) -> bool:
+        """True if the region may be written: no checkpoint holds it. Gives the file back its full size
+        where the daemon trimmed it to a shard's (within its last page: no mapped page is lost)."""
+        info = os.stat(self.path)
+        if info.st_nlink > 1:
+            return False
+        if info.st_size < self.size:
             os.truncate(self.path, self.size)
+        return True
 
     def tensor(self, entry: TensorEntry, dtype: torch.dtype, base: int = 0) -> torch.Tensor:
         """A tensor view of the region where `entry` is staged, in a body that starts at `base`."""
@@ -191,13 +195,12 @@ class StagingPool:
         """A region of `key` that may be written now (allocated if need be), or None to wait."""
         ring = self._rings.setdefault(key, [])
         free = [r for r in ring if r.lease is None]
-        kept = [r for r in free if r.held_by_checkpoint()]
         for region in free:
-            if region not in kept and region.size >= size:
-                region.restore_size()
+            if region.size >= size and region.reclaim():
                 return region
         if key in self._spares or any(r.lease is not None for r in ring):  # one is on its way back
             return None
+        kept = [r for r in free if r.held_by_checkpoint()]
         for region in free:
             if region not in kept:  # too small: replaced
                 self._discard(key, region)

@@ -9,7 +9,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import zmq
 import zmq.asyncio
@@ -29,9 +29,8 @@ class DaemonConnection:
         self.endpoint = endpoint
         self._on_notification = on_notification
         self._ids = itertools.count(1)
-        self._pending: Dict[int, asyncio.Future] = {}
-        self._sent_at: Dict[int, float] = {}
-        """time.monotonic() when each pending request was sent."""
+        self._pending: Dict[int, Tuple[asyncio.Future, float]] = {}
+        """Requests waiting for their reply: (future, time.monotonic() when sent), by message id."""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._ctx: Optional[zmq.asyncio.Context] = None
@@ -64,15 +63,13 @@ class DaemonConnection:
     async def _request(self, msg_type: str, body: Dict[str, Any]) -> messages.Envelope:
         msg_id = next(self._ids)
         future = self._loop.create_future()
-        self._pending[msg_id] = future
-        self._sent_at[msg_id] = time.monotonic()
+        self._pending[msg_id] = (future, time.monotonic())
         try:
             assert self._socket is not None
             await self._socket.send(messages.encode(msg_type, body, msg_id))
             return await future
         finally:
             self._pending.pop(msg_id, None)
-            self._sent_at.pop(msg_id, None)
 
     def fail_sent_before(self, moment: float, reason: str) -> None:
         """Fail every request still waiting for its reply that was sent before `moment`
@@ -80,8 +77,8 @@ class DaemonConnection:
         its reply would never come (the caller would otherwise wait out its whole timeout)."""
 
         def fail() -> None:
-            for msg_id, future in list(self._pending.items()):
-                if self._sent_at.get(msg_id, moment) < moment and not future.done():
+            for future, sent_at in list(self._pending.values()):
+                if sent_at < moment and not future.done():
                     future.set_exception(DaemonUnavailableError(reason))
 
         if self._thread.is_alive():
@@ -121,7 +118,8 @@ class DaemonConnection:
             except messages.ProtocolError as exc:
                 log.warning("ignored a malformed frame from the daemon: %s", exc)
                 continue
-            future = self._pending.get(envelope.id) if envelope.id else None
+            pending = self._pending.get(envelope.id) if envelope.id else None
+            future = pending[0] if pending is not None else None
             if future is not None:
                 if not future.done():
                     future.set_result(envelope)

@@ -382,7 +382,6 @@ class NodeCoordinator:
         self._store.make_component_dir(session.tmp_dir, comp.key)
         body_bytes = sum(t.nbytes for t in comp.tensors)
         metadata = shard_metadata(comp.key, scope)
-        header = encode_header(comp.tensors, metadata)
         region = part.regions[comp.region] if body_bytes else None  # type: ignore[index]
         body = region.view(body_bytes, comp.header_room) if region is not None else memoryview(b"")
         path = os.path.join(session.tmp_dir, tensor_rel)
@@ -396,10 +395,11 @@ class NodeCoordinator:
         blocks = [checksum_blocks(t.nbytes) for t in comp.tensors] if sharded else []
         spans = [(t.offset + start, length) for t, own in zip(comp.tensors, blocks) for start, length in own]
         try:
-            kept = self._keep_region(region, comp, body_bytes, metadata, path) if region is not None else None
-            if kept is not None:
-                written = describe_kept_shard(kept, body, done_with, spans)
+            kept_header = self._keep_region(region, comp, body_bytes, metadata, path) if region is not None else None
+            if kept_header is not None:
+                written = describe_kept_shard(kept_header, body, done_with, spans)
             else:
+                header = encode_header(comp.tensors, metadata)
                 written = write_shard(path, header, body, self._throttle, done_with, spans)
         finally:
             body.release()

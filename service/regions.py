@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 from ckptd.service.errors import RegionError
+from ckptd.service.shard_writer import pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,8 @@ class MappedRegion:
             raise RegionError(f"region name {name!r} is not a ckptd shared-memory region")
         self.name = name
         self.owner_pid = owner_pid
-        path = os.path.join(REGION_DIR, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise RegionError(f"cannot open shared-memory region {name!r}: {exc.strerror}") from None
         try:
@@ -77,12 +77,9 @@ class MappedRegion:
                 (info.st_dev, info.st_ino) != self.inode
                 or info.st_nlink != 1
                 or info.st_size not in (end, -(-end // page) * page)
-                or len(header) > end
             ):
                 return False
-            view = memoryview(header)
-            while view:
-                view = view[os.pwrite(fd, view, len(header) - len(view)) :]
+            pwrite_all(fd, memoryview(header), 0)
             os.ftruncate(fd, end)
             dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
             try:  # a dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW): this very file, not the fd's symlink
@@ -103,7 +100,7 @@ class MappedRegion:
             self._map = None
         if self.owner_pid is not None and not pid_alive(self.owner_pid):
             try:
-                os.unlink(os.path.join(REGION_DIR, self.name))
+                os.unlink(self.path)
             except FileNotFoundError:
                 pass
 

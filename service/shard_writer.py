@@ -210,7 +210,7 @@ def _write_direct(
     checksum.update(header)
     with mmap.mmap(-1, max(len(header), DIRECT_ALIGNMENT)) as bounce:
         bounce[: len(header)] = header
-        _pwrite_all(fd, memoryview(bounce)[: len(header)], 0)
+        pwrite_all(fd, memoryview(bounce)[: len(header)], 0)
         offset = len(header)
         bulk = len(body) - len(body) % DIRECT_ALIGNMENT
         step = min(
@@ -221,7 +221,7 @@ def _write_direct(
             throttle.consume(len(chunk))
             checksum.update(chunk)
             span_sums.update(start, chunk)
-            _pwrite_all(fd, chunk, offset + start)
+            pwrite_all(fd, chunk, offset + start)
             done_with(start, len(chunk))
         tail = body[bulk:]
         if len(tail):
@@ -229,12 +229,13 @@ def _write_direct(
             span_sums.update(bulk, tail)
             bounce[: len(tail)] = tail
             bounce[len(tail) : DIRECT_ALIGNMENT] = bytes(DIRECT_ALIGNMENT - len(tail))
-            _pwrite_all(fd, memoryview(bounce)[:DIRECT_ALIGNMENT], offset + bulk)
+            pwrite_all(fd, memoryview(bounce)[:DIRECT_ALIGNMENT], offset + bulk)
             os.ftruncate(fd, offset + len(body))
             done_with(bulk, len(tail))
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
     while data:
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written
