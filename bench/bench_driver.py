@@ -161,6 +161,8 @@ def _row_command(args: argparse.Namespace, state: str, row: str, workdir: str) -
         repr(args.scale),
         "--repeats",
         str(args.repeats),
+        "--training-repeats",
+        str(args.training_repeats),
         "--settle",
         str(args.settle),
         "--pause",

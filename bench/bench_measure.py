@@ -279,7 +279,7 @@ def _measure_saves(
         times = _timed_saves(saver, ctx, saves, args.pause, result)
         in_background = not saver.blocking or saver.background
         if in_background and not args.no_throughput:
-            samples = _throughput_saves(saver, probe, saves, args.repeats, times.durable)
+            samples = _throughput_saves(saver, probe, saves, args.training_repeats, times.durable)
         _record_outside_load(result, start, _cpu_mark(saver))
     return times, samples, sampler
 

@@ -192,7 +192,7 @@ def _how_run_notes(args: argparse.Namespace, machine: Dict[str, Any]) -> List[st
         )
     notes += [
         f"Each row runs in a fresh process: 1 first save + {args.repeats} warm saves (medians of the warm ones), then, "
-        f"for rows that write in the background, {args.repeats} more saves with the MLP training loop running.",
+        f"for rows that write in the background, {args.training_repeats} more saves with the MLP training loop running.",
         f"Threads: OMP_NUM_THREADS={args.threads} and torch.set_num_threads({args.threads}) in every row process "
         f"(default: all {machine.get('cores')} cores, as a trainer would use them); background writers get no cores of their own.",
         f"blocked first: the first save, after {args.settle:g} s of the training loop (--settle) since the saver was built; "
@@ -418,6 +418,7 @@ def _write_json(
             "device": args.device,
             "scale": args.scale,
             "repeats": args.repeats,
+            "training_repeats": args.training_repeats,
             "threads": args.threads,
             "states": plan.states,
             "rows_a": plan.rows_a,

@@ -76,6 +76,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="warm saves per row (medians reported; default 3)")
     parser.add_argument(
+        "--training-repeats",
+        type=int,
+        default=5,
+        help="saves with the training loop running, per row that writes in the background (medians "
+        "reported; default 5: the training-lost figures, the floor's above all, vary more than the "
+        "blocked times)",
+    )
+    parser.add_argument(
         "--dir",
         default=None,
         help="target directory; the bench works in a fresh temporary directory under it "
@@ -162,6 +170,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.training_repeats < 1:
+        parser.error("--training-repeats must be at least 1")
     if args.scale <= 0:
         parser.error("--scale must be positive")
     if args.jobs < 1:

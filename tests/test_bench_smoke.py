@@ -51,6 +51,8 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
         "0.001",
         "--repeats",
         "1",
+        "--training-repeats",
+        "1",
         "--jobs",
         "2",
         "--settle",
