@@ -115,6 +115,34 @@ class DirectWriteSaver(WriteSaver):
         self.buffer.close()
 
 
+class ChecksummedDirectWriteSaver(DirectWriteSaver):
+    """The O_DIRECT write, in the chunks ckptd's daemon writes, each checksummed with ckptd's checksum
+    before it is written: the least a saver whose files can be verified writes for (ckptd's daemon
+    also checksums every byte it writes)."""
+
+    prefix = "direct-checksummed"
+
+    def save(self, i: int) -> Pending:
+        from ckptd.proto.formats import Checksum
+        from ckptd.service.shard_writer import DIRECT_CHUNK_BYTES
+
+        path = os.path.join(self.workdir, f"{self.prefix}-{i:03d}.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self.flags, 0o644)
+        checksum = Checksum()
+        try:
+            for start in range(0, len(self.view), DIRECT_CHUNK_BYTES):
+                chunk = self.view[start : start + DIRECT_CHUNK_BYTES]
+                checksum.update(chunk)
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.last_output = path
+        self.last_checksum = checksum.hexdigest()
+        return finished()
+
+
 def disk_probe(torch: Any, ctx: RowContext, path: str) -> float:
     """Seconds to write the state's bytes straight from the live tensors into a new file (buffered,
     like the write+fsync limit) and fsync it: the disk's speed at this moment, for this row. Device

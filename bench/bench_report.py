@@ -19,6 +19,7 @@ from bench_targets import (
     Result,
     StateResults,
     allocation_after_construction,
+    checksummed_floor,
     evaluate_targets,
     fmt_s,
     lost_floor,
@@ -138,9 +139,9 @@ def table_rows(state: str, results: StateResults, state_rows: Sequence[str]) -> 
             out.append([state, label, "error: " + str(r.get("reason", ""))[:60]] + blank)
         else:
             out.append([state, label] + _ok_row_cells(row, r))
-    floor = lost_floor(results)
-    if floor is not None:
-        out.append(floor_row(state, floor))
+    for floor in (lost_floor(results), checksummed_floor(results)):
+        if floor is not None:
+            out.append(floor_row(state, floor))
     return out
 
 
@@ -245,7 +246,26 @@ def _floor_notes(all_results: AllResults) -> List[str]:
         if floor.write_row == "write":
             note += " The O_DIRECT write did not run (n/a here), so the floor uses the buffered write+fsync limit."
         notes.append(note)
+        notes += _checksummed_floor_note(state, results)
     return notes
+
+
+def _checksummed_floor_note(state: str, results: StateResults) -> List[str]:
+    """The floor with checksums, and ckptd's rows read against it (the issue's targets read the floor above)."""
+    floor = checksummed_floor(results)
+    if floor is None:
+        return []
+    against = [
+        f"{LABELS[row]} {results[row]['train_lost_s']:.3f} s = {results[row]['train_lost_x_checksummed_floor']:.2f}x"
+        for row in ("ckptd", "ckptd_overlap")
+        if results.get(row, {}).get("train_lost_x_checksummed_floor") is not None
+    ]
+    return [
+        f"{floor.label}, state {state}: {floor.seconds:.3f} s = memcpy {floor.memcpy_s:.3f} s + "
+        f"{LABELS[floor.write_row]}'s training s lost {floor.write_lost_s:.3f} s: the least a saver pays that "
+        "checksums every byte it writes, as ckptd's daemon does (the floor above does not)"
+        + (f"; against it: {', '.join(against)}." if against else ".")
+    ]
 
 
 def _first_save_now_notes(all_results: AllResults) -> List[str]:
@@ -394,9 +414,9 @@ def _print_targets(states: List[str], all_results: AllResults, targets: List[Dic
         print(f"  [{mark}] {t['target']}: {t['text']}")
 
 
-def _floor_json(results: StateResults) -> Optional[Dict[str, Any]]:
-    """One state's training-lost floor for the JSON (None where it could not be computed)."""
-    floor = lost_floor(results)
+def _floor_json(results: StateResults, checksummed: bool = False) -> Optional[Dict[str, Any]]:
+    """One state's training-lost floor (or the checksummed one) for the JSON (None where it could not be computed)."""
+    floor = checksummed_floor(results) if checksummed else lost_floor(results)
     return None if floor is None else floor.as_dict()
 
 
@@ -431,6 +451,7 @@ def _write_json(
         },
         "results": all_results,
         "train_lost_floor": {state: _floor_json(all_results[state]) for state in plan.states},
+        "train_lost_floor_checksummed": {state: _floor_json(all_results[state], True) for state in plan.states},
         "targets": targets,
         "notes": notes,
         "table": render_table(table),

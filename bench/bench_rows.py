@@ -11,7 +11,7 @@ import inspect
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 from bench_ckptd import CkptdOverlapSaver, CkptdSaver
-from bench_limits import DirectWriteSaver, MemcpySaver, WriteSaver
+from bench_limits import ChecksummedDirectWriteSaver, DirectWriteSaver, MemcpySaver, WriteSaver
 from bench_peers import DcpAsyncBestSaver, DcpAsyncDefaultSaver, DcpSaver, TorchSaveSaver
 from bench_saver import Saver
 
@@ -23,6 +23,7 @@ ROWS: List[Tuple[str, str]] = [
     ("memcpy", "memcpy limit"),
     ("write", "write+fsync limit"),
     ("write_direct", "O_DIRECT write+fsync"),
+    ("write_direct_checksummed", "O_DIRECT write+fsync, checksummed"),
     ("torch_save", "torch.save + fsync"),
     ("dcp_save", "dcp.save"),
     ("dcp_async_default", "dcp.async_save default"),
@@ -32,17 +33,18 @@ ROWS: List[Tuple[str, str]] = [
 ]
 LABELS = dict(ROWS)
 ROW_IDS = [r for r, _ in ROWS]
-BLOCKING_ROWS = {"memcpy", "write", "write_direct", "torch_save", "dcp_save"}
+BLOCKING_ROWS = {"memcpy", "write", "write_direct", "write_direct_checksummed", "torch_save", "dcp_save"}
 LOAD_ROWS = {"torch_save": "torch.load", "dcp_save": "dcp.load", "ckptd": "ckptd load_checkpoint()"}
 DEFAULT_ROWS_B = ["memcpy", "dcp_async_best", "ckptd", "ckptd_overlap"]
-# The rows the training-lost floor is built from (write: where O_DIRECT is refused), run for state A
-# whenever a ckptd row is.
-FLOOR_ROWS = ["memcpy", "write", "write_direct"]
+# The rows the training-lost floors are built from (write: where O_DIRECT is refused; the checksummed
+# write: the floor of a saver whose files verify), run for state A whenever a ckptd row is.
+FLOOR_ROWS = ["memcpy", "write", "write_direct", "write_direct_checksummed"]
 
 SAVERS: Dict[str, Type[Saver]] = {
     "memcpy": MemcpySaver,
     "write": WriteSaver,
     "write_direct": DirectWriteSaver,
+    "write_direct_checksummed": ChecksummedDirectWriteSaver,
     "torch_save": TorchSaveSaver,
     "dcp_save": DcpSaver,
     "dcp_async_default": DcpAsyncDefaultSaver,

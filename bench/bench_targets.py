@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from bench_rows import LABELS
 
@@ -18,22 +18,26 @@ StateResults = Dict[str, Result]  # row id -> result, for one state
 DCP_ROWS = ("dcp_save", "dcp_async_default", "dcp_async_best")
 
 
+# How each write row writes, as the floor built on it is named.
+FLOOR_WRITES = {"write_direct": "O_DIRECT", "write": "buffered", "write_direct_checksummed": "checksummed O_DIRECT"}
+
+
 @dataclass
 class LostFloor:
-    """The floor for training seconds lost per checkpoint: the memcpy limit's warm blocked time plus
+    """A floor for training seconds lost per checkpoint: the memcpy limit's warm blocked time plus
     the training seconds lost while a bare write of the state runs in a thread of the trainer
-    (O_DIRECT, or the buffered write where the filesystem refuses O_DIRECT)."""
+    (O_DIRECT, or the buffered write where the filesystem refuses O_DIRECT; or, for the floor of a
+    saver whose files verify, the O_DIRECT write checksummed as it goes)."""
 
     seconds: float
     memcpy_s: float
-    write_row: str  # "write_direct", or "write" as the fallback
+    write_row: str  # a FLOOR_WRITES key
     write_lost_s: float
 
     @property
     def label(self) -> str:
         """The floor's line in the table."""
-        how = "O_DIRECT" if self.write_row == "write_direct" else "buffered"
-        return f"floor: memcpy + {how} write in a thread"
+        return f"floor: memcpy + {FLOOR_WRITES[self.write_row]} write in a thread"
 
     def as_dict(self) -> Dict[str, Any]:
         """The JSON form."""
@@ -50,17 +54,23 @@ def _ok(r: Result) -> bool:
     return r.get("status") == "ok"
 
 
-def lost_floor(results: StateResults) -> Optional[LostFloor]:
-    """The training-lost floor of one state, or None when the memcpy row or both write rows are missing."""
+def lost_floor(results: StateResults, write_rows: Tuple[str, ...] = ("write_direct", "write")) -> Optional[LostFloor]:
+    """The training-lost floor of one state on the first of `write_rows` that ran (by default the
+    issue's floor: O_DIRECT, else buffered), or None when the memcpy row or every write row is missing."""
     memcpy = results.get("memcpy", {})
     if not _ok(memcpy) or memcpy.get("blocked_warm_s") is None:
         return None
-    for row in ("write_direct", "write"):
+    for row in write_rows:
         w = results.get(row, {})
         if _ok(w) and w.get("train_lost_s") is not None:
             m, lost = memcpy["blocked_warm_s"], w["train_lost_s"]
             return LostFloor(seconds=m + lost, memcpy_s=m, write_row=row, write_lost_s=lost)
     return None
+
+
+def checksummed_floor(results: StateResults) -> Optional[LostFloor]:
+    """The floor of a saver that checksums what it writes, as ckptd does (None where its row did not run)."""
+    return lost_floor(results, ("write_direct_checksummed",))
 
 
 def train_lost(row: str, r: Result) -> Optional[float]:
@@ -74,13 +84,16 @@ def train_lost(row: str, r: Result) -> Optional[float]:
 
 
 def _add_lost_ratios(results: StateResults) -> None:
-    """Each row's training seconds lost / the floor, where both exist and the floor is positive."""
-    floor = lost_floor(results)
-    if floor is None or floor.seconds <= 0:
-        return
-    for r in results.values():
-        if _ok(r) and r.get("train_lost_s") is not None:
-            r["train_lost_x_floor"] = r["train_lost_s"] / floor.seconds
+    """Each row's training seconds lost / each floor, where both exist and the floor is positive."""
+    for key, floor in (
+        ("train_lost_x_floor", lost_floor(results)),
+        ("train_lost_x_checksummed_floor", checksummed_floor(results)),
+    ):
+        if floor is None or floor.seconds <= 0:
+            continue
+        for r in results.values():
+            if _ok(r) and r.get("train_lost_s") is not None:
+                r[key] = r["train_lost_s"] / floor.seconds
 
 
 def add_ratios(results: StateResults) -> None:
@@ -217,7 +230,7 @@ def _lost_floor_check(tag: str, r: Result, floor: Optional[LostFloor]) -> List[T
     else:
         text = (
             f"{fmt_s(lost)} s vs the floor {floor.seconds:.3f} s (memcpy {floor.memcpy_s:.3f} s + "
-            f"{'O_DIRECT' if floor.write_row == 'write_direct' else 'buffered'} write in a thread "
+            f"{FLOOR_WRITES[floor.write_row]} write in a thread "
             f"{floor.write_lost_s:.3f} s)"
         )
         text = (f"{v:.2f}x: " if v is not None else "") + text

@@ -79,10 +79,12 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
     table = _table_rows(out)
     assert table and table[0][:2] == ["state", "row"], out
     lost_column = table[0].index("training s lost / ckpt (x floor)")
-    # The training-lost floor's own line (only that column filled), after state A's rows.
+    # The training-lost floors' own lines (only that column filled), after state A's rows: the issue's
+    # floor, then the one that checksums what it writes.
     floors = [cells for cells in table[1:] if cells[1].startswith("floor: memcpy + ")]
-    assert [cells[0] for cells in floors] == ["A"], out
-    assert floors[0][lost_column] not in ("", "-"), floors
+    assert [cells[0] for cells in floors] == ["A", "A"], out
+    assert floors[1][1] == "floor: memcpy + checksummed O_DIRECT write in a thread", floors
+    assert all(cells[lost_column] not in ("", "-") for cells in floors), floors
     # " !" marks a row disturbed by other load (rows run two at a time here, so expect it)
     printed = {(cells[0], cells[1].removesuffix(" !")): cells for cells in table[1:] if cells not in floors}
     expected_rows: Dict[str, List[str]] = {"A": list(bench.ROW_IDS), "B": list(bench.DEFAULT_ROWS_B)}
@@ -100,7 +102,7 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
         for row in rows:
             result = data["results"][state][row]
             missing_api = bench.row_unavailable(row)
-            if row == "write_direct" and result["status"] == "n/a":
+            if row in ("write_direct", "write_direct_checksummed") and result["status"] == "n/a":
                 assert "O_DIRECT" in result["reason"], result  # a filesystem without O_DIRECT (tmpfs)
                 continue
             if missing_api is not None:
@@ -124,9 +126,9 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
             if row not in bench.BLOCKING_ROWS:
                 for key in ("throughput_kept", "staged_warm_s", "baseline_steps_per_s"):
                     assert _is_number(result.get(key)), (where, key, result.get(key))
-            if row in ("write", "write_direct"):  # the I/O-alone reference for throughput
+            if row in ("write", "write_direct", "write_direct_checksummed"):  # the I/O-alone references
                 assert _is_number(result.get("throughput_kept")), where
-            if row not in bench.BLOCKING_ROWS or row in ("write", "write_direct"):  # training s lost / ckpt
+            if row not in bench.BLOCKING_ROWS or row.startswith("write"):  # training s lost / ckpt
                 assert _is_number(result.get("train_lost_s")), (where, result.get("train_lost_s"))
                 assert len(result["train_lost_all_s"]) == 1 and all(map(_is_number, result["train_lost_all_s"]))
                 assert printed[(state, bench.LABELS[row])][lost_column] != "-", where
@@ -152,6 +154,13 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
     assert _is_number(ckptd.get("train_lost_s"))
     if floor["train_lost_s"] > 0:
         assert _is_number(ckptd.get("train_lost_x_floor"))
+    checksummed = data["train_lost_floor_checksummed"]["A"]
+    if data["results"]["A"]["write_direct_checksummed"]["status"] == "ok":
+        assert checksummed["write_row"] == "write_direct_checksummed", checksummed
+        assert checksummed["train_lost_s"] == checksummed["memcpy_blocked_warm_s"] + checksummed["write_train_lost_s"]
+        if checksummed["train_lost_s"] > 0:
+            assert _is_number(ckptd.get("train_lost_x_checksummed_floor"))
+            assert "checksums every byte it writes" in out
     for key in ("blocked_first_now_s", "durable_first_now_s", "saver_ready_now_s"):
         assert _is_number(ckptd.get(key)), (key, ckptd.get(key))
     assert "first save right after construction:" in out
