@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -220,17 +220,25 @@ class StagingPool:
         self._key_of.pop(region.name, None)
         region.close()
 
-    def allocate_ahead(self, sizes: Dict[str, int], regions_per_key: int = 1) -> threading.Thread:
+    def allocate_ahead(
+        self,
+        sizes: Dict[str, int],
+        regions_per_key: int = 1,
+        prepare: Optional[Callable[[Dict[str, StagingRegion]], None]] = None,
+    ) -> threading.Thread:
         """Allocate and prefault regions for `sizes` in a background thread (a save that comes first
         waits for the first of each key), so the first save costs a warm copy; returns the thread.
         `regions_per_key` > 1 where regions will be kept as shard files: the ones later saves need
-        (spares are allocated in the background up to that many)."""
+        (spares are allocated in the background up to that many). `prepare`, if given, is called in
+        that thread with the first region of each key, for what a save into them needs made first."""
         self._spares_up_to = min(regions_per_key, REGIONS_PER_COMPONENT)
 
         def allocate() -> None:
             try:
                 reserved = self.reserve(sizes, wait=True, timeout=None)
                 self.release(leases_of(reserved.values()))
+                if prepare is not None:
+                    prepare(reserved)
                 for key, size in sizes.items():
                     with self._cond:
                         missing = self._spares_up_to - len(self._rings[key])

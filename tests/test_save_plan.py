@@ -402,3 +402,20 @@ def test_the_daemon_keeps_a_bounded_number_of_plans_and_drops_those_of_gone_clie
     assert len(plans) == 2
     plans.forget_gone(lambda pid: False)
     assert len(plans) == 0
+
+
+def test_the_first_save_finds_its_region_views_made_while_the_memory_was_allocated(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    client = client_factory()
+    model = OrderedDict(w=torch.zeros(100_000), b=torch.zeros(10))
+    parts = components({"model": Holder(model)})
+    client.allocate_ahead(parts)
+    assert client.wait_staging_allocated(30)
+    plan = client._plans["model"]
+    assert plan.views is not None, "the allocation did not make the plan's region views"
+    views = plan.views[1]
+    model["w"].fill_(3.0)
+    handle = client.save(1, parts)
+    assert plan.views[1] is views  # the save copied through the views made ahead
+    assert torch.equal(saved_state(handle.wait(60), "model")["w"], torch.full((100_000,), 3.0))
