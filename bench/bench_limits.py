@@ -62,14 +62,18 @@ class WriteSaver(Saver):
         path = os.path.join(self.workdir, f"{self.prefix}-{i:03d}.bin")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self.flags, 0o644)
         try:
-            view = self.view
-            while view:
-                view = view[os.write(fd, view) :]
+            self._write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
         self.last_output = path
         return finished()
+
+    def _write(self, fd: int) -> None:
+        """Write the state's bytes into `fd` (in one call)."""
+        view = self.view
+        while view:
+            view = view[os.write(fd, view) :]
 
     def background_save(self, i: int) -> Optional[Pending]:
         """The bare write in a thread (os.write and fsync release the GIL): what the I/O alone costs
@@ -122,25 +126,18 @@ class ChecksummedDirectWriteSaver(DirectWriteSaver):
 
     prefix = "direct-checksummed"
 
-    def save(self, i: int) -> Pending:
+    def _write(self, fd: int) -> None:
+        """Write the state's bytes into `fd` chunk by chunk, each checksummed first."""
         from ckptd.proto.formats import Checksum
         from ckptd.service.shard_writer import DIRECT_CHUNK_BYTES
 
-        path = os.path.join(self.workdir, f"{self.prefix}-{i:03d}.bin")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self.flags, 0o644)
         checksum = Checksum()
-        try:
-            for start in range(0, len(self.view), DIRECT_CHUNK_BYTES):
-                chunk = self.view[start : start + DIRECT_CHUNK_BYTES]
-                checksum.update(chunk)
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.last_output = path
+        for start in range(0, len(self.view), DIRECT_CHUNK_BYTES):
+            chunk = self.view[start : start + DIRECT_CHUNK_BYTES]
+            checksum.update(chunk)
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
         self.last_checksum = checksum.hexdigest()
-        return finished()
 
 
 def disk_probe(torch: Any, ctx: RowContext, path: str) -> float:

@@ -3,7 +3,7 @@
 
 One command, one table:
 
-    .venv/bin/python bench/bench_save.py                      # full size: ~1.27 GB state, 3 repeats
+    .venv/bin/python bench/bench_save.py                      # full size: ~1.27 GB state, 5 repeats
     .venv/bin/python bench/bench_save.py --scale 0.05 --repeats 2   # a quick run
     .venv/bin/python bench/bench_save.py --device cuda              # the state on the GPU (bench/run_cuda.sh)
 
@@ -74,7 +74,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="multiply the state's size (1: ~1.27 GB LM + AdamW; 0.05 for a quick run)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="warm saves per row (medians reported; default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="warm saves per row (medians reported; default 5)")
     parser.add_argument(
         "--training-repeats",
         type=int,

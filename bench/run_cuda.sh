@@ -9,4 +9,4 @@ if [ -x .venv/bin/python ]; then
 else
     python=python3
 fi
-exec "$python" bench/bench_save.py --device cuda --scale 1 --repeats 3 --json bench/results/cuda.json "$@"
+exec "$python" bench/bench_save.py --device cuda --scale 1 --repeats 5 --json bench/results/cuda.json "$@"
