@@ -414,9 +414,8 @@ def _print_targets(states: List[str], all_results: AllResults, targets: List[Dic
         print(f"  [{mark}] {t['target']}: {t['text']}")
 
 
-def _floor_json(results: StateResults, checksummed: bool = False) -> Optional[Dict[str, Any]]:
-    """One state's training-lost floor (or the checksummed one) for the JSON (None where it could not be computed)."""
-    floor = checksummed_floor(results) if checksummed else lost_floor(results)
+def _floor_json(floor: Optional[LostFloor]) -> Optional[Dict[str, Any]]:
+    """A training-lost floor for the JSON (None where it could not be computed)."""
     return None if floor is None else floor.as_dict()
 
 
@@ -450,8 +449,10 @@ def _write_json(
             "retries": args.retries,
         },
         "results": all_results,
-        "train_lost_floor": {state: _floor_json(all_results[state]) for state in plan.states},
-        "train_lost_floor_checksummed": {state: _floor_json(all_results[state], True) for state in plan.states},
+        "train_lost_floor": {state: _floor_json(lost_floor(all_results[state])) for state in plan.states},
+        "train_lost_floor_checksummed": {
+            state: _floor_json(checksummed_floor(all_results[state])) for state in plan.states
+        },
         "targets": targets,
         "notes": notes,
         "table": render_table(table),

@@ -263,7 +263,7 @@ class CheckpointClient:
         def make_views(regions: Dict[str, StagingRegion]) -> None:
             """Build each plan's views of its first region (a few ms for 400 tensors), off the first save."""
             for component in staged:
-                if component.plan is not None and component.key in regions:
+                if component.plan is not None:
                     component.plan.region_views(regions[component.key])
 
         self._pool.allocate_ahead({s.key: s.region_bytes for s in staged}, self._regions_per_component(), make_views)

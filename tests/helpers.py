@@ -229,6 +229,15 @@ def rank_forker() -> "RankForker":
     return _FORKER
 
 
+def saved_state(checkpoint: str, key: str) -> Any:
+    """The state component `key` holds in a committed checkpoint (a component saved in one copy),
+    read back and verified."""
+    from ckptd.client.loading import read_manifest, read_scope
+
+    (scope,) = read_manifest(checkpoint).components[key].scopes.values()
+    return read_scope(checkpoint, scope)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:
     """Poll until `predicate()` is true or `timeout` passes; returns its last value."""
     deadline = time.monotonic() + timeout

@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from helpers import Daemon, Holder, wait_for
+from helpers import Daemon, Holder, saved_state, wait_for
 
 from ckptd.client import CheckpointClient, CheckpointError, PreparedComponent, SharingPattern, StateComponent
-from ckptd.client.loading import latest_checkpoint, read_manifest, read_scope, verify_file
+from ckptd.client.loading import latest_checkpoint, read_manifest, verify_file
 from ckptd.client.topology import RankInfo
 from ckptd.proto.topology import Topology
 
@@ -111,14 +111,9 @@ def test_a_hand_over_the_killed_daemon_never_answered_fails_once_a_new_daemon_an
     finally:
         client.close(timeout=5)
     assert not (daemon.root / "step_00000002").exists()
-    assert torch.equal(read_scope_tensor(daemon.root / "step_00000003"), torch.full((2_000_000,), 3.0)), (
+    assert torch.equal(saved_state(str(daemon.root / "step_00000003"), "model")["w"], torch.full((2_000_000,), 3.0)), (
         "step 3 holds its own step"
     )
-
-
-def read_scope_tensor(checkpoint: Path) -> torch.Tensor:
-    (scope,) = read_manifest(str(checkpoint)).components["model"].scopes.values()
-    return read_scope(str(checkpoint), scope)["w"]
 
 
 def test_a_save_after_a_restart_the_client_did_not_see_is_addressed_again_and_commits(
@@ -136,4 +131,4 @@ def test_a_save_after_a_restart_the_client_did_not_see_is_addressed_again_and_co
     finally:
         client.close(timeout=5)
     assert "read none of it" in daemon.log(), "the request was not addressed to the old daemon"
-    assert torch.equal(read_scope_tensor(daemon.root / "step_00000002"), torch.full((2_000_000,), 2.0))
+    assert torch.equal(saved_state(str(daemon.root / "step_00000002"), "model")["w"], torch.full((2_000_000,), 2.0))

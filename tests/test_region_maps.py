@@ -12,10 +12,9 @@ from collections import OrderedDict
 from typing import Callable, Dict, List
 
 import torch
-from helpers import Daemon, Holder
+from helpers import Daemon, Holder, saved_state
 
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
-from ckptd.client.loading import read_manifest, read_scope
 from ckptd.service.regions import RegionMaps, pid_alive
 
 MIB = 2**20
@@ -39,11 +38,6 @@ def minor_faults(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
-def saved_tensor(path: str, key: str) -> torch.Tensor:
-    (scope,) = read_manifest(path).components[key].scopes.values()
-    return read_scope(path, scope)["w"]
-
-
 def test_a_region_is_mapped_once_across_saves_and_unmapped_when_replaced_or_the_client_leaves(
     daemon: Daemon, client_factory: Callable[..., CheckpointClient]
 ) -> None:
@@ -58,7 +52,7 @@ def test_a_region_is_mapped_once_across_saves_and_unmapped_when_replaced_or_the_
         before = minor_faults(pid)
         path = client.save(step, parts).wait(60)
         faults.append(minor_faults(pid) - before)
-        assert torch.equal(saved_tensor(path, "model"), torch.full_like(state["w"], step))
+        assert torch.equal(saved_state(path, "model")["w"], torch.full_like(state["w"], step))
         names.append(mapped_regions(pid))
     (region,) = names[0]
     assert all(n == {region: 1} for n in names), f"the daemon mapped the region again: {names}"
@@ -69,7 +63,7 @@ def test_a_region_is_mapped_once_across_saves_and_unmapped_when_replaced_or_the_
 
     state["w"] = torch.arange(32 * MIB // 4, dtype=torch.float32)  # outgrows its region: a new one
     path = client.save(5, parts).wait(60)
-    assert torch.equal(saved_tensor(path, "model"), state["w"])
+    assert torch.equal(saved_state(path, "model")["w"], state["w"])
     (grown,) = mapped_regions(pid)
     assert grown != region and not os.path.exists(f"/dev/shm/{region}")
 

@@ -17,11 +17,10 @@ import pytest_asyncio
 import torch
 import zmq
 import zmq.asyncio
-from helpers import Daemon, Holder, raw_save_body
+from helpers import Daemon, Holder, raw_save_body, saved_state
 
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
 from ckptd.client.codec import flatten_state
-from ckptd.client.loading import read_manifest, read_scope
 from ckptd.client.save_plan import ComponentPlan
 from ckptd.client.snapshot import snapshot
 from ckptd.client.topology import RankInfo
@@ -36,12 +35,6 @@ RANK0 = RankInfo(0, Topology.single_node(1))
 
 def components(state_of: Dict[str, Holder]) -> List[PreparedComponent]:
     return [PreparedComponent(StateComponent(key, h, SharingPattern.GLOBAL)) for key, h in state_of.items()]
-
-
-def saved_state(path: str, key: str) -> Any:
-    record = read_manifest(path).components[key]
-    (scope,) = record.scopes.values()
-    return read_scope(path, scope)
 
 
 def plan_of(state: Any) -> ComponentPlan:

@@ -53,7 +53,7 @@ import pytest
 from helpers import Daemon, short_endpoint, start_daemon, wait_for
 from invariants import check_root, content_problems
 
-from ckptd.client.loading import hold_for_loading
+from ckptd.client.loading import hold_for_loading, read_manifest
 from ckptd.disk.files import beside_regions
 from ckptd.disk.verify import verify_checkpoint
 from ckptd.proto import layout
@@ -653,9 +653,10 @@ class Torture:
             return
         directory = self.root / layout.checkpoint_dir_name(step)
         with hold_for_loading(str(directory)):
-            links = {str(p.relative_to(directory)): p.stat().st_nlink for p in directory.rglob("*.safetensors")}
-        if links.get("model/global.safetensors", 0) < 2:
-            self.problem(f"the shards of step {step} in a /dev/shm root are not staging regions kept: links {links}")
+            (scope,) = read_manifest(str(directory)).components["model"].scopes.values()
+            links = (directory / scope.tensor_file.path).stat().st_nlink
+        if links < 2:
+            self.problem(f"the model's shard of step {step} in a /dev/shm root is not a kept region: {links} link(s)")
 
     def staging_left(self) -> None:
         """Once the trainers are gone, a restarted daemon unlinks their staging regions (/dev/shm), also
