@@ -7,8 +7,12 @@ GLOBAL and a PER_RANK component). For each N it measures, over timed saves one a
   commit latency   from the leader receiving the last node's report (every node durable) to the
                    last node's daemon told the outcome (median; every process's time.monotonic(),
                    one host); "leader commit" is the manifest, fsyncs and rename inside it, "announced"
-                   the leader's last send of the outcome, "ranks told" runs on to the last rank told, "accepted->told" from the last hand-over
-                   accepted to the last rank told
+                   the leader's last send of the outcome, "ranks told" runs on to the last rank told,
+                   "accepted->told" from the last hand-over accepted to the last rank told
+  floor            printed beside it, from the leader's first send of the outcome ("published":
+                   the commit durable) to the last node told, against a bare broadcast of a frame
+                   of the same size to the same namespaces (bench/scale_floor.py) with three kinds
+                   of receiver: the least a Python daemon on 2 shared cores pays to tell every node
   leader CPU       the node-0 daemon's user+system CPU per commit, its idle CPU (heartbeats)
                    over the same time taken off
   follower CPU     a follower daemon's CPU per save (median over followers, heartbeats included)
@@ -34,12 +38,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from netns_cluster import LightRanks, NetnsCluster, netns_available  # noqa: E402
+import scale_floor  # noqa: E402
+import zmq  # noqa: E402
+from netns_cluster import LEADER_PORT, LightRanks, NetnsCluster, netns_available, node_address  # noqa: E402
+
+from ckptd.proto import messages  # noqa: E402
 
 HEARTBEAT_TYPES = ("heartbeat", "node_hello", "ok")
 
@@ -66,7 +74,9 @@ def totals(traffic: Dict[str, Any], heartbeats: bool) -> List[int]:
     return [frames, nbytes]
 
 
-def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: float) -> Dict[str, Any]:
+def measure(
+    nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: float, floor_rounds: int
+) -> Dict[str, Any]:
     cluster = NetnsCluster(nodes, peer_timeout=30.0)
     with cluster:
         started = time.monotonic()
@@ -75,6 +85,7 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
         leader = cluster.pid(0)
 
         follower_cpu: List[float] = []
+        outcome_frame_bytes: List[int] = []
 
         async def run() -> List[Any]:
             ranks = LightRanks(cluster, ranks_per_node)
@@ -102,6 +113,8 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
                 cpu_after, t_after = cpu_seconds(leader), time.monotonic()
                 follower_cpu.extend(cpu_seconds(pid) - before for pid, before in zip(followers, followers_before))
                 status = cluster.status(0)["cluster"]
+                count, nbytes = status["traffic"]["sent"].get(messages.COMMITTED, [1, 0])
+                outcome_frame_bytes.append(nbytes // max(1, count))
                 traffic_after = totals(status["traffic"], False)
                 moments = {m["step"]: m for m in status["timeline"] if m["job"] == ranks.job}
                 for node in range(1, nodes):  # when each follower got each outcome
@@ -127,12 +140,15 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
         announced = [
             m["announced"] - m["last_report"] for m in moments.values() if "announced" in m and "last_report" in m
         ]
+        told_after_publish = [
+            m["nodes_told"] - m["published"] for m in moments.values() if "nodes_told" in m and "published" in m
+        ]
         failed = [r for r in results if not r.committed]
         idle_s_measured = after_idle[0] - before_idle[0]
         idle_cpu_rate = (after_idle[1] - before_idle[1]) / idle_s_measured
         memory = [resident_mb(cluster.pid(n)) for n in range(nodes)]
         manifest = cluster.root / f"step_{3 + saves:08d}" / "checkpoint_manifest.json"
-        return {
+        row = {
             "nodes": nodes,
             "ranks": nodes * ranks_per_node,
             "startup_s": round(startup_s, 1),
@@ -141,6 +157,9 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
             "commit_latency_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
             "leader_commit_ms": round(statistics.median(leader_commit) * 1000, 2) if leader_commit else None,
             "announced_ms": round(statistics.median(announced) * 1000, 2) if announced else None,
+            "told_after_publish_ms": round(statistics.median(told_after_publish) * 1000, 2)
+            if told_after_publish
+            else None,
             "ranks_told_ms": round(statistics.median(ranks_told) * 1000, 2) if ranks_told else None,
             "accepted_to_told_ms": round(statistics.median(r.commit_latency_s for r in results) * 1000, 2),
             "handover_ms": round(statistics.median(r.handed_over_s for r in results) * 1000, 2),
@@ -155,6 +174,43 @@ def measure(nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: f
             "daemon_mb_median": round(statistics.median(memory), 1),
             "daemon_mb_max": round(max(memory), 1),
         }
+        if floor_rounds and nodes > 1:
+            cluster.stop()
+            for kind in scale_floor.KINDS:
+                row[f"floor_{kind}_ms"] = broadcast_floor(cluster, kind, floor_rounds, outcome_frame_bytes[0])
+        return row
+
+
+def broadcast_floor(cluster: NetnsCluster, kind: str, rounds: int, frame_bytes: int) -> Optional[float]:
+    """scale_floor.py's broadcast to every other namespace of `cluster` (its daemons stopped), with
+    receivers of `kind`: the median ms from the first send to the last arrival."""
+    server_public, server_secret = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    endpoint = f"tcp://{node_address(0)}:{LEADER_PORT + 1}"
+    script = str(HERE / "scale_floor.py")
+
+    def inside(node: int, *args: str) -> List[str]:
+        return ["ip", "netns", "exec", cluster.namespace(node), sys.executable, script, *args]
+
+    sender = subprocess.Popen(
+        inside(0, "send", endpoint, str(cluster.nodes - 1), server_secret.decode(), str(rounds), str(frame_bytes)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    receivers = [
+        subprocess.Popen(inside(node, "recv", kind, endpoint, server_public.decode(), public.decode(), secret.decode()))
+        for node in range(1, cluster.nodes)
+    ]
+    try:
+        out, _ = sender.communicate(timeout=120 + cluster.nodes)
+        for receiver in receivers:
+            receiver.wait(30)
+    finally:
+        for process in [sender, *receivers]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return json.loads(out)["every_receiver_ms"] if sender.returncode == 0 else None
 
 
 COLUMNS = [
@@ -180,10 +236,18 @@ COLUMNS = [
 ]
 
 
-def table(rows: List[Dict[str, Any]]) -> str:
-    widths = [max(len(title), *(len(str(row[key])) for row in rows)) for key, title in COLUMNS]
-    lines = ["  ".join(title.rjust(w) for (_, title), w in zip(COLUMNS, widths))]
-    lines += ["  ".join(str(row[key]).rjust(w) for (key, _), w in zip(COLUMNS, widths)) for row in rows]
+FLOOR_COLUMNS = [
+    ("nodes", "nodes"),
+    ("told_after_publish_ms", "ckptd: published->every node told ms"),
+    *((f"floor_{kind}_ms", f"bare broadcast, {kind} receivers ms") for kind in scale_floor.KINDS),
+]
+
+
+def table(rows: List[Dict[str, Any]], columns: List[Tuple[str, str]] = COLUMNS) -> str:
+    """`rows` as a text table of `columns` ((key, title) pairs); a missing value prints as "-"."""
+    widths = [max(len(title), *(len(str(row.get(key, "-"))) for row in rows)) for key, title in columns]
+    lines = ["  ".join(title.rjust(w) for (_, title), w in zip(columns, widths))]
+    lines += ["  ".join(str(row.get(key, "-")).rjust(w) for (key, _), w in zip(columns, widths)) for row in rows]
     return "\n".join(lines)
 
 
@@ -218,12 +282,16 @@ def main() -> None:
     parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--saves", type=int, default=20)
     parser.add_argument("--idle", type=float, default=4.0, help="seconds of idle heartbeats measured")
+    parser.add_argument(
+        "--floor-rounds", type=int, default=20, help="broadcasts per receiver kind for the floor (0: no floor)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--replot", type=Path, help="only draw the PNG (next to it) of a JSON this bench wrote")
     args = parser.parse_args()
     if args.replot:
         rows = json.loads(args.replot.read_text())
         print(table(rows))
+        print(table(rows, FLOOR_COLUMNS))
         plot(rows, args.replot.with_suffix(".png"))
         return
     if not netns_available():
@@ -234,10 +302,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "ckptd.service", "keygen", str(secret)], check=True, capture_output=True)
     rows = []
     for nodes in (int(n) for n in args.nodes.split(",")):
-        row = measure(nodes, args.ranks_per_node, args.saves, secret, args.idle)
+        row = measure(nodes, args.ranks_per_node, args.saves, secret, args.idle, args.floor_rounds)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(table(rows))
+    if any("floor_blocking_ms" in row for row in rows):
+        print("\nThe floor: telling every node, ckptd against a bare broadcast to the same namespaces")
+        print(table(rows, FLOOR_COLUMNS))
     name = f"scale_{args.ranks_per_node}rpn"
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     png = args.out / f"{name}.png"

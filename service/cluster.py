@@ -41,6 +41,7 @@ from ckptd.service.leader import (
     SaveKey,
     nobody_listens,
 )
+from ckptd.service.loop_socket import LoopSocket
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.store import CheckpointStore
 from ckptd.service.tiers import CopyStopped, OtherNodesFailed
@@ -112,7 +113,7 @@ class _Endpoint:
     """One side's socket and the background tasks that serve it."""
 
     def __init__(self) -> None:
-        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._socket: Optional[LoopSocket] = None
         self._tasks: Set[asyncio.Task] = set()
 
     def _spawn(self, coroutine: Any) -> None:
@@ -219,7 +220,7 @@ class ClusterLeader(_Endpoint):
         self._auth = AsyncioAuthenticator(self._ctx)
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=AllowJobDaemons(self._keys.client_public))
-        socket = self._ctx.socket(zmq.ROUTER)
+        socket = zmq.Socket(self._ctx, zmq.ROUTER)
         socket.setsockopt(zmq.CURVE_SERVER, 1)
         socket.setsockopt(zmq.CURVE_SECRETKEY, self._keys.server_secret)
         socket.setsockopt(zmq.CURVE_PUBLICKEY, self._keys.server_public)
@@ -230,7 +231,7 @@ class ClusterLeader(_Endpoint):
         except zmq.ZMQError:
             socket.close(0)
             raise
-        self._socket = socket
+        self._socket = LoopSocket(socket, self._loop)
         log.info("commit leader for %d nodes listening on %s (CURVE)", self._config.num_nodes, self.endpoint)
         self._spawn(self._receive_loop())
         self._spawn(self._watch_peers())
@@ -442,7 +443,7 @@ class ClusterLeader(_Endpoint):
         if self._socket is None:
             return
         try:
-            await self._socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([identity, frame])
             self.traffic.count(self.traffic.sent, msg_type, len(frame))
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a follower: %s", msg_type, exc)
@@ -521,7 +522,7 @@ class ClusterFollower(_Endpoint):
     async def start(self) -> None:
         """Connect to the leader (ZeroMQ retries until it is up) and start the heartbeats."""
         self._loop = asyncio.get_running_loop()
-        socket = self._ctx.socket(zmq.DEALER)
+        socket = zmq.Socket(self._ctx, zmq.DEALER)
         socket.setsockopt(zmq.CURVE_SERVERKEY, self._keys.server_public)
         socket.setsockopt(zmq.CURVE_PUBLICKEY, self._keys.client_public)
         socket.setsockopt(zmq.CURVE_SECRETKEY, self._keys.client_secret)
@@ -529,7 +530,7 @@ class ClusterFollower(_Endpoint):
         socket.setsockopt(zmq.LINGER, 1000)
         socket.setsockopt(zmq.SNDHWM, 1000)
         socket.connect(self.leader_endpoint)
-        self._socket = socket
+        self._socket = LoopSocket(socket, self._loop)
         self._last_seen = time.monotonic()
         log.info("node %d reports to the commit leader at %s (CURVE)", self._config.node, self.leader_endpoint)
         await self._send(cluster.NODE_HELLO, self._hello())
@@ -643,7 +644,7 @@ class ClusterFollower(_Endpoint):
         if self._socket is None:
             return
         try:
-            await self._socket.send(messages.encode(msg_type, body), flags=zmq.NOBLOCK)
+            self._socket.send(messages.encode(msg_type, body))
         except zmq.Again:
             log.warning("the connection to the commit leader is backed up; dropped a %s", msg_type)
         except zmq.ZMQError as exc:

@@ -137,6 +137,8 @@ class LocalCommitLeader:
                 committed = [reports for outcome, (_, reports) in zip(outcomes, batch) if outcome.committed]
                 if committed:
                     await self._publish([o.step for o in outcomes if o.committed], committed[-1])
+                for key, _ in batch:
+                    self._mark(key, "published")
             finally:
                 self._committing.difference_update(key for key, _ in batch)
             for outcome in outcomes:
