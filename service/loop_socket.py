@@ -4,8 +4,7 @@ pyzmq's own asyncio sockets (`zmq.asyncio`) make a future, a timer handle and se
 iterations per message. On a machine whose cores are shared by many daemons that overhead is what a
 commit waits on: with 63 receivers on 2 cores, the last one took a broadcast 8.4-9.3 ms after it was
 sent with this class against 10.3-12.1 ms with `zmq.asyncio` (bench/bench_scale.py's floor rows
-measure it next to ckptd). The cluster channel's sockets use it; the rest of the daemon keeps
-`zmq.asyncio`.
+measure it next to ckptd). The daemon's sockets, the ranks' and the cluster channel's, use it.
 """
 
 from __future__ import annotations

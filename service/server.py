@@ -33,6 +33,7 @@ from ckptd.service.coordinator import NodeCoordinator
 from ckptd.service.curve import load_secret
 from ckptd.service.errors import ClusterSecretError, DaemonConfigError, DaemonError, OwnershipRefused, SaveRejected
 from ckptd.service.leader import CommitChannel, LocalCommitLeader, NodeCopyCommitter
+from ckptd.service.loop_socket import LoopSocket
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.ownership import RootOwnership
 from ckptd.service.partners import PartnerReceiver, PartnerSender, advertised_host
@@ -208,7 +209,7 @@ class DaemonServer:
         self.endpoint = config.resolved_endpoint()
         self._lock = RootLock(self.store.root, config.node)
         self._ctx = zmq.asyncio.Context()
-        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._socket: Optional[LoopSocket] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(config.write_threads, thread_name_prefix="ckptd-write")
         throttle = Throttle(config.max_write_mbps * 1e6 if config.max_write_mbps else None)
         self.cluster = config.cluster()
@@ -317,7 +318,7 @@ class DaemonServer:
                 self.partner_in.start()
                 if isinstance(self.channel, (ClusterLeader, ClusterFollower)):
                     self.channel.partner_endpoint = self.partner_in.endpoint
-            self._socket = self._bind()
+            self._socket = LoopSocket(self._bind(), asyncio.get_running_loop())
             if self.config.metrics_port is not None:
                 try:
                     self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
@@ -379,11 +380,11 @@ class DaemonServer:
         if self._stopping is not None:
             self._stopping.set()
 
-    def _bind(self) -> zmq.asyncio.Socket:
+    def _bind(self) -> zmq.Socket:
         if self.endpoint.startswith("ipc://"):
             directory = os.path.dirname(self.endpoint[len("ipc://") :])
             os.makedirs(directory, mode=0o700, exist_ok=True)
-        socket = self._ctx.socket(zmq.ROUTER)
+        socket = zmq.Socket(self._ctx, zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 1000)
         if self.endpoint.startswith("ipc://"):
             try:  # beside the 0700 directory: drop connections from processes of other users
@@ -426,7 +427,7 @@ class DaemonServer:
     async def _receive_loop(self) -> None:
         assert self._socket is not None
         while True:
-            frames = await self._socket.recv_multipart(copy=True)
+            frames = await self._socket.recv_multipart()
             self._last_activity = time.monotonic()
             if len(frames) != 2:
                 log.warning("dropped a message of %d frames (expected identity + payload)", len(frames))
@@ -531,7 +532,7 @@ class DaemonServer:
         if self._socket is None:
             return
         try:
-            await self._socket.send_multipart([identity, messages.encode(msg_type, body, msg_id)])
+            self._socket.send_multipart([identity, messages.encode(msg_type, body, msg_id)])
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a client: %s", msg_type, exc)
 
