@@ -26,9 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import msgpack
 import zmq
-import zmq.asyncio
 
 from ckptd.proto import messages
+from ckptd.service.loop_socket import LoopSocket
 
 SUBNET = "10.77"
 LEADER_PORT = 29650
@@ -220,19 +220,20 @@ class LightRanks:
         self.topology = {
             "nodes": [list(range(n * ranks_per_node, (n + 1) * ranks_per_node)) for n in range(cluster.nodes)]
         }
-        self._ctx = zmq.asyncio.Context()
-        self._sockets: List[zmq.asyncio.Socket] = []
+        self._ctx = zmq.Context()
+        self._sockets: List[LoopSocket] = []
 
     async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
         for rank in range(self.world):
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.cluster.endpoint(rank // self.ranks_per_node))
-            self._sockets.append(sock)
+            self._sockets.append(LoopSocket(sock, loop))
 
     def close(self) -> None:
         for sock in self._sockets:
-            sock.close(0)
+            sock.close(linger=0)
         self._ctx.term()
 
     def request(self, rank: int, step: int) -> Dict[str, Any]:
@@ -266,7 +267,7 @@ class LightRanks:
         """Every rank hands over `step`; waits for every rank's outcome."""
         started = time.monotonic()
         for rank, sock in enumerate(self._sockets):
-            await sock.send(messages.encode(messages.SAVE, self.request(rank, step), step))
+            sock.send(messages.encode(messages.SAVE, self.request(rank, step), step))
         accepted_at, outcomes = await asyncio.wait_for(self._collect(step), timeout)
         done = time.monotonic()
         reasons = sorted({str(body.get("reason")) for kind, body in outcomes if kind != messages.COMMITTED})
@@ -283,7 +284,7 @@ class LightRanks:
         accepted: List[float] = []
         outcomes: List[tuple] = []
 
-        async def one(sock: zmq.asyncio.Socket) -> None:
+        async def one(sock: LoopSocket) -> None:
             outcome = None
             while outcome is None:
                 envelope = messages.decode(await sock.recv())
