@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import msgpack
@@ -29,6 +29,16 @@ class PreparedComponent:
 
     component: StateComponent
     group_ranks: Tuple[int, ...] = ()
+
+    def saves_like(self, other: "PreparedComponent") -> bool:
+        """True when a save of `other` sends what a save of this declaration sends: everything but
+        the stateful object itself (a provider may wrap the same optimizer or RNG in a new object at
+        every save; a plan checks the state, not its holder) and `reshard` (used by loads only)."""
+        return self.group_ranks == other.group_ranks and _saved_fields(self.component) == _saved_fields(other.component)
+
+
+def _saved_fields(component: StateComponent) -> Tuple[Any, ...]:
+    return tuple(getattr(component, f.name) for f in fields(component) if f.name not in ("stateful", "reshard"))
 
 
 @dataclass
@@ -131,7 +141,9 @@ def snapshot(
         key = prepared.component.key
         state = prepared.component.stateful.state_dict()
         plan = plans.get(key) if plans is not None else None
-        component = _from_plan(plan, prepared, state) if plan is not None and plan.prepared == prepared else None
+        component = (
+            _from_plan(plan, prepared, state) if plan is not None and plan.prepared.saves_like(prepared) else None
+        )
         if component is None:
             if prepared.component.sharing_pattern is SharingPattern.SHARDED:
                 component = _snapshot_sharded(prepared, rank_info, state)

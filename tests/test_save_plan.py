@@ -24,6 +24,7 @@ from ckptd.client.codec import flatten_state
 from ckptd.client.save_plan import ComponentPlan
 from ckptd.client.snapshot import snapshot
 from ckptd.client.topology import RankInfo
+from ckptd.disk.manifests import read_manifest
 from ckptd.proto import messages
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.topology import Topology
@@ -189,6 +190,30 @@ def test_repeat_saves_use_the_plan_and_each_holds_its_own_step(
         assert got_trainer["step"] == step and got_trainer["lr"] == 1.0 / step
         assert torch.equal(got_trainer["hist"], torch.full((4,), step, dtype=torch.int32))
     assert planned == [False, True, True, True, True]
+
+
+def test_components_declared_anew_at_every_save_use_the_plan_until_the_declaration_changes(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    """Providers often build their components at every save: a new StateComponent, a new wrapper
+    around the same optimizer or RNG (examples/fsdp2_train.py's OptimizerState). The plan checks the
+    state, not its holder; a change in what the save sends (here the metadata) plans again."""
+    client = client_factory()
+    model = {"w": torch.zeros(1000), "step": 0}
+
+    def save(step: int, metadata: Dict[str, Any]) -> bool:
+        model["w"].fill_(step)
+        model["step"] = step
+        parts = [PreparedComponent(StateComponent("model", Holder(model), SharingPattern.GLOBAL, metadata=metadata))]
+        handle = client.save(step, parts)
+        path = handle.wait(60)
+        got = saved_state(path, "model")
+        assert torch.equal(got["w"], torch.full((1000,), float(step))) and got["step"] == step
+        assert read_manifest(path).components["model"].metadata == metadata
+        return handle.planned
+
+    assert [save(step, {"v": 1}) for step in range(1, 5)] == [False, True, True, True]
+    assert [save(step, {"v": 2}) for step in range(5, 7)] == [False, True]
 
 
 def test_a_changed_structure_is_planned_again_and_saved_right(
