@@ -263,7 +263,24 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     figure, latency = plt.subplots(figsize=(7, 4))
     latency.plot(nodes, [row["commit_latency_ms"] for row in rows], "o-", color="tab:blue", label="every node told")
     latency.plot(nodes, [row["announced_ms"] for row in rows], "^:", color="tab:cyan", label="leader done announcing")
-    latency.legend(loc="upper left")
+    floors = [row for row in rows if row.get("floor_LoopSocket_ms") is not None]
+    if floors:
+        latency.plot(
+            [row["nodes"] for row in floors],
+            [row["told_after_publish_ms"] for row in floors],
+            "o-",
+            color="tab:purple",
+            label="commit durable -> every node told",
+        )
+        for kind, style in (("LoopSocket", "x--"), ("blocking", "+--")):
+            latency.plot(
+                [row["nodes"] for row in floors],
+                [row[f"floor_{kind}_ms"] for row in floors],
+                style,
+                color="tab:gray",
+                label=f"floor: bare broadcast, {kind} receivers",
+            )
+    latency.legend(loc="upper left", fontsize="small")
     latency.set_xscale("log", base=2)
     latency.set_xlabel("nodes")
     latency.set_ylabel("commit latency, median (ms)", color="tab:blue")
