@@ -8,8 +8,8 @@ way pays to tell every node, before it does anything with the news.
 
 Receivers come in three kinds:
 
-  zmq.asyncio   pyzmq's asyncio socket, awaited in a loop (what most of ckptd's daemon uses)
-  LoopSocket    ckptd.service.loop_socket, one loop reader on the socket's FD (the cluster channel)
+  zmq.asyncio   pyzmq's asyncio socket, awaited in a loop (ckptd's clients use it)
+  LoopSocket    ckptd.service.loop_socket, one loop reader on the socket's FD (ckptd's daemon)
   blocking      a plain blocking recv, no event loop (the least a Python process can do)
 
 bench_scale.py runs it in the namespaces it made for the daemons, once they are stopped:

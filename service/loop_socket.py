@@ -2,9 +2,9 @@
 
 pyzmq's own asyncio sockets (`zmq.asyncio`) make a future, a timer handle and several extra loop
 iterations per message. On a machine whose cores are shared by many daemons that overhead is what a
-commit waits on: with 63 receivers on 2 cores, the last one took a broadcast 8.4-9.3 ms after it was
-sent with this class against 10.3-12.1 ms with `zmq.asyncio` (bench/bench_scale.py's floor rows
-measure it next to ckptd). The daemon's sockets, the ranks' and the cluster channel's, use it.
+commit waits on: with 63 receivers on 2 cores, the last one got a broadcast 7.0 ms after the first
+send with this class against 10.5 ms with `zmq.asyncio` (bench/bench_scale.py's floor, which
+measures both beside ckptd). The daemon's sockets, the ranks' and the cluster channel's, use it.
 """
 
 from __future__ import annotations
