@@ -166,3 +166,23 @@ def test_a_node_in_the_other_root_mode_gets_every_save_aborted_with_the_reason(t
     assert any(
         "node 1's daemon runs with --node-local-root and node 0's with a shared root" in r for r in result.reasons
     )
+
+
+def test_the_scale_bench_prints_ckptd_beside_its_floor(tmp_path: Path) -> None:
+    """bench/bench_scale.py, tiny: every save commits, and the floor's three receiver kinds each
+    measured a broadcast (the figures the closing notes quote stay producible)."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_scale.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--nodes", "3", "--saves", "3", "--idle", "0.5", "--floor-rounds", "3"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "scale_1rpn.json").read_text())
+    assert row["nodes"] == 3 and row["failed"] == 0
+    assert 0 < row["told_after_publish_ms"] <= row["commit_latency_ms"]
+    for kind in ("zmq.asyncio", "LoopSocket", "blocking"):
+        assert row[f"floor_{kind}_ms"] > 0, kind
+    assert "bare broadcast, LoopSocket receivers ms" in result.stdout
