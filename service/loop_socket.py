@@ -20,7 +20,8 @@ class LoopSocket:
 
     ZeroMQ's FD only signals that the socket's state may have changed, and any call on the socket may
     consume that signal: every receive and send re-reads `EVENTS`, so a waiting receive is woken even
-    when a send took the signal."""
+    when a send took the signal. One coroutine receives at a time (each socket has one receive loop);
+    the reader always reads `EVENTS` first, which also clears the FD, so the loop never spins on it."""
 
     def __init__(self, socket: zmq.Socket, loop: asyncio.AbstractEventLoop) -> None:
         self._socket = socket
