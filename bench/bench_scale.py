@@ -74,6 +74,16 @@ def totals(traffic: Dict[str, Any], heartbeats: bool) -> List[int]:
     return [frames, nbytes]
 
 
+def median_ms(seconds: List[float]) -> Optional[float]:
+    """The median of `seconds` in ms (None if empty)."""
+    return round(statistics.median(seconds) * 1000, 2) if seconds else None
+
+
+def median_span_ms(moments: Dict[int, Dict[str, float]], start: str, end: str) -> Optional[float]:
+    """The median ms from moment `start` to moment `end` over the saves whose timeline has both."""
+    return median_ms([m[end] - m[start] for m in moments.values() if start in m and end in m])
+
+
 def measure(
     nodes: int, ranks_per_node: int, saves: int, secret: Path, idle_s: float, floor_rounds: int
 ) -> Dict[str, Any]:
@@ -128,20 +138,8 @@ def measure(
                 ranks.close()
 
         results, before_idle, after_idle, traffic_before, traffic_after, cpu_busy, busy_s, moments = asyncio.run(run())
-        latencies = [
-            m["nodes_told"] - m["last_report"] for m in moments.values() if "nodes_told" in m and "last_report" in m
-        ]
         ranks_told = [
             r.told_at - moments[r.step]["last_report"] for r in results if "last_report" in moments.get(r.step, {})
-        ]
-        leader_commit = [
-            m["committed"] - m["last_report"] for m in moments.values() if "committed" in m and "last_report" in m
-        ]
-        announced = [
-            m["announced"] - m["last_report"] for m in moments.values() if "announced" in m and "last_report" in m
-        ]
-        told_after_publish = [
-            m["nodes_told"] - m["published"] for m in moments.values() if "nodes_told" in m and "published" in m
         ]
         failed = [r for r in results if not r.committed]
         idle_s_measured = after_idle[0] - before_idle[0]
@@ -154,13 +152,11 @@ def measure(
             "startup_s": round(startup_s, 1),
             "failed": len(failed),
             "failures": sorted({reason for r in failed for reason in r.reasons})[:3],
-            "commit_latency_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
-            "leader_commit_ms": round(statistics.median(leader_commit) * 1000, 2) if leader_commit else None,
-            "announced_ms": round(statistics.median(announced) * 1000, 2) if announced else None,
-            "told_after_publish_ms": round(statistics.median(told_after_publish) * 1000, 2)
-            if told_after_publish
-            else None,
-            "ranks_told_ms": round(statistics.median(ranks_told) * 1000, 2) if ranks_told else None,
+            "commit_latency_ms": median_span_ms(moments, "last_report", "nodes_told"),
+            "leader_commit_ms": median_span_ms(moments, "last_report", "committed"),
+            "announced_ms": median_span_ms(moments, "last_report", "announced"),
+            "told_after_publish_ms": median_span_ms(moments, "published", "nodes_told"),
+            "ranks_told_ms": median_ms(ranks_told),
             "accepted_to_told_ms": round(statistics.median(r.commit_latency_s for r in results) * 1000, 2),
             "handover_ms": round(statistics.median(r.handed_over_s for r in results) * 1000, 2),
             "leader_cpu_ms": round(max(0.0, cpu_busy - idle_cpu_rate * busy_s) / saves * 1000, 2),
