@@ -9,7 +9,7 @@ import mmap
 import os
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from bench_saver import Pending, RowNotApplicable, Saver, finished
 from bench_state import RowContext
@@ -59,6 +59,11 @@ class WriteSaver(Saver):
     background = True
 
     def save(self, i: int) -> Pending:
+        self.write(i)
+        return finished()
+
+    def write(self, i: int) -> None:
+        """Write the buffer into a new file for save `i` and fsync it."""
         path = os.path.join(self.workdir, f"{self.prefix}-{i:03d}.bin")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self.flags, 0o644)
         try:
@@ -67,7 +72,6 @@ class WriteSaver(Saver):
         finally:
             os.close(fd)
         self.last_output = path
-        return finished()
 
     def _write(self, fd: int) -> None:
         """Write the state's bytes into `fd` (in one call)."""
@@ -78,7 +82,11 @@ class WriteSaver(Saver):
     def background_save(self, i: int) -> Optional[Pending]:
         """The bare write in a thread (os.write and fsync release the GIL): what the I/O alone costs
         the training loop, the reference for the background writers' throughput."""
-        thread = threading.Thread(target=self.save, args=(i,), name="bench-write", daemon=True)
+        return self.write_in_thread(i)
+
+    def write_in_thread(self, i: int) -> Pending:
+        """Start `write(i)` in a thread of this process."""
+        thread = threading.Thread(target=self.write, args=(i,), name="bench-write", daemon=True)
         thread.start()
         return Pending(lambda: not thread.is_alive(), thread.join)
 
@@ -117,6 +125,46 @@ class DirectWriteSaver(WriteSaver):
     def close(self) -> None:
         self.view.release()
         self.buffer.close()
+
+
+class FloorSaver(DirectWriteSaver):
+    """The training-lost floor as one saver, for samples paired with ckptd's in the ckptd rows' own
+    process: `save` copies every tensor into the O_DIRECT row's page-aligned prefaulted buffer (the
+    memcpy limit; `copy` alone times that) and returns with the O_DIRECT write + fsync of the buffer
+    running in a thread. Host state only: on CUDA the memcpy limit copies into pinned buffers."""
+
+    prefix = "floor"
+    blocking = False
+
+    def __init__(self, ctx: RowContext, workdir: str) -> None:
+        if ctx.cuda:
+            raise RowNotApplicable("the interleaved floor copies host tensors; on CUDA the memcpy row is the limit")
+        os.makedirs(workdir, exist_ok=True)
+        super().__init__(ctx, workdir)
+        staged = self.torch.frombuffer(self.buffer, dtype=self.torch.uint8)
+        self._copies: List[Tuple[Any, Any]] = []  # (destination, source) byte views, made once
+        offset = 0
+        for tensor in ctx.tensors:
+            source = tensor.detach().view(-1).view(self.torch.uint8)  # a view, never a copy
+            self._copies.append((staged[offset : offset + source.numel()], source))
+            offset += source.numel()
+
+    def copy(self) -> None:
+        """Copy the live state into the buffer, tensor after tensor (what the memcpy limit times)."""
+        with self.torch.no_grad():
+            for destination, source in self._copies:
+                destination.copy_(source)
+
+    def save(self, i: int) -> Pending:
+        self.copy()
+        return self.write_in_thread(i)
+
+    def close(self) -> None:
+        self._copies.clear()
+        super().close()
+        for name in os.listdir(self.workdir):
+            if name.startswith(f"{self.prefix}-"):
+                os.unlink(os.path.join(self.workdir, name))
 
 
 class ChecksummedDirectWriteSaver(DirectWriteSaver):

@@ -3,8 +3,10 @@ saving it, and print the result as one JSON line after RESULT_MARK for the drive
 
 In order: build the state and the throughput probe, probe the disk, take the baseline RSS, set the
 saver up and train for --settle seconds, then 1 first save and N warm saves, then (rows that write
-in the background) N more saves with the training loop running, then the loads; last, for the
-ckptd row only, one save made right after building a second saver (no training in between).
+in the background) N more saves with the training loop running; for the ckptd rows, the same saves
+again, each in turn with the floor's (the memcpy limit, and memcpy + the O_DIRECT write in a thread),
+in this process; then the loads; last, for the ckptd row only, one save made right after building a
+second saver (no training in between).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from bench_limits import FloorSaver
 from bench_probes import DiskProbes, TrainingProbe
-from bench_rows import LABELS, LOAD_ROWS, RESULT_MARK, SAVERS, row_unavailable
+from bench_rows import INTERLEAVED_ROWS, LABELS, LOAD_ROWS, RESULT_MARK, SAVERS, row_unavailable
 from bench_saver import RowNotApplicable, Saver
 from bench_state import RowContext, cuda_unavailable_reason
 from bench_system import (
@@ -197,12 +200,27 @@ def _record_cpu_per_save(
         result["writer_cpu_s_per_save"] = (end[1] - start[1]) / warm_saves
 
 
-def _timed_save(saver: Saver, ctx: RowContext, i: int, pause: float) -> Tuple[float, float, float]:
-    """Save number `i` with nothing else running, `pause` seconds after the last one (the same for
-    every row: see --pause): (blocked, durable, staged) seconds."""
+def _quiet(ctx: RowContext, pause: float) -> None:
+    """What every timed save starts from: garbage collected, `pause` seconds idle (the same for every
+    row: see --pause), nothing queued on the device."""
     gc.collect()
     time.sleep(pause)
-    ctx.sync()  # nothing queued before the save is timed with it
+    ctx.sync()
+
+
+def _timed_copy(floor: FloorSaver, ctx: RowContext, pause: float) -> float:
+    """Seconds the memcpy limit takes now: the floor saver's copy, timed as a save is."""
+    _quiet(ctx, pause)
+    t0 = time.perf_counter()
+    floor.copy()
+    ctx.sync()
+    return time.perf_counter() - t0
+
+
+def _timed_save(saver: Saver, ctx: RowContext, i: int, pause: float) -> Tuple[float, float, float]:
+    """Save number `i` with nothing else running, `pause` seconds after the last one:
+    (blocked, durable, staged) seconds."""
+    _quiet(ctx, pause)
     t0 = time.perf_counter()
     pending = saver.save(i)
     t1 = time.perf_counter()
@@ -257,12 +275,17 @@ def _save_while_training(saver: Saver, probe: TrainingProbe, i: int, window: flo
     )
 
 
+def _training_window(durable: List[float]) -> float:
+    """Seconds of training alone before and after each save under training: about a save's durable time."""
+    return min(3.0, max(0.3, median(durable[1:] or durable) or 0.3))
+
+
 def _throughput_saves(
     saver: Saver, probe: TrainingProbe, first: int, repeats: int, durable: List[float]
 ) -> ThroughputSamples:
     """`repeats` saves with the training loop running; the windows last about as long as a save."""
     samples = ThroughputSamples()
-    window = min(3.0, max(0.3, median(durable[1:] or durable) or 0.3))
+    window = _training_window(durable)
     for j in range(repeats):
         samples.add(_save_while_training(saver, probe, first + j, window))
     return samples
@@ -282,6 +305,84 @@ def _measure_saves(
             samples = _throughput_saves(saver, probe, saves, args.training_repeats, times.durable)
         _record_outside_load(result, start, _cpu_mark(saver))
     return times, samples, sampler
+
+
+@dataclass
+class InterleavedSamples:
+    """ckptd's saves taken in turn with the floor's, in the ckptd row's own process: a memcpy-limit
+    copy beside each warm save, a floor sample (that copy, then the O_DIRECT write in a thread) beside
+    each save made with the training loop running. Separate row processes see the machine at other
+    moments (between runs the memcpy row alone moves by more than a target's margin), so the targets
+    read these ratios."""
+
+    memcpy: List[float] = field(default_factory=list)
+    blocked: List[float] = field(default_factory=list)
+    floor_lost: List[float] = field(default_factory=list)
+    lost: List[float] = field(default_factory=list)
+
+    def as_result(self) -> Dict[str, Any]:
+        """The row result's fields: every sample, and the ratios of the medians."""
+        memcpy, floor = median(self.memcpy), median(self.floor_lost)
+        blocked, lost = median(self.blocked), median(self.lost)
+        return dict(
+            interleaved_memcpy_all_s=self.memcpy,
+            interleaved_blocked_all_s=self.blocked,
+            interleaved_floor_lost_all_s=self.floor_lost,
+            interleaved_lost_all_s=self.lost,
+            interleaved_memcpy_s=memcpy,
+            interleaved_blocked_s=blocked,
+            interleaved_floor_lost_s=floor,
+            interleaved_lost_s=lost,
+            interleaved_blocked_x_memcpy=blocked / memcpy if blocked is not None and memcpy else None,
+            interleaved_lost_x_floor=lost / floor if lost is not None and floor and floor > 0 else None,
+        )
+
+
+def _interleaved_samples(
+    args: argparse.Namespace, saver: Saver, floor: FloorSaver, probe: TrainingProbe, first: int, window: float
+) -> InterleavedSamples:
+    """`args.repeats` warm saves and `args.training_repeats` saves under training, each taken in turn
+    with the floor's; who goes first alternates, so a drift favours neither."""
+    ctx, samples, step = saver.ctx, InterleavedSamples(), first
+    for k in range(args.repeats):
+        for who in ("floor", "ckptd") if k % 2 == 0 else ("ckptd", "floor"):
+            if who == "floor":
+                samples.memcpy.append(_timed_copy(floor, ctx, args.pause))
+            else:
+                samples.blocked.append(_timed_save(saver, ctx, step, args.pause)[0])
+                step += 1
+    training = 0 if args.no_throughput or saver.blocking else args.training_repeats
+    for k in range(training):
+        for who in ("floor", "ckptd") if k % 2 == 0 else ("ckptd", "floor"):
+            if who == "floor":
+                samples.floor_lost.append(_save_while_training(floor, probe, k, window).lost_s)
+            else:
+                samples.lost.append(_save_while_training(saver, probe, step, window).lost_s)
+                step += 1
+    return samples
+
+
+def _measure_interleaved(
+    args: argparse.Namespace, saver: Saver, probe: TrainingProbe, times: SaveTimes, result: Dict[str, Any]
+) -> None:
+    """ckptd's saves in turn with the floor's (InterleavedSamples), after the row's own saves; the
+    floor's buffer exists only meanwhile (the row's memory figures are read before)."""
+    try:
+        floor = FloorSaver(saver.ctx, os.path.join(saver.workdir, "interleaved-floor"))
+    except RowNotApplicable as exc:
+        result["interleaved_skipped"] = str(exc)
+        return
+    first = 1 + args.repeats + args.training_repeats  # after the steps the row's own saves used
+    window = _training_window(times.durable)
+    try:
+        start = _cpu_mark(saver)
+        samples = _interleaved_samples(args, saver, floor, probe, first, window)
+        end = _cpu_mark(saver)
+    finally:
+        floor.close()
+    outside: Dict[str, Any] = {}
+    _record_outside_load(outside, start, end)
+    result.update(samples.as_result(), interleaved_other_load=outside["other_load"])
 
 
 def _record_writer_memory(result: Dict[str, Any], saver: Saver, sampler: RssSampler) -> None:
@@ -414,6 +515,8 @@ def run_row(args: argparse.Namespace) -> Dict[str, Any]:
             result["disk_probe_s"] = disk.seconds
         _record_writer_memory(result, saver, sampler)
         _record_trainer_memory(result, peak, sampler)
+        if row in INTERLEAVED_ROWS:
+            _measure_interleaved(args, saver, probe, times, result)
         if saver.has_load:
             _measure_loads(saver, ctx, row, args.drop_caches, result)
     finally:

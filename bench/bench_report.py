@@ -268,6 +268,32 @@ def _checksummed_floor_note(state: str, results: StateResults) -> List[str]:
     ]
 
 
+def _interleaved_notes(all_results: AllResults) -> List[str]:
+    """The ckptd rows' saves taken in turn with the floor's in their own process (what the targets read)."""
+    notes = []
+    for state, results in all_results.items():
+        for row in ("ckptd", "ckptd_overlap"):
+            r = results.get(row, {})
+            if r.get("status") != "ok" or r.get("interleaved_blocked_x_memcpy") is None:
+                continue
+            lost = ""
+            if r.get("interleaved_lost_x_floor") is not None:
+                lost = (
+                    f"; with the training loop running, training s lost {fmt_s(r['interleaved_lost_s'])} s vs the floor "
+                    f"{fmt_s(r['interleaved_floor_lost_s'])} s = {r['interleaved_lost_x_floor']:.2f}x"
+                )
+            notes.append(
+                f"{LABELS[row]}, state {state}, interleaved: after the row's own saves, the same saves again in its process, "
+                f"each in turn with the floor's (a memcpy-limit copy into a buffer; for saves under training, that copy "
+                f"then the O_DIRECT write of the buffer in a thread), who goes first alternating: warm blocked "
+                f"{fmt_s(r['interleaved_blocked_s'])} s vs memcpy {fmt_s(r['interleaved_memcpy_s'])} s = "
+                f"{r['interleaved_blocked_x_memcpy']:.2f}x{lost} (medians; other processes took "
+                f"{r.get('interleaved_other_load', 0) * 100:.0f}% of the machine meanwhile). The targets read these ratios: "
+                "separate row processes meet the machine at other moments."
+            )
+    return notes
+
+
 def _first_save_now_notes(all_results: AllResults) -> List[str]:
     """ckptd's first save made right after constructing its CheckpointManager (no training before it)."""
     notes = []
@@ -361,6 +387,7 @@ def footnotes(args: argparse.Namespace, all_results: AllResults, machine: Dict[s
     return (
         _how_run_notes(args, machine)
         + _floor_notes(all_results)
+        + _interleaved_notes(all_results)
         + _first_save_now_notes(all_results)
         + _disk_drift_notes(all_results)
         + _load_notes(all_results)

@@ -39,6 +39,8 @@ DEFAULT_ROWS_B = ["memcpy", "dcp_async_best", "ckptd", "ckptd_overlap"]
 # The rows the training-lost floors are built from (write: where O_DIRECT is refused; the checksummed
 # write: the floor of a saver whose files verify), run for state A whenever a ckptd row is.
 FLOOR_ROWS = ["memcpy", "write", "write_direct", "write_direct_checksummed"]
+# The rows that also take their saves in turn with the floor's, in their own process (the targets' ratios).
+INTERLEAVED_ROWS = {"ckptd", "ckptd_overlap"}
 
 SAVERS: Dict[str, Type[Saver]] = {
     "memcpy": MemcpySaver,

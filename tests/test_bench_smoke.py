@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench" / "bench_save.py"
 
@@ -161,6 +163,7 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
         if checksummed["train_lost_s"] > 0:
             assert _is_number(ckptd.get("train_lost_x_checksummed_floor"))
             assert "checksums every byte it writes" in out
+    _check_interleaved(bench, data, out)
     for key in ("blocked_first_now_s", "durable_first_now_s", "saver_ready_now_s"):
         assert _is_number(ckptd.get(key)), (key, ckptd.get(key))
     assert "first save right after construction:" in out
@@ -176,6 +179,36 @@ def run_smoke(tmp_path: Path, *extra: str, timeout: float = 280) -> Tuple[Any, s
         assert name in names, (name, sorted(names))
     assert any(n.startswith("ckptd: training s lost / ckpt <= 0.5x dcp.") for n in names), sorted(names)
     return bench, out, data
+
+
+def _check_interleaved(bench: Any, data: Dict[str, Any], out: str) -> None:
+    """On the host, the ckptd rows took their saves again, each in turn with the floor's, and the
+    targets read those ratios; on CUDA that phase says why it did not run."""
+    for state, rows in data["results"].items():
+        for row in ("ckptd", "ckptd_overlap"):
+            result = rows.get(row)
+            if result is None or result["status"] != "ok":
+                continue
+            if data["config"]["device"] == "cuda":
+                assert "CUDA" in result["interleaved_skipped"], result
+                continue
+            where = f"{state}/{row}"
+            for key in ("memcpy", "blocked", "floor_lost", "lost"):
+                samples = result[f"interleaved_{key}_all_s"]
+                assert len(samples) == 1 and all(map(_is_number, samples)), (where, key, samples)
+            assert result["interleaved_blocked_x_memcpy"] == pytest.approx(
+                result["interleaved_blocked_s"] / result["interleaved_memcpy_s"]
+            )
+            if result["interleaved_floor_lost_s"] > 0:
+                assert result["interleaved_lost_x_floor"] == pytest.approx(
+                    result["interleaved_lost_s"] / result["interleaved_floor_lost_s"]
+                )
+            assert f"{bench.LABELS[row]}, state {state}, interleaved:" in out, where
+    targets = {t["target"]: t for t in data["targets"]}
+    blocked = targets["ckptd: warm blocked <= 1.1x memcpy"]
+    if data["config"]["device"] != "cuda":
+        assert blocked["value"] == data["results"]["A"]["ckptd"]["interleaved_blocked_x_memcpy"], blocked
+        assert "interleaved in the row's process: 1 save, " in blocked["text"], blocked
 
 
 def test_bench_runs_every_row_and_writes_json(tmp_path: Path) -> None:
