@@ -128,13 +128,15 @@ class DirectWriteSaver(WriteSaver):
 
 
 class FloorSaver(DirectWriteSaver):
-    """The training-lost floor as one saver, for samples paired with ckptd's in the ckptd rows' own
-    process: `save` copies every tensor into the O_DIRECT row's page-aligned prefaulted buffer (the
-    memcpy limit; `copy` alone times that) and returns with the O_DIRECT write + fsync of the buffer
-    running in a thread. Host state only: on CUDA the memcpy limit copies into pinned buffers."""
+    """The training-lost floor as one saver, for samples interleaved with ckptd's in the ckptd rows'
+    own process: `save` copies every tensor into the O_DIRECT row's page-aligned prefaulted buffer
+    (the memcpy limit; `copy` alone times that) and returns with the O_DIRECT write + fsync of the
+    buffer running in a thread; with `checksummed` set, the write checksums as it goes, as the
+    checksummed row does. Host state only: on CUDA the memcpy limit copies into pinned buffers."""
 
     prefix = "floor"
     blocking = False
+    checksummed = False
 
     def __init__(self, ctx: RowContext, workdir: str) -> None:
         if ctx.cuda:
@@ -159,12 +161,31 @@ class FloorSaver(DirectWriteSaver):
         self.copy()
         return self.write_in_thread(i)
 
+    def _write(self, fd: int) -> None:
+        if self.checksummed:
+            write_checksummed(fd, self.view)
+        else:
+            super()._write(fd)
+
     def close(self) -> None:
         self._copies.clear()
         super().close()
         for name in os.listdir(self.workdir):
             if name.startswith(f"{self.prefix}-"):
                 os.unlink(os.path.join(self.workdir, name))
+
+
+def write_checksummed(fd: int, view: memoryview) -> None:
+    """Write `view` into `fd` in the chunks ckptd's daemon writes, each fed to ckptd's checksum first."""
+    from ckptd.proto.formats import Checksum
+    from ckptd.service.shard_writer import DIRECT_CHUNK_BYTES
+
+    checksum = Checksum()
+    for start in range(0, len(view), DIRECT_CHUNK_BYTES):
+        chunk = view[start : start + DIRECT_CHUNK_BYTES]
+        checksum.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(fd, chunk) :]
 
 
 class ChecksummedDirectWriteSaver(DirectWriteSaver):
@@ -175,16 +196,7 @@ class ChecksummedDirectWriteSaver(DirectWriteSaver):
     prefix = "direct-checksummed"
 
     def _write(self, fd: int) -> None:
-        """Write the state's bytes into `fd` chunk by chunk, each checksummed first."""
-        from ckptd.proto.formats import Checksum
-        from ckptd.service.shard_writer import DIRECT_CHUNK_BYTES
-
-        checksum = Checksum()
-        for start in range(0, len(self.view), DIRECT_CHUNK_BYTES):
-            chunk = self.view[start : start + DIRECT_CHUNK_BYTES]
-            checksum.update(chunk)
-            while chunk:
-                chunk = chunk[os.write(fd, chunk) :]
+        write_checksummed(fd, self.view)
 
 
 def disk_probe(torch: Any, ctx: RowContext, path: str) -> float:

@@ -310,39 +310,41 @@ def _measure_saves(
 @dataclass
 class InterleavedSamples:
     """ckptd's saves taken in turn with the floor's, in the ckptd row's own process: a memcpy-limit
-    copy beside each warm save, a floor sample (that copy, then the O_DIRECT write in a thread) beside
-    each save made with the training loop running. Separate row processes see the machine at other
+    copy beside each warm save; beside each save made with the training loop running, a floor sample
+    (that copy, then the O_DIRECT write in a thread) and a checksummed floor sample (the write
+    checksums as it goes, as ckptd's daemon does). Separate row processes see the machine at other
     moments (between runs the memcpy row alone moves by more than a target's margin), so the targets
     read these ratios."""
 
     memcpy: List[float] = field(default_factory=list)
     blocked: List[float] = field(default_factory=list)
     floor_lost: List[float] = field(default_factory=list)
+    checksummed_floor_lost: List[float] = field(default_factory=list)
     lost: List[float] = field(default_factory=list)
 
     def as_result(self) -> Dict[str, Any]:
-        """The row result's fields: every sample, and the ratios of the medians."""
-        memcpy, floor = median(self.memcpy), median(self.floor_lost)
-        blocked, lost = median(self.blocked), median(self.lost)
-        return dict(
-            interleaved_memcpy_all_s=self.memcpy,
-            interleaved_blocked_all_s=self.blocked,
-            interleaved_floor_lost_all_s=self.floor_lost,
-            interleaved_lost_all_s=self.lost,
-            interleaved_memcpy_s=memcpy,
-            interleaved_blocked_s=blocked,
-            interleaved_floor_lost_s=floor,
-            interleaved_lost_s=lost,
-            interleaved_blocked_x_memcpy=blocked / memcpy if blocked is not None and memcpy else None,
-            interleaved_lost_x_floor=lost / floor if lost is not None and floor and floor > 0 else None,
-        )
+        """The row result's fields: every sample, their medians, and the ratios of the medians."""
+        result: Dict[str, Any] = {}
+        for name in ("memcpy", "blocked", "floor_lost", "checksummed_floor_lost", "lost"):
+            samples = getattr(self, name)
+            result[f"interleaved_{name}_all_s"] = samples
+            result[f"interleaved_{name}_s"] = median(samples)
+        for ratio, value, of in (
+            ("blocked_x_memcpy", "blocked", "memcpy"),
+            ("lost_x_floor", "lost", "floor_lost"),
+            ("lost_x_checksummed_floor", "lost", "checksummed_floor_lost"),
+        ):
+            v, limit = result[f"interleaved_{value}_s"], result[f"interleaved_{of}_s"]
+            result[f"interleaved_{ratio}"] = v / limit if v is not None and limit and limit > 0 else None
+        return result
 
 
 def _interleaved_samples(
     args: argparse.Namespace, saver: Saver, floor: FloorSaver, probe: TrainingProbe, first: int, window: float
 ) -> InterleavedSamples:
-    """`args.repeats` warm saves and `args.training_repeats` saves under training, each taken in turn
-    with the floor's; who goes first alternates, so a drift favours neither."""
+    """`args.repeats` warm saves, each in turn with a memcpy-limit copy, and `args.training_repeats`
+    saves under training, each in turn with a floor sample and a checksummed floor sample; who goes
+    first rotates, so a drift favours none."""
     ctx, samples, step = saver.ctx, InterleavedSamples(), first
     for k in range(args.repeats):
         for who in ("floor", "ckptd") if k % 2 == 0 else ("ckptd", "floor"):
@@ -352,13 +354,16 @@ def _interleaved_samples(
                 samples.blocked.append(_timed_save(saver, ctx, step, args.pause)[0])
                 step += 1
     training = 0 if args.no_throughput or saver.blocking else args.training_repeats
+    turns = ["floor", "checksummed floor", "ckptd"]
     for k in range(training):
-        for who in ("floor", "ckptd") if k % 2 == 0 else ("ckptd", "floor"):
-            if who == "floor":
-                samples.floor_lost.append(_save_while_training(floor, probe, k, window).lost_s)
-            else:
+        for who in turns[k % 3 :] + turns[: k % 3]:
+            if who == "ckptd":
                 samples.lost.append(_save_while_training(saver, probe, step, window).lost_s)
                 step += 1
+                continue
+            floor.checksummed = who == "checksummed floor"
+            lost = _save_while_training(floor, probe, 2 * k + floor.checksummed, window).lost_s
+            (samples.checksummed_floor_lost if floor.checksummed else samples.floor_lost).append(lost)
     return samples
 
 

@@ -282,10 +282,15 @@ def _interleaved_notes(all_results: AllResults) -> List[str]:
                     f"; with the training loop running, training s lost {fmt_s(r['interleaved_lost_s'])} s vs the floor "
                     f"{fmt_s(r['interleaved_floor_lost_s'])} s = {r['interleaved_lost_x_floor']:.2f}x"
                 )
+            if r.get("interleaved_lost_x_checksummed_floor") is not None:
+                lost += (
+                    f" and vs the checksummed floor {fmt_s(r['interleaved_checksummed_floor_lost_s'])} s = "
+                    f"{r['interleaved_lost_x_checksummed_floor']:.2f}x"
+                )
             notes.append(
                 f"{LABELS[row]}, state {state}, interleaved: after the row's own saves, the same saves again in its process, "
                 f"each in turn with the floor's (a memcpy-limit copy into a buffer; for saves under training, that copy "
-                f"then the O_DIRECT write of the buffer in a thread), who goes first alternating: warm blocked "
+                f"then the O_DIRECT write of the buffer in a thread, bare and checksummed), who goes first rotating: warm blocked "
                 f"{fmt_s(r['interleaved_blocked_s'])} s vs memcpy {fmt_s(r['interleaved_memcpy_s'])} s = "
                 f"{r['interleaved_blocked_x_memcpy']:.2f}x{lost} (medians; other processes took "
                 f"{r.get('interleaved_other_load', 0) * 100:.0f}% of the machine meanwhile). The targets read these ratios: "

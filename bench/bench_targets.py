@@ -246,10 +246,16 @@ def _lost_floor_check(tag: str, r: Result, floor: Optional[LostFloor]) -> List[T
     v = r.get("interleaved_lost_x_floor")
     if v is None:
         return [rows]
+    checksummed = r.get("interleaved_lost_x_checksummed_floor")
     text = (
         f"{v:.2f}x: {r['interleaved_lost_s']:.3f} s vs the floor {r['interleaved_floor_lost_s']:.3f} s "
-        f"({_interleaved_text(r, 'interleaved_lost_all_s', 'a floor sample: memcpy, then the O_DIRECT write in a thread')}); "
-        f"against the floor's rows: {rows.text}"
+        f"({_interleaved_text(r, 'interleaved_lost_all_s', 'a floor sample: memcpy, then the O_DIRECT write in a thread')})"
+        + (
+            f"; {checksummed:.2f}x the checksummed floor's {r['interleaved_checksummed_floor_lost_s']:.3f} s"
+            if checksummed is not None
+            else ""
+        )
+        + f"; against the floor's rows: {rows.text}"
     )
     return [TargetCheck(rows.target, v, 1.2, text)]
 

@@ -193,16 +193,17 @@ def _check_interleaved(bench: Any, data: Dict[str, Any], out: str) -> None:
                 assert "CUDA" in result["interleaved_skipped"], result
                 continue
             where = f"{state}/{row}"
-            for key in ("memcpy", "blocked", "floor_lost", "lost"):
+            for key in ("memcpy", "blocked", "floor_lost", "checksummed_floor_lost", "lost"):
                 samples = result[f"interleaved_{key}_all_s"]
                 assert len(samples) == 1 and all(map(_is_number, samples)), (where, key, samples)
             assert result["interleaved_blocked_x_memcpy"] == pytest.approx(
                 result["interleaved_blocked_s"] / result["interleaved_memcpy_s"]
             )
-            if result["interleaved_floor_lost_s"] > 0:
-                assert result["interleaved_lost_x_floor"] == pytest.approx(
-                    result["interleaved_lost_s"] / result["interleaved_floor_lost_s"]
-                )
+            for floor in ("floor", "checksummed_floor"):
+                if result[f"interleaved_{floor}_lost_s"] > 0:
+                    assert result[f"interleaved_lost_x_{floor}"] == pytest.approx(
+                        result["interleaved_lost_s"] / result[f"interleaved_{floor}_lost_s"]
+                    )
             assert f"{bench.LABELS[row]}, state {state}, interleaved:" in out, where
     targets = {t["target"]: t for t in data["targets"]}
     blocked = targets["ckptd: warm blocked <= 1.1x memcpy"]
