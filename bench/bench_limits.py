@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 from bench_saver import Pending, RowNotApplicable, Saver, finished
 from bench_state import RowContext
 
+from ckptd.disk.runtime import staging_huge_pages
+
 
 class MemcpySaver(Saver):
     """Copy every tensor into preallocated, prefaulted buffers of the same shape. On CPU: host
@@ -115,6 +117,8 @@ class DirectWriteSaver(WriteSaver):
             raise RowNotApplicable("this platform has no O_DIRECT")
         size = -(-ctx.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self.buffer = mmap.mmap(-1, size)  # anonymous mappings are page-aligned
+        if staging_huge_pages():  # the floor stands on the pages ckptd's staging gets
+            self.buffer.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self.buffer)
         staged = self.torch.frombuffer(self.buffer, dtype=self.torch.uint8)
         fill_with_state(self.torch, staged, ctx.tensors)

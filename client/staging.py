@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 
 from ckptd.client.errors import CheckpointError, PoolBusyError
+from ckptd.disk.runtime import staging_huge_pages
 from ckptd.proto.formats import TensorEntry
 from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 
@@ -251,7 +252,9 @@ class StagingPool:
                 log.warning("could not allocate staging memory ahead of the first save: %s", exc)
                 return
             self.allocated_at = time.perf_counter()
-            log.info("staging memory ready: %.0f MiB", self.staged_bytes() / 2**20)
+            huge = staging_huge_pages()
+            pages = f"2 MiB pages, {REGION_DIR} is huge={huge}" if huge else "4 KiB pages"
+            log.info("staging memory ready: %.0f MiB (%s)", self.staged_bytes() / 2**20, pages)
 
         thread = threading.Thread(target=allocate, name="ckptd-allocate", daemon=True)
         thread.start()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Optional
+
+from ckptd.proto.layout import REGION_DIR
 
 
 def runtime_dir() -> str:
@@ -36,3 +39,28 @@ def daemon_log_path(endpoint: str) -> str:
     several nodes of a job runs several daemons for one root)."""
     token = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
     return os.path.join(runtime_dir(), f"daemon-{token}.log")
+
+
+HUGE_PAGE_MODES = ("always", "within_size")
+"""tmpfs `huge=` modes that back staging regions (files allocated up front) with 2 MiB pages."""
+
+
+def staging_huge_pages(mounts: str = "/proc/mounts") -> Optional[str]:
+    """The `huge=` mode of the tmpfs holding the staging regions (REGION_DIR) when it backs them with
+    2 MiB pages, else None (the default, `huge=never`: 4 KiB pages). With 2 MiB pages the daemon's
+    O_DIRECT writes pin 512x fewer pages and copies take fewer TLB misses (README, "Tuning")."""
+    best, options = "", ""
+    try:
+        with open(mounts) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4 or parts[2] != "tmpfs":
+                    continue
+                point = parts[1]
+                inside = REGION_DIR == point or REGION_DIR.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, options = point, parts[3]
+    except OSError:
+        return None
+    modes = [o.split("=", 1)[1] for o in options.split(",") if o.startswith("huge=")]
+    return modes[0] if modes and modes[0] in HUGE_PAGE_MODES else None
