@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import mmap
@@ -31,10 +32,12 @@ Lease = Tuple[str, int]
 class StagingRegion:
     """One /dev/shm file mapped read-write, allocated once and reused across saves.
 
-    The space is reserved with posix_fallocate, so a full /dev/shm is a clear error now rather than
+    The space is reserved now (posix_fallocate), so a full /dev/shm is a clear error now rather than
     a SIGBUS in the middle of a copy, and every page is mapped in now, so that no copy into the
     region ever takes a page fault: a save's copy costs a warm copy, wherever the region was made
     (ahead of the first save in the background, or by a save whose state outgrew its region).
+    Where /dev/shm is mounted `huge=advise`, the region asks for 2 MiB pages and its pages come from
+    mapping it in (the fault reports a full /dev/shm; fallocate would take small pages first).
     """
 
     def __init__(self, size: int) -> None:
@@ -42,19 +45,20 @@ class StagingRegion:
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.lease: Optional[int] = None
         """The generation of the save that holds this region (None while it is free)."""
+        self._check_room()
         path = self.path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
-            os.posix_fallocate(fd, 0, self.size)
             self._map: Optional[mmap.mmap] = mmap.mmap(fd, self.size)
+            if not (staging_huge_pages() == "advise" and self._populate_huge()):
+                os.posix_fallocate(fd, 0, self.size)
         except OSError as exc:
+            self._close_map()
             os.unlink(path)
-            raise CheckpointError(
-                f"cannot allocate a {self.size / 2**20:.0f} MiB staging region in {REGION_DIR}: {exc.strerror}; "
-                f"{REGION_DIR} needs room for this rank's state (containers: raise --shm-size)"
-            ) from None
+            raise self._no_room("no space left" if exc.errno == errno.EFAULT else exc.strerror or str(exc)) from None
         except BaseException:
+            self._close_map()
             os.unlink(path)
             raise
         finally:
@@ -63,6 +67,41 @@ class StagingRegion:
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._pinned = False
         self._prefault()
+
+    def _close_map(self) -> None:
+        if getattr(self, "_map", None) is not None:
+            self._map.close()  # type: ignore[union-attr]
+            self._map = None
+
+    def _no_room(self, reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot allocate a {self.size / 2**20:.0f} MiB staging region in {REGION_DIR}: {reason}; "
+            f"{REGION_DIR} needs room for this rank's state (containers: raise --shm-size)"
+        )
+
+    def _check_room(self) -> None:
+        """Refuse at once a region larger than what /dev/shm has free, rather than fill it first
+        (its pages are memory) and fail at the end."""
+        try:
+            fs = os.statvfs(REGION_DIR)
+        except OSError:
+            return
+        free = fs.f_bavail * fs.f_frsize
+        if self.size > free:
+            raise self._no_room(f"{free / 2**20:.0f} MiB free")
+
+    def _populate_huge(self) -> bool:
+        """Ask for 2 MiB pages, then map every page in; False where the kernel cannot populate
+        (before Linux 5.14). A full /dev/shm raises EFAULT here, where touching would SIGBUS."""
+        assert self._map is not None
+        self._map.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return False
+        return True
 
     def _prefault(self) -> None:
         """Map every page writable now. MADV_POPULATE_WRITE (Linux 5.14) does it in one call, measured

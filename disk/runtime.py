@@ -41,8 +41,9 @@ def daemon_log_path(endpoint: str) -> str:
     return os.path.join(runtime_dir(), f"daemon-{token}.log")
 
 
-HUGE_PAGE_MODES = ("always", "within_size")
-"""tmpfs `huge=` modes that back staging regions (files allocated up front) with 2 MiB pages."""
+HUGE_PAGE_MODES = ("always", "within_size", "advise")
+"""tmpfs `huge=` modes that back staging regions with 2 MiB pages (with `advise`, because each
+region asks for them: client.staging)."""
 
 
 def staging_huge_pages(mounts: str = "/proc/mounts") -> Optional[str]:

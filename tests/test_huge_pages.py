@@ -1,9 +1,10 @@
 """Staging memory on 2 MiB pages: ckptd reads the `huge=` mode of the tmpfs its regions live in,
-and a real save through a real daemon, with /dev/shm remounted `huge=within_size` for the test,
-stages into huge pages and commits a checkpoint that loads back exactly."""
+and a real save through a real daemon, with /dev/shm remounted `huge=within_size` or `huge=advise`
+for the test, stages into huge pages and commits a checkpoint that loads back exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -28,7 +29,8 @@ SINGLE = RankInfo(0, Topology.single_node(1))
     [
         ("tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0", None),
         ("tmpfs /dev/shm tmpfs rw,relatime,size=24683784k,huge=never 0 0", None),
-        ("tmpfs /dev/shm tmpfs rw,huge=advise 0 0", None),  # pages are allocated before any madvise
+        ("tmpfs /dev/shm tmpfs rw,huge=advise 0 0", "advise"),
+        ("tmpfs /dev/shm tmpfs rw,huge=deny 0 0", None),
         ("tmpfs /dev/shm tmpfs rw,huge=within_size 0 0", "within_size"),
         ("tmpfs /dev/shm tmpfs rw,huge=always 0 0", "always"),
         ("tmpfs /dev tmpfs rw,huge=always 0 0\ntmpfs /dev/shm tmpfs rw 0 0", None),  # the nearest mount counts
@@ -58,18 +60,25 @@ def _shm_options() -> str:
     pytest.skip(f"{REGION_DIR} is not a tmpfs mount here")
 
 
-@pytest.fixture
-def huge_shm() -> Iterator[None]:
-    """/dev/shm remounted huge=within_size for the test, then back to what it was."""
+@contextlib.contextmanager
+def shm_mounted(huge: str) -> Iterator[None]:
+    """/dev/shm remounted with `huge=` this mode meanwhile, then back to what it was."""
     if os.geteuid() != 0:
         pytest.skip("remounting /dev/shm needs root")
     before = [o for o in _shm_options().split(",") if o.startswith("huge=")]
-    subprocess.run(["mount", "-o", "remount,huge=within_size", REGION_DIR], check=True)
+    subprocess.run(["mount", "-o", f"remount,huge={huge}", REGION_DIR], check=True)
     try:
         yield
     finally:
         restore = before[0] if before else "huge=never"
         subprocess.run(["mount", "-o", f"remount,{restore}", REGION_DIR], check=True)
+
+
+@pytest.fixture(params=["within_size", "advise"])
+def huge_shm(request: pytest.FixtureRequest) -> Iterator[str]:
+    """/dev/shm remounted with 2 MiB pages for the test, in each mode ckptd uses them."""
+    with shm_mounted(request.param):
+        yield request.param
 
 
 def _pmd_mapped_kb(path: str) -> int:
@@ -90,8 +99,8 @@ class Provider:
         return [StateComponent("model", self.holder, SharingPattern.GLOBAL)]
 
 
-def test_regions_get_huge_pages_where_the_mount_gives_them(huge_shm: None) -> None:
-    assert staging_huge_pages() == "within_size"
+def test_regions_get_huge_pages_where_the_mount_gives_them(huge_shm: str) -> None:
+    assert staging_huge_pages() == huge_shm
     region = StagingRegion(8 * 2**20)
     try:
         assert _pmd_mapped_kb(region.path) == 8 * 1024
@@ -99,7 +108,17 @@ def test_regions_get_huge_pages_where_the_mount_gives_them(huge_shm: None) -> No
         region.close()
 
 
-def test_a_save_staged_in_huge_pages_commits_and_loads_back(huge_shm: None, daemon: Daemon) -> None:
+def test_regions_stay_on_small_pages_on_a_default_mount() -> None:
+    with shm_mounted("never"):
+        assert staging_huge_pages() is None
+        region = StagingRegion(8 * 2**20)
+        try:
+            assert _pmd_mapped_kb(region.path) == 0
+        finally:
+            region.close()
+
+
+def test_a_save_staged_in_huge_pages_commits_and_loads_back(huge_shm: str, daemon: Daemon) -> None:
     weights = {f"w{i}": torch.full((1024, 1024), float(i)) + torch.arange(1024.0) for i in range(6)}  # 24 MiB
     with CheckpointManager(
         Provider(Holder({"step": 7, **weights})),
