@@ -15,6 +15,7 @@ import torch
 from helpers import Daemon, Holder, saved_state
 
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
+from ckptd.disk.runtime import staging_huge_pages
 from ckptd.service.regions import RegionMaps, pid_alive
 
 MIB = 2**20
@@ -57,9 +58,11 @@ def test_a_region_is_mapped_once_across_saves_and_unmapped_when_replaced_or_the_
     (region,) = names[0]
     assert all(n == {region: 1} for n in names), f"the daemon mapped the region again: {names}"
     pages = 16 * MIB // os.sysconf("SC_PAGE_SIZE")
-    # the first save faults the region in (fault-around maps up to 16 pages a fault); repeats do not
-    assert faults[0] > pages // 32, faults
-    assert max(faults[1:]) < pages // 32, f"repeat saves faulted the region in again: {faults}"
+    # the first save faults the region in (fault-around maps up to 16 pages a fault); repeats do not.
+    # On 2 MiB staging pages the region is 8 faults either way: the mapping count above is the check.
+    if staging_huge_pages() is None:
+        assert faults[0] > pages // 32, faults
+        assert max(faults[1:]) < pages // 32, f"repeat saves faulted the region in again: {faults}"
 
     state["w"] = torch.arange(32 * MIB // 4, dtype=torch.float32)  # outgrows its region: a new one
     path = client.save(5, parts).wait(60)
