@@ -23,6 +23,7 @@ from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # the constant is missing before Python 3.13
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # missing where Python was built without it
 PAGE = mmap.PAGESIZE
 
 Lease = Tuple[str, int]
@@ -91,10 +92,13 @@ class StagingRegion:
             raise self._no_room(f"{free / 2**20:.0f} MiB free")
 
     def _populate_huge(self) -> bool:
-        """Ask for 2 MiB pages, then map every page in; False where the kernel cannot populate
-        (before Linux 5.14). A full /dev/shm raises EFAULT here, where touching would SIGBUS."""
+        """Ask for 2 MiB pages, then map every page in; False where the kernel cannot do either
+        (no THP; before Linux 5.14). A full /dev/shm raises EFAULT here, where touching would SIGBUS."""
         assert self._map is not None
-        self._map.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            self._map.madvise(MADV_HUGEPAGE)
+        except OSError:
+            return False
         try:
             self._map.madvise(MADV_POPULATE_WRITE)
         except OSError as exc:

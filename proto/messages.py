@@ -101,6 +101,17 @@ def _field(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
     return value
 
 
+PID_LIMIT = 2**22
+"""Linux's largest `pid_max`: a pid on the wire above it (or below 1) names no process."""
+
+
+def _pid(body: Dict[str, Any], name: str, where: str) -> int:
+    value: int = _field(body, name, int, where)
+    if not 0 < value <= PID_LIMIT:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{where}: field {name!r} is not a process id: {value}")
+    return value
+
+
 def _optional(body: Dict[str, Any], name: str, kind: Any, where: str) -> Any:
     return None if body.get(name) is None else _field(body, name, kind, where)
 
@@ -129,7 +140,7 @@ class Hello:
     def from_wire(cls, body: Dict[str, Any]) -> "Hello":
         """Checked inverse of `to_wire`."""
         where = "hello"
-        pid, root = _field(body, "pid", int, where), _field(body, "root", str, where)
+        pid, root = _pid(body, "pid", where), _field(body, "root", str, where)
         raw = body.get("run")
         if raw is None:
             return cls(pid, root)
@@ -141,7 +152,7 @@ class Hello:
         run = RunIdentity(
             job=_job_id(_field(raw, "job", str, where), where),
             host=_field(raw, "host", str, where)[:256],
-            pid=_field(raw, "pid", int, where),
+            pid=_pid(raw, "pid", where),
             rank=_field(raw, "rank", int, where),
             started_at=float(_field(raw, "started_at", (int, float), where)),
         )
@@ -408,7 +419,7 @@ class SaveRequest:
             step=step,
             rank=rank,
             job=job,
-            pid=_field(body, "pid", int, where),
+            pid=_pid(body, "pid", where),
             topology=topology,
             parts=parts,
             versions=versions,

@@ -182,7 +182,7 @@ def pid_alive(pid: int) -> bool:
     """True if a process with `pid` runs on this node (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except PermissionError:
         pass

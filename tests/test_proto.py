@@ -108,6 +108,21 @@ def test_messages_round_trip_and_reject_garbage() -> None:
         messages.SaveRequest.from_wire(duplicate)
 
 
+@pytest.mark.parametrize("pid", [0, -1, 2**22 + 1, 2**63])
+def test_a_pid_no_process_can_have_is_refused_before_anything_looks_it_up(pid: int) -> None:
+    run = {"job": "j", "host": "h", "pid": 1, "rank": 0, "started_at": 0.0}
+    request = messages.SaveRequest(root="/r", step=3, rank=0, pid=1, topology=Topology.single_node(1), parts=())
+    for make, body in (
+        (messages.Hello.from_wire, {"pid": pid, "root": "/r"}),
+        (messages.Hello.from_wire, {"pid": 1, "root": "/r", "run": {**run, "pid": pid}}),
+        (messages.SaveRequest.from_wire, {**request.to_wire(), "pid": pid}),
+    ):
+        with pytest.raises(ProtocolError, match="is not a process id") as info:
+            make(body)
+        assert info.value.code == "invalid_request"
+    assert messages.Hello.from_wire({"pid": 2**22, "root": "/r"}).pid == 2**22
+
+
 def test_checkpoint_dir_names() -> None:
     assert parse_checkpoint_dir_name(checkpoint_dir_name(42)) == 42
     assert parse_checkpoint_dir_name(".tmp-step_00000042-abc") is None
