@@ -1,27 +1,25 @@
 """Staging memory on 2 MiB pages: ckptd reads the `huge=` mode of the tmpfs its regions live in,
-and a real save through a real daemon, with /dev/shm remounted `huge=within_size` or `huge=advise`
-for the test, stages into huge pages and commits a checkpoint that loads back exactly."""
+and in a mount namespace of its own whose /dev/shm is a tmpfs mounted `huge=within_size`,
+`huge=advise` or `huge=never`, a trainer stages on the pages that mount gives, and a real save
+through a real daemon (started in that namespace) commits a checkpoint that loads back exactly.
+The machine's own /dev/shm is never touched."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Dict, Optional
 
 import pytest
-import torch
-from helpers import Daemon, Holder
 
-from ckptd.client import CheckpointManager, SharingPattern, StateComponent
-from ckptd.client.staging import StagingRegion
-from ckptd.client.topology import RankInfo
 from ckptd.disk.runtime import staging_huge_pages
 from ckptd.proto.layout import REGION_DIR
-from ckptd.proto.topology import Topology
 
-SINGLE = RankInfo(0, Topology.single_node(1))
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize(
@@ -51,88 +49,102 @@ def test_an_unreadable_mount_table_means_small_pages(tmp_path: Path) -> None:
     assert staging_huge_pages(str(tmp_path / "missing")) is None
 
 
-def _shm_options() -> str:
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 4 and parts[1] == REGION_DIR and parts[2] == "tmpfs":
-                return parts[3]
-    pytest.skip(f"{REGION_DIR} is not a tmpfs mount here")
+TRAINER = r"""
+import json, os, sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import torch
+from helpers import Holder, start_daemon
+
+from ckptd.client import CheckpointManager, RankInfo, SharingPattern, StateComponent, Topology
+from ckptd.client.staging import StagingRegion
+from ckptd.disk.runtime import staging_huge_pages
+from ckptd.proto.layout import REGION_DIR
 
 
-@contextlib.contextmanager
-def shm_mounted(huge: str) -> Iterator[None]:
-    """/dev/shm remounted with `huge=` this mode meanwhile, then back to what it was."""
-    if os.geteuid() != 0:
-        pytest.skip("remounting /dev/shm needs root")
-    before = [o for o in _shm_options().split(",") if o.startswith("huge=")]
-    subprocess.run(["mount", "-o", f"remount,huge={huge}", REGION_DIR], check=True)
-    try:
-        yield
-    finally:
-        restore = before[0] if before else "huge=never"
-        subprocess.run(["mount", "-o", f"remount,{restore}", REGION_DIR], check=True)
-
-
-@pytest.fixture(params=["within_size", "advise"])
-def huge_shm(request: pytest.FixtureRequest) -> Iterator[str]:
-    """/dev/shm remounted with 2 MiB pages for the test, in each mode ckptd uses them."""
-    with shm_mounted(request.param):
-        yield request.param
-
-
-def _pmd_mapped_kb(path: str) -> int:
-    """ShmemPmdMapped of this process's mapping of the file `path`, from /proc/self/smaps."""
+def pmd_mapped_kb(path):
     lines = Path("/proc/self/smaps").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.endswith(" " + path))
-    for line in lines[start + 1 :]:
-        if line.startswith("ShmemPmdMapped:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no ShmemPmdMapped line for the mapping of {path}")
+    return next(int(line.split()[1]) for line in lines[start + 1 :] if line.startswith("ShmemPmdMapped:"))
 
 
 class Provider:
-    def __init__(self, holder: Holder) -> None:
+    def __init__(self, holder):
         self.holder = holder
 
-    def get_state_components(self) -> List[StateComponent]:
+    def get_state_components(self):
         return [StateComponent("model", self.holder, SharingPattern.GLOBAL)]
 
 
-def test_regions_get_huge_pages_where_the_mount_gives_them(huge_shm: str) -> None:
-    assert staging_huge_pages() == huge_shm
-    region = StagingRegion(8 * 2**20)
-    try:
-        assert _pmd_mapped_kb(region.path) == 8 * 1024
-    finally:
-        region.close()
+report = {"mode": staging_huge_pages()}
+region = StagingRegion(8 * 2**20)
+report["region_pmd_kb"] = pmd_mapped_kb(region.path)
+region.close()
 
-
-def test_regions_stay_on_small_pages_on_a_default_mount() -> None:
-    with shm_mounted("never"):
-        assert staging_huge_pages() is None
-        region = StagingRegion(8 * 2**20)
-        try:
-            assert _pmd_mapped_kb(region.path) == 0
-        finally:
-            region.close()
-
-
-def test_a_save_staged_in_huge_pages_commits_and_loads_back(huge_shm: str, daemon: Daemon) -> None:
-    weights = {f"w{i}": torch.full((1024, 1024), float(i)) + torch.arange(1024.0) for i in range(6)}  # 24 MiB
+work = Path(sys.argv[2])
+single = RankInfo(0, Topology.single_node(1))
+weights = {f"w{i}": torch.full((1024, 1024), float(i)) + torch.arange(1024.0) for i in range(6)}  # 24 MiB
+daemon = start_daemon(work / "ckpt", work / "daemon.log")
+try:
     with CheckpointManager(
-        Provider(Holder({"step": 7, **weights})),
-        str(daemon.root),
-        endpoint=daemon.endpoint,
-        auto_start=False,
-        rank_info=SINGLE,
+        Provider(Holder({"step": 7, **weights})), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
+        rank_info=single,
     ) as manager:
-        assert manager.wait_staging_allocated(30)
-        regions = [os.path.join(REGION_DIR, name) for name in manager.client._pool.names()]
-        assert regions and all(_pmd_mapped_kb(path) >= 2048 for path in regions), regions
+        report["allocated"] = manager.wait_staging_allocated(30)
+        report["staged_pmd_kb"] = [pmd_mapped_kb(os.path.join(REGION_DIR, n)) for n in manager.client._pool.names()]
         path = manager.save_checkpoint(7).wait(60)
     fresh = Provider(Holder({}))
-    CheckpointManager(fresh, str(daemon.root), rank_info=SINGLE, connect=False).load_checkpoint(path)
-    assert fresh.holder.value["step"] == 7
-    for name, tensor in weights.items():
-        assert torch.equal(fresh.holder.value[name], tensor), name
+    CheckpointManager(fresh, str(daemon.root), rank_info=single, connect=False).load_checkpoint(path)
+    report["loaded_step"] = fresh.holder.value["step"]
+    report["loaded_exactly"] = [name for name, t in weights.items() if torch.equal(fresh.holder.value[name], t)]
+finally:
+    daemon.stop()
+report["daemon_traceback"] = "Traceback" in daemon.log()
+print(json.dumps(report))
+"""
+
+
+def _trainer_in_private_shm(huge: str, work: Path) -> Dict[str, Any]:
+    """Run TRAINER with a /dev/shm of its own (a 256 MiB tmpfs mounted `huge=<huge>`); its report."""
+    assert os.geteuid() == 0 and shutil.which("unshare"), (
+        "this test mounts a /dev/shm of its own: it needs root and unshare(1), as ./dev test has"
+    )
+    command = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size=256m,huge={huge} tmpfs {REGION_DIR} && exec "$@"',
+        "sh",
+        sys.executable,
+        "-c",
+        TRAINER,
+        str(TESTS),
+        str(work),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report: Dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return report
+
+
+@pytest.mark.parametrize(
+    ("huge", "mode", "page_kb"),
+    [("within_size", "within_size", 2048), ("advise", "advise", 2048), ("never", None, None)],
+)
+def test_staging_takes_the_pages_its_mount_gives_and_a_save_loads_back_exactly(
+    tmp_path: Path, huge: str, mode: Optional[str], page_kb: Optional[int]
+) -> None:
+    report = _trainer_in_private_shm(huge, tmp_path)
+    assert report["mode"] == mode
+    if page_kb:  # every page of a region is a 2 MiB one
+        assert report["region_pmd_kb"] == 8 * 1024, report
+        assert report["staged_pmd_kb"] and all(kb >= page_kb for kb in report["staged_pmd_kb"]), report
+    else:
+        assert report["region_pmd_kb"] == 0 and report["staged_pmd_kb"] == [0], report
+    assert report["allocated"] and report["loaded_step"] == 7
+    assert report["loaded_exactly"] == [f"w{i}" for i in range(6)], report
+    assert not report["daemon_traceback"]
