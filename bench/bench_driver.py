@@ -23,7 +23,7 @@ from bench_rows import LABELS, RESULT_MARK, is_disturbed, outside_load, parse_ro
 from bench_state import cuda_unavailable_reason
 from bench_targets import Result, add_ratios
 
-from ckptd.disk.runtime import staging_huge_pages
+from ckptd.disk.runtime import mount_of, staging_huge_pages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENTRY_SCRIPT = os.path.join(HERE, "bench_save.py")  # what the row subprocesses run
@@ -31,21 +31,8 @@ ENTRY_SCRIPT = os.path.join(HERE, "bench_save.py")  # what the row subprocesses 
 
 def filesystem_of(path: str) -> str:
     """'<fstype> on <mount point>' of the mount holding `path`, from /proc/mounts."""
-    path = os.path.realpath(path)
-    best, fs = "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if (
-                    len(parts) >= 3
-                    and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/"))
-                    and len(parts[1]) >= len(best)
-                ):
-                    best, fs = parts[1], f"{parts[2]} on {parts[1]}"
-    except OSError:
-        pass
-    return fs
+    mount = mount_of(path)
+    return f"{mount.fstype} on {mount.point}" if mount is not None else "unknown"
 
 
 def _git_describe() -> Optional[str]:

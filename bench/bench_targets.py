@@ -242,7 +242,7 @@ def _first_save_now_check(tag: str, r: Result) -> List[TargetCheck]:
 
 def _lost_floor_check(tag: str, r: Result, floor: Optional[LostFloor]) -> List[TargetCheck]:
     """Training s lost / the floor: the interleaved ratio where the row measured one, else against the floor's rows."""
-    rows = _lost_floor_rows_check(tag, r, floor)[0]
+    rows = _lost_floor_rows_check(tag, r, floor)
     v = r.get("interleaved_lost_x_floor")
     if v is None:
         return [rows]
@@ -260,7 +260,8 @@ def _lost_floor_check(tag: str, r: Result, floor: Optional[LostFloor]) -> List[T
     return [TargetCheck(rows.target, v, 1.2, text)]
 
 
-def _lost_floor_rows_check(tag: str, r: Result, floor: Optional[LostFloor]) -> List[TargetCheck]:
+def _lost_floor_rows_check(tag: str, r: Result, floor: Optional[LostFloor]) -> TargetCheck:
+    """Training s lost / the floor made of the memcpy and write rows."""
     lost, v = r.get("train_lost_s"), r.get("train_lost_x_floor") if floor is not None else None
     if floor is None:
         text = "no floor: it needs the memcpy row and a write row's saves with the training loop running"
@@ -273,7 +274,7 @@ def _lost_floor_rows_check(tag: str, r: Result, floor: Optional[LostFloor]) -> L
         text = (f"{v:.2f}x: " if v is not None else "") + text
         if floor.seconds <= 0:
             text += "; a floor <= 0 is noise: no ratio"
-    return [TargetCheck(f"{tag}: training s lost / ckpt <= 1.2x the floor", v, 1.2, text)]
+    return TargetCheck(f"{tag}: training s lost / ckpt <= 1.2x the floor", v, 1.2, text)
 
 
 def _lost_dcp_checks(tag: str, r: Result, a: StateResults) -> List[TargetCheck]:

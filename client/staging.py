@@ -47,11 +47,12 @@ class StagingRegion:
         self.lease: Optional[int] = None
         """The generation of the save that holds this region (None while it is free)."""
         self._check_room()
+        self._map: Optional[mmap.mmap] = None
         path = self.path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
-            self._map: Optional[mmap.mmap] = mmap.mmap(fd, self.size)
+            self._map = mmap.mmap(fd, self.size)
             if not (staging_huge_pages() == "advise" and self._populate_huge()):
                 os.posix_fallocate(fd, 0, self.size)
         except OSError as exc:
@@ -70,8 +71,8 @@ class StagingRegion:
         self._prefault()
 
     def _close_map(self) -> None:
-        if getattr(self, "_map", None) is not None:
-            self._map.close()  # type: ignore[union-attr]
+        if self._map is not None:
+            self._map.close()
             self._map = None
 
     def _no_room(self, reason: str) -> CheckpointError:

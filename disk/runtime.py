@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from ckptd.proto.layout import REGION_DIR
 
@@ -41,6 +42,35 @@ def daemon_log_path(endpoint: str) -> str:
     return os.path.join(runtime_dir(), f"daemon-{token}.log")
 
 
+@dataclass(frozen=True)
+class Mount:
+    """One line of the mount table: where, what filesystem, with which options."""
+
+    point: str
+    fstype: str
+    options: Tuple[str, ...]
+
+
+def mount_of(path: str, mounts: str = "/proc/mounts") -> Optional[Mount]:
+    """The mount that holds `path` (the nearest mount point above it; the last mounted wins a tie),
+    or None where the table cannot be read."""
+    path = os.path.realpath(path)
+    found: Optional[Mount] = None
+    try:
+        with open(mounts) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4:
+                    continue
+                point = parts[1]
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and (found is None or len(point) >= len(found.point)):
+                    found = Mount(point, parts[2], tuple(parts[3].split(",")))
+    except OSError:
+        return None
+    return found
+
+
 HUGE_PAGE_MODES = ("always", "within_size", "advise")
 """tmpfs `huge=` modes that back staging regions with 2 MiB pages (with `advise`, because each
 region asks for them: client.staging)."""
@@ -49,19 +79,10 @@ region asks for them: client.staging)."""
 def staging_huge_pages(mounts: str = "/proc/mounts") -> Optional[str]:
     """The `huge=` mode of the tmpfs holding the staging regions (REGION_DIR) when it backs them with
     2 MiB pages, else None (the default, `huge=never`: 4 KiB pages). With 2 MiB pages the daemon's
-    O_DIRECT writes pin 512x fewer pages and copies take fewer TLB misses (README, "Tuning")."""
-    best, options = "", ""
-    try:
-        with open(mounts) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 4 or parts[2] != "tmpfs":
-                    continue
-                point = parts[1]
-                inside = REGION_DIR == point or REGION_DIR.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, options = point, parts[3]
-    except OSError:
+    O_DIRECT writes pin 512x fewer pages and copies take fewer TLB misses (README, "Staging memory on
+    2 MiB pages")."""
+    mount = mount_of(REGION_DIR, mounts)
+    if mount is None or mount.fstype != "tmpfs":
         return None
-    modes = [o.split("=", 1)[1] for o in options.split(",") if o.startswith("huge=")]
+    modes = [o.split("=", 1)[1] for o in mount.options if o.startswith("huge=")]
     return modes[0] if modes and modes[0] in HUGE_PAGE_MODES else None

@@ -35,6 +35,8 @@ TESTS = Path(__file__).resolve().parent
         ("tmpfs /dev tmpfs rw,huge=always 0 0", "always"),  # /dev/shm inside a huge tmpfs
         ("tmpfs /dev/shmem tmpfs rw,huge=always 0 0", None),  # a sibling path, not a parent
         ("/dev/vda / ext4 rw 0 0", None),
+        ("tmpfs /dev tmpfs rw,huge=always 0 0\nshm /dev/shm ramfs rw 0 0", None),  # nearest, whatever its type
+        ("tmpfs /dev/shm tmpfs rw 0 0\ntmpfs /dev/shm tmpfs rw,huge=always 0 0", "always"),  # the last mounted
     ],
 )
 def test_the_huge_page_mode_is_read_from_the_mount_that_holds_the_regions(
