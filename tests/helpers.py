@@ -90,6 +90,22 @@ def wait_until_serving(daemon: Daemon, timeout: float = 30.0) -> None:
     connection.close()
 
 
+def with_own_dev_shm(tmpfs_options: str, *command: str) -> List[str]:
+    """`command` run in a mount namespace of its own whose /dev/shm is a fresh tmpfs mounted with
+    `tmpfs_options` (needs root and unshare(1)); the machine's /dev/shm is left as it is."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o {tmpfs_options} tmpfs /dev/shm && exec "$@"',
+        "sh",
+        *command,
+    ]
+
+
 def raw_save_body(
     root: str,
     step: int = 1,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
+from helpers import with_own_dev_shm
 
 from ckptd.disk.runtime import staging_huge_pages
-from ckptd.proto.layout import REGION_DIR
 
 TESTS = Path(__file__).resolve().parent
 
@@ -112,21 +112,7 @@ def _trainer_in_private_shm(huge: str, work: Path) -> Dict[str, Any]:
     assert os.geteuid() == 0 and shutil.which("unshare"), (
         "this test mounts a /dev/shm of its own: it needs root and unshare(1), as ./dev test has"
     )
-    command = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        f'mount -t tmpfs -o size=256m,huge={huge} tmpfs {REGION_DIR} && exec "$@"',
-        "sh",
-        sys.executable,
-        "-c",
-        TRAINER,
-        str(TESTS),
-        str(work),
-    ]
+    command = with_own_dev_shm(f"size=256m,huge={huge}", sys.executable, "-c", TRAINER, str(TESTS), str(work))
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report: Dict[str, Any] = json.loads(result.stdout.splitlines()[-1])

@@ -15,7 +15,7 @@ from typing import Any, Callable, List
 
 import pytest
 import torch
-from helpers import Daemon, Holder, short_endpoint
+from helpers import Daemon, Holder, short_endpoint, with_own_dev_shm
 
 from ckptd.client import (
     CheckpointClient,
@@ -247,21 +247,7 @@ def test_a_full_dev_shm_fails_the_save_naming_the_staging_region(daemon_factory:
         rank_info=RankInfo(0, Topology.single_node(1), job_id="shm"),
     ) as before:
         committed = before.save_checkpoint(1).wait(30)
-    trainer = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"',
-        "sh",
-        sys.executable,
-        "-c",
-        FULL_SHM_TRAINER,
-        str(daemon.root),
-        daemon.endpoint,
-    ]
+    trainer = with_own_dev_shm("size=1m", sys.executable, "-c", FULL_SHM_TRAINER, str(daemon.root), daemon.endpoint)
     started = time.monotonic()
     result = subprocess.run(trainer, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
