@@ -18,12 +18,13 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from bench_limits import staging_pages
 from bench_report import AllResults, RunPlan, device_label, report_run
 from bench_rows import LABELS, RESULT_MARK, is_disturbed, outside_load, parse_rows, with_floor_rows
 from bench_state import cuda_unavailable_reason
 from bench_targets import Result, add_ratios
 
-from ckptd.disk.runtime import mount_of, staging_huge_pages
+from ckptd.disk.runtime import mount_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENTRY_SCRIPT = os.path.join(HERE, "bench_save.py")  # what the row subprocesses run
@@ -78,7 +79,7 @@ def machine_info(target_dir: str) -> Dict[str, Any]:
     }
     _cpu_and_memory(info)
     info["target_fs"] = filesystem_of(target_dir)
-    info["staging_huge_pages"] = staging_huge_pages()
+    info["staging_pages"] = staging_pages()
     info["ckptd_commit"] = _git_describe()
     try:  # without importing torch here (seconds): the rows report the version they ran with too
         from importlib.metadata import version

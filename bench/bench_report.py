@@ -410,9 +410,8 @@ def _print_header(plan: RunPlan, all_results: AllResults) -> None:
         f"torch {machine.get('torch')}, Python {machine.get('python')}, target {machine['target_fs']}, "
         f"ckptd at {machine.get('ckptd_commit') or 'unknown commit'}"
     )
-    huge = machine.get("staging_huge_pages")
-    pages = f"2 MiB pages (/dev/shm huge={huge}; the floors' buffers ask for them too)" if huge else "4 KiB pages"
-    print(f"staging memory: {pages}")
+    pages = machine.get("staging_pages", "unknown pages")
+    print(f"staging memory: {pages}; the limits' buffers on the same pages")
     print(
         f"device: {device_label(machine)}"
         + (": the state and the throughput MLP live on the GPU" if machine["device"] == "cuda" else "")

@@ -61,7 +61,7 @@ class LoadedCheckpoint(str):
 class CheckpointManagerOptions(ClientOptions):
     """Every setting of a CheckpointManager: the ClientOptions of its connection to the node daemon
     (`endpoint`, `auto_start`, `when_busy`, `timeout`, `connect_timeout`, `daemon_args`, `retention`,
-    `daemon_timeout`; checked as there), and:
+    `daemon_timeout`, `tiers`, `huge_pages`; checked as there), and:
 
     `verify`: check every file's checksum before loading it.
     `connect`: connect to the daemon (starting one if allowed) at construction; otherwise at the first save.

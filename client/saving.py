@@ -68,7 +68,9 @@ class ClientOptions:
     daemon holding this rank's saves may go without answering before they are settled.
     `tiers`: slower tiers, nearest first, as `NAME=PATH[:every=N][:keep_last=K][:keep_every=M]`
     (`ckptd.proto.tiers`): an auto-started daemon fills them from the root, and loading falls back
-    to them.
+    to them. `huge_pages`: put this rank's staging memory on 2 MiB pages wherever the kernel allows,
+    even where /dev/shm gives 4 KiB ones (ckptd.client.staging.StagingRegion); False keeps 4 KiB
+    pages unless the mount gives 2 MiB ones, sparing the allocation the kernel's compaction.
     """
 
     endpoint: Optional[str] = None
@@ -80,6 +82,7 @@ class ClientOptions:
     retention: Optional[RetentionPolicy] = None
     daemon_timeout: float = DAEMON_TIMEOUT_S
     tiers: Tuple[str, ...] = ()
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tiers, str):
@@ -174,7 +177,7 @@ class CheckpointClient:
         self.daemon_timeout = options.daemon_timeout
         self.retention = options.retention
         self.endpoint = resolve_endpoint(self.root, options.endpoint)
-        self._pool = StagingPool()
+        self._pool = StagingPool(options.huge_pages)
         self._plans: Dict[str, ComponentPlan] = {}
         """Each component's save plan, by key (reused while its state keeps its structure)."""
         self._wire_plan: Optional[WirePlan] = None

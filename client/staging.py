@@ -16,14 +16,19 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 
 from ckptd.client.errors import CheckpointError, PoolBusyError
+from ckptd.disk.memory_maps import (
+    HUGE_PAGE,
+    MADV_HUGEPAGE,
+    MADV_POPULATE_WRITE,
+    SharedMapping,
+    collapse_onto_huge_pages,
+)
 from ckptd.disk.runtime import staging_huge_pages
 from ckptd.proto.formats import TensorEntry
 from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 
 log = logging.getLogger(__name__)
 
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # the constant is missing before Python 3.13
-MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # missing where Python was built without it
 PAGE = mmap.PAGESIZE
 
 Lease = Tuple[str, int]
@@ -37,24 +42,28 @@ class StagingRegion:
     a SIGBUS in the middle of a copy, and every page is mapped in now, so that no copy into the
     region ever takes a page fault: a save's copy costs a warm copy, wherever the region was made
     (ahead of the first save in the background, or by a save whose state outgrew its region).
-    Where /dev/shm is mounted `huge=advise`, the region asks for 2 MiB pages and its pages come from
-    mapping it in (the fault reports a full /dev/shm; fallocate would take small pages first).
+
+    With `huge_pages` (the default) the region lies on 2 MiB pages wherever the kernel allows: by
+    itself where /dev/shm is mounted `huge=within_size` or `always`; asked for under `huge=advise`
+    (its pages then come from mapping it in: the fault reports a full /dev/shm, and fallocate would
+    take small pages first); collapsed onto them under the default `huge=never` (Linux 6.1). The
+    daemon's O_DIRECT writes then pin 512x fewer pages (ckptd.disk.memory_maps).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, huge_pages: bool = True) -> None:
         self.size = max(PAGE, -(-size // PAGE) * PAGE)
         self.name = f"{REGION_PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.lease: Optional[int] = None
         """The generation of the save that holds this region (None while it is free)."""
         self._check_room()
-        self._map: Optional[mmap.mmap] = None
+        self._map: Optional[SharedMapping] = None
         path = self.path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
-            self._map = mmap.mmap(fd, self.size)
-            if not (staging_huge_pages() == "advise" and self._populate_huge()):
-                os.posix_fallocate(fd, 0, self.size)
+            self._map = SharedMapping(fd, self.size, writable=True)
+            self.huge_page_bytes = self._reserve(fd, huge_pages)
+            """Bytes of the region on 2 MiB pages."""
         except OSError as exc:
             self._close_map()
             os.unlink(path)
@@ -66,7 +75,7 @@ class StagingRegion:
         finally:
             os.close(fd)
         self._unlink_at_exit = weakref.finalize(self, _unlink, path)
-        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._bytes = torch.frombuffer(self._map.map, dtype=torch.uint8, count=self.size, offset=self._map.offset)
         self._pinned = False
         self._prefault()
 
@@ -92,16 +101,29 @@ class StagingRegion:
         if self.size > free:
             raise self._no_room(f"{free / 2**20:.0f} MiB free")
 
+    def _reserve(self, fd: int, huge_pages: bool) -> int:
+        """Take the region's memory now; returns the bytes on 2 MiB pages. Where the mount gives 2 MiB
+        pages they come by themselves (`huge=advise`: asked for); else, with `huge_pages`, the region
+        is collapsed onto them before the rest is reserved."""
+        mode = staging_huge_pages()
+        whole_blocks = self.size // HUGE_PAGE * HUGE_PAGE
+        if huge_pages and mode == "advise" and self._populate_huge():
+            return whole_blocks
+        assert self._map is not None
+        collapsed = collapse_onto_huge_pages(fd, self._map) if huge_pages and mode is None else 0
+        os.posix_fallocate(fd, 0, self.size)
+        return whole_blocks if mode in ("always", "within_size") else collapsed
+
     def _populate_huge(self) -> bool:
         """Ask for 2 MiB pages, then map every page in; False where the kernel cannot do either
         (no THP; before Linux 5.14). A full /dev/shm raises EFAULT here, where touching would SIGBUS."""
         assert self._map is not None
         try:
-            self._map.madvise(MADV_HUGEPAGE)
+            self._map.advise(MADV_HUGEPAGE)
         except OSError:
             return False
         try:
-            self._map.madvise(MADV_POPULATE_WRITE)
+            self._map.advise(MADV_POPULATE_WRITE)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -113,7 +135,7 @@ class StagingRegion:
         here at about half the cost of touching each page; older kernels fall back to touching."""
         assert self._map is not None
         try:
-            self._map.madvise(MADV_POPULATE_WRITE)
+            self._map.advise(MADV_POPULATE_WRITE)
         except OSError:
             self._bytes.fill_(0)
 
@@ -151,7 +173,7 @@ class StagingRegion:
     def bytes_view(self, offset: int, nbytes: int) -> memoryview:
         """Raw bytes of the region (for digests)."""
         assert self._map is not None
-        return memoryview(self._map)[offset : offset + nbytes]
+        return self._map.view()[offset : offset + nbytes]
 
     def pin_for_cuda(self) -> None:
         """Page-lock the region once so device-to-host copies run asynchronously at full speed."""
@@ -197,7 +219,9 @@ class StagingPool:
     the pages). A region is only written while neither a save nor a checkpoint holds it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, huge_pages: bool = True) -> None:
+        self._huge_pages = huge_pages
+        """Whether new regions go on 2 MiB pages where the kernel allows (StagingRegion)."""
         self._rings: Dict[str, List[StagingRegion]] = {}
         self._key_of: Dict[str, str] = {}
         """Region name -> component key."""
@@ -253,7 +277,7 @@ class StagingPool:
             if not kept:
                 return None
             self._discard(key, kept[0])
-        return self._add(key, StagingRegion(size))
+        return self._add(key, StagingRegion(size, self._huge_pages))
 
     def _add(self, key: str, region: StagingRegion) -> StagingRegion:
         self._rings.setdefault(key, []).append(region)
@@ -288,7 +312,7 @@ class StagingPool:
                     with self._cond:
                         missing = self._spares_up_to - len(self._rings[key])
                     for _ in range(missing):
-                        region = StagingRegion(size)
+                        region = StagingRegion(size, self._huge_pages)
                         with self._cond:
                             self._add(key, region)
                             self._cond.notify_all()
@@ -296,9 +320,13 @@ class StagingPool:
                 log.warning("could not allocate staging memory ahead of the first save: %s", exc)
                 return
             self.allocated_at = time.perf_counter()
-            huge = staging_huge_pages()
-            pages = f"2 MiB pages, {REGION_DIR} is huge={huge}" if huge else "4 KiB pages"
-            log.info("staging memory ready: %.0f MiB (%s)", self.staged_bytes() / 2**20, pages)
+            log.info(
+                "staging memory ready: %.0f MiB, %.0f MiB of it on 2 MiB pages (%s is huge=%s)",
+                self.staged_bytes() / 2**20,
+                self.huge_page_bytes() / 2**20,
+                REGION_DIR,
+                staging_huge_pages() or "never",
+            )
 
         thread = threading.Thread(target=allocate, name="ckptd-allocate", daemon=True)
         thread.start()
@@ -343,7 +371,7 @@ class StagingPool:
         def allocate() -> None:
             region: Optional[StagingRegion] = None
             try:
-                region = StagingRegion(size)
+                region = StagingRegion(size, self._huge_pages)
             except CheckpointError as exc:
                 log.warning("could not allocate a spare staging region for %r: %s", key, exc)
             with self._cond:
@@ -363,6 +391,11 @@ class StagingPool:
         """Total bytes of shared memory this pool holds."""
         with self._cond:
             return sum(r.size for ring in self._rings.values() for r in ring)
+
+    def huge_page_bytes(self) -> int:
+        """Bytes of the pool's shared memory on 2 MiB pages."""
+        with self._cond:
+            return sum(r.huge_page_bytes for ring in self._rings.values() for r in ring)
 
     def close(self) -> None:
         """Unlink every region (waits for nothing: call after the saves in flight are done)."""

@@ -8,6 +8,7 @@ import os
 import stat
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
+from ckptd.disk.memory_maps import SharedMapping
 from ckptd.proto.layout import REGION_DIR, REGION_PREFIX, REGIONS_PER_COMPONENT
 from ckptd.service.errors import RegionError
 from ckptd.service.shard_writer import pwrite_all
@@ -37,7 +38,7 @@ class MappedRegion:
                 raise RegionError(f"region {name!r} is not a regular file owned by this user")
             if info.st_size < size:
                 raise RegionError(f"region {name!r} holds {info.st_size} bytes, fewer than the {size} announced")
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+            self._map = SharedMapping(fd, size, writable=False) if size else None
         finally:
             os.close(fd)
         self.size = size
@@ -54,7 +55,7 @@ class MappedRegion:
             raise RegionError(f"{offset + nbytes} bytes requested from region {self.name!r} of {self.size}")
         if self._map is None:
             return memoryview(b"")
-        return memoryview(self._map)[offset : offset + nbytes]
+        return self._map.view()[offset : offset + nbytes]
 
     def become_file(self, header: bytes, path: str) -> bool:
         """Make the region's file the shard at `path` without copying its body: `header`, exactly the

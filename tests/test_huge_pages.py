@@ -1,8 +1,9 @@
 """Staging memory on 2 MiB pages: ckptd reads the `huge=` mode of the tmpfs its regions live in,
 and in a mount namespace of its own whose /dev/shm is a tmpfs mounted `huge=within_size`,
-`huge=advise` or `huge=never`, a trainer stages on the pages that mount gives, and a real save
-through a real daemon (started in that namespace) commits a checkpoint that loads back exactly.
-The machine's own /dev/shm is never touched."""
+`huge=advise` or `huge=never`, a trainer stages on 2 MiB pages (under `huge=never` collapsed onto
+them by ckptd, unless told not to), its daemon maps them whole, and a real save through that daemon
+(started in that namespace) commits a checkpoint that loads back exactly. The machine's own
+/dev/shm is never touched."""
 
 from __future__ import annotations
 
@@ -61,8 +62,14 @@ from helpers import Holder, start_daemon
 
 from ckptd.client import CheckpointManager, RankInfo, SharingPattern, StateComponent, Topology
 from ckptd.client.staging import StagingRegion
+from ckptd.disk.memory_maps import collapse_works_in
 from ckptd.disk.runtime import staging_huge_pages
 from ckptd.proto.layout import REGION_DIR
+
+
+def pmd_mapped_kb_of(pid):
+    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    return sum(int(line.split()[1]) for line in lines if line.startswith("ShmemPmdMapped:"))
 
 
 def pmd_mapped_kb(path):
@@ -79,8 +86,9 @@ class Provider:
         return [StateComponent("model", self.holder, SharingPattern.GLOBAL)]
 
 
-report = {"mode": staging_huge_pages()}
-region = StagingRegion(8 * 2**20)
+huge_pages = sys.argv[3] == "huge_pages"
+report = {"mode": staging_huge_pages(), "collapse_works": collapse_works_in(REGION_DIR)}
+region = StagingRegion(8 * 2**20, huge_pages)
 report["region_pmd_kb"] = pmd_mapped_kb(region.path)
 region.close()
 
@@ -91,11 +99,12 @@ daemon = start_daemon(work / "ckpt", work / "daemon.log")
 try:
     with CheckpointManager(
         Provider(Holder({"step": 7, **weights})), str(daemon.root), endpoint=daemon.endpoint, auto_start=False,
-        rank_info=single,
+        rank_info=single, huge_pages=huge_pages,
     ) as manager:
         report["allocated"] = manager.wait_staging_allocated(30)
         report["staged_pmd_kb"] = [pmd_mapped_kb(os.path.join(REGION_DIR, n)) for n in manager.client._pool.names()]
         path = manager.save_checkpoint(7).wait(60)
+        report["daemon_pmd_kb"] = pmd_mapped_kb_of(daemon.process.pid)
     fresh = Provider(Holder({}))
     CheckpointManager(fresh, str(daemon.root), rank_info=single, connect=False).load_checkpoint(path)
     report["loaded_step"] = fresh.holder.value["step"]
@@ -107,12 +116,13 @@ print(json.dumps(report))
 """
 
 
-def _trainer_in_private_shm(huge: str, work: Path) -> Dict[str, Any]:
-    """Run TRAINER with a /dev/shm of its own (a 256 MiB tmpfs mounted `huge=<huge>`); its report."""
+def _trainer_in_private_shm(huge: str, pages: str, work: Path) -> Dict[str, Any]:
+    """Run TRAINER with a /dev/shm of its own (a 256 MiB tmpfs mounted `huge=<huge>`), staging with
+    huge_pages on or off (`pages`); its report."""
     assert os.geteuid() == 0 and shutil.which("unshare"), (
         "this test mounts a /dev/shm of its own: it needs root and unshare(1), as ./dev test has"
     )
-    command = with_own_dev_shm(f"size=256m,huge={huge}", sys.executable, "-c", TRAINER, str(TESTS), str(work))
+    command = with_own_dev_shm(f"size=256m,huge={huge}", sys.executable, "-c", TRAINER, str(TESTS), str(work), pages)
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report: Dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
@@ -120,19 +130,26 @@ def _trainer_in_private_shm(huge: str, work: Path) -> Dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("huge", "mode", "page_kb"),
-    [("within_size", "within_size", 2048), ("advise", "advise", 2048), ("never", None, None)],
+    ("huge", "pages", "mode"),
+    [
+        ("within_size", "huge_pages", "within_size"),
+        ("advise", "huge_pages", "advise"),
+        ("never", "huge_pages", None),  # collapsed onto 2 MiB pages by ckptd (Linux 6.1)
+        ("never", "4k_pages", None),
+    ],
 )
-def test_staging_takes_the_pages_its_mount_gives_and_a_save_loads_back_exactly(
-    tmp_path: Path, huge: str, mode: Optional[str], page_kb: Optional[int]
+def test_staging_takes_2mib_pages_where_the_kernel_allows_and_a_save_loads_back_exactly(
+    tmp_path: Path, huge: str, pages: str, mode: Optional[str]
 ) -> None:
-    report = _trainer_in_private_shm(huge, tmp_path)
+    report = _trainer_in_private_shm(huge, pages, tmp_path)
     assert report["mode"] == mode
-    if page_kb:  # every page of a region is a 2 MiB one
+    if mode or (pages == "huge_pages" and report["collapse_works"]):  # every page of a region is a 2 MiB one
         assert report["region_pmd_kb"] == 8 * 1024, report
-        assert report["staged_pmd_kb"] and all(kb >= page_kb for kb in report["staged_pmd_kb"]), report
+        assert report["staged_pmd_kb"] and all(kb >= 2048 for kb in report["staged_pmd_kb"]), report
+        assert report["daemon_pmd_kb"] >= min(report["staged_pmd_kb"]), f"the daemon maps 4 KiB entries: {report}"
     else:
         assert report["region_pmd_kb"] == 0 and report["staged_pmd_kb"] == [0], report
+        assert report["daemon_pmd_kb"] == 0, report
     assert report["allocated"] and report["loaded_step"] == 7
     assert report["loaded_exactly"] == [f"w{i}" for i in range(6)], report
     assert not report["daemon_traceback"]

@@ -11,10 +11,12 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, List
 
+import pytest
 import torch
 from helpers import Daemon, Holder, saved_state
 
 from ckptd.client import CheckpointClient, PreparedComponent, SharingPattern, StateComponent
+from ckptd.disk.memory_maps import collapse_works_in
 from ckptd.disk.runtime import staging_huge_pages
 from ckptd.service.regions import RegionMaps, pid_alive
 
@@ -39,10 +41,17 @@ def minor_faults(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
+def shmem_mapped_by_2mib_entries(pid: int) -> int:
+    """Bytes of shared memory process `pid` maps with one page-table entry per 2 MiB page."""
+    with open(f"/proc/{pid}/smaps") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("ShmemPmdMapped:"))
+
+
+@pytest.mark.parametrize("huge_pages", [True, False], ids=["huge_pages", "4k_pages"])
 def test_a_region_is_mapped_once_across_saves_and_unmapped_when_replaced_or_the_client_leaves(
-    daemon: Daemon, client_factory: Callable[..., CheckpointClient]
+    daemon: Daemon, client_factory: Callable[..., CheckpointClient], huge_pages: bool
 ) -> None:
-    client = client_factory()
+    client = client_factory(huge_pages=huge_pages)
     state = OrderedDict(w=torch.zeros(16 * MIB // 4))
     parts = [PreparedComponent(StateComponent("model", Holder(state), SharingPattern.GLOBAL))]
     pid = daemon.process.pid
@@ -57,10 +66,15 @@ def test_a_region_is_mapped_once_across_saves_and_unmapped_when_replaced_or_the_
         names.append(mapped_regions(pid))
     (region,) = names[0]
     assert all(n == {region: 1} for n in names), f"the daemon mapped the region again: {names}"
-    pages = 16 * MIB // os.sysconf("SC_PAGE_SIZE")
-    # the first save faults the region in (fault-around maps up to 16 pages a fault); repeats do not.
-    # On 2 MiB staging pages the region is 8 faults either way: the mapping count above is the check.
-    if staging_huge_pages() is None:
+    huge = client.staging.huge_page_bytes()
+    if huge_pages and collapse_works_in("/dev/shm"):
+        assert huge == 16 * MIB, f"the region should lie on 2 MiB pages: {huge} bytes do"
+    if huge:  # the daemon maps them at an aligned address: one entry, one fault, one pin per 2 MiB
+        assert shmem_mapped_by_2mib_entries(pid) >= huge, open(f"/proc/{pid}/smaps").read()
+        assert sum(faults) < 64, faults
+    elif staging_huge_pages() is None:
+        # the first save faults the region in (fault-around maps up to 16 pages a fault); repeats do not.
+        pages = 16 * MIB // os.sysconf("SC_PAGE_SIZE")
         assert faults[0] > pages // 32, faults
         assert max(faults[1:]) < pages // 32, f"repeat saves faulted the region in again: {faults}"
 
