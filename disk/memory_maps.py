@@ -29,6 +29,7 @@ MADV_COLLAPSE = 25
 COLLAPSE_CHUNK = 32 << 20
 """Bytes collapsed per call: a failure (no free 2 MiB block) costs one chunk, not the region."""
 MAP_FIXED = 0x10
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python 3.13 names it; 0x4000 on x86-64 and arm64
 
 _PROT_READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
 
@@ -82,12 +83,12 @@ class SharedMapping:
 
     def _map_aligned(self, fd: int, size: int, prot: int) -> Optional[mmap.mmap]:
         """Reserve size + 2 MiB of anonymous address space (writable, so that ctypes can name its
-        address; never touched, so it takes no memory), then map the file over it from its first
+        address; never touched and not reserved, so it takes no memory), then map the file over it from its first
         2 MiB-aligned byte; None where that cannot be done."""
         if _LIBC is None:
             return None
         try:
-            span = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            span = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         except OSError:
             return None
         start = _address(span)
