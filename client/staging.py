@@ -57,13 +57,14 @@ class StagingRegion:
         """The generation of the save that holds this region (None while it is free)."""
         self._check_room()
         self._map: Optional[SharedMapping] = None
+        self.huge_page_bytes = 0
+        """Bytes of the region on 2 MiB pages."""
         path = self.path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
             self._map = SharedMapping(fd, self.size, writable=True)
             self.huge_page_bytes = self._reserve(fd, huge_pages)
-            """Bytes of the region on 2 MiB pages."""
         except OSError as exc:
             self._close_map()
             os.unlink(path)
