@@ -83,8 +83,8 @@ class SharedMapping:
 
     def _map_aligned(self, fd: int, size: int, prot: int) -> Optional[mmap.mmap]:
         """Reserve size + 2 MiB of anonymous address space (writable, so that ctypes can name its
-        address; never touched and not reserved, so it takes no memory), then map the file over it from its first
-        2 MiB-aligned byte; None where that cannot be done."""
+        address; never touched and not reserved, so it takes no memory), then map the file over it
+        from its first 2 MiB-aligned byte; None where that cannot be done."""
         if _LIBC is None:
             return None
         try:
@@ -150,8 +150,11 @@ def collapse_onto_huge_pages(fd: int, mapping: SharedMapping) -> int:
 
 def collapse_works_in(directory: str) -> bool:
     """True where collapse_onto_huge_pages() puts a file in `directory` on 2 MiB pages: probed with
-    one 2 MiB file, removed at once."""
-    fd = os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+    one 2 MiB file, removed at once (False too where the probe cannot be made: no room, no O_TMPFILE)."""
+    try:
+        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+    except OSError:
+        return False
     try:
         os.ftruncate(fd, HUGE_PAGE)
         mapping = SharedMapping(fd, HUGE_PAGE, writable=True)
@@ -159,5 +162,7 @@ def collapse_works_in(directory: str) -> bool:
             return collapse_onto_huge_pages(fd, mapping) == HUGE_PAGE
         finally:
             mapping.close()
+    except OSError:
+        return False
     finally:
         os.close(fd)

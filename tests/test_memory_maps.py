@@ -5,8 +5,11 @@ files collapsed onto 2 MiB pages whole blocks at a time (this kernel can: Linux 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -96,6 +99,45 @@ def test_a_fresh_file_is_collapsed_onto_2mib_pages_whole_blocks_at_a_time(shm_fi
         assert mapping.address is not None
         assert _pmd_mapped_bytes(mapping.address) == 2 * HUGE_PAGE
         assert os.pread(fd, size, 0) == bytes(size)  # still the empty file it was
+        mapping.close()
+    finally:
+        os.close(fd)
+
+
+def _saw_other_threads_run_during(call: Callable[[], None]) -> bool:
+    """Whether this thread got to run Python while `call` ran in another thread. The switch interval
+    is raised so far that a thread gives the GIL up only where it blocks or releases it itself."""
+    running = [False]
+    seen = False
+
+    def target() -> None:
+        running[0] = True
+        call()
+        running[0] = False
+
+    thread = threading.Thread(target=target)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        thread.start()
+        while thread.is_alive():
+            seen = seen or running[0]
+            time.sleep(0.001)
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
+    return seen
+
+
+def test_advise_lets_the_training_thread_run_while_the_kernel_populates(shm_file: Path) -> None:
+    """A region is populated in a background thread; mmap.madvise held the GIL for the whole call
+    (the trainer's Python stalled for as long: 1.45 s for 1 GiB). This test fails with it."""
+    size = 256 * MIB
+    fd = os.open(shm_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        mapping = SharedMapping(fd, size, writable=True)
+        assert _saw_other_threads_run_during(lambda: mapping.advise(MADV_POPULATE_WRITE))
         mapping.close()
     finally:
         os.close(fd)
