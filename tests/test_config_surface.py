@@ -195,6 +195,7 @@ MANAGER_SETTINGS: Dict[str, Any] = dict(
     retention=RetentionPolicy(keep_last=2),
     daemon_timeout=3.0,
     tiers=("shared=/shared/job:every=5",),
+    huge_pages=False,
     verify=False,
 )
 """A value other than the default for every CheckpointManagerOptions field but `connect`."""
