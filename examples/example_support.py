@@ -85,11 +85,13 @@ def crash(step: int, say: Say) -> NoReturn:
     """`--crash-at STEP`: SIGKILL this process right after `step`'s save_checkpoint returned.
 
     Under a process group every rank calls it, and a barrier comes first: once every rank's save
-    has returned, the daemon owns the checkpoint and commits it with every trainer dead.
+    has returned, the daemon owns the checkpoint and commits it with every trainer dead. The message
+    comes before the barrier: after it, the first rank to die gets the others terminated by torchrun,
+    maybe before they could print.
     """
     if dist.is_initialized():
-        dist.barrier()
         say(f"step {step}: simulating a crash, every rank SIGKILLs itself")
+        dist.barrier()
     else:
         say(f"step {step}: simulating a crash (SIGKILL)")
     os.kill(os.getpid(), signal.SIGKILL)
