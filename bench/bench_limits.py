@@ -22,20 +22,19 @@ TENSOR_ALIGNMENT = 64
 """Bytes each of the memcpy limit's host buffers is aligned to (as torch's CPU allocator does)."""
 
 
-def staging_on_huge_pages() -> bool:
-    """True where ckptd's staging regions get 2 MiB pages on this machine (by default): where
-    /dev/shm's mount gives them, or where ckptd can collapse its regions onto them."""
-    return staging_huge_pages() is not None or collapse_works_in(REGION_DIR)
+def staging_huge_pages_from() -> Optional[str]:
+    """What gives ckptd's staging regions 2 MiB pages on this machine (by default): /dev/shm's mount,
+    or ckptd collapsing its regions onto them; None where they get 4 KiB pages."""
+    mode = staging_huge_pages()
+    if mode:
+        return f"/dev/shm huge={mode}"
+    return "collapsed by ckptd; /dev/shm is huge=never" if collapse_works_in(REGION_DIR) else None
 
 
 def staging_pages() -> str:
     """The pages ckptd's staging gets here, and so the limits' buffers, for the bench's header."""
-    mode = staging_huge_pages()
-    if mode:
-        return f"2 MiB pages (/dev/shm huge={mode})"
-    if collapse_works_in(REGION_DIR):
-        return "2 MiB pages (collapsed by ckptd; /dev/shm is huge=never)"
-    return "4 KiB pages"
+    source = staging_huge_pages_from()
+    return f"2 MiB pages ({source})" if source else "4 KiB pages"
 
 
 def host_buffer(size: int) -> mmap.mmap:
@@ -43,7 +42,7 @@ def host_buffer(size: int) -> mmap.mmap:
     gets here: the limits copy into and write from the same kind of memory as ckptd does (on 2 MiB
     pages a copy takes fewer TLB misses and an O_DIRECT write pins 512x fewer pages)."""
     buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    huge = staging_on_huge_pages()
+    huge = staging_huge_pages_from() is not None
     buffer.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
     buffer.madvise(MADV_POPULATE_WRITE)
     if huge:
@@ -102,11 +101,17 @@ class WriteSaver(Saver):
 
     def __init__(self, ctx: RowContext, workdir: str) -> None:
         super().__init__(ctx, workdir)
-        self.buffer = host_buffer(max(ctx.nbytes, mmap.PAGESIZE))
+        length = self.write_length(ctx.nbytes)
+        self.buffer = host_buffer(max(length, mmap.PAGESIZE))  # anonymous mappings are page-aligned
         staged = self.torch.frombuffer(self.buffer, dtype=self.torch.uint8)
-        fill_with_state(self.torch, staged[: ctx.nbytes], ctx.tensors)
+        fill_with_state(self.torch, staged, ctx.tensors)
         del staged
-        self.view = memoryview(self.buffer)[: ctx.nbytes]
+        self.view = memoryview(self.buffer)[:length]
+
+    @staticmethod
+    def write_length(nbytes: int) -> int:
+        """Bytes each save writes for a state of `nbytes`."""
+        return nbytes
 
     def close(self) -> None:
         self.view.release()
@@ -167,17 +172,15 @@ class DirectWriteSaver(WriteSaver):
     prefix = "direct"
 
     def __init__(self, ctx: RowContext, workdir: str) -> None:
-        Saver.__init__(self, ctx, workdir)
         if not hasattr(os, "O_DIRECT"):
             raise RowNotApplicable("this platform has no O_DIRECT")
-        size = -(-ctx.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.buffer = host_buffer(size)  # anonymous mappings are page-aligned
-        self.view = memoryview(self.buffer)
-        staged = self.torch.frombuffer(self.buffer, dtype=self.torch.uint8)
-        fill_with_state(self.torch, staged, ctx.tensors)
-        del staged
+        super().__init__(ctx, workdir)
         self.flags = os.O_DIRECT
         _check_o_direct(workdir)
+
+    @staticmethod
+    def write_length(nbytes: int) -> int:
+        return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class FloorSaver(DirectWriteSaver):
