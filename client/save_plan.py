@@ -14,13 +14,18 @@ first save worked out, and a repeat save only checks that it still holds:
 
 Anything else (a new key, a resized tensor, optimizer state created or replaced, a tensor moved)
 misses, and the component is planned again from scratch. DCP caches its save plans the same way.
+
+A repeat save copies through views made once of the plan's own tensors (`plan_copies`: small
+tensors that lie back to back are one torch.cat), so the copy needs nothing of the new state dict
+but its structure, and the tensors are checked in a thread while it runs. A miss found then is
+staged again in full, from the same state dict, before the save returns.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import msgpack
 import torch
@@ -196,6 +201,15 @@ def _dtensor_fingerprint(tensor: Any) -> Tuple[Any, ...]:
     return (type(tensor), local.data_ptr(), local.shape, local.stride(), local.dtype, local.device, key)
 
 
+class StructureMatch(NamedTuple):
+    """A state of a plan's structure: its flattened form, the tensor each entry is copied from (in
+    entry order), and every tensor leaf in walk order (for ComponentPlan.tensors_hold)."""
+
+    flat: FlatState
+    sources: List[torch.Tensor]
+    tensors: List[Any]
+
+
 @dataclass(eq=False)
 class ComponentPlan:
     """What one component's first save worked out, reused while its state keeps its structure."""
@@ -219,6 +233,8 @@ class ComponentPlan:
     state_is_skeleton: bool
     views: Optional[Tuple[Any, List[torch.Tensor]]] = field(default=None, repr=False)
     """(region, a view of it per entry), made once per region."""
+    planned_copies: Optional[Tuple[Any, Optional["PlannedCopies"]]] = field(default=None, repr=False)
+    """(region, the copies that fill it), made once per region."""
 
     @classmethod
     def make(cls, prepared: "PreparedComponent", state: Any, staged: "StagedComponent") -> Optional["ComponentPlan"]:
@@ -261,11 +277,19 @@ class ComponentPlan:
     def match(self, state: Any) -> Optional[Tuple[FlatState, List[torch.Tensor]]]:
         """If `state` still fits the plan: its flattened form and the tensor each entry is copied
         from (in entry order); otherwise None."""
+        found = self.match_structure(state)
+        if found is None or not self.tensors_hold(found.tensors):
+            return None
+        return found.flat, found.sources
+
+    def match_structure(self, state: Any) -> Optional["StructureMatch"]:
+        """What match() does but for the tensors' memory, shapes, strides, dtypes and devices, which
+        tensors_hold() checks (microseconds per tensor: a save checks them while it copies)."""
         tensors: List[Any] = []
         scalars: List[Any] = []
         try:
             _collect(self.template, state, tensors, scalars)
-            if len(tensors) != len(self.leaf_names) or _fingerprints(tensors, self.dtensors) != self.fingerprints:
+            if len(tensors) != len(self.leaf_names):
                 return None
             packed = _pack_scalars(scalars)
             if packed != self.scalars:
@@ -278,13 +302,90 @@ class ComponentPlan:
         leaves = [local_tensor(tensors[i]) for i in self.entry_leaves] if self.dtensors else None
         sources = leaves if leaves is not None else [tensors[i] for i in self.entry_leaves]
         flat = FlatState(self.skeleton, dict(zip(self.leaf_names, tensors)), self.refs)
-        return flat, sources
+        return StructureMatch(flat, sources, tensors)
+
+    def tensors_hold(self, tensors: List[Any]) -> bool:
+        """True if `tensors` (a StructureMatch's) have the memory, shapes, strides, dtypes and devices
+        the plan was made for."""
+        try:
+            return bool(_fingerprints(tensors, self.dtensors) == self.fingerprints)
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            return False
 
     def region_views(self, region: Any) -> List[torch.Tensor]:
         """A view of `region` per entry, typed like its source (kept while the region stays the same)."""
         if self.views is None or self.views[0] is not region:
             self.views = (region, region_views(region, self.staged.entries, self.staged.header_room))
         return self.views[1]
+
+    def copies(self, region: Any) -> Optional["PlannedCopies"]:
+        """The copies that fill `region` with every entry, for a state that fits the plan (kept while
+        the region stays the same); None where a source is not a host tensor."""
+        if self.planned_copies is None or self.planned_copies[0] is not region:
+            staged = self.staged
+            self.planned_copies = (region, plan_copies(region, staged.entries, staged.sources, staged.header_room))
+        return self.planned_copies[1]
+
+
+GROUPED_BELOW_BYTES = 1 << 20
+"""Tensors smaller than this are copied in groups: their per-copy cost outweighs their bytes."""
+
+
+class PlannedCopies(NamedTuple):
+    """How a save fills a region: `groups` of small tensors that lie back to back, one torch.cat each
+    (a flat view of the region and a flat view of each source), and every other tensor alone."""
+
+    groups: List[Tuple[torch.Tensor, List[torch.Tensor]]]
+    destinations: List[torch.Tensor]
+    sources: List[torch.Tensor]
+
+
+def plan_copies(
+    region: Any, entries: Sequence[Any], sources: Sequence[torch.Tensor], base: int
+) -> Optional[PlannedCopies]:
+    """Plan the copies of the entries of a body that starts at `base`: runs of small contiguous plain
+    host tensors of one dtype, back to back in the body, are grouped. None if a source is not on the
+    host (device copies are queued tensor by tensor on a side stream).
+
+    The sources are the plan's own tensors: a state that fits the plan has tensors of the same memory,
+    shape, strides and dtype, so views made once of the plan's read what a save must copy (measured:
+    10,000 tensors of 4 KiB in 8 ms with one cat, against 11 ms with _foreach_copy_)."""
+    if any(source.device.type != "cpu" for source in sources):
+        return None
+    planned = PlannedCopies([], [], [])
+    run: List[torch.Tensor] = []
+    run_start = run_end = 0
+    run_dtype = torch.uint8
+
+    def close_run() -> None:
+        if len(run) > 1:
+            planned.groups.append((region.block(base + run_start, run_end - run_start, run_dtype), list(run)))
+        elif run:
+            planned.destinations.append(region.block(base + run_start, run_end - run_start, run_dtype))
+            planned.sources.append(run[0])
+        run.clear()
+
+    for entry, source in zip(entries, sources):
+        dtype = torch_dtype(entry.dtype)
+        if (
+            entry.nbytes >= GROUPED_BELOW_BYTES
+            or type(source) not in _PLAIN_TENSORS
+            or source.dtype != dtype
+            or not source.is_contiguous()
+        ):
+            planned.destinations.append(region.tensor(entry, dtype, base))
+            planned.sources.append(source)
+            continue
+        if not run or dtype != run_dtype or entry.offset != run_end:
+            close_run()
+            run_start, run_dtype = entry.offset, dtype
+        run.append(source.detach().view(-1))
+        run_end = entry.offset + entry.nbytes
+    close_run()
+    return planned
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def region_views(region: Any, entries: Sequence[Any], base: int) -> List[torch.Tensor]:

@@ -23,6 +23,7 @@ from ckptd.client.snapshot import (
     StagedComponent,
     copy_entries,
     snapshot,
+    stage_in_full,
     step_only_tensor_addresses,
 )
 from ckptd.client.staging import Lease, StagingPool, StagingRegion, leases_of
@@ -188,6 +189,7 @@ class CheckpointClient:
         """Leases handed to a daemon and not yet back, with the instance that took them (None until it answers)."""
         self._lock = threading.Lock()
         self._stager: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._plan_checker: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._staging: Set[SaveHandle] = set()
         self._step_hook: Optional[Any] = None
         self._may_start = options.auto_start and rank_info.local_rank == 0
@@ -232,20 +234,13 @@ class CheckpointClient:
             self._reconnect()
         handle = self._register(step)
         try:
-            staged = snapshot(components, self.rank_info, self._plans)
-            self._reserve(staged)
+            staged = self._stage(components, step_only_tensor_addresses(components) if overlap else set())
         except PoolBusyError as exc:
             self.skip(step, str(exc))
             handle._resolve(error=CheckpointSkipped(f"save of step {step} skipped: {exc}"))
             log.warning("save of step %d skipped: %s", step, exc)
             return handle
         except BaseException:
-            self._forget(handle)
-            raise
-        try:
-            self._copy_now(staged, step_only_tensor_addresses(components) if overlap else set())
-        except BaseException:
-            self._pool.release(leases_of(s.region for s in staged if s.region is not None))
             self._forget(handle)
             raise
         if overlap:
@@ -267,7 +262,8 @@ class CheckpointClient:
             """Build each plan's views of its first region (a few ms for 400 tensors), off the first save."""
             for component in staged:
                 if component.plan is not None:
-                    component.plan.region_views(regions[component.key])
+                    component.plan.copies(regions[component.key])
+                    component.plan.region_views(regions[component.key])  # overlap mode's copies
 
         self._pool.allocate_ahead({s.key: s.region_bytes for s in staged}, self._regions_per_component(), make_views)
 
@@ -322,6 +318,59 @@ class CheckpointClient:
             for lease in leases:
                 self._lent.pop(lease, None)
         self._pool.release(leases)
+
+    def _stage(self, components: Sequence[PreparedComponent], deferrable: Set[int]) -> List[StagedComponent]:
+        """Snapshot the components, reserve their regions and copy what must be copied now (see
+        _copy_now). A component whose plan no longer holds is staged again in full, from the same
+        state dict. On an error no region stays reserved."""
+        staged = snapshot(components, self.rank_info, self._plans, check_plans=False)
+        self._reserve(staged)
+        try:
+            missed = self._copy_checking_plans(staged, deferrable)
+        except BaseException:
+            self._release(staged)
+            raise
+        if not missed:
+            return staged
+        self._release(staged)
+        log.debug("save plans of %s no longer hold: staged in full", ", ".join(staged[i].key for i in missed))
+        for i in missed:
+            staged[i] = stage_in_full(staged[i].prepared, self.rank_info, staged[i].state_dict, self._plans)
+        self._reserve(staged)
+        try:
+            self._copy_now(staged, deferrable)
+        except BaseException:
+            self._release(staged)
+            raise
+        return staged
+
+    def _copy_checking_plans(self, staged: List[StagedComponent], deferrable: Set[int]) -> List[int]:
+        """Copy what must be copied now, and check the plans the snapshots were made from; return the
+        indices of those whose plan no longer holds (their copies are then to be made again).
+
+        Where every copy reads the plans' own tensors, the plans are checked in a thread while the
+        copy runs (the copy releases the GIL): for 10,000 small tensors the check takes about as long
+        as the copy. Otherwise they are checked first."""
+        unchecked = [i for i, s in enumerate(staged) if s.unchecked is not None]
+        if not unchecked or deferrable or not all(staged[i].copies_from_plan() for i in unchecked):
+            missed = [i for i in unchecked if not staged[i].plan_holds()]
+            if not missed:
+                self._copy_now(staged, deferrable)
+            return missed
+        if self._plan_checker is None:
+            self._plan_checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptd-plan-check")
+        checking = self._plan_checker.submit(lambda: [i for i in unchecked if not staged[i].plan_holds()])
+        try:
+            self._copy_now(staged, deferrable)
+        finally:
+            missed = checking.result()
+        return missed
+
+    def _release(self, staged: List[StagedComponent]) -> None:
+        """Give back the regions reserved for `staged` (a save that will not be handed over)."""
+        self._pool.release(leases_of(s.region for s in staged if s.region is not None))
+        for component in staged:
+            component.region = None
 
     @staticmethod
     def _copy_now(staged: List[StagedComponent], deferrable: Set[int]) -> None:
@@ -621,8 +670,9 @@ class CheckpointClient:
                 log.warning("save of step %d did not commit before close: %s", handle.step, exc)
         self._closing.set()
         self._watchdog.join(timeout=10)
-        if self._stager is not None:
-            self._stager.shutdown(wait=True)
+        for executor in (self._stager, self._plan_checker):
+            if executor is not None:
+                executor.shutdown(wait=True)
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None

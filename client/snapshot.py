@@ -63,11 +63,29 @@ class StagedComponent:
     """The plan of this snapshot's structure, reused or made by it (None: none can be made)."""
     header_room: int = 0
     """Bytes of the region before the body: room for the shard's header (see disk.safetensors.header_room)."""
+    unchecked: Optional[List[Any]] = None
+    """Made from a plan whose tensors are not checked yet: the state's tensors (see plan_holds)."""
+    state_dict: Any = None
+    """The state dict this snapshot was made of (to stage it in full if its plan no longer holds)."""
 
     @property
     def region_bytes(self) -> int:
         """Bytes of staging region this component needs (0: none)."""
         return self.header_room + self.total if self.writer and self.total else 0
+
+    def plan_holds(self) -> bool:
+        """False if this snapshot was made from a plan that its state's tensors no longer fit
+        (checked once; snapshots of checked plans, or of none, hold)."""
+        if self.unchecked is not None:
+            if self.plan is None or not self.plan.tensors_hold(self.unchecked):
+                return False
+            self.unchecked = None
+        return True
+
+    def copies_from_plan(self) -> bool:
+        """True if a copy of every entry reads the plan's own tensors, not the state's (see
+        save_plan.plan_copies): it may then run before the plan is checked."""
+        return self.region is None or (self.plan is not None and self.plan.copies(self.region) is not None)
 
     def region_views(self) -> List[torch.Tensor]:
         """A view of the region per entry (kept by the plan across saves)."""
@@ -128,13 +146,18 @@ class StagedComponent:
 
 
 def snapshot(
-    components: Sequence[PreparedComponent], rank_info: RankInfo, plans: Optional[Dict[str, ComponentPlan]] = None
+    components: Sequence[PreparedComponent],
+    rank_info: RankInfo,
+    plans: Optional[Dict[str, ComponentPlan]] = None,
+    check_plans: bool = True,
 ) -> List[StagedComponent]:
     """Flatten every component's state dict and lay out the tensors this rank writes.
 
     With `plans` (kept by the caller across saves, by component key), a component whose state still
-    fits its plan reuses it; any other is planned again. state_dict() is called on every rank,
-    writer or not: some state dicts are collective.
+    fits its plan reuses it; any other is planned again. With `check_plans` False, a reused plan's
+    tensors are left for the caller to check (StagedComponent.plan_holds) and, where they no longer
+    fit, to stage the component again (stage_in_full). state_dict() is called on every rank, writer
+    or not, once per save: some state dicts are collective.
     """
     staged = []
     for prepared in components:
@@ -144,38 +167,49 @@ def snapshot(
         component = (
             _from_plan(plan, prepared, state) if plan is not None and plan.prepared.saves_like(prepared) else None
         )
-        if component is None:
-            if prepared.component.sharing_pattern is SharingPattern.SHARDED:
-                component = _snapshot_sharded(prepared, rank_info, state)
-            else:
-                component = _snapshot_placed(prepared, rank_info, state)
-            if plans is not None:
-                plans.pop(key, None)
-                component.plan = ComponentPlan.make(prepared, state, component)
-                if component.plan is not None:
-                    plans[key] = component.plan
+        if component is None or (check_plans and not component.plan_holds()):
+            component = stage_in_full(prepared, rank_info, state, plans)
         staged.append(component)
     return staged
 
 
+def stage_in_full(
+    prepared: PreparedComponent, rank_info: RankInfo, state: Any, plans: Optional[Dict[str, ComponentPlan]] = None
+) -> StagedComponent:
+    """The snapshot of one component's `state` made from scratch; with `plans`, its plan is made again."""
+    if prepared.component.sharing_pattern is SharingPattern.SHARDED:
+        component = _snapshot_sharded(prepared, rank_info, state)
+    else:
+        component = _snapshot_placed(prepared, rank_info, state)
+    if plans is not None:
+        key = prepared.component.key
+        plans.pop(key, None)
+        component.plan = ComponentPlan.make(prepared, state, component)
+        if component.plan is not None:
+            plans[key] = component.plan
+    return component
+
+
 def _from_plan(plan: ComponentPlan, prepared: PreparedComponent, state: Any) -> Optional[StagedComponent]:
-    """The snapshot of a component whose state still fits `plan`; None if it does not."""
-    found = plan.match(state)
+    """The snapshot of a component whose state still has `plan`'s structure (its tensors unchecked);
+    None if it has not."""
+    found = plan.match_structure(state)
     if found is None:
         return None
-    flat, sources = found
     planned = plan.staged
     return StagedComponent(
         prepared,
-        flat,
+        found.flat,
         planned.writer,
         planned.entries,
         planned.total,
-        sources=sources,
+        sources=found.sources,
         chunks=planned.chunks,
-        state=flat.skeleton if plan.state_is_skeleton else planned.state,
+        state=found.flat.skeleton if plan.state_is_skeleton else planned.state,
         plan=plan,
         header_room=planned.header_room,
+        unchecked=found.tensors,
+        state_dict=state,
     )
 
 
@@ -265,6 +299,13 @@ def copy_entries(staged: StagedComponent, indices: Optional[Sequence[int]] = Non
     """Copy the entries at `indices` (all by default) of a component into its region. Device tensors
     are copied on a side stream and an event is returned to wait on; host tensors are copied before
     this returns."""
+    planned = staged.plan.copies(staged.region) if indices is None and staged.plan is not None else None
+    if planned is not None:
+        with torch.no_grad():
+            for destination, grouped in planned.groups:
+                _copy_group(destination, grouped)
+            _copy_all(planned.destinations, planned.sources)
+        return None
     destinations, sources = staged.region_views(), staged.sources
     if indices is not None:
         destinations = [destinations[i] for i in indices]
@@ -296,6 +337,19 @@ def _copy_all(destinations: List[torch.Tensor], sources: List[torch.Tensor], non
             pass
     for destination, source in zip(destinations, sources):
         destination.copy_(source, non_blocking=non_blocking)
+
+
+def _copy_group(destination: torch.Tensor, sources: List[torch.Tensor]) -> None:
+    """Fill a flat destination with flat sources back to back: one torch.cat."""
+    try:
+        torch.cat(sources, out=destination)
+        return
+    except (RuntimeError, NotImplementedError, TypeError):  # no cat kernel for a dtype: copy one by one
+        pass
+    position = 0
+    for source in sources:
+        destination[position : position + source.numel()].copy_(source)
+        position += source.numel()
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

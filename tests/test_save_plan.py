@@ -422,8 +422,9 @@ def test_the_daemon_keeps_a_bounded_number_of_plans_and_drops_those_of_gone_clie
     assert len(plans) == 0
 
 
-def test_the_first_save_finds_its_region_views_made_while_the_memory_was_allocated(
-    client_factory: Callable[..., CheckpointClient],
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_the_first_save_finds_its_copies_and_region_views_made_while_the_memory_was_allocated(
+    client_factory: Callable[..., CheckpointClient], overlap: bool
 ) -> None:
     client = client_factory()
     model = OrderedDict(w=torch.zeros(100_000), b=torch.zeros(10))
@@ -431,9 +432,104 @@ def test_the_first_save_finds_its_region_views_made_while_the_memory_was_allocat
     client.allocate_ahead(parts)
     assert client.wait_staging_allocated(30)
     plan = client._plans["model"]
-    assert plan.views is not None, "the allocation did not make the plan's region views"
-    views = plan.views[1]
+    assert plan.views is not None and plan.planned_copies is not None, "the allocation did not plan the copies"
+    views, copies = plan.views[1], plan.planned_copies[1]
     model["w"].fill_(3.0)
-    handle = client.save(1, parts)
-    assert plan.views[1] is views  # the save copied through the views made ahead
+    handle = client.save(1, parts, overlap=overlap)
+    assert plan.views[1] is views and plan.planned_copies[1] is copies  # the save used what was made ahead
     assert torch.equal(saved_state(handle.wait(60), "model")["w"], torch.full((100_000,), 3.0))
+
+
+def _changed_in_place() -> List[Any]:
+    """Changes to a planned tensor that keep the tensor object: the plan's copy would read stale memory."""
+
+    def set_to_new_memory(w: torch.Tensor) -> torch.Tensor:
+        w.set_(torch.full((300,), 7.0))
+        return w
+
+    def resized(w: torch.Tensor) -> torch.Tensor:
+        w.resize_(400).fill_(7.0)
+        return w
+
+    def data_of_another_dtype(w: torch.Tensor) -> torch.Tensor:
+        w.data = torch.full((300,), 7, dtype=torch.int32)
+        return w
+
+    def strides_changed(w: torch.Tensor) -> torch.Tensor:
+        w.set_(w.untyped_storage(), 0, (150,), (2,))
+        w.fill_(7.0)
+        return w
+
+    return [set_to_new_memory, resized, data_of_another_dtype, strides_changed]
+
+
+@pytest.mark.parametrize("change", _changed_in_place(), ids=lambda f: f.__name__)
+def test_a_tensor_changed_in_place_after_its_plan_is_saved_from_what_it_is_now(
+    client_factory: Callable[..., CheckpointClient], change: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """A repeat save copies from views made of the plan's tensors while it checks that the plan
+    still holds. A tensor whose memory, shape, strides or dtype changed in place misses, and the
+    component is staged again in full from the same state dict, in the same save."""
+    client = client_factory()
+    small = {f"s{i}": torch.full((4,), float(i)) for i in range(50)}  # a group copied with one cat
+    model: Dict[str, Any] = {"w": torch.zeros(300), **small}
+    parts = components({"model": Holder(model)})
+    for step in (1, 2):
+        model["w"].fill_(step)
+        handle = client.save(step, parts)
+        assert torch.equal(saved_state(handle.wait(60), "model")["w"], torch.full((300,), float(step)))
+    assert handle.planned
+    expected = change(model["w"]).clone()
+    handle = client.save(3, parts)
+    got = saved_state(handle.wait(60), "model")
+    assert handle.planned is False, "the changed tensor should have been planned again"
+    assert got["w"].dtype == expected.dtype and torch.equal(got["w"], expected)
+    assert all(torch.equal(got[k], v) for k, v in small.items())
+    model["w"].fill_(8)
+    handle = client.save(4, parts)
+    assert handle.planned and torch.equal(saved_state(handle.wait(60), "model")["w"], torch.full_like(expected, 8))
+
+
+def test_repeat_saves_of_mixed_tensors_hold_their_step_through_the_grouped_copies(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    """Small tensors of one dtype are copied in groups, the rest one by one: every kind of tensor
+    comes back with its own step's values."""
+    client = client_factory()
+    state: Dict[str, Any] = {
+        "big": torch.zeros(300_000),  # over GROUPED_BELOW_BYTES: alone
+        "a": torch.zeros(5),
+        "b": torch.zeros(3, 2),
+        "scalar": torch.tensor(0.0),
+        "empty": torch.zeros(0),
+        "transposed": torch.zeros(4, 6).t(),  # not contiguous: alone
+        "half": torch.zeros(7, dtype=torch.bfloat16),
+        "flags": torch.zeros(9, dtype=torch.bool),
+        "ints": torch.zeros(6, dtype=torch.int64),
+        "param": torch.nn.Parameter(torch.zeros(8)),
+    }
+    parts = components({"c": Holder(state)})
+    for step in range(1, 5):
+        with torch.no_grad():
+            for key, tensor in state.items():
+                tensor.fill_(step % 2 == 0 if key == "flags" else step)
+        handle = client.save(step, parts)
+        got = saved_state(handle.wait(60), "c")
+        assert handle.planned == (step > 1)
+        for key, tensor in state.items():
+            assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor.detach()), f"step {step}: {key}"
+    copies = client._plans["c"].planned_copies
+    assert copies is not None and copies[1] is not None
+    assert copies[1].groups and len(copies[1].destinations) >= 2  # both kinds were used
+
+
+def test_a_group_is_copied_one_by_one_where_cat_has_no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptd.client.snapshot import _copy_group
+
+    def no_kernel(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("cat has no kernel for this dtype")
+
+    monkeypatch.setattr(torch, "cat", no_kernel)
+    destination = torch.zeros(7)
+    _copy_group(destination, [torch.full((3,), 1.0), torch.full((4,), 2.0)])
+    assert torch.equal(destination, torch.tensor([1.0, 1, 1, 2, 2, 2, 2]))
