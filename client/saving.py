@@ -327,35 +327,25 @@ class CheckpointClient:
         self._reserve(staged)
         try:
             missed = self._copy_checking_plans(staged, deferrable)
-        except BaseException:
-            self._release(staged)
-            raise
-        if not missed:
-            return staged
-        self._release(staged)
-        log.debug("save plans of %s no longer hold: staged in full", ", ".join(staged[i].key for i in missed))
-        for i in missed:
-            staged[i] = stage_in_full(staged[i].prepared, self.rank_info, staged[i].state_dict, self._plans)
-        self._reserve(staged)
-        try:
-            self._copy_now(staged, deferrable)
+            if missed:
+                self._stage_again(staged, missed, deferrable)
         except BaseException:
             self._release(staged)
             raise
         return staged
 
     def _copy_checking_plans(self, staged: List[StagedComponent], deferrable: Set[int]) -> List[int]:
-        """Copy what must be copied now, and check the plans the snapshots were made from; return the
-        indices of those whose plan no longer holds (their copies are then to be made again).
+        """Copy what must be copied now of the components whose plans hold, and check the plans the
+        snapshots were made from; return the indices of those whose plan no longer holds.
 
         Where every copy reads the plans' own tensors, the plans are checked in a thread while the
         copy runs (the copy releases the GIL): for 10,000 small tensors the check takes about as long
-        as the copy. Otherwise they are checked first."""
+        as the copy, and the copy of a component that misses is wasted. Otherwise they are checked
+        first."""
         unchecked = [i for i, s in enumerate(staged) if s.unchecked is not None]
         if not unchecked or deferrable or not all(staged[i].copies_from_plan() for i in unchecked):
             missed = [i for i in unchecked if not staged[i].plan_holds()]
-            if not missed:
-                self._copy_now(staged, deferrable)
+            self._copy_now([s for i, s in enumerate(staged) if i not in missed], deferrable)
             return missed
         if self._plan_checker is None:
             self._plan_checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptd-plan-check")
@@ -366,8 +356,19 @@ class CheckpointClient:
             missed = checking.result()
         return missed
 
+    def _stage_again(self, staged: List[StagedComponent], missed: List[int], deferrable: Set[int]) -> None:
+        """Stage the components at `missed` again in full, in `staged`, and copy them (the others stay
+        as they are: an RNG state's tensors, new at every save, miss every time)."""
+        log.debug("save plans of %s no longer hold: staged in full", ", ".join(staged[i].key for i in missed))
+        self._release([staged[i] for i in missed])
+        for i in missed:
+            staged[i] = stage_in_full(staged[i].prepared, self.rank_info, staged[i].state_dict, self._plans)
+        again = [staged[i] for i in missed]
+        self._reserve(again)
+        self._copy_now(again, deferrable)
+
     def _release(self, staged: List[StagedComponent]) -> None:
-        """Give back the regions reserved for `staged` (a save that will not be handed over)."""
+        """Give back the regions reserved for `staged`, which will not be handed over as they are."""
         self._pool.release(leases_of(s.region for s in staged if s.region is not None))
         for component in staged:
             component.region = None

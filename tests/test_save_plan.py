@@ -490,6 +490,41 @@ def test_a_tensor_changed_in_place_after_its_plan_is_saved_from_what_it_is_now(
     assert handle.planned and torch.equal(saved_state(handle.wait(60), "model")["w"], torch.full_like(expected, 8))
 
 
+class NewTensorsAtEverySave:
+    """A state dict of new tensors at every call, as torch.get_rng_state() returns."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"t": torch.full((3,), float(self.step)), "step": self.step}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step = state["step"]
+
+
+def test_a_component_that_misses_at_every_save_leaves_the_others_to_their_plans(
+    client_factory: Callable[..., CheckpointClient],
+) -> None:
+    """An RNG state's plan never holds: the save stages that component again in full and leaves the
+    others as their plans staged them; every checkpoint holds its own step."""
+    client = client_factory()
+    model = {"w": torch.zeros(100_000), **{f"s{i}": torch.zeros(4) for i in range(20)}}
+    fresh = NewTensorsAtEverySave()
+    parts = components({"model": Holder(model), "rng": fresh})  # type: ignore[dict-item]
+    model_plans = []
+    for step in range(1, 6):
+        for tensor in model.values():
+            tensor.fill_(step)
+        fresh.step = step
+        path = client.save(step, parts).wait(60)
+        model_plans.append(client._plans["model"])
+        got = saved_state(path, "model")
+        assert all(torch.equal(got[k], torch.full_like(v, step)) for k, v in model.items()), f"step {step}"
+        assert torch.equal(saved_state(path, "rng")["t"], torch.full((3,), float(step)))
+    assert all(plan is model_plans[0] for plan in model_plans), "the model was planned again"
+
+
 def test_repeat_saves_of_mixed_tensors_hold_their_step_through_the_grouped_copies(
     client_factory: Callable[..., CheckpointClient],
 ) -> None:
