@@ -298,7 +298,7 @@ def _address(tensor: torch.Tensor) -> int:
 def copy_entries(staged: StagedComponent, indices: Optional[Sequence[int]] = None) -> Optional["torch.cuda.Event"]:
     """Copy the entries at `indices` (all by default) of a component into its region. Device tensors
     are copied on a side stream and an event is returned to wait on; host tensors are copied before
-    this returns."""
+    this returns, all of them through the plan's copies where it has them (save_plan.plan_copies)."""
     planned = staged.plan.copies(staged.region) if indices is None and staged.plan is not None else None
     if planned is not None:
         with torch.no_grad():
