@@ -277,17 +277,10 @@ class ComponentPlan:
             flat_sources=flat_sources(staged.entries, staged.sources),
         )
 
-    def match(self, state: Any) -> Optional[Tuple[FlatState, List[torch.Tensor]]]:
-        """If `state` still fits the plan: its flattened form and the tensor each entry is copied
-        from (in entry order); otherwise None."""
-        found = self.match_structure(state)
-        if found is None or not self.tensors_hold(found.tensors):
-            return None
-        return found.flat, found.sources
-
     def match_structure(self, state: Any) -> Optional["StructureMatch"]:
-        """What match() does but for the tensors' memory, shapes, strides, dtypes and devices, which
-        tensors_hold() checks (microseconds per tensor: a save checks them while it copies)."""
+        """If `state` still has the plan's structure and its non-tensor values can be encoded: its
+        flattened form and tensors; otherwise None. The tensors' memory, shapes, strides, dtypes and
+        devices are left to tensors_hold() (microseconds per tensor: a save checks them while it copies)."""
         tensors: List[Any] = []
         scalars: List[Any] = []
         try:
@@ -333,6 +326,9 @@ class ComponentPlan:
 
 GROUPED_BELOW_BYTES = 1 << 20
 """Tensors smaller than this are copied in groups: their per-copy cost outweighs their bytes."""
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+"""Types copied in groups (a subclass may dispatch its views and cat elsewhere)."""
 
 
 class PlannedCopies(NamedTuple):
@@ -405,9 +401,6 @@ def plan_copies(
         run_end = entry.offset + entry.nbytes
     close_run()
     return planned
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def region_views(region: Any, entries: Sequence[Any], base: int) -> List[torch.Tensor]:

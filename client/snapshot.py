@@ -66,7 +66,7 @@ class StagedComponent:
     unchecked: Optional[List[Any]] = None
     """Made from a plan whose tensors are not checked yet: the state's tensors (see plan_holds)."""
     state_dict: Any = None
-    """The state dict this snapshot was made of (to stage it in full if its plan no longer holds)."""
+    """Made from a plan: the state dict it was made of (to stage in full if the plan no longer holds)."""
 
     @property
     def region_bytes(self) -> int:

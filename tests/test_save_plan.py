@@ -46,8 +46,9 @@ def plan_of(state: Any) -> ComponentPlan:
 
 
 def matched(plan: ComponentPlan, state: Any) -> Any:
-    found = plan.match(state)
-    return None if found is None else found[0]
+    """The flattened `state` if it still fits `plan` (structure and tensors), else None."""
+    found = plan.match_structure(state)
+    return None if found is None or not plan.tensors_hold(found.tensors) else found.flat
 
 
 def tied_module() -> torch.nn.Module:
