@@ -23,7 +23,7 @@ from ckptd.proto.retention import RetentionPolicy
 from ckptd.proto.sharding import chunks_in_scopes, coverage_problem
 from ckptd.service.errors import CommitRejected
 from ckptd.service.metrics import DaemonMetrics
-from ckptd.service.store import CheckpointStore
+from ckptd.service.store import CheckpointStore, RetentionFacts
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,16 @@ class LocalCommitLeader:
         """Write one save's manifest and rename its directory into place (not yet durable: `publish`)."""
         job, step = key
         try:
-            manifest_json = build_manifest(reports).to_json()
+            manifest = build_manifest(reports)
+            manifest_json = manifest.to_json()
             committing = time.monotonic()
             path = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._store.commit, self._store.tmp_path(step, job), step, manifest_json
+                self._executor,
+                self._store.commit,
+                self._store.tmp_path(step, job),
+                step,
+                manifest_json,
+                RetentionFacts(manifest.metrics, manifest.job),
             )
         except CommitRejected as exc:
             return Outcome(job, step, committed=False, reason=str(exc))

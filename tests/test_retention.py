@@ -13,7 +13,11 @@ from helpers import Daemon, Holder
 
 from ckptd.client import CheckpointManager, RetentionPolicy, SharingPattern, StateComponent
 from ckptd.client.loading import committed_checkpoints, hold_for_loading
+from ckptd.disk.manifests import manifest_path
+from ckptd.proto.manifest import Manifest
 from ckptd.proto.retention import RETENTION_FILE, kept_steps
+from ckptd.proto.topology import Topology
+from ckptd.service.store import CheckpointStore
 
 
 def test_keep_rules_combine_and_always_keep_the_newest() -> None:
@@ -96,3 +100,38 @@ def test_a_half_deleted_checkpoint_is_never_loaded_and_is_cleaned_at_start(daemo
     assert committed_checkpoints(str(root)) == []
     daemon_factory(root=root)
     assert not half.exists()
+
+
+def _commit_step(store: CheckpointStore, step: int, val_loss: float, job: str) -> None:
+    manifest = Manifest(
+        step=step,
+        topology=Topology.single_node(1),
+        groups={},
+        components={},
+        versions={},
+        created_at="",
+        committed_at="",
+        timings={},
+        metrics={"val_loss": val_loss},
+        job=job,
+    )
+    store.commit(store.create_tmp_dir(step, job), step, manifest.to_json())
+
+
+def test_retention_reads_a_manifest_again_once_it_is_another_file(tmp_path: Path) -> None:
+    """Retention remembers what it read of each manifest; a manifest replaced on disk is read anew."""
+    store = CheckpointStore(str(tmp_path / "root"))
+    policy = RetentionPolicy(keep_last=1, keep_best=1, best_metric="val_loss")
+    for step, loss in ((1, 0.5), (2, 0.1), (3, 0.9)):
+        _commit_step(store, step, loss, job="a")
+    store.advance_latest(3)
+    assert store.apply_retention(policy) == [1]  # keeps 2 (best) and 3 (last)
+    # Step 2's manifest is rewritten (as by an operator or another daemon) with a worse metric.
+    path = Path(manifest_path(store.final_path(2)))
+    path.write_text(path.read_text().replace('"val_loss":0.1', '"val_loss":0.95'))
+    _commit_step(store, 4, 0.3, job="b")
+    store.advance_latest(4)
+    assert store.apply_retention(policy) == [2, 3]  # 4 is now both the best and the last
+    record = json.loads((Path(store.root) / RETENTION_FILE).read_text())
+    assert "best 1 by val_loss (min)" in record["kept"]["4"]
+    assert record["deleted"] == [[1, "a"], [2, "a"], [3, "a"]]
