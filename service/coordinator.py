@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Set
 
 from ckptd.disk.files import beside_regions
-from ckptd.disk.safetensors import encode_header, shard_metadata
+from ckptd.disk.safetensors import shard_metadata
 from ckptd.proto import layout, messages
 from ckptd.proto.cluster import NodeReport, ScopeFiles
 from ckptd.proto.errors import ErrorCode
@@ -26,6 +26,7 @@ from ckptd.service.errors import RegionError, SaveRejected
 from ckptd.service.leader import CommitChannel, SaveKey
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.regions import MappedRegion, RegionMaps
+from ckptd.service.shard_headers import ShardHeaders
 from ckptd.service.shard_writer import Throttle, describe_kept_shard, write_file, write_shard
 from ckptd.service.store import CheckpointStore
 
@@ -122,6 +123,7 @@ class NodeCoordinator:
         """The clients' staging regions, mapped once and kept between their saves."""
         self._root_beside_regions = beside_regions(store.root)
         """The root shares the regions' filesystem (/dev/shm): regions become shard files, uncopied."""
+        self._headers = ShardHeaders()
 
     @property
     def busy(self) -> bool:
@@ -399,7 +401,7 @@ class NodeCoordinator:
             if kept_header is not None:
                 written = describe_kept_shard(kept_header, body, done_with, spans)
             else:
-                header = encode_header(comp.tensors, metadata)
+                header = self._headers.header(comp.tensors, metadata)
                 written = write_shard(path, header, body, self._throttle, done_with, spans)
         finally:
             body.release()
@@ -426,7 +428,7 @@ class NodeCoordinator:
         if not self._root_beside_regions or not comp.header_room or region.size != comp.header_room + body_bytes:
             return None
         try:
-            header = encode_header(comp.tensors, metadata, room=comp.header_room)
+            header = self._headers.header(comp.tensors, metadata, room=comp.header_room)
         except ValueError:  # the client reserved too little room: copy
             return None
         return header if region.become_file(header, path) else None

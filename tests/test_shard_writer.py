@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.proto.formats import Checksum
+from ckptd.disk.safetensors import encode_header, shard_metadata
+from ckptd.proto.formats import Checksum, TensorEntry
+from ckptd.service.shard_headers import ShardHeaders
 from ckptd.service.shard_writer import Throttle, describe_kept_shard, write_shard
 
 
@@ -91,3 +93,26 @@ def test_span_checksums_cover_each_chunk_in_the_same_pass(tmp_path: Path, where:
             for p in directory.iterdir():
                 p.unlink()
             directory.rmdir()
+
+
+def test_shard_headers_are_encoded_once_per_tensor_tuple_and_match_encode_header() -> None:
+    tensors = tuple(TensorEntry(f"t{i}", "F32", (4, i), 16 * i * i, 16 * i) for i in range(1, 50))
+    metadata = shard_metadata("model", "global")
+    header = encode_header(tensors, metadata)
+    headers = ShardHeaders(kept_bytes=int(len(header) * 1.5))
+    first = headers.header(tensors, metadata)
+    assert first == header and headers.header(tensors, metadata) is first  # the second is remembered
+    assert headers.header(tensors, shard_metadata("model", "rank-1")) == encode_header(
+        tensors, shard_metadata("model", "rank-1")
+    )
+    room = len(header) + 4096
+    assert headers.header(tensors, metadata, room=room) == encode_header(tensors, metadata, room=room)
+    with pytest.raises(ValueError, match="more than the"):
+        headers.header(tensors, metadata, room=64)
+    # Equal tensors in another tuple (a new full request) are encoded anew, to the same bytes; the
+    # oldest entries went to stay within kept_bytes.
+    again = tuple(list(tensors))
+    assert headers.header(again, metadata) == header and headers.header(again, metadata) is not first
+    assert headers.header(tensors, metadata) is not first
+    changed = tensors[:-1] + (TensorEntry("t49", "BF16", (4, 49), tensors[-1].offset, 8 * 49),)
+    assert headers.header(changed, metadata) == encode_header(changed, metadata) != header
