@@ -172,16 +172,9 @@ class LocalCommitLeader:
         """Write one save's manifest and rename its directory into place (not yet durable: `publish`)."""
         job, step = key
         try:
-            manifest = build_manifest(reports)
-            manifest_json = manifest.to_json()
             committing = time.monotonic()
-            path = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                self._store.commit,
-                self._store.tmp_path(step, job),
-                step,
-                manifest_json,
-                RetentionFacts(manifest.metrics, manifest.job),
+            path, manifest_json = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._write_manifest, key, reports
             )
         except CommitRejected as exc:
             return Outcome(job, step, committed=False, reason=str(exc))
@@ -193,6 +186,15 @@ class LocalCommitLeader:
             self._metrics.observe_phase("commit", time.monotonic() - committing)
         log.info("committed step %d at %s", step, path)
         return Outcome(job, step, committed=True, path=path, manifest=manifest_json)
+
+    def _write_manifest(self, key: SaveKey, reports: List[NodeReport]) -> Tuple[str, str]:
+        """Build, encode and commit one save's manifest (in a thread: for many tensors, building and
+        encoding it takes tens of ms, which the event loop must not wait for); returns its path and JSON."""
+        job, step = key
+        manifest = build_manifest(reports)
+        manifest_json = manifest.to_json()
+        facts = RetentionFacts(manifest.metrics, manifest.job)
+        return self._store.commit(self._store.tmp_path(step, job), step, manifest_json, facts), manifest_json
 
     def _apply_retention(self, policy: RetentionPolicy) -> None:
         apply_retention(self._store, policy)
