@@ -57,6 +57,8 @@ class RankPart:
     regions: Dict[str, MappedRegion]
     scopes: Dict[str, str]
     """Component key -> the scope this rank's copy goes to (placed once, when the part is checked)."""
+    headers: ShardHeaders
+    """Its shards' headers: its save plan's, encoded once for every save of the plan."""
     durable: bool = False
 
 
@@ -123,7 +125,6 @@ class NodeCoordinator:
         """The clients' staging regions, mapped once and kept between their saves."""
         self._root_beside_regions = beside_regions(store.root)
         """The root shares the regions' filesystem (/dev/shm): regions become shard files, uncopied."""
-        self._headers = ShardHeaders()
 
     @property
     def busy(self) -> bool:
@@ -145,11 +146,16 @@ class NodeCoordinator:
         return {part.key: self._check_part(request, part).scope for part in request.parts}
 
     async def accept(
-        self, link: RankLink, request: SaveRequest, scopes: Optional[Dict[str, str]] = None
+        self,
+        link: RankLink,
+        request: SaveRequest,
+        scopes: Optional[Dict[str, str]] = None,
+        headers: Optional[ShardHeaders] = None,
     ) -> Dict[str, str]:
         """Validate and take over one rank's part; returns where each component part goes (`scopes`:
         what `check_parts` returned for a request of the same structure, which then is not checked
-        again). Raises SaveRejected or ProtocolError."""
+        again). `headers`: the shard headers of the save plan the request belongs to, if any. Raises
+        SaveRejected or ProtocolError."""
         step = request.step
         reason = self._aborted.get((request.job, step))
         if reason is not None:
@@ -182,7 +188,7 @@ class NodeCoordinator:
             self._check_save_fields(request, component)
         regions = self._map_regions(link, request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
-        part = RankPart(request, link, regions, scopes)
+        part = RankPart(request, link, regions, scopes, headers or ShardHeaders())
         session.ranks[request.rank] = part
         session.last_part_at = time.time()
         session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
@@ -397,11 +403,15 @@ class NodeCoordinator:
         blocks = [checksum_blocks(t.nbytes) for t in comp.tensors] if sharded else []
         spans = [(t.offset + start, length) for t, own in zip(comp.tensors, blocks) for start, length in own]
         try:
-            kept_header = self._keep_region(region, comp, body_bytes, metadata, path) if region is not None else None
+            kept_header = (
+                self._keep_region(region, comp, body_bytes, metadata, path, part.headers)
+                if region is not None
+                else None
+            )
             if kept_header is not None:
                 written = describe_kept_shard(kept_header, body, done_with, spans)
             else:
-                header = self._headers.header(comp.tensors, metadata)
+                header = part.headers.header(comp.tensors, metadata)
                 written = write_shard(path, header, body, self._throttle, done_with, spans)
         finally:
             body.release()
@@ -421,14 +431,20 @@ class NodeCoordinator:
         )
 
     def _keep_region(
-        self, region: MappedRegion, comp: ComponentPart, body_bytes: int, metadata: Dict[str, str], path: str
+        self,
+        region: MappedRegion,
+        comp: ComponentPart,
+        body_bytes: int,
+        metadata: Dict[str, str],
+        path: str,
+        headers: ShardHeaders,
     ) -> Optional[bytes]:
         """In a root on the staging regions' filesystem, keep the region as the shard file at `path`
         (no copy); returns the header written into it, or None where it was not kept."""
         if not self._root_beside_regions or not comp.header_room or region.size != comp.header_room + body_bytes:
             return None
         try:
-            header = self._headers.header(comp.tensors, metadata, room=comp.header_room)
+            header = headers.header(comp.tensors, metadata, room=comp.header_room)
         except ValueError:  # the client reserved too little room: copy
             return None
         return header if region.become_file(header, path) else None

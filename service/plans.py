@@ -9,10 +9,12 @@ from typing import Callable, Dict, Tuple
 from ckptd.proto.errors import ErrorCode
 from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.service.errors import SaveRejected
+from ckptd.service.shard_headers import ShardHeaders
 
 MAX_PLANS = 64
 """Plans kept in all (the least recently used goes first; its client then sends a full request).
-A plan holds its request's tensor list (about 150 bytes a tensor); a client holds one at a time."""
+A plan holds its request's tensor list (about 150 bytes a tensor) and its shards' headers (about 60
+bytes a tensor); a client holds one at a time."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class SavePlan:
 
     request: SaveRequest
     scopes: Dict[str, str]
+    headers: ShardHeaders
+    """Its shards' headers, encoded at its first save."""
 
 
 class SavePlans:
@@ -31,19 +35,19 @@ class SavePlans:
         self._plans: "OrderedDict[Tuple[bytes, int], SavePlan]" = OrderedDict()
         self._limit = limit
 
-    def remember(self, client: bytes, request: SaveRequest, scopes: Dict[str, str]) -> None:
+    def remember(self, client: bytes, request: SaveRequest, scopes: Dict[str, str], headers: ShardHeaders) -> None:
         """Keep an accepted request that asked to be a plan (`request.plan_id`)."""
         if request.plan_id is None:
             return
         key = (client, request.plan_id)
-        self._plans[key] = SavePlan(request, scopes)
+        self._plans[key] = SavePlan(request, scopes, headers)
         self._plans.move_to_end(key)
         while len(self._plans) > self._limit:
             self._plans.popitem(last=False)
 
-    def recall(self, client: bytes, save: PlannedSave) -> Tuple[SaveRequest, Dict[str, str]]:
-        """The full request of a planned save, and its parts' scopes. Raises SaveRejected
-        (UNKNOWN_PLAN, or INVALID_REQUEST for a save that does not fit its plan)."""
+    def recall(self, client: bytes, save: PlannedSave) -> Tuple[SaveRequest, Dict[str, str], ShardHeaders]:
+        """The full request of a planned save, its parts' scopes and the plan's shard headers. Raises
+        SaveRejected (UNKNOWN_PLAN, or INVALID_REQUEST for a save that does not fit its plan)."""
         plan = self._plans.get((client, save.plan_id))
         if plan is None:
             raise SaveRejected(
@@ -52,7 +56,7 @@ class SavePlans:
                 "(restarted, or the plan was dropped); send the full request",
             )
         self._plans.move_to_end((client, save.plan_id))
-        return plan.request.planned(save), plan.scopes
+        return plan.request.planned(save), plan.scopes, plan.headers
 
     def forget(self, client: bytes) -> None:
         """Drop every plan of a client that said goodbye."""

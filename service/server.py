@@ -39,6 +39,7 @@ from ckptd.service.ownership import RootOwnership
 from ckptd.service.partners import PartnerReceiver, PartnerSender, advertised_host
 from ckptd.service.plans import SavePlans
 from ckptd.service.regions import pid_alive, sweep_orphaned_regions
+from ckptd.service.shard_headers import ShardHeaders
 from ckptd.service.shard_writer import Throttle
 from ckptd.service.store import CheckpointStore
 from ckptd.service.tiers import NodeTierCopies, TierCopier
@@ -488,9 +489,10 @@ class DaemonServer:
         """A rank's part of a save: a full request (`planned` False) or a planned save of a plan that
         this client's earlier full request registered."""
         scopes: Optional[Dict[str, str]] = None
+        headers = ShardHeaders()
         try:
             if planned:
-                request, scopes = self._plans.recall(identity, PlannedSave.from_wire(body))
+                request, scopes, headers = self._plans.recall(identity, PlannedSave.from_wire(body))
                 body = {"step": request.step, "rank": request.rank, "job": request.job}  # for the abort below
             else:
                 request = SaveRequest.from_wire(body)
@@ -518,8 +520,8 @@ class DaemonServer:
                     request.job, request.step, f"rank {request.rank} skipped step {request.step}: {request.skip_reason}"
                 )
                 return messages.ACCEPTED, {"step": request.step, "instance": self.instance}
-            scopes = await self.coordinator.accept(_ClientLink(self._send, identity), request, scopes)
-            self._plans.remember(identity, request, scopes)
+            scopes = await self.coordinator.accept(_ClientLink(self._send, identity), request, scopes, headers)
+            self._plans.remember(identity, request, scopes, headers)
         except CodedError as exc:  # ProtocolError or SaveRejected
             log.warning("rejected a save: %s", exc)
             step, rank, job = body.get("step"), body.get("rank"), body.get("job")

@@ -30,6 +30,7 @@ from ckptd.proto.messages import PlannedSave, SaveRequest
 from ckptd.proto.topology import Topology
 from ckptd.service.errors import SaveRejected
 from ckptd.service.plans import SavePlans
+from ckptd.service.shard_headers import ShardHeaders
 
 RANK0 = RankInfo(0, Topology.single_node(1))
 
@@ -408,14 +409,20 @@ def test_the_daemon_keeps_a_bounded_number_of_plans_and_drops_those_of_gone_clie
         body["plan_id"] = plan_id
         return SaveRequest.from_wire(body)
 
+    headers = {plan_id: ShardHeaders() for plan_id in (1, 2, 3)}
     for plan_id in (1, 2, 3):
-        plans.remember(b"client", request(plan_id), {"trainer": "global"})
+        plans.remember(b"client", request(plan_id), {"trainer": "global"}, headers[plan_id])
     assert len(plans) == 2
     with pytest.raises(SaveRejected, match="no plan 1 of this client"):
         plans.recall(b"client", PlannedSave.from_wire(planned_body(1, 2)))
-    recalled, scopes = plans.recall(b"client", PlannedSave.from_wire(planned_body(3, 2)))
+    recalled, scopes, its_headers = plans.recall(b"client", PlannedSave.from_wire(planned_body(3, 2)))
     assert (
         recalled.step == 2 and recalled.parts[0].state == msgpack.packb({"step": 2}) and scopes == {"trainer": "global"}
+    )
+    assert its_headers is headers[3], "a plan's shard headers live and go with it"
+    again, _, _ = plans.recall(b"client", PlannedSave.from_wire(planned_body(3, 3)))
+    assert again.parts[0].tensors is recalled.parts[0].tensors, (
+        "planned saves share their plan's tensors (ShardHeaders)"
     )
     plans.forget_gone(lambda pid: pid == os.getpid())
     assert len(plans) == 2
