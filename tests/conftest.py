@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -21,6 +23,35 @@ def pytest_addoption(parser: Any) -> None:
     parser.addoption(
         "--run-slurm", action="store_true", help="run the cluster-script tests (installs Slurm; ./dev test-slurm)"
     )
+
+
+RUN_DIR = pytest.StashKey[str]()
+FAILED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: Any) -> None:
+    """Give the session a runtime directory of its own (XDG_RUNTIME_DIR, which its daemons inherit):
+    the sockets, locks and logs of the hundreds of daemons a run starts, some of them killed on
+    purpose, go there and not into the user's own (where a real daemon may be serving)."""
+    run_dir = tempfile.mkdtemp(prefix="ckptd-tests-")
+    config.stash[RUN_DIR] = run_dir
+    os.environ["XDG_RUNTIME_DIR"] = run_dir
+
+
+def pytest_unconfigure(config: Any) -> None:
+    """Remove the session's runtime directory, unless a test failed (its daemons' logs are there)."""
+    run_dir = config.stash.get(RUN_DIR, None)
+    if run_dir is None:
+        return
+    if config.stash.get(FAILED, False):
+        sys.stderr.write(f"kept the failed session's daemon sockets, locks and logs in {run_dir}\n")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    """Note whether the session failed, for pytest_unconfigure."""
+    session.config.stash[FAILED] = exitstatus not in (0, 5)  # 5: no tests collected
 
 
 def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:

@@ -27,6 +27,7 @@ import pytest
 
 from ckptd.client.daemon import connect
 from ckptd.client.errors import DaemonUnavailableError
+from ckptd.disk import runtime
 
 
 @dataclass
@@ -62,8 +63,11 @@ def free_port() -> int:
 
 
 def short_endpoint() -> str:
-    """A private ipc:// endpoint with a path short enough for the 107-byte socket limit."""
-    return f"ipc:///tmp/ckptd-test-{uuid.uuid4().hex[:10]}.sock"
+    """A private ipc:// endpoint in this session's runtime directory (conftest), with a path short
+    enough for the 107-byte socket limit."""
+    directory = runtime.runtime_dir()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return f"ipc://{directory}/test-{uuid.uuid4().hex[:10]}.sock"
 
 
 def start_daemon(root: Path, log_path: Path, *extra: str, endpoint: Optional[str] = None, wait: bool = True) -> Daemon:
@@ -240,7 +244,7 @@ def rank_forker() -> "RankForker":
     """This test session's RankForker (started at the first use, ended when the session ends)."""
     global _FORKER
     if _FORKER is None or _FORKER.process.poll() is not None:
-        _FORKER = RankForker(Path(tempfile.gettempdir()) / f"ckptd-rank-forker-{os.getpid()}.log")
+        _FORKER = RankForker(Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / "rank-forker.log")
         atexit.register(_FORKER.close)
     return _FORKER
 
