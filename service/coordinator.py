@@ -188,7 +188,7 @@ class NodeCoordinator:
             self._check_save_fields(request, component)
         regions = self._map_regions(link, request)
         self.metrics.staged_bytes_mapped.inc(sum(r.size for r in regions.values()))
-        part = RankPart(request, link, regions, scopes, headers or ShardHeaders())
+        part = RankPart(request, link, regions, scopes, headers if headers is not None else ShardHeaders())
         session.ranks[request.rank] = part
         session.last_part_at = time.time()
         session.bytes_expected += sum(p.region_size for p in request.parts if p.writer)
